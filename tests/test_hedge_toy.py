@@ -1,0 +1,313 @@
+"""Tests for hedge_toy.py: Hedge (Eq. 4.1) against hand computations, an LP, closed forms and brute-force enumeration.
+
+Run:  .venv/bin/python -m pytest tests/test_hedge_toy.py -q
+"""
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import hedge_toy as H  # noqa: E402
+
+HORIZONS = [100, 1_000, 10_000, 100_000]
+
+
+def lp_equilibrium(P):
+    """Independent reference: max_pi min_j (pi^T P)_j by linprog; variables (pi, v), maximise v."""
+    n = len(P)
+    res = linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-P.T, np.ones(n)], b_ub=np.zeros(n),
+                  A_eq=np.r_[np.ones(n), 0.0][None], b_eq=[1.0], bounds=[(0, None)] * n + [(None, None)])
+    assert res.status == 0
+    return res.x[:n], -res.fun
+
+
+def lp_equilibrium_is_unique(P, tol=1e-8):
+    """The optimal face {pi : P^T pi >= 1/2} is one point iff min and max of every coordinate over it agree."""
+    n = len(P)
+    for i in range(n):
+        lo, hi = (linprog(s * np.eye(n)[i], A_ub=-P.T, b_ub=-0.5 * np.ones(n), A_eq=np.ones((1, n)), b_eq=[1.0],
+                          bounds=[(0, None)] * n).fun * s for s in (1, -1))
+        if hi - lo > tol:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """Thm 4.1 runs for every game of the registry and T in {1e2, ..., 1e5}, one batched computation."""
+    games = {name: make(0) for name, make in H.GAMES.items()}
+    return games, {(r["game"], r["T"]): r for r in H.run_gap_suite(games, HORIZONS)}
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+GOOD = H.rock_paper_scissors()
+
+
+def corrupt(i, j, value, mirror=None):
+    P = GOOD.copy()
+    P[i, j] = value
+    if mirror is not None:
+        P[j, i] = mirror
+    return P
+
+
+@pytest.mark.parametrize("P, words", [
+    (np.full((2, 3), 0.5), ["(..., n, n)", "(2, 3)"]),
+    (np.full(3, 0.5), ["(..., n, n)", "(3,)"]),
+    (corrupt(0, 1, np.nan), ["non-finite", "P[0, 1]", "nan"]),
+    (corrupt(2, 0, np.inf), ["non-finite", "P[2, 0]", "inf"]),
+    (corrupt(0, 1, 1.5, -0.5), ["[0, 1]", "P[0, 1] = 1.5"]),
+    (corrupt(1, 1, 0.3), ["diagonal", "P[1, 1] = 0.3"]),
+    (corrupt(0, 1, 0.7, 0.4), ["P + P^T", "P[0, 1] + P[1, 0]", "1.1"]),
+])
+def test_validate_rejects_with_the_offending_entry(P, words):
+    with pytest.raises(ValueError) as err:
+        H.validate_preference(P)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_validate_accepts_batches_and_tensors():
+    batch = np.stack([H.random_game(4, s) for s in range(3)])  # (3, 4, 4)
+    out = H.validate_preference(batch.tolist())
+    assert out.dtype == np.float64 and np.array_equal(out, batch)
+    batch[2, 0, 1] = 0.9  # only the third matrix is broken
+    with pytest.raises(ValueError, match=r"P\[2, 0, 1\] \+ P\[2, 1, 0\]"):
+        H.validate_preference(batch)
+    torch = pytest.importorskip("torch")
+    s = torch.randn(5, 5)
+    P = torch.sigmoid(s - s.T)  # float32: P + P^T = 1 only to ~1e-7, inside the tolerance
+    assert np.allclose(H.validate_preference(P), P.double().numpy())
+
+
+@pytest.mark.parametrize("call", [
+    lambda P: H.hedge(P, 0.1, 5), lambda P: H.hedge_batch(P[None], 0.1, 5), lambda P: H.hedge_trajectory(P, 0.1, 5),
+    lambda P: H.hedge_step(P, np.full(3, 1 / 3), 0.1), lambda P: H.duality_gap(P, np.full(3, 1 / 3)),
+    lambda P: H.log_partition(P, np.full(3, 1 / 3), 0.1)])
+def test_every_function_taking_P_validates_it(call):
+    call(GOOD)  # fine on a valid game
+    with pytest.raises(ValueError, match="diagonal"):
+        call(corrupt(1, 1, 0.3))
+
+
+def test_policies_are_validated():
+    with pytest.raises(ValueError, match="sum to 1"):
+        H.hedge(GOOD, 0.1, 5, pi1=[0.5, 0.2, 0.2])
+    with pytest.raises(ValueError, match="shape"):
+        H.duality_gap(GOOD, [0.5, 0.5])
+    with pytest.raises(ValueError, match="T >= 1"):
+        H.hedge(GOOD, 0.1, 0)
+
+
+# --------------------------------------------------------------------------------------------------- games
+
+def test_games_have_the_structure_their_docstrings_claim():
+    for name, make in H.GAMES.items():
+        assert np.array_equal(H.validate_preference(make(3)), make(3)), name
+    assert np.array_equal(H.rock_paper_scissors(), [[0.5, 0, 1], [1, 0.5, 0], [0, 1, 0.5]])  # paper beats rock
+    off = ~np.eye(12, dtype=bool)
+    assert set(H.chaotic_game(12, 1)[off]) == {0.0, 1.0}
+    wins = H.ordered_game(12, 1).sum(1)  # a strict order: 0.5, 1.5, ..., 11.5 wins, each once
+    assert np.array_equal(np.sort(wins), np.arange(12) + 0.5)
+    r = H.random_game(12, 1)[off]
+    assert 0 < r.min() and r.max() < 1
+    with pytest.raises(ValueError, match="margins"):
+        H.weighted_rps((1.0, 0.0, 0.5))
+
+
+def test_weighted_rps_equilibrium_is_the_lp_solution_and_non_uniform():
+    for margins in [(1.0, 0.5, 0.25), (0.2, 0.9, 0.6)]:
+        P = H.weighted_rps(margins)
+        pi_lp, value = lp_equilibrium(P)
+        assert value == pytest.approx(0.5) and lp_equilibrium_is_unique(P)
+        assert np.allclose(H.weighted_rps_equilibrium(margins), pi_lp, atol=1e-7)
+    assert np.allclose(H.weighted_rps_equilibrium(), [2 / 7, 1 / 7, 4 / 7])
+
+
+# ------------------------------------------------------------------------------------------------ Hedge
+
+def test_hedge_step_and_log_partition_by_hand():
+    # RPS, pi = (1/2, 1/2, 0): P(y > pi) = (1/4, 3/4, 1/2). With eta = 2 log 3, e^{eta/2} = 3, so
+    # pi' ∝ (e^{eta/4}, 3 e^{eta/4}, 0) = (1/4, 3/4, 0) and Z = (sqrt 3 + 3 sqrt 3)/2 = 2 sqrt 3.
+    pi, eta = np.array([0.5, 0.5, 0.0]), 2 * math.log(3)
+    assert np.allclose(H.hedge_step(GOOD, pi, eta), [0.25, 0.75, 0.0], atol=1e-15)
+    assert H.log_partition(GOOD, pi, eta) == pytest.approx(math.log(2 * math.sqrt(3)), rel=1e-14)
+
+
+def test_step_is_eq_4_3():
+    P, pi, eta = H.random_game(6, 2), np.random.default_rng(0).dirichlet(np.ones(6)), 3.0
+    lhs = np.log(H.hedge_step(P, pi, eta) / pi)
+    assert np.allclose(lhs, eta * P @ pi - H.log_partition(P, pi, eta), atol=1e-12)
+
+
+def naive_hedge(P, eta, T, pi1):
+    """Reference: Eq. (4.1) literally, in probability space (fine while eta*T is small)."""
+    out, pi = [], np.array(pi1, float)
+    for _ in range(T):
+        out.append(pi)
+        w = pi * np.exp(eta * P @ pi)
+        pi = w / w.sum()
+    return np.array(out)
+
+
+def test_hedge_matches_naive_multiplicative_weights():
+    P, pi1 = H.random_game(7, 3), np.random.default_rng(1).dirichlet(np.ones(7))
+    ref = naive_hedge(P, 0.3, 200, pi1)
+    assert np.allclose(H.hedge_trajectory(P, 0.3, 200, pi1), ref, atol=1e-12)
+    pi_bar, pi_last = H.hedge(P, 0.3, 200, pi1)
+    assert np.allclose(pi_bar, ref.mean(0), atol=1e-12) and np.allclose(pi_last, ref[-1], atol=1e-12)
+
+
+def test_batched_padded_runs_equal_one_at_a_time():
+    """Games of sizes 3 and 7, different eta and T, in one padded (R, n) array == separate hedge() calls."""
+    games, etas, Ts = [H.weighted_rps(), H.random_game(7, 4), H.chaotic_game(7, 5)], [0.5, 0.1, 2.0], [30, 77, 5]
+    P_pad, pi1 = np.full((3, 7, 7), 0.5), np.zeros((3, 7))
+    for r, P in enumerate(games):
+        P_pad[r, :len(P), :len(P)], pi1[r, :len(P)] = P, 1 / len(P)
+    pi_bar, pi_last = H.hedge_batch(P_pad, etas, Ts, pi1)
+    for r, P in enumerate(games):
+        ref_bar, ref_last = H.hedge(P, etas[r], Ts[r])
+        assert np.allclose(pi_bar[r, :len(P)], ref_bar, atol=1e-13) and np.allclose(pi_last[r, :len(P)], ref_last)
+        assert np.all(pi_bar[r, len(P):] == 0)  # padding actions never get mass
+
+
+def test_log_space_survives_large_eta_times_T():
+    P = H.ordered_game(8, 6)
+    top = np.argmax(P.sum(1))
+    with np.errstate(over="raise", under="ignore", invalid="raise"):
+        pi_bar, pi_last = H.hedge(P, 1000.0, 5000)  # naive weights would reach exp(1000 * 5000 / 2)
+    assert np.array_equal(pi_last, np.eye(8)[top]) and np.all(np.isfinite(pi_bar))
+    traj = H.hedge_trajectory(H.weighted_rps(), 1000.0, 500)
+    assert np.all(np.isfinite(traj)) and np.allclose(traj.sum(1), 1)
+
+
+# --------------------------------------------------------------------------------------------- Thm 4.1
+
+def test_duality_gap_matches_its_definition():
+    assert H.duality_gap(GOOD, [1, 0, 0]) == 1.0 and abs(H.duality_gap(GOOD, np.full(3, 1 / 3))) < 1e-15
+    P = H.random_game(6, 7)
+    rng = np.random.default_rng(0)
+    pi = rng.dirichlet(np.ones(6))
+    # max_pi' P(pi' > pi) - min_pi' P(pi' < pi), with P(pi' < pi) = P(pi > pi') = pi^T P pi', over pure pi'.
+    definition = (P @ pi).max() - (pi @ P).min()
+    assert H.duality_gap(P, pi) == pytest.approx(definition, abs=1e-14)
+    others = rng.dirichlet(np.ones(6), 2000)  # (2000, 6) mixed pi' never beat the pure ones
+    assert ((others @ P @ pi).max() - (pi @ P @ others.T).min()) <= definition + 1e-14
+
+
+def test_theorem_bound_by_hand():
+    assert H.theorem_4_1_bound(1.0, 100, 3) == pytest.approx(math.exp(-1) + 2 * math.log(3) / 100, rel=1e-14)
+    pi1 = [0.5, 0.25, 0.25]  # max_y log 1/pi1(y) = log 4
+    assert H.theorem_4_1_bound(0.5, 10, pi1) == pytest.approx(1 - (1 - math.exp(-0.5)) / 0.5 + 2 * math.log(4) / 5)
+    n, T = 10, 10_000
+    assert H.theorem_4_1_bound(H.tuned_eta(n, T), T, n) == pytest.approx(2 * math.sqrt(math.log(n) / T), rel=0.01)
+
+
+def test_gap_is_below_the_bound_for_every_game_and_T(suite):
+    games, rows = suite
+    for (g, T), r in rows.items():
+        assert r["eta"] == pytest.approx(2 * math.sqrt(math.log(len(games[g])) / T))
+        assert -1e-9 <= r["gap"] <= r["bound"], (g, T, r["gap"], r["bound"])
+
+
+def test_gap_falls_tenfold_on_a_non_uniform_equilibrium(suite):
+    _, rows = suite
+    assert not np.allclose(H.weighted_rps_equilibrium(), 1 / 3)
+    assert rows["weighted_rps", 100]["gap"] >= 10 * rows["weighted_rps", 100_000]["gap"] > 0
+
+
+@pytest.mark.parametrize("game", ["weighted_rps", "random_10", "chaotic_10", "ordered_10"])
+def test_average_approaches_the_lp_equilibrium(suite, game):
+    games, rows = suite
+    assert lp_equilibrium_is_unique(games[game])
+    pi_lp, _ = lp_equilibrium(games[game])
+    err = [np.abs(rows[game, T]["pi_bar"] - pi_lp).sum() for T in HORIZONS]
+    assert err[-1] < 0.03 and err[-1] < err[0] / 3, err
+
+
+def test_last_iterate_cycles_while_the_average_converges():
+    traj = H.hedge_trajectory(H.weighted_rps(), 0.1, 3000)  # figure (c)
+    eq = H.weighted_rps_equilibrium()
+    assert np.abs(traj.mean(0) - eq).sum() < 0.05
+    assert np.abs(traj[-500:] - eq).sum(1).min() > 0.2  # the last 500 iterates all stay far from pi*
+
+
+# ----------------------------------------------------------------------------------------------- App. A
+
+def test_log_z_limits_by_hand():
+    assert H.log_z_limit("ordered", 1.0) == pytest.approx(math.log(math.e - 1), rel=1e-14)  # 0.5413
+    assert H.log_z_limit("ordered", 1000.0) == pytest.approx(1000 - math.log(1000), rel=1e-14)
+    assert H.log_z_limit("chaotic", 3.0) == 1.5
+    with pytest.raises(ValueError, match="kind"):
+        H.log_z_limit("transitive", 1.0)
+    with pytest.raises(ValueError, match="kind"):
+        H.empirical_log_z("transitive", 3, 1.0)
+
+
+def ordered_exact(K, eta):
+    """log (1/K) sum_i exp(eta (i - 1/2)/K), i = 1..K, summed as a geometric series (App. A, ordered case)."""
+    log_expm1 = lambda x: x + math.log(-math.expm1(-x))  # log(e^x - 1), no overflow
+    return -math.log(K) + eta / (2 * K) + log_expm1(eta) - log_expm1(eta / K)
+
+
+@pytest.mark.parametrize("K", [2, 5, 50])
+def test_empirical_log_z_ordered_is_exact(K):
+    etas = np.array([1.0, 10.0, 1000.0])
+    mean, se = H.empirical_log_z("ordered", K, etas, trials=30, seed=1)
+    assert np.allclose(mean, [ordered_exact(K, e) for e in etas], rtol=1e-12) and np.all(se < 1e-10)
+
+
+def chaotic_exact(K, eta):
+    """E log Z_K over all 2^(K(K-1)/2) equally likely tournaments (App. A, chaotic case), by enumeration."""
+    pairs, values = list(itertools.combinations(range(K), 2)), []
+    for coins in itertools.product((0.0, 1.0), repeat=len(pairs)):
+        P = np.full((K, K), 0.5)
+        for (i, j), c in zip(pairs, coins):
+            P[i, j], P[j, i] = c, 1 - c
+        values.append(math.log(np.mean(np.exp(eta * P.mean(1)))))
+    return np.mean(values)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
+def test_empirical_log_z_chaotic_matches_enumeration(K):
+    etas = np.array([1.0, 10.0])
+    mean, se = H.empirical_log_z("chaotic", K, etas, trials=3000, seed=2)
+    for m, s, eta in zip(mean, se, etas):
+        assert abs(m - chaotic_exact(K, eta)) <= 4 * s + 1e-12, (K, eta, m, s)
+
+
+def test_empirical_log_z_approaches_the_limits():
+    for kind in H.KINDS:
+        dev = [abs(H.empirical_log_z(kind, K, 1.0, trials=50, seed=3)[0] - H.log_z_limit(kind, 1.0)) for K in
+               (4, 32, 256)]
+        assert dev[0] > dev[1] > dev[2] and dev[2] < 2e-3, (kind, dev)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_small_run_writes_tables_and_figures(tmp_path):
+    out = tmp_path / "figs"
+    cmd = [sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--out", str(out), "--t-max", "1000", "--seed", "1",
+           "--trials", "20", "--ks", "2", "5", "20"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "holds?" in proc.stdout and "log Z/eta" in proc.stdout and " NO" not in proc.stdout
+    assert "weighted_rps   3  1e+03" in proc.stdout
+    for name in ("hedge_gap.png", "hedge_log_z.png", "hedge_simplex.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(H, "theorem_4_1_bound", lambda eta, T, pi1: np.asarray(eta) * 0 - 1.0)  # every gap now "fails"
+    cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,))
+    assert H.main(cfg) == 1
+    assert "NO" in capsys.readouterr().out
