@@ -34,8 +34,8 @@ from transformers.initialization import no_init_weights
 
 PREFIX_TOKENS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")  # added tokens, in this order
 SOURCE_MAXLENGTH, CANDIDATE_MAXLENGTH = 1224, 412  # llm-blender/PairRM config.json; a row has <= 1224 + 2 * 412 tokens
-# Padded tokens per forward (rows x longest row). On a 2-core CPU 4096 ran twice as fast per row as 16384 (the
-# attention tensors stay in cache); a GPU wants large batches. batch_tokens=None picks by device.
+# Padded tokens per forward (rows x longest row); batch_tokens=None picks by device. On a 2-core CPU, 4096 was as
+# fast per row as 16384 or faster (up to 2x at hidden 64: smaller attention tensors); a GPU wants large batches.
 BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 PROMPTS_PER_CHUNK = 256  # prompts tokenised at a time by logit_matrices (bounds host memory for 20k-prompt runs)
 MODES = ("pairwise", "official")
@@ -72,8 +72,9 @@ def preference_from_logits(M: torch.Tensor, mode: str = "pairwise") -> torch.Ten
     """P[..., i, j] = P(y_i > y_j | x) from M (..., K, K). P + P^T = 1 and the diagonal is 1/2 in both modes.
 
     "pairwise" (default, the paper, Sec. 5.1): P_ij = sigma(s(y_i, y_j; x)) with s(y_i, y_j) = f(i, j) - f(j, i), the
-        relative reward of the pair itself. It may be intransitive, which is the case SPPO's game (a Nash equilibrium
-        instead of a Bradley-Terry reward) is built for, and it costs no more than "official": both need all K(K-1) rows.
+        relative reward of the pair itself. It may be intransitive, which is the case SPPO's game (a Nash
+        equilibrium instead of a Bradley-Terry reward) is built for, and it costs no more than "official": both
+        need all K(K-1) rows.
     "official" (uclaml/SPPO's released code): P_ij = sigma(s_i - s_j) from the aggregate scores; transitive by
         construction. Use it to reproduce the released pipeline's numbers.
     """
@@ -161,7 +162,8 @@ class PairRM(nn.Module):
         ids = {t: tokenizer.token_to_id(t) for t in (cls_token, sep_token, pad_token, *PREFIX_TOKENS)}
         for token, i in ids.items():
             if i is None or i >= config.vocab_size:
-                raise ValueError(f"tokenizer.json: token {token!r} has id {i}, the embedding has {config.vocab_size} rows")
+                raise ValueError(f"tokenizer.json: token {token!r} has id {i}, "
+                                 f"the embedding has {config.vocab_size} rows")
         for field, token in zip(("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "cand_prefix_id"),
                                 PREFIX_TOKENS):
             if getattr(config, field, None) not in (None, ids[token]):  # PairRM-hf's config.json repeats the ids
@@ -202,7 +204,7 @@ class PairRM(nn.Module):
         return EncodedPairs(*_pad(src), *_pad(c1), *_pad(c2), rows=rows)
 
     @torch.inference_mode()
-    def _run(self, enc: EncodedPairs, batch_tokens: int, bar=None) -> torch.Tensor:
+    def _run(self, enc: EncodedPairs, batch_tokens: int | None, bar=None) -> torch.Tensor:
         """f for every row of enc (R,), float32 on CPU, in length-sorted batches of <= batch_tokens padded tokens."""
         device = next(self.parameters()).device
         batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -266,7 +268,7 @@ class PairRM(nn.Module):
         return scores_from_logits(self.logit_matrices(prompts, candidates, batch_tokens, progress))
 
     def best_of_n(self, prompts: list[str], candidates: list[list[str]], batch_tokens: int | None = None) -> list[int]:
-        """Index of the best candidate of each prompt by s_PairRM (best-of-n selection, SPPO Sec. 5.2)."""
+        """Index of the best candidate of each prompt by s_PairRM (the best-of-16 rows of SPPO's Table 1)."""
         return self.scores(prompts, candidates, batch_tokens).argmax(-1).tolist()
 
     # ---- loading (pairrm_spec.md, "Checkpoint layouts") ----
@@ -410,7 +412,8 @@ def _tiny_tokenizer():
     total = sum(words.values())
     vocab = [(s, 0.0) for s in ("[PAD]", "[CLS]", "[SEP]", "[UNK]")]
     vocab += [(w, math.log(c / total)) for w, c in sorted(words.items(), key=lambda wc: (-wc[1], wc[0]))]
-    vocab += [(ch, math.log(1e-4 / total)) for ch in "\u2581" + string.ascii_letters + string.digits + string.punctuation]
+    fallback = "\u2581" + string.ascii_letters + string.digits + string.punctuation
+    vocab += [(ch, math.log(1e-4 / total)) for ch in fallback]
     tokenizer = DebertaV2Tokenizer(vocab=vocab)  # [MASK] is not in vocab: it is added after it, like id 128000
     tokenizer.add_tokens(list(PREFIX_TOKENS))
     return tokenizer

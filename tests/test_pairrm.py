@@ -229,8 +229,8 @@ def test_config_and_tokenizer_checks(ckpts, tmp_path, model):
     (d / "tokenizer.json").write_text(json.dumps(tj))
     reloaded = PairRM.from_pretrained(d, device="cpu")
     assert reloaded.prefix_ids == model.prefix_ids
-    torch.testing.assert_close(reloaded.compare(["hello!"], ["hi!"], ["bye"]), model.compare(["hello!"], ["hi!"], ["bye"]),
-                               atol=1e-6, rtol=0)
+    args = (["hello!"], ["hi!"], ["bye"])
+    torch.testing.assert_close(reloaded.compare(*args), model.compare(*args), atol=1e-6, rtol=0)
     # A config whose prefix id disagrees with the tokenizer is refused, naming the field.
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "cand2_prefix_id": 128003}))
@@ -254,8 +254,8 @@ def test_pickles_are_never_loaded_and_bin_weights_load_safely(ckpts, tmp_path, m
     (d / "model.safetensors").unlink()
     loaded = PairRM.from_pretrained(d, device="cpu")  # weights from the .bin, read with weights_only=True
     assert not marker.exists()
-    torch.testing.assert_close(loaded.compare(["hello!"], ["hi!"], ["bye"]), model.compare(["hello!"], ["hi!"], ["bye"]),
-                               atol=1e-6, rtol=0)
+    args = (["hello!"], ["hi!"], ["bye"])
+    torch.testing.assert_close(loaded.compare(*args), model.compare(*args), atol=1e-6, rtol=0)
     torch.save({"head_layer.1.weight": Trap()}, d / "pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError):
         PairRM.from_pretrained(d, device="cpu")
