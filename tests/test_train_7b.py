@@ -1,0 +1,244 @@
+"""train_7b.py (FSDP2, 2 gloo ranks under torchrun) against sppo.py's single-process training, the independent
+reference: same tiny random Llama / Mistral, same data and batch order, fp32 on CPU.
+
+Tolerances. Both sides compute the same sums in fp32 but in different orders (the global batch is split over 2
+ranks and micro-batches of 2 instead of 8, so padding lengths differ; gradients are reduce-scattered), so each
+number carries a few ulps of rounding per reduction: losses (~1e5) agree to relative 1e-6 (observed <= 1.3e-7),
+grad norms to 1e-5 (observed <= 1.7e-7). Parameters: RMSprop's update lr g / (sqrt(v) + eps) does not depend on
+the scale of g, except for the few gradient entries whose size is near eps = 1e-8, where a rounding difference
+dg changes the update by up to lr |dg| / eps; we allow 0.2 lr = 2e-5 absolute on weights that move by 3e-3..1e-2
+(observed: 2.6e-6 on one element of the tiny Llama after 6 steps, all others <= 1e-6; 4.3e-7 on Mistral after 60).
+Resume is checked for EXACT equality: DCP restores model, optimizer, schedule and data position bit for bit.
+
+Every launch also asserts a clean exit: no 'terminate called' (the teardown flake of ../shared/fsdp_notes.md).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pairrm
+import sppo
+import train_7b
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+TRAIN = dict(global_batch=8, micro_batch=2, lr=1e-4, max_length=48, max_prompt_length=16, optimizer="rmsprop")
+LOSS_RTOL, PARAM_ATOL = 1e-6, 0.2 * TRAIN["lr"]
+
+
+def flags(**kw):
+    return [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))] + ["--no-progress"]
+
+
+def torchrun(*args, check=True, timeout=240, **popen):
+    """train_7b.py under `torchrun --standalone --nproc_per_node 2` (gloo). Returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train_7b.py"), *args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
+    out = p.stdout + p.stderr
+    if check:
+        assert p.returncode == 0, out[-4000:]
+        assert "terminate called" not in out, out[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny random Llama and Mistral (hidden 32, 2 layers) and D_t: 24 rows without ref_logp, one response of
+    100 words (over max_length, so it is truncated)."""
+    root = tmp_path_factory.mktemp("train_7b")
+    w = {arch: sppo.build_tiny_policy(root / arch, arch=arch, seed=3) for arch in ("llama", "mistral")}
+    for arch in ("llama", "mistral"):
+        (root / f"data_{arch}").mkdir()
+        sppo.write_jsonl(root / f"data_{arch}" / "dataset.jsonl", train_7b.synthetic_dataset(24, seed=1, long_rows=1))
+    w["root"] = root
+    return w
+
+
+def data(world, arch):
+    return world["root"] / f"data_{arch}" / "dataset.jsonl"
+
+
+@pytest.fixture(scope="module")
+def llama_run(world):
+    """Uninterrupted 2-rank run (6 steps), with FSDPMemTracker on its second step (optimizer state exists)."""
+    out = world["root"] / "llama_A"
+    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN),
+                 "--measure-memory")
+    return out, p.stdout
+
+
+@pytest.fixture(scope="module")
+def mistral_run(world):
+    """Uninterrupted 2-rank run, 60 steps."""
+    out = world["root"] / "mistral_A"
+    p = torchrun(*flags(model=world["mistral"], data=data(world, "mistral"), out=out, epochs=20, **TRAIN))
+    return out, p.stdout
+
+
+def single_process(world, arch, epochs):
+    """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached), order, micro-batch 8."""
+    d = data(world, arch)
+    ref = json.loads(d.with_name("dataset.ref_logp.json").read_text())["ref_logp"]
+    rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(d), ref)]
+    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False)
+    model, tok = sppo.load_policy(world[arch], cfg, "cpu")
+    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    ref_single = sppo.batched_logps(model, pairs, tok.pad_token_id, 8)
+    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    return ref, ref_single, history, model.state_dict()
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("arch, epochs", [("llama", 2), ("mistral", 20)])
+def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs):
+    out, log = {"llama": llama_run, "mistral": mistral_run}[arch]
+    ref, ref_single, history, params = single_process(world, arch, epochs)
+    # pi_ref = pi_t, computed sharded across ranks, equals one process's log-probs
+    assert max(abs(a - b) for a, b in zip(ref, ref_single)) < 1e-4
+    steps = sppo.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in steps] == list(range(len(history)))
+    for h, m in zip(history, steps):
+        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+        assert abs(m["grad_norm"] - h["grad_norm"]) <= 1e-5 * h["grad_norm"]
+        assert m["lr"] == pytest.approx(h["lr"], rel=1e-12, abs=1e-15)
+    exported = load_file(out / "model" / "model.safetensors")
+    start = load_file(Path(world[arch]) / "model.safetensors")
+    assert max_diff(exported, start) > 50 * PARAM_ATOL                # training moved the weights...
+    assert max_diff(exported, params) < PARAM_ATOL                    # ...exactly as one process does
+    assert "1 truncated" in log and "none skipped" in log
+
+
+def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+    out, _ = llama_run
+    final = train_7b.checkpoints(out)[-1]
+    assert final.name == "step_000006"
+    dcp_to_torch_save(final, out / "final.pt")                        # the sharded FSDP parameters, gathered offline
+    saved = torch.load(out / "final.pt")["train"]
+    assert saved["step"] == 6 and {"rng_rank0", "rng_rank1"} <= saved.keys()
+    fsdp = saved["model"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert max_diff(model.state_dict(), fsdp) == 0.0
+    loaded, tok = sppo.load_policy(out / "model", sppo.SPPOConfig(), "cpu")   # sppo.py's next --model
+    assert type(loaded).__name__ == "LlamaForCausalLM" and tok.pad_token_id == 0
+
+
+def test_memory_plan_matches_measured_tiny(world, llama_run):
+    """The accounting of --plan, on the tiny model, next to FSDPMemTracker's measurement of the first step."""
+    report = json.loads((llama_run[0] / "memory.json").read_text())
+    plan, measured = report["plan"], report["measured"]
+    sharded = plan["sharded fp32 params (4N/W)"]
+    assert abs(measured["Sharded Param"] - sharded) <= 0.02 * sharded           # shard padding only
+    assert abs(measured["Sharded Grad"] - plan["sharded fp32 grads (4N/W)"]) <= 0.02 * sharded
+    assert abs(measured["OptState"] - plan["rmsprop state (4N/W)"]) <= 0.02 * sharded
+    in_flight = measured["Unsharded Param"] + measured["All Gather"]             # root + current + prefetched layer
+    assert abs(in_flight - plan["unsharded params: root + 2 layers in flight"]) <= 0.02 * in_flight
+    kept = plan["activations: layer inputs kept (L B T d)"]
+    assert 0.5 * kept <= measured["Activation"] <= 1.5 * kept
+    assert measured["Total"] <= sum(plan.values())                              # the plan is an upper bound
+
+
+def test_stop_and_resume_is_exact(world, llama_run):
+    out = world["root"] / "llama_B"
+    args = flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN)
+    first = torchrun(*args, "--stop-at-step", "3")
+    assert "stopped after step 3" in first.stdout and not (out / "model").exists()
+    refused = torchrun(*args, check=False)
+    assert refused.returncode != 0 and "pass --resume" in refused.stdout + refused.stderr
+    second = torchrun(*args, "--resume")
+    assert "resumed from" in second.stdout and "step_000003" in second.stdout
+    a, b = sppo.read_jsonl(llama_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    assert [(m["loss"], m["grad_norm"], m["lr"]) for m in a] == [(m["loss"], m["grad_norm"], m["lr"]) for m in b]
+    assert max_diff(load_file(llama_run[0] / "model" / "model.safetensors"),
+                    load_file(out / "model" / "model.safetensors")) == 0.0
+
+
+def test_killed_run_resumes_exactly(world, mistral_run):
+    """A real SIGKILL of both ranks and torchrun mid-run (checkpoint every step), then --resume."""
+    out = world["root"] / "mistral_K"
+    args = flags(model=world["mistral"], data=data(world, "mistral"), out=out, epochs=20, save_every=1,
+                 keep_checkpoints=1000, **TRAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train_7b.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while len(train_7b.checkpoints(out)) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:                       # a node loss: SIGKILL both ranks (each in its own session) and torchrun itself
+        if proc.poll() is None:
+            workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in [*map(int, workers), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)
+    last = train_7b.checkpoints(out)[-1]
+    assert not (out / "model").exists() and last.name < "step_000060", "the run finished before the kill"
+    resumed = torchrun(*args, "--resume")
+    assert f"resumed from {last} at step {int(last.name[5:])}" in resumed.stdout
+    a, b = sppo.read_jsonl(mistral_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(60))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert max_diff(load_file(mistral_run[0] / "model" / "model.safetensors"),
+                    load_file(out / "model" / "model.safetensors")) == 0.0
+
+
+def test_stage_all_runs_one_iteration(world, tmp_path):
+    """generate (K=2, each rank its prompt chunks) -> rank (tiny random PairRM) -> D_t on rank 0 -> FSDP training."""
+    prompts = tmp_path / "prompts.jsonl"
+    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
+    rm = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm")
+    out = tmp_path / "iter0"
+    torchrun(*flags(stage="all", model=world["llama"], prompts=prompts, pairrm=rm, out=out, K=2, max_new_tokens=4,
+                    gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 4}))
+    gens = sppo.read_jsonl(out / "generations.jsonl")
+    assert [g["prompt_id"] for g in gens] == list(range(8)) and all(len(g["responses"]) == 2 for g in gens)
+    rows = sppo.read_jsonl(out / "dataset.jsonl")
+    assert len(rows) == 16 and {r["role"] for r in rows} == {"winner", "loser"}
+    assert len(sppo.read_jsonl(out / "metrics.jsonl")) == 4 and (out / "model" / "config.json").is_file()
+
+
+# ---- no torchrun needed -------------------------------------------------------------------------------------
+def test_missing_field_names_file_line_and_field(tmp_path):
+    cfg = train_7b.TrainConfig()
+    rows = train_7b.synthetic_dataset(4)
+    del rows[2]["win_prob"]
+    sppo.write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(sppo.ArtifactError, match=r"d\.jsonl:3: missing field 'win_prob'"):
+        train_7b.load_dataset(tmp_path / "d.jsonl", cfg)
+    rows = [dict(r, ref_logp=-1.0) for r in train_7b.synthetic_dataset(4)]
+    del rows[1]["ref_logp"]
+    sppo.write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.raises(sppo.ArtifactError, match=r"e\.jsonl: record 2: missing field 'ref_logp'"):
+        train_7b.load_dataset(tmp_path / "e.jsonl", cfg)
+
+
+def test_batch_split_covers_the_global_batch_once():
+    idx = list(range(100, 109))                                     # a short last batch: 9 rows, 4 ranks, micro 2
+    shares = [train_7b.rank_micro_batches(idx, r, 4, 2) for r in range(4)]
+    assert shares[0] == [[100, 101], [102]] and shares[2] == [[106, 107], [108]]
+    assert shares[3] == [None, None]                                # no rows left: two zero-weight stand-ins
+    assert [i for s in shares for mb in s if mb for i in mb] == idx
+    with pytest.raises(ValueError, match="multiple of --micro-batch 8 x world size 3"):
+        train_7b.check_batch_sizes(train_7b.TrainConfig(global_batch=64, micro_batch=8), 3)
+
+
+def test_plan_mistral_7b_fits_80gb(capsys):
+    plan = train_7b.print_plan(train_7b.TrainConfig(plan="mistral-7b", world=8, micro_batch=8, max_length=1024))
+    assert "fits in 80 GB: yes" in capsys.readouterr().out
+    assert plan["sharded fp32 params (4N/W)"] == pytest.approx(4 * 7.2416e9 / 8, rel=1e-3)   # 7.24 B params
+    assert sum(plan.values()) < 80e9

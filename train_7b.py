@@ -1,0 +1,777 @@
+"""train_7b.py: SPPO at 7B scale on one node (or many) with torch.distributed alone: FSDP2, DCP checkpoints, bf16.
+
+Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675. One SPPO step
+trains pi_{t+1} from pi_t on D_t = {(x, y, P-hat(y > pi_t | x))} by Eq. (4.7):
+
+    theta_{t+1} = argmin_theta  E_{D_t} [ log pi_theta(y|x)/pi_t(y|x) - eta (P-hat(y > pi_t|x) - 1/2) ]^2
+
+sppo.py is the single-process reference: the loss, log-probs, dataset schema, optimizer and LR schedule are
+imported from it, never repeated. This file adds the distributed concerns only, one function each, applied in
+torchtitan's fixed order (pytorch/torchtitan, "FSDP2"):
+
+    build on meta -> activation checkpointing -> fully_shard (each decoder layer, then the root) -> materialise,
+    pi_t's weights broadcast from rank 0 -> reference log-probs (pi_ref = pi_t, sharded, cached beside the data)
+    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> save_pretrained on rank 0
+
+Commands (OUT must be on a filesystem every node sees: checkpoints are written by all ranks):
+  # one SPPO step on 8 GPUs, from sppo.py's dataset.jsonl (ref_logp optional):
+  torchrun --standalone --nproc_per_node 8 train_7b.py --model PI_T --data D_T.jsonl --out runs/7b/iter0
+  # a whole Algorithm-1 iteration on the node (generate + rank on a bf16 replica per GPU, then FSDP training):
+  torchrun --standalone --nproc_per_node 8 train_7b.py --stage all --model PI_T --prompts P.jsonl \
+      --pairrm PAIRRM_DIR --iteration 0 --out runs/7b/iter0
+  # multi-node: the same command on every node, torchrun does the rendezvous
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id sppo \
+      train_7b.py --model PI_T --data D_T.jsonl --out /shared/runs/7b/iter0
+  # after a crash: the same command plus --resume.    Memory plan without a GPU:
+  python train_7b.py --plan mistral-7b --world 8 --micro-batch 8 --max-length 1024
+  # CPU check, 2 gloo ranks:  torchrun --standalone --nproc_per_node 2 train_7b.py --model TINY --data D.jsonl \
+  #                               --out runs/t --global-batch 8 --micro-batch 2 --lr 1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import sppo
+
+# Published configs (config.json of the hub repos), so --plan needs no download.
+_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+           num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e6, max_position_embeddings=32768,
+                                            sliding_window=None)),
+             "llama-3-8b": ("llama", dict(_7B, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192))}
+"""Mistral-7B-Instruct-v0.2 and Llama-3-8B-Instruct."""
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
+                   ("A800", 312e12)]
+"""Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)   # ranks wait for the slowest generation shard
+
+
+@dataclass
+class TrainConfig(sppo.SPPOConfig):
+    model: str | None = None
+    """pi_t: a local directory saved with save_pretrained (Llama or Mistral architecture)."""
+    out: str = "runs/train_7b"
+    """This iteration's directory: dataset, checkpoints/, metrics.jsonl, model/ (shared filesystem on many nodes)."""
+    data: str | None = None
+    """D_t as JSONL in sppo.DATASET_FIELDS (sppo.py's dataset.jsonl; ref_logp optional). Default: OUT/dataset.jsonl."""
+    stage: str = "train"
+    """`generate`, `rank`, `train`, or `all` (one whole Algorithm-1 iteration; finished stages are skipped)."""
+    iteration: int = 0
+    """t of Algorithm 1 for --stage generate/all: picks the prompt slice (as sppo.py) and the sampling seed."""
+    gen_engine: str = "hf"
+    """Generation engine: `hf` (transformers generate, the default) or `vllm` (optional, when installed)."""
+    ref_logp: str = "auto"
+    """`auto`: use the dataset's ref_logp when every row has one, else compute; `recompute`: always compute."""
+    activation_checkpointing: bool = True
+    """Recompute each decoder layer in backward: keeps one hidden state per layer instead of all activations."""
+    save_every: int = 100
+    """DCP checkpoint every N optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept under OUT/checkpoints; older ones are deleted."""
+    resume: bool = False
+    """Continue exactly from the newest checkpoint in OUT/checkpoints."""
+    stop_at_step: int | None = None
+    """Exit after this optimizer step and its checkpoint, as a kill would (to test --resume)."""
+    measure_memory: bool = False
+    """Track the second step (optimizer state exists) with FSDPMemTracker; write measured and planned memory to
+    OUT/memory.json."""
+    plan: str | None = None
+    """Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a config dir, and exit (no GPU needed)."""
+    world: int = 8
+    """--plan only: GPUs the model is sharded over."""
+    gpu_gb: float = 80.0
+    """--plan only: GPU memory (GB) the plan must fit in."""
+
+
+CHOICES = {"stage": ("generate", "rank", "train", "all"), "gen_engine": ("hf", "vllm"),
+           "ref_logp": ("auto", "recompute"), "optimizer": ("rmsprop", "adamw"), "log_z": ("half", "estimate"),
+           "selection": ("pair", "all"), "oracle": ("pairrm",), "pairrm_mode": ("pairwise", "official")}
+"""Allowed values of the string flags (argparse rejects anything else with a clear message)."""
+SHARED_FIELDS = ("model", "prompts", "prompt_column", "out", "oracle", "pairrm", "pairrm_mode", "iterations",
+                 "split_prompts", "K", "eta", "log_z", "selection", "max_new_tokens", "temperature", "top_p",
+                 "gen_batch", "max_length", "max_prompt_length", "optimizer", "lr", "warmup_ratio", "weight_decay",
+                 "max_grad_norm", "epochs", "global_batch", "micro_batch", "seed", "progress")
+"""SPPOConfig fields that are flags here too (the rest - demo, device, dtype - belong to sppo.py's CLI)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process group and mesh; the clean teardown.
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: object
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+
+def init_distributed() -> Dist:
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> nccl on GPUs / gloo on CPU, and an explicit 1-D mesh.
+
+    Without torchrun (`python train_7b.py ...`) this is a 1-rank group, so the same code runs on one device.
+    """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    kw = dict(backend="nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=device if cuda else None)
+    if "RANK" in os.environ:
+        dist.init_process_group(**kw)
+    else:
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh)
+
+
+def shutdown():
+    """Clean exit, in this order: collect the FSDP states, DTensors and optimizer state that train() left behind;
+    a barrier (no rank leaves while another still talks to it); destroy_process_group(); flush; os._exit (in
+    __main__). Why the last step: after any functional collective - DTensor.full_tensor, clip_grad_norm_ on
+    DTensors, get_model_state_dict(full_state_dict=True) - torch 2.13 keeps the gloo group's C++ threads
+    (pt_gloo_runloop, gloo_tcp_loop) alive past destroy_process_group; a normal exit then tears them down in C++
+    static destructors after the interpreter is finalised, racing the peer rank's exit: the "terminate called
+    without an active exception" abort of shared/fsdp_notes.md. os._exit skips that teardown; all files are closed."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: sppo.py's schema, with errors that name the file, the record and the field.
+def load_dataset(path, cfg):
+    """Rows of D_t. Every field of sppo.DATASET_FIELDS is required except ref_logp (then computed from pi_t)."""
+    required = {k: v for k, v in sppo.DATASET_FIELDS.items() if k != "ref_logp"}
+    if cfg.log_z == "estimate":
+        required["log_z"] = (int, float)
+    rows = sppo.read_jsonl(path, required)                                  # "FILE:LINE: missing field 'x'"
+    if not rows:
+        raise sppo.ArtifactError(f"{path}: no rows")
+    has = [("ref_logp" in r) for r in rows]
+    if any(has) and not all(has):
+        raise sppo.ArtifactError(f"{path}: record {has.index(False) + 1}: missing field 'ref_logp' (other records "
+                                 f"have one: give it to every record, or to none and it is computed from pi_t)")
+    return rows
+
+
+def check_batch_sizes(cfg, world):
+    """global batch = micro-batch x accumulation steps x world size (paper: 64 = 8 x 1 x 8). Returns accumulation."""
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ValueError(f"--global-batch {cfg.global_batch} must be a multiple of --micro-batch {cfg.micro_batch} "
+                         f"x world size {world} = {cfg.micro_batch * world}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ValueError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
+    return cfg.global_batch // (cfg.micro_batch * world)
+
+
+def rank_micro_batches(idx, rank, world, micro):
+    """This rank's contiguous share of one global batch `idx`, cut into micro-batches. Every rank gets the same
+    number of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP
+    collectives; a short last batch of an epoch leaves some ranks with less or no data."""
+    per = math.ceil(len(idx) / world)
+    mine = idx[rank * per:(rank + 1) * per]
+    return [mine[j:j + micro] or None for j in range(0, per, micro)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: meta -> activation checkpointing -> fully_shard -> materialise -> pi_t's weights.
+def mixed_precision(device):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; all fp32 on CPU (gloo; exact)."""
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_activation_checkpointing(model):
+    """Each decoder layer is recomputed in backward (HF's GradientCheckpointingLayer, non-reentrant)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def apply_fsdp(model, mesh, mp_policy):
+    """ZeRO-3: fully_shard every decoder layer (all-gathered in turn, resharded after use), then the root
+    (embeddings, final norm, lm_head). Gradient reduction SUMS over ranks - FSDP2 averages by default - because each
+    rank's loss is already divided by the GLOBAL batch size, as in sppo.train_policy."""
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)                         # plain SUM on nccl and gloo alike
+
+
+def load_weights(model, path, d):
+    """pi_t's weights: rank 0 reads the checkpoint on CPU in fp32 and broadcasts; each rank keeps its shards.
+
+    to_empty() leaves non-persistent buffers (the RoPE inv_freq) uninitialised, so they are rebuilt from the config.
+    """
+    from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict() if d.rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and hasattr(mod, "rope_type"):
+            with torch.device(d.device):
+                fresh = type(mod)(config=mod.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(mod, name).copy_(buf)
+
+
+def build_model(cfg, d):
+    """pi_t as an FSDP2 module with fp32 master weights; works for the Llama and Mistral classes of transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, d.mesh, mixed_precision(d.device))
+    model.to_empty(device=d.device)
+    load_weights(model, cfg.model, d)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pi_ref = pi_t: log pi_t(y|x) for the whole dataset, computed once by the policy before step 1, sharded over ranks.
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, micro, d):
+    """sppo.sequence_logps of every pair under the current (unchanged) policy. Rows are sorted by length and dealt
+    round-robin, so shards are balanced; every rank runs the same number of forwards (FSDP all-gathers)."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    mine, out = order[d.rank::d.world], {}
+    model.eval()
+    for j in range(0, math.ceil(len(pairs) / d.world), micro):
+        idx = mine[j:j + micro]
+        b = sppo.collate([pairs[i] for i in idx or order[:1]], pad_id)      # a stand-in row keeps ranks in step
+        out.update(zip(idx, sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
+    model.reshard()                                       # the root stays unsharded after a no_grad forward
+    shards = [None] * d.world
+    dist.all_gather_object(shards, out)
+    merged = {i: lp for s in shards for i, lp in s.items()}
+    return [merged[i] for i in range(len(pairs))]
+
+
+def reference_for(model, rows, pairs, pad_id, cfg, d, data_path):
+    """ref_logp per row: the dataset's own (sppo.py wrote them), or the cache beside the dataset when it was made
+    for this model, data and truncation, or computed (and cached by rank 0) so a restart does not recompute them."""
+    if cfg.ref_logp == "auto" and all("ref_logp" in r for r in rows):
+        return [r["ref_logp"] for r in rows], "dataset"
+    cache = Path(data_path).with_name(Path(data_path).stem + ".ref_logp.json")
+    key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path),
+           "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "compute": d.device.type}
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key and len(saved.get("ref_logp", ())) == len(rows):
+            return saved["ref_logp"], f"cache {cache}"
+        d.log(f"{cache}: made for another model, data or truncation; recomputing")
+    ref = reference_logps(model, pairs, pad_id, cfg.micro_batch, d)
+    if d.rank == 0:
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "ref_logp": ref}))
+        os.replace(tmp, cache)
+    return ref, f"computed with pi_t on {d.world} ranks, cached in {cache}"
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step of Eq. (4.7), split over ranks and micro-batches.
+def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro=None):
+    """Same arithmetic as sppo.train_policy: sum of per-example losses / len(idx), summed over micro-batches
+    (local accumulation) and ranks (reduce-scatter with SUM), then global-norm clipping, optimizer and LR step.
+    before_micro: called before each micro-batch (--measure-memory resets the tracker's per-module stats)."""
+    opt.zero_grad(set_to_none=True)
+    stats = torch.zeros(2, dtype=torch.float64, device=d.device)                  # [sum of losses, tokens]
+    for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch):
+        if before_micro:
+            before_micro()
+        b = sppo.make_batch(pairs, rows, mb or idx[:1], pad_id, cfg, d.device)
+        losses = sppo.example_losses(model, b, cfg.eta)                           # (micro,) Eq. (4.7)
+        (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
+        if mb:
+            stats += torch.stack([losses.detach().sum().double(), b["attention_mask"].sum().double()])
+    dist.all_reduce(stats)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # a collective on DTensors
+    gnorm = float(gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm)
+    loss = stats[0].item() / len(idx)
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise sppo.DivergedError(f"loss {loss}, grad norm {gnorm} is not finite; stopped before the update")
+    opt.step()
+    sched.step()
+    return {"loss": loss, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "tokens": int(stats[1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (torch.distributed.checkpoint) and the export for from_pretrained.
+class TrainState:
+    """What --resume restores (a DCP `Stateful`): model and optimizer shards, LR schedule, the data position (the
+    optimizer step; the batch order is a pure function of the seed) and each rank's RNG states."""
+
+    def __init__(self, model, opt, sched, d):
+        self.model, self.opt, self.sched, self.d, self.step, self.with_rng = model, opt, sched, d, 0, True
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        sd = {"model": model_sd, "optim": optim_sd, "sched": self.sched.state_dict(), "step": self.step}
+        if self.with_rng:
+            rng = {"cpu": torch.get_rng_state()}
+            if self.d.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+            sd[f"rng_rank{self.d.rank}"] = rng                      # per-rank key: not deduplicated by DCP
+        return sd
+
+    def load_state_dict(self, sd):
+        set_state_dict(self.model, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        self.sched.load_state_dict(sd["sched"])
+        self.step = sd["step"]
+        rng = sd.get(f"rng_rank{self.d.rank}", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.d.device)
+
+
+def checkpoints(out):
+    """Finished checkpoints, oldest first (a .tmp directory is an interrupted save and never counts)."""
+    root = Path(out) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "run.json").is_file())
+
+
+def save_checkpoint(state, out, keep, run_info, d):
+    """dcp.save into step_N.tmp (every rank writes its shards), then rank 0 renames it: a checkpoint is complete
+    or absent, never half-written, whenever the job is killed."""
+    final = Path(out) / "checkpoints" / f"step_{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"train": state}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if d.rank == 0:
+        (tmp / "run.json").write_text(json.dumps({**run_info, "step": state.step, "world": d.world}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(state, out, run_info, d):
+    """Restore the newest checkpoint in place; check it belongs to this data and schedule. Returns its path."""
+    path = checkpoints(out)[-1]
+    saved = json.loads((path / "run.json").read_text())
+    for k, v in run_info.items():
+        if saved.get(k) != v:
+            raise sppo.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
+                                     f"resume with the original settings or use a new --out")
+    state.with_rng = saved["world"] == d.world                      # RNG states are per rank
+    dcp.load({"train": state}, checkpoint_id=str(path))
+    state.with_rng = True
+    return path
+
+
+def export_model(model, tokenizer, src, path, dtype, d):
+    """pi_{t+1} for AutoModelForCausalLM.from_pretrained (and sppo.py's next --model): the full state dict on rank 0
+    (a collective; the others get {}), loaded into a meta-built model and written with save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.rank == 0:
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
+        hf.load_state_dict({k: full.pop(k).to(dtype) for k in list(full)}, assign=True)
+        if (Path(src) / "generation_config.json").is_file():
+            hf.generation_config = GenerationConfig.from_pretrained(src)
+        sppo.save_policy(hf, tokenizer, path)
+    del full
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput, MFU and memory: what each step logs.
+def flops_per_token(config, n_params, seq_len):
+    """Training FLOPs per token: 6 N (forward + backward; N without the input embedding, a lookup) plus the
+    attention scores 12 L d T (PaLM, Chowdhery et al. 2022, App. B). Recomputation is not counted (MFU, not HFU)."""
+    return 6 * (n_params - config.vocab_size * config.hidden_size) + \
+        12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def peak_flops(device):
+    """bf16 dense peak of this GPU from PEAK_BF16_FLOPS, or None (CPU, unknown GPU: MFU is not logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_gb(device):
+    """Peak memory of this rank: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def param_counts(config):
+    """(N, params of one decoder layer, params outside the layers) from a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    n, layer = sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.model.layers[0].parameters())
+    return n, layer, n - config.num_hidden_layers * layer
+
+
+def memory_plan(config, world, micro_batch, seq_len, optimizer="rmsprop", compute_bytes=2, ckpt=True):
+    """Per-GPU bytes of each term of FSDP2 training, for one micro-batch of micro_batch x seq_len tokens.
+
+    compute_bytes: 2 for bf16 compute (GPU), 4 for fp32 (CPU). Activations are the tensors autograd saves in a
+    Llama/Mistral layer (SDPA without the T^2 matrix; GQA keys and values repeated to all heads): per token
+    4d fp32 + c d at each of 2 RMSNorms, c(6d + 4 d_kv) around attention, 4 c I in the SwiGLU MLP.
+    """
+    n, n_layer, n_root = param_counts(config)
+    d, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    d_kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    c, tok = compute_bytes, micro_batch * seq_len
+    layer_acts = tok * (2 * (4 * d + c * d) + c * (6 * d + 4 * d_kv) + 4 * c * I)
+    return {
+        "sharded fp32 params (4N/W)": 4 * n / world,
+        "sharded fp32 grads (4N/W)": 4 * n / world,
+        f"{optimizer} state ({ {'rmsprop': 4, 'adamw': 8}[optimizer]}N/W)":
+            {"rmsprop": 4, "adamw": 8}[optimizer] * n / world,
+        "unsharded params: root + 2 layers in flight": c * (n_root + 2 * n_layer),
+        "unsharded grads in flight (+ fp32 reduce)": (c + 4) * max(n_root, n_layer),
+        "activations: layer inputs kept (L B T d)" if ckpt else "activations: all layers":
+            L * tok * d * c if ckpt else L * layer_acts,
+        "activations: 1 layer recomputed in backward": layer_acts if ckpt else 0,
+        "logits (2 copies) + fp32 log-softmax saved": tok * V * (2 * c + 4) + 2 * 4 * min(tok, 4096) * V,
+    }
+
+
+def model_config(name):
+    """A transformers config: a PUBLISHED name or a local model/config directory."""
+    from transformers import AutoConfig, LlamaConfig, MistralConfig
+    if name in PUBLISHED:
+        arch, kw = PUBLISHED[name]
+        return {"llama": LlamaConfig, "mistral": MistralConfig}[arch](**kw)
+    return AutoConfig.from_pretrained(name)
+
+
+def print_plan(cfg):
+    """The --plan table: every term, the total, and whether it fits in --gpu-gb."""
+    config = model_config(cfg.plan)
+    n = param_counts(config)[0]
+    plan = memory_plan(config, cfg.world, cfg.micro_batch, cfg.max_length, cfg.optimizer)
+    total = sum(plan.values())
+    print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
+          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} x {cfg.max_length} tokens, "
+          f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
+    for k, v in plan.items():
+        print(f"  {k:<46} {v / 1e9:7.2f} GB")
+    fits = "yes" if total / 1e9 < cfg.gpu_gb else "NO"
+    print(f"  {'total':<46} {total / 1e9:7.2f} GB   fits in {cfg.gpu_gb:g} GB: {fits} ({cfg.gpu_gb - total / 1e9:.1f} "
+          f"GB left for the CUDA context, NCCL buffers, allocator fragmentation)")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1, steps 1-3 on the node: each rank generates / ranks its shard on a full replica; rank 0 gathers.
+def gather_to_rank0(part, d):
+    """{index: record} from every rank, merged (all ranks get it; only rank 0 writes)."""
+    parts = [None] * d.world
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def free_device_memory(device):
+    """Release a replica before the next stage (the caller dropped its references)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def generate_vllm(cfg, model_dir, tokenizer, prompts, seed):
+    """Optional engine: vLLM on this rank's GPU (tensor parallel 1). Same prompt tokens and text convention as
+    sppo.generate_responses; finished = stopped on EOS. Not exercised by the CPU tests."""
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=model_dir, dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+              distributed_executor_backend="external_launcher")
+    sp = SamplingParams(n=cfg.K, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                        seed=seed, skip_special_tokens=False)
+    outs = llm.generate([{"prompt_token_ids": sppo.prompt_ids(tokenizer, p)} for p in prompts], sp)
+    return [{"responses": [c.text for c in o.outputs], "finished": [c.finish_reason == "stop" for c in o.outputs]}
+            for o in outs]
+
+
+def stage_generate(cfg, d, out):
+    """Step 1: y_1..y_K ~ pi_t(.|x). Prompt chunks of gen_batch are dealt round-robin to ranks; with the hf engine
+    chunk c is seeded by c alone, so the samples do not depend on the number of GPUs. Writes OUT/generations.jsonl
+    (sppo.py's format)."""
+    prompts = sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+    starts = list(range(0, len(prompts), cfg.gen_batch))[d.rank::d.world]
+    gcfg = dataclasses.replace(cfg, dtype="bfloat16" if d.device.type == "cuda" else "float32",
+                               progress=cfg.progress and d.rank == 0)
+    base, part = (cfg.seed + 7919 * cfg.iteration) * 100_003, {}
+    if cfg.gen_engine == "vllm":
+        from transformers import AutoTokenizer
+        mine = [i for s in starts for i in range(s, min(s + cfg.gen_batch, len(prompts)))]
+        gens = generate_vllm(gcfg, cfg.model, AutoTokenizer.from_pretrained(cfg.model), [prompts[i] for i in mine],
+                             base + d.rank)
+        part = dict(zip(mine, gens))
+    else:
+        model, tok = sppo.load_policy(cfg.model, gcfg, d.device)                  # a full bf16 replica per GPU
+        for s in starts:
+            chunk = prompts[s:s + cfg.gen_batch]
+            part.update(zip(range(s, s + len(chunk)), sppo.generate_responses(
+                model, tok, chunk, gcfg, seed=base + s // cfg.gen_batch, device=d.device)))
+        del model
+    free_device_memory(d.device)
+    gens = gather_to_rank0(part, d)
+    if d.rank == 0:
+        sppo.write_jsonl(out / "generations.jsonl", ({"prompt_id": i, "prompt": x, **gens[i]}
+                                                      for i, x in enumerate(prompts)))
+    dist.barrier()
+
+
+def stage_rank(cfg, d, out):
+    """Steps 2-3: each rank fills the K x K matrices of its prompts with the oracle (PairRM, sppo.make_oracle);
+    rank 0 writes OUT/preferences.jsonl and D_t = OUT/dataset.jsonl (sppo.build_dataset; ref_logp comes later)."""
+    gens = sppo.read_jsonl(out / "generations.jsonl", {"prompt_id": int, "prompt": str, "responses": list,
+                                                       "finished": list})
+    mine = list(range(d.rank, len(gens), d.world))
+    oracle = sppo.make_oracle(cfg, d.device)
+    mats = sppo.rank(oracle, [gens[i]["prompt"] for i in mine], [gens[i] for i in mine], progress=False)
+    del oracle
+    free_device_memory(d.device)
+    P = gather_to_rank0(dict(zip(mine, (m.tolist() for m in mats))), d)
+    if d.rank == 0:
+        sppo.write_jsonl(out / "preferences.jsonl", ({"prompt_id": i, "P": P[i]} for i in range(len(gens))))
+        rows = sppo.build_dataset([g["prompt"] for g in gens], gens, [np.array(P[i]) for i in range(len(gens))], cfg)
+        sppo.write_jsonl(out / "dataset.jsonl", rows)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: pi_t -> pi_{t+1} on D_t (Eq. 4.7).
+def train(cfg, d):
+    """The whole training stage on every rank. Returns a summary dict; the FSDP objects die with this frame."""
+    from transformers import AutoTokenizer
+    out, data = Path(cfg.out), Path(cfg.data or Path(cfg.out) / "dataset.jsonl")
+    accumulation = check_batch_sizes(cfg, d.world)
+    if checkpoints(out) and not cfg.resume:
+        raise sppo.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
+    rows = load_dataset(data, cfg)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
+    d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
+          f"response its first max_length - prompt = up to {cfg.max_length}); none skipped")
+    model = build_model(cfg, d)                                       # meta -> AC -> fully_shard -> pi_t
+    ref, source = reference_for(model, rows, pairs, pad_id, cfg, d, data)
+    for r, lp in zip(rows, ref):
+        r["ref_logp"] = lp
+    sppo.check_dataset(rows, data)
+    d.log(f"reference log-probs (pi_ref = pi_t): {source}")
+    schedule = sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
+    opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
+    sched = sppo.make_scheduler(opt, len(schedule), cfg.warmup_ratio)
+    state = TrainState(model, opt, sched, d)
+    run_info = {"data_sha256": file_sha256(data), "global_batch": cfg.global_batch, "epochs": cfg.epochs,
+                "seed": cfg.seed, "total_steps": len(schedule), "eta": cfg.eta, "lr": cfg.lr}
+    if checkpoints(out):
+        d.log(f"resumed from {load_checkpoint(state, out, run_info, d)} at step {state.step}")
+    elif cfg.resume:
+        d.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt, peak = flops_per_token(model.config, n_params, cfg.max_length), peak_flops(d.device)
+    metrics_path = out / "metrics.jsonl"
+    if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
+        old = sppo.read_jsonl(metrics_path) if metrics_path.is_file() else []
+        sppo.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
+    d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps of "
+          f"{cfg.global_batch} = {cfg.micro_batch} x {accumulation} x {d.world}; optimizer {cfg.optimizer}")
+    model.train()
+    measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
+    for step in range(state.step, len(schedule)):
+        tracker = start_memory_tracker(model, opt) if step == measure_at else None
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        t0 = time.perf_counter()
+        m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, cfg, d,
+                       tracker.reset_mod_stats if tracker is not None else None)
+        dt = time.perf_counter() - t0
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+            seq_len = max(sum(map(len, pairs[i])) for i in schedule[step])
+            write_memory_report(tracker, model.config, cfg, seq_len, d, out)
+        state.step = step + 1
+        tps = m["tokens"] / dt
+        m.update(step=step, tokens_per_s=tps, tokens_per_s_per_device=tps / d.world,
+                 peak_memory_gb=peak_memory_gb(d.device), mfu=fpt * tps / d.world / peak if peak else None)
+        if d.rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            print(f"step {state.step}/{len(schedule)} | loss {m['loss']:.6g} | grad norm {m['grad_norm']:.4g} | "
+                  f"lr {m['lr']:.3g} | {tps:.0f} tok/s | peak {m['peak_memory_gb']:.2f} GB"
+                  + (f" | MFU {m['mfu']:.1%}" if m["mfu"] is not None else ""), flush=True)
+        last = state.step == len(schedule)
+        if last or state.step % cfg.save_every == 0 or state.step == cfg.stop_at_step:
+            save_checkpoint(state, out, cfg.keep_checkpoints, run_info, d)
+        if state.step == cfg.stop_at_step and not last:
+            d.log(f"stopped after step {state.step} (--stop-at-step); continue with --resume")
+            return {"stopped_at": state.step}
+    export_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    export_model(model, tok, cfg.model, out / "model", export_dtype, d)
+    d.log(f"pi_(t+1) saved in {out / 'model'} ({export_dtype}); load it with from_pretrained or as sppo.py --model")
+    return {"steps": len(schedule), "truncated": n_cut, "model": str(out / "model")}
+
+
+def start_memory_tracker(model, opt):
+    """FSDPMemTracker (torch.distributed._tools) on this step: peak bytes by category, on CPU and GPU alike."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    tracker = FSDPMemTracker(model, opt)
+    tracker.__enter__()
+    return tracker
+
+
+def write_memory_report(tracker, config, cfg, seq_len, d, out):
+    """OUT/memory.json: rank 0's measured peak by category next to memory_plan for the same shapes."""
+    snap = tracker.get_tracker_snapshot("peak")[d.device]
+    measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
+    if d.rank == 0:
+        plan = memory_plan(config, d.world, cfg.micro_batch, seq_len, cfg.optimizer,
+                           compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
+        (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic D_t and the speed comparison that bench.py imports.
+def synthetic_dataset(n, seed=0, long_rows=0, words=12):
+    """n rows in sppo.DATASET_FIELDS without ref_logp, over sppo.DEMO_VOCAB (for tests and bench_fsdp). The first
+    `long_rows` responses are 100 words long, to exercise truncation."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = ["rock", "paper", "scissors", "big", "sharp", "lizard", "spock"]
+    rows = []
+    for i in range(n):
+        k = 100 if i < long_rows else 1 + int(torch.randint(words, (1,), generator=g))
+        rows.append({"prompt_id": i // 2, "prompt": ["play rps", "play weighted rps"][i % 2],
+                     "response": " ".join(vocab[int(j)] for j in torch.randint(len(vocab), (k,), generator=g)),
+                     "finished": bool(torch.rand(1, generator=g) < 0.8), "win_prob": float(torch.rand(1, generator=g)),
+                     "role": "winner" if i % 2 == 0 else "loser"})
+    return rows
+
+
+def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
+               activation_checkpointing=False, workdir=None):
+    """Tokens/s of train_7b under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
+    same tiny model, data and batch order. Medians over steps, the first 3 (warm-up) excluded. Activation
+    checkpointing is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
+    model_dir = sppo.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
+    data = work / "data.jsonl"
+    sppo.write_jsonl(data, synthetic_dataset(rows, seed=1))
+    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
+                 max_prompt_length=16, lr=1e-4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           str(Path(__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(work / "fsdp"),
+           *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress",
+           "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
+    cfg = sppo.SPPOConfig(**flags, progress=False)
+    model, tok = sppo.load_policy(model_dir, cfg, "cpu")
+    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), json.loads(
+        (work / "data.ref_logp.json").read_text())["ref_logp"])]
+    single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
+    out = {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
+           "activation_checkpointing": activation_checkpointing,
+           "steps": len(fsdp) + 3, "fsdp_tokens_per_s": statistics.median(fsdp),
+           "single_process_tokens_per_s": statistics.median(single), "single_process_threads": torch.get_num_threads(),
+           "fsdp_threads_per_rank": 1}
+    out["ratio"] = out["fsdp_tokens_per_s"] / out["single_process_tokens_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: one flag per field (TrainConfig's own and SHARED_FIELDS of SPPOConfig), help = the field's docstring.
+def parse_args(argv=None):
+    docs = {**sppo.field_docs(sppo.SPPOConfig), **sppo.field_docs(TrainConfig)}
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--bench", action="store_true", help="print bench_fsdp() (2 gloo ranks vs one process) and exit")
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(sppo.SPPOConfig)}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in own and f.name not in SHARED_FIELDS:
+            continue
+        flag, kw = f"--{f.name.replace('_', '-')}", dict(default=f.default, help=f"{docs.get(f.name, '')} "
+                                                                                  f"(default: {f.default})")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=int if "int" in f.type else float if "float" in f.type else str,
+                           choices=CHOICES.get(f.name), **kw)
+    args = vars(p.parse_args(argv))
+    return args.pop("bench"), TrainConfig(**args)
+
+
+def main(argv=None):
+    bench, cfg = parse_args(argv)
+    if bench:
+        print(json.dumps(bench_fsdp(), indent=1))
+        return 0
+    if cfg.plan:
+        print_plan(cfg)
+        return 0
+    if cfg.model is None:
+        raise SystemExit("--model DIR (pi_t, a local save_pretrained directory) is required")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    d = init_distributed()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.stage in ("generate", "all") and not (out / "generations.jsonl").is_file():
+        stage_generate(cfg, d, out)
+    if cfg.stage in ("rank", "all") and not (out / "dataset.jsonl").is_file():
+        stage_rank(cfg, d, out)
+    if cfg.stage in ("train", "all"):
+        summary = train(cfg, d)
+        d.log(json.dumps(summary))
+    shutdown()                   # reached on success only: after an exception torchrun stops the other ranks
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)                                  # see shutdown(): no exit-time teardown of the gloo threads
