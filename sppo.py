@@ -986,7 +986,13 @@ def demo(cfg, figure="figures/demo_gap.png"):
         print(f"'{x}': gap {m['gap'][0]:.4f} -> {m['gap'][-1]:.4f} (Hedge {m['hedge_gap'][-1]:.4f}); "
               f"<= 1/3 of start and <= max(2 Hedge, Hedge + 0.02): {'yes' if ok else 'NO'}")
     plot_demo(metrics, figure)
-    print(f"wrote {figure} and {out / 'demo_metrics.json'}")
+    # Fig. 3: P(pi_s > pi_t), exact, averaged over the two games' prompts.
+    ts = sorted({0, 1, 2, 3, 5, 10, cfg.iterations} & set(range(cfg.iterations + 1)))
+    oracle = GameOracle(games)
+    W = np.mean([arena_exact(np.array(m["policy"])[ts], oracle.extended(x)) for x, m in metrics.items()], 0)
+    arena_png = Path(figure).with_name(Path(figure).stem.replace("_gap", "") + "_arena.png")
+    plot_arena(W, [f"pi_{t}" for t in ts], arena_png, title="demo: P(row beats column), exact")
+    print(f"wrote {figure}, {arena_png} and {out / 'demo_metrics.json'}")
     return metrics
 
 

@@ -299,3 +299,30 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
     for r in rows:
         wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))
         assert r["win_prob"] == pytest.approx(wp[r["k"]]) and wp.max() == pytest.approx(wp[rows[2 * r["prompt_id"]]["k"]])
+
+
+def test_arena_exact_by_hand(tmp_path):
+    P = hedge_toy.rock_paper_scissors()
+    pis = np.array([[1, 0, 0], [0, 1, 0], [1 / 3, 1 / 3, 1 / 3]])
+    W = sppo.arena_exact(pis, P)
+    np.testing.assert_allclose(W, [[0.5, 0.0, 0.5], [1.0, 0.5, 0.5], [0.5, 0.5, 0.5]])     # paper beats rock
+    sppo.plot_arena(W, ["rock", "paper", "uniform"], tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 5_000
+
+
+def test_arena_pairrm_and_best_of_n(tmp_path):
+    """W[i, j] is the mean of sigma(compare) over prompts, computed here one prompt at a time; W + W^T = 1."""
+    import pairrm
+    ranker = pairrm.PairRM.from_pretrained(pairrm.save_tiny_random_checkpoint(tmp_path / "rm", seed=1))
+    prompts = ["hello there", "tell me a story", "what is two plus two"]
+    resp = [["hi", "once upon a time", "four"], ["go away", "no", "five maybe"], ["", "a story", "4"]]
+    W, SE = sppo.arena_pairrm(ranker, prompts, resp)
+    np.testing.assert_allclose(W + W.T, 1.0, atol=1e-6)
+    for i, j in [(0, 1), (1, 2), (0, 2)]:
+        p = [torch.sigmoid(ranker.compare([x], [resp[i][n]], [resp[j][n]]))[0].item() for n, x in enumerate(prompts)]
+        assert W[i, j] == pytest.approx(np.mean(p), abs=1e-6)
+        assert SE[i, j] == pytest.approx(np.std(p, ddof=1) / np.sqrt(3), abs=1e-6)
+    gens = [{"responses": r} for r in resp]
+    best = sppo.best_of_n(ranker, prompts, gens)
+    s = ranker.scores(prompts, resp)
+    assert best == [r[int(k)] for r, k in zip(resp, s.argmax(-1))]
