@@ -8,16 +8,20 @@ Rows (medians of several repetitions; ratios compare two paths on the same input
   * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair
     (bench_pairrm.bench_pairrm).
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
-  * FSDP2 with 2 gloo ranks vs one process on the same data and batch order (train_7b.bench_fsdp).
+  * FSDP2 with 2 gloo ranks vs one process on the same data and batch order (bench_fsdp, launching train_7b.py under torchrun).
   * MFU of train_7b's step when CUDA is present (not measurable on a CPU machine: the row says so).
 Timings on a shared machine are noisy: the load average is printed with the table.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,8 +83,41 @@ def bench_pairrm_row(prompts=32, k=5, repeats=5):
             "ratio": r["speedup"], "max_abs_diff": r["max_abs_diff"]}
 
 
+def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
+               activation_checkpointing=False, workdir=None):
+    """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
+    same tiny model, data and batch order. Medians over steps, the first 3 (warm-up) excluded. Activation
+    checkpointing is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
+    model_dir = sppo.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
+    data = work / "data.jsonl"
+    sppo.write_jsonl(data, train_7b.synthetic_dataset(rows, seed=1))
+    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
+                 max_prompt_length=16, lr=1e-4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(work / "fsdp"),
+           *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress",
+           "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
+    cfg = sppo.SPPOConfig(**flags, progress=False)
+    model, tok = sppo.load_policy(model_dir, cfg, "cpu")
+    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), json.loads(
+        (work / "data.ref_logp.json").read_text())["ref_logp"])]
+    single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
+    out = {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
+           "activation_checkpointing": activation_checkpointing,
+           "steps": len(fsdp) + 3, "fsdp_tokens_per_s": statistics.median(fsdp),
+           "single_process_tokens_per_s": statistics.median(single), "single_process_threads": torch.get_num_threads(),
+           "fsdp_threads_per_rank": 1}
+    out["ratio"] = out["fsdp_tokens_per_s"] / out["single_process_tokens_per_s"]
+    return out
+
+
 def bench_fsdp_row(rows=64):
-    r = train_7b.bench_fsdp(world=2, rows=rows)
+    r = bench_fsdp(world=2, rows=rows)
     return {"setting": f"{r['model']}, {r['rows']} rows, {r['steps']} steps", "fast": r["fsdp_tokens_per_s"],
             "slow": r["single_process_tokens_per_s"], "unit": "tokens/s", "ratio": r["ratio"]}
 

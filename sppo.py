@@ -220,7 +220,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096):
     input_ids, attention_mask, response_mask: (B, T); left or right padding (position ids are derived from the
     mask, so both give the same result). Logits are only computed from the first position that predicts a
     response token (logits_to_keep), only the response positions are gathered (N, V) in the model's dtype,
-    and log-softmax is done in fp32 chunks of `chunk` rows: no fp32 (B, T, V) tensor is ever built.
+    and log-softmax is done in fp32 chunks of `chunk` rows: no fp32 (B, T, V) tensor is built. Under autograd the
+    chunks' fp32 log-softmax (N, V) are kept for backward (~4 N V bytes; train_7b's memory plan counts them).
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # (B, T)
     T = input_ids.shape[1]

@@ -39,10 +39,7 @@ import math
 import os
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -674,9 +671,9 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic D_t and the speed comparison that bench.py imports.
+# Synthetic D_t for the tests and bench.py.
 def synthetic_dataset(n, seed=0, long_rows=0, words=12):
-    """n rows in sppo.DATASET_FIELDS without ref_logp, over sppo.DEMO_VOCAB (for tests and bench_fsdp). The first
+    """n rows in sppo.DATASET_FIELDS without ref_logp, over sppo.DEMO_VOCAB (for tests and bench.py). The first
     `long_rows` responses are 100 words long, to exercise truncation."""
     g = torch.Generator().manual_seed(seed)
     vocab = ["rock", "paper", "scissors", "big", "sharp", "lizard", "spock"]
@@ -690,45 +687,11 @@ def synthetic_dataset(n, seed=0, long_rows=0, words=12):
     return rows
 
 
-def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
-               activation_checkpointing=False, workdir=None):
-    """Tokens/s of train_7b under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
-    same tiny model, data and batch order. Medians over steps, the first 3 (warm-up) excluded. Activation
-    checkpointing is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
-    model_dir = sppo.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
-    data = work / "data.jsonl"
-    sppo.write_jsonl(data, synthetic_dataset(rows, seed=1))
-    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
-                 max_prompt_length=16, lr=1e-4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(Path(__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(work / "fsdp"),
-           *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress",
-           "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
-    cfg = sppo.SPPOConfig(**flags, progress=False)
-    model, tok = sppo.load_policy(model_dir, cfg, "cpu")
-    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), json.loads(
-        (work / "data.ref_logp.json").read_text())["ref_logp"])]
-    single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
-    out = {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
-           "activation_checkpointing": activation_checkpointing,
-           "steps": len(fsdp) + 3, "fsdp_tokens_per_s": statistics.median(fsdp),
-           "single_process_tokens_per_s": statistics.median(single), "single_process_threads": torch.get_num_threads(),
-           "fsdp_threads_per_rank": 1}
-    out["ratio"] = out["fsdp_tokens_per_s"] / out["single_process_tokens_per_s"]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: one flag per field (TrainConfig's own and SHARED_FIELDS of SPPOConfig), help = the field's docstring.
 def parse_args(argv=None):
     docs = {**sppo.field_docs(sppo.SPPOConfig), **sppo.field_docs(TrainConfig)}
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--bench", action="store_true", help="print bench_fsdp() (2 gloo ranks vs one process) and exit")
     own = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(sppo.SPPOConfig)}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in own and f.name not in SHARED_FIELDS:
@@ -741,14 +704,11 @@ def parse_args(argv=None):
             p.add_argument(flag, type=int if "int" in f.type else float if "float" in f.type else str,
                            choices=CHOICES.get(f.name), **kw)
     args = vars(p.parse_args(argv))
-    return args.pop("bench"), TrainConfig(**args)
+    return TrainConfig(**args)
 
 
 def main(argv=None):
-    bench, cfg = parse_args(argv)
-    if bench:
-        print(json.dumps(bench_fsdp(), indent=1))
-        return 0
+    cfg = parse_args(argv)
     if cfg.plan:
         print_plan(cfg)
         return 0
