@@ -18,7 +18,10 @@ $(VENV)/.test: requirements.txt requirements-test.txt $(VENV)/.runtime
 
 demo: $(VENV)/.runtime
 	$(PY) hedge_toy.py
-	$(PY) sppo.py --demo
+	$(PY) sppo_toy.py
+
+# Every committed figure, from the commands that make them (the README names each one).
+figures: demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest

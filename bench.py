@@ -1,97 +1,154 @@
-"""bench.py: one table of measured rates and speed-ups, each measured side by side in the same run.
+"""bench.py: every benchmark of the repository, one table, one timing rule.
 
-    python bench.py                 # ~2-3 min on 2 CPU cores; prints a Markdown table for the README
-    python bench.py --quick         # fewer repetitions, smaller sizes (used by the test suite)
+    python bench.py                          # ~3 min on 2 CPU cores; prints a Markdown table for the README
+    python bench.py --quick                  # small sizes, few repetitions (the test suite runs this)
+    python bench.py --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
 
-Rows (medians of several repetitions; ratios compare two paths on the same inputs, timed interleaved):
+The timing rule, for every row: each path is warmed up once, then the paths being compared are run in turn,
+interleaved, `repeats` times (other load on the machine hits both alike); the table shows the median and, in
+brackets, the min-max of those repetitions. Ratios are ratios of medians on identical inputs, and every
+comparison row also reports the largest difference between the two paths' outputs.
+
+Rows:
   * Hedge (Eq. 4.1) on a 200-action game: many runs as one batched array computation vs one run at a time.
-  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair
-    (bench_pairrm.bench_pairrm).
+  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair.
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
-  * FSDP2 with 2 gloo ranks vs one process on the same data and batch order (bench_fsdp, launching train_7b.py under torchrun).
+  * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
+    repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
   * MFU of train_7b's step when CUDA is present (not measurable on a CPU machine: the row says so).
-Timings on a shared machine are noisy: the load average is printed with the table.
 """
-import argparse
+from __future__ import annotations
+
 import json
 import os
 import platform
+import random
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
-import bench_pairrm
 import hedge_toy
 import pairrm
 import sppo
+import sppo_toy
 import train_7b
 
 
-def timed(fn, repeats):
-    """Median wall time of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+@dataclass
+class BenchConfig:
+    quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
+    only: Literal["all", "hedge", "pairrm", "train", "fsdp"] = HfArg(default="all", help="Run one row only.")
+    repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
+    prompts: int = HfArg(default=32, help="PairRM row: prompts N.")
+    k: int = HfArg(default=5, help="PairRM row: candidates per prompt (SPPO Sec. 5: K = 5), K(K-1) pairs each.")
+    pairrm: str | None = HfArg(default=None, help="PairRM row: a local PairRM checkpoint; default: a small random one.")
+    device: str = HfArg(default="cpu", help="PairRM row: cpu or cuda (fp32 on CPU, fp16 on GPU).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one timing rule.
+def interleaved(paths: dict, repeats: int) -> dict:
+    """{name: fn}: warm up each fn once, then call them in turn `repeats` times. Returns {name: seconds list}."""
+    for fn in paths.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
+def rate(work, seconds) -> dict:
+    """work per second: median and min-max over the repetitions' times (or over given per-step rates)."""
+    r = [work / s for s in seconds] if work is not None else list(seconds)
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows.
 def bench_hedge(n=200, runs=64, T=500, repeats=5):
     """Hedge steps/s: `runs` independent runs (different eta) batched as one (R, n) array vs a Python loop of runs."""
     P = np.stack([hedge_toy.random_game(n, seed=s) for s in range(runs)])                 # (R, n, n)
     eta = np.linspace(0.01, 0.5, runs)
-    batched = timed(lambda: hedge_toy.hedge_batch(P, eta, T), repeats)
-    looped = timed(lambda: [hedge_toy.hedge(P[r], eta[r], T) for r in range(runs)], repeats)
+    t = interleaved({"batched": lambda: hedge_toy.hedge_batch(P, eta, T),
+                     "looped": lambda: [hedge_toy.hedge(P[r], eta[r], T) for r in range(runs)]}, repeats)
     a = hedge_toy.hedge_batch(P, eta, T)[0]
     b = np.stack([hedge_toy.hedge(P[r], eta[r], T)[0] for r in range(runs)])
-    steps = runs * T
-    return {"setting": f"n={n}, {runs} runs x T={T}", "fast": steps / batched, "slow": steps / looped,
-            "unit": "run-steps/s", "ratio": looped / batched, "max_abs_diff": float(np.abs(a - b).max())}
+    return {"setting": f"n={n}, {runs} runs x T={T}", "fast": rate(runs * T, t["batched"]),
+            "slow": rate(runs * T, t["looped"]), "unit": "run-steps/s", "max_abs_diff": float(np.abs(a - b).max())}
+
+
+WORDS = sorted(set(re.findall(r"\w+", pairrm._TINY_TEXT)))
+"""Words of PairRM's tiny tokenizer text: about one token per word, as with a real tokenizer on English."""
+
+
+def pairrm_inputs(n, k, seed=0, prompt_words=40, response_words=80):
+    """n prompts of 8..prompt_words words and k responses of 3..response_words words each (random words), so lengths
+    vary as sampled responses do. Returns (prompts, candidates)."""
+    rng = random.Random(seed)
+    text = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."  # noqa: E731
+    return [text(8, prompt_words) + "?" for _ in range(n)], [[text(3, response_words) for _ in range(k)]
+                                                             for _ in range(n)]
+
+
+def bench_pairrm(model, prompts, candidates, repeats=5):
+    """model.logit_matrices with length-sorted packed batches vs one ordered pair per forward (batch_tokens=1, so
+    every batch holds a single row), on the same inputs. Returns the row, with max |M_batched - M_per_pair|."""
+    N, K = len(prompts), len(candidates[0])
+    out = {}
+    t = interleaved({"batched": lambda: out.__setitem__("b", model.logit_matrices(prompts, candidates)),
+                     "per_pair": lambda: out.__setitem__("1", model.logit_matrices(prompts, candidates,
+                                                                                    batch_tokens=1))}, repeats)
+    pairs = N * K * (K - 1)
+    return {"setting": f"{N} prompts x K={K} ({pairs} pairs)", "fast": rate(pairs, t["batched"]),
+            "slow": rate(pairs, t["per_pair"]), "unit": "pairs/s",
+            "max_abs_diff": (out["b"] - out["1"]).abs().max().item()}
+
+
+def bench_pairrm_row(cfg, prompts=32, repeats=5):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cfg.pairrm or pairrm.save_tiny_random_checkpoint(tmp, seed=0, hidden_size=32, num_hidden_layers=2,
+                                                                num_attention_heads=2, intermediate_size=128)
+        model = pairrm.PairRM.from_pretrained(path, device=cfg.device)
+    r = bench_pairrm(model, *pairrm_inputs(prompts, cfg.k, seed=0), repeats=repeats)
+    r["setting"] += f", {cfg.pairrm or 'random DeBERTa-v2 hidden 32'} on {cfg.device}"
+    return r
 
 
 def bench_train(rows=256, hidden=64, layers=2, repeats=3):
-    """Tokens/s of sppo.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates."""
+    """Tokens/s of sppo.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates, one epoch a repetition."""
     with tempfile.TemporaryDirectory() as tmp:
-        d = sppo.build_tiny_policy(f"{tmp}/m", hidden=hidden, layers=layers)
+        d = sppo_toy.build_tiny_policy(f"{tmp}/m", hidden=hidden, layers=layers)
         cfg = sppo.SPPOConfig(global_batch=64, micro_batch=16, epochs=1, lr=1e-4, progress=False)
         model, tok = sppo.load_policy(d, cfg, "cpu")
-        data = [dict(r, ref_logp=-5.0) for r in train_7b.synthetic_dataset(rows, seed=0)]
-        rates = []
-        for _ in range(repeats):
-            rates += [h["tokens_per_s"] for h in sppo.train_policy(model, tok, data, cfg, "cpu")]
-    return {"setting": f"tiny Llama hidden {hidden} x {layers}, batch 64 (micro 16)",
-            "fast": statistics.median(rates), "unit": "tokens/s"}
-
-
-def bench_pairrm_row(prompts=32, k=5, repeats=5):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pairrm.save_tiny_random_checkpoint(tmp, seed=0, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=2, intermediate_size=128)
-        model = pairrm.PairRM.from_pretrained(path)
-    p, c = bench_pairrm.make_inputs(prompts, k, seed=0)
-    r = bench_pairrm.bench_pairrm(model, p, c, repeats=repeats)
-    return {"setting": f"{prompts} prompts x K={k} ({r['pairs']} pairs), random DeBERTa-v2 hidden 32",
-            "fast": r["batched_pairs_per_s"], "slow": r["per_pair_pairs_per_s"], "unit": "pairs/s",
-            "ratio": r["speedup"], "max_abs_diff": r["max_abs_diff"]}
+        data = [dict(r, ref_logp=-5.0) for r in sppo_toy.synthetic_dataset(rows, seed=0)]
+        tokens = sum(len(p) + len(r) for p, r in sppo.encode_rows(tok, data, cfg)[0])
+        t = interleaved({"train": lambda: sppo.train_policy(model, tok, data, cfg, "cpu")}, repeats)
+    return {"setting": f"tiny Llama hidden {hidden} x {layers}, {rows} rows, batch 64 (micro 16)",
+            "fast": rate(tokens, t["train"]), "unit": "tokens/s"}
 
 
 def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
                activation_checkpointing=False, workdir=None):
     """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
-    same tiny model, data and batch order. Medians over steps, the first 3 (warm-up) excluded. Activation
-    checkpointing is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
+    same tiny model, data and batch order; per-step rates, the first 3 (warm-up) excluded. Activation checkpointing
+    is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
-    model_dir = sppo.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
+    model_dir = sppo_toy.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
     data = work / "data.jsonl"
-    sppo.write_jsonl(data, train_7b.synthetic_dataset(rows, seed=1))
+    sppo.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1))
     flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
                  max_prompt_length=16, lr=1e-4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -104,52 +161,58 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
     fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
     cfg = sppo.SPPOConfig(**flags, progress=False)
     model, tok = sppo.load_policy(model_dir, cfg, "cpu")
-    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), json.loads(
-        (work / "data.ref_logp.json").read_text())["ref_logp"])]
+    ref = json.loads((work / "data.ref_logp.json").read_text())["ref_logp"]       # cached by train_7b.py
+    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), ref)]
     single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
-    out = {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
-           "activation_checkpointing": activation_checkpointing,
-           "steps": len(fsdp) + 3, "fsdp_tokens_per_s": statistics.median(fsdp),
-           "single_process_tokens_per_s": statistics.median(single), "single_process_threads": torch.get_num_threads(),
-           "fsdp_threads_per_rank": 1}
-    out["ratio"] = out["fsdp_tokens_per_s"] / out["single_process_tokens_per_s"]
-    return out
+    return {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
+            "activation_checkpointing": activation_checkpointing, "steps": len(fsdp) + 3,
+            "fsdp": rate(None, fsdp), "single": rate(None, single), "single_process_threads": torch.get_num_threads(),
+            "fsdp_threads_per_rank": 1}
 
 
 def bench_fsdp_row(rows=64):
     r = bench_fsdp(world=2, rows=rows)
-    return {"setting": f"{r['model']}, {r['rows']} rows, {r['steps']} steps", "fast": r["fsdp_tokens_per_s"],
-            "slow": r["single_process_tokens_per_s"], "unit": "tokens/s", "ratio": r["ratio"]}
+    return {"setting": f"{r['model']}, {r['rows']} rows, {r['steps']} steps", "fast": r["fsdp"], "slow": r["single"],
+            "unit": "tokens/s"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def fmt(r, unit):
+    return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}] {unit}"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
-    args = p.parse_args(argv)
-    q = args.quick
+    cfg = sppo.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    q, reps = cfg.quick, (2 if cfg.quick else cfg.repeats)
     torch.set_num_threads(1)                                       # tiny models: one thread is fastest and stable
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     load = os.getloadavg()[0]
-    rows = [("Hedge, batched sweep vs one run at a time", bench_hedge(runs=16 if q else 64, T=100 if q else 500,
-                                                                      repeats=2 if q else 5)),
-            ("PairRM, packed batches vs one forward per pair", bench_pairrm_row(prompts=4 if q else 32,
-                                                                                repeats=1 if q else 5)),
-            ("SPPO training (Eq. 4.7), one process", bench_train(rows=64 if q else 256, repeats=1 if q else 3)),
-            ("train_7b FSDP2, 2 gloo ranks vs one process", bench_fsdp_row(rows=32 if q else 64))]
-    if torch.cuda.is_available():
-        rows.append(("train_7b MFU", {"setting": "see train_7b.py logs", "fast": float("nan"), "unit": "MFU"}))
-    else:
-        rows.append(("train_7b MFU", {"setting": "needs CUDA: not measurable on this machine", "fast": float("nan"),
-                                      "unit": "-"}))
+    want = lambda name: cfg.only in ("all", name)                  # noqa: E731
+    rows = []
+    if want("hedge"):
+        rows.append(("Hedge, batched sweep vs one run at a time",
+                     bench_hedge(runs=16 if q else 64, T=100 if q else 500, repeats=reps)))
+    if want("pairrm"):
+        rows.append(("PairRM, packed batches vs one forward per pair",
+                     bench_pairrm_row(cfg, prompts=4 if q else cfg.prompts, repeats=1 if q else reps)))
+    if want("train"):
+        rows.append(("SPPO training (Eq. 4.7), one process", bench_train(rows=64 if q else 256,
+                                                                          repeats=1 if q else 3)))
+    if want("fsdp"):
+        rows.append(("train_7b FSDP2, 2 gloo ranks vs one process", bench_fsdp_row(rows=32 if q else 64)))
+    if cfg.only == "all":
+        rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
+                                      "needs CUDA: not measurable on this machine", "unit": "-"}))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, 1 thread per process, load average {load:.1f} before the run\n")
+          f"{torch.__version__}, 1 thread per process, load average {load:.1f} before the run; median [min-max] "
+          f"of interleaved repetitions\n")
     print("| what | setting | fast path | baseline | ratio | max abs diff |")
     print("|---|---|---:|---:|---:|---:|")
     for name, r in rows:
-        fast = "n/a" if r["fast"] != r["fast"] else f"{r['fast']:,.0f} {r['unit']}"
-        slow = f"{r['slow']:,.0f} {r['unit']}" if "slow" in r else ""
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+        fast = fmt(r["fast"], r["unit"]) if "fast" in r else "n/a"
+        slow = fmt(r["slow"], r["unit"]) if "slow" in r else ""
+        ratio = f"{r['fast']['median'] / r['slow']['median']:.2f}x" if "slow" in r else ""
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
         print(f"| {name} | {r['setting']} | {fast} | {slow} | {ratio} | {diff} |")
     return 0

@@ -29,7 +29,6 @@ Commands (OUT must be on a filesystem every node sees: checkpoints are written b
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import gc
@@ -43,8 +42,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -53,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers.hf_argparser import HfArg
 
 import sppo
 
@@ -71,50 +71,33 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)   # ranks wait for the slowest 
 
 @dataclass
 class TrainConfig(sppo.SPPOConfig):
-    model: str | None = None
-    """pi_t: a local directory saved with save_pretrained (Llama or Mistral architecture)."""
-    out: str = "runs/train_7b"
-    """This iteration's directory: dataset, checkpoints/, metrics.jsonl, model/ (shared filesystem on many nodes)."""
-    data: str | None = None
-    """D_t as JSONL in sppo.DATASET_FIELDS (sppo.py's dataset.jsonl; ref_logp optional). Default: OUT/dataset.jsonl."""
-    stage: str = "train"
-    """`generate`, `rank`, `train`, or `all` (one whole Algorithm-1 iteration; finished stages are skipped)."""
-    iteration: int = 0
-    """t of Algorithm 1 for --stage generate/all: picks the prompt slice (as sppo.py) and the sampling seed."""
-    gen_engine: str = "hf"
-    """Generation engine: `hf` (transformers generate, the default) or `vllm` (optional, when installed)."""
-    ref_logp: str = "auto"
-    """`auto`: use the dataset's ref_logp when every row has one, else compute; `recompute`: always compute."""
-    activation_checkpointing: bool = True
-    """Recompute each decoder layer in backward: keeps one hidden state per layer instead of all activations."""
-    save_every: int = 100
-    """DCP checkpoint every N optimizer steps (and always at the end)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept under OUT/checkpoints; older ones are deleted."""
-    resume: bool = False
-    """Continue exactly from the newest checkpoint in OUT/checkpoints."""
-    stop_at_step: int | None = None
-    """Exit after this optimizer step and its checkpoint, as a kill would (to test --resume)."""
-    measure_memory: bool = False
-    """Track the second step (optimizer state exists) with FSDPMemTracker; write measured and planned memory to
-    OUT/memory.json."""
-    plan: str | None = None
-    """Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a config dir, and exit (no GPU needed)."""
-    world: int = 8
-    """--plan only: GPUs the model is sharded over."""
-    gpu_gb: float = 80.0
-    """--plan only: GPU memory (GB) the plan must fit in."""
+    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral).")
+    out: str = HfArg(default="runs/train_7b", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
+                     "model/ (a filesystem every node sees).")
+    data: str | None = HfArg(default=None, help="D_t as JSONL in sppo.DATASET_FIELDS (sppo.py's dataset.jsonl; "
+                             "ref_logp optional). Default: OUT/dataset.jsonl.")
+    stage: Literal["generate", "rank", "train", "all"] = HfArg(default="train", help="`all` = one whole Algorithm-1 "
+                                                               "iteration; finished stages are skipped.")
+    iteration: int = HfArg(default=0, help="t of Algorithm 1 for --stage generate/all: the prompt slice and seeds.")
+    gen_engine: Literal["hf", "vllm"] = HfArg(default="hf", help="transformers generate, or vLLM when installed.")
+    ref_logp: Literal["auto", "recompute"] = HfArg(default="auto", help="`auto`: the dataset's ref_logp when every "
+                                                   "row has one, else computed; `recompute`: always computed.")
+    activation_checkpointing: bool = HfArg(default=True, help="Recompute each decoder layer in backward.")
+    save_every: int = HfArg(default=100, help="DCP checkpoint every N optimizer steps (and always at the end).")
+    keep_checkpoints: int = HfArg(default=2, help="Newest checkpoints kept under OUT/checkpoints.")
+    resume: bool = HfArg(default=False, help="Continue exactly from the newest checkpoint in OUT/checkpoints.")
+    stop_at_step: int | None = HfArg(default=None, help="Exit after this step and its checkpoint (tests --resume).")
+    measure_memory: bool = HfArg(default=False, help="FSDPMemTracker on the second step; writes OUT/memory.json.")
+    plan: str | None = HfArg(default=None, help="Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a "
+                             "config dir, and exit (no GPU needed).")
+    world: int = HfArg(default=8, help="--plan only: GPUs the model is sharded over.")
+    gpu_gb: float = HfArg(default=80.0, help="--plan only: GPU memory (GB) the plan must fit in.")
 
 
-CHOICES = {"stage": ("generate", "rank", "train", "all"), "gen_engine": ("hf", "vllm"),
-           "ref_logp": ("auto", "recompute"), "optimizer": ("rmsprop", "adamw"), "log_z": ("half", "estimate"),
-           "selection": ("pair", "all"), "oracle": ("pairrm",), "pairrm_mode": ("pairwise", "official")}
-"""Allowed values of the string flags (argparse rejects anything else with a clear message)."""
-SHARED_FIELDS = ("model", "prompts", "prompt_column", "out", "oracle", "pairrm", "pairrm_mode", "iterations",
-                 "split_prompts", "K", "eta", "log_z", "selection", "max_new_tokens", "temperature", "top_p",
-                 "gen_batch", "max_length", "max_prompt_length", "optimizer", "lr", "warmup_ratio", "weight_decay",
-                 "max_grad_norm", "epochs", "global_batch", "micro_batch", "seed", "progress")
-"""SPPOConfig fields that are flags here too (the rest - demo, device, dtype - belong to sppo.py's CLI)."""
+NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
+            "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
+            "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM")}
+"""SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,17 +150,11 @@ def shutdown():
 # ----------------------------------------------------------------------------------------------------------------
 # Data: sppo.py's schema, with errors that name the file, the record and the field.
 def load_dataset(path, cfg):
-    """Rows of D_t. Every field of sppo.DATASET_FIELDS is required except ref_logp (then computed from pi_t)."""
-    required = {k: v for k, v in sppo.DATASET_FIELDS.items() if k != "ref_logp"}
+    """Rows of D_t (sppo.read_dataset): ref_logp optional (then computed from pi_t); log_z when --log-z estimate."""
+    rows = sppo.read_dataset(path, need_ref=False)                           # "FILE: record N: missing field 'x'"
     if cfg.log_z == "estimate":
-        required["log_z"] = (int, float)
-    rows = sppo.read_jsonl(path, required)                                  # "FILE:LINE: missing field 'x'"
-    if not rows:
-        raise sppo.ArtifactError(f"{path}: no rows")
-    has = [("ref_logp" in r) for r in rows]
-    if any(has) and not all(has):
-        raise sppo.ArtifactError(f"{path}: record {has.index(False) + 1}: missing field 'ref_logp' (other records "
-                                 f"have one: give it to every record, or to none and it is computed from pi_t)")
+        for n, r in enumerate(rows, 1):
+            sppo.check_fields(r, {"log_z": (int, float)}, f"{path}: record {n}")
     return rows
 
 
@@ -516,64 +493,66 @@ def free_device_memory(device):
         torch.cuda.empty_cache()
 
 
-def generate_vllm(cfg, model_dir, tokenizer, prompts, seed):
+def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
     """Optional engine: vLLM on this rank's GPU (tensor parallel 1). Same prompt tokens and text convention as
-    sppo.generate_responses; finished = stopped on EOS. Not exercised by the CPU tests."""
+    sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of its global
+    prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
     from vllm import LLM, SamplingParams
-    llm = LLM(model=model_dir, dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+    llm = LLM(model=model_dir, dtype="bfloat16", seed=cfg.seed, tensor_parallel_size=1,
               distributed_executor_backend="external_launcher")
-    sp = SamplingParams(n=cfg.K, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                        seed=seed, skip_special_tokens=False)
+    sp = [SamplingParams(n=cfg.K, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                         seed=sppo.sample_seed(cfg.seed, cfg.iteration, i) % 2 ** 31, skip_special_tokens=False)
+          for i in indices]
     outs = llm.generate([{"prompt_token_ids": sppo.prompt_ids(tokenizer, p)} for p in prompts], sp)
     return [{"responses": [c.text for c in o.outputs], "finished": [c.finish_reason == "stop" for c in o.outputs]}
             for o in outs]
 
 
+def stage_prompts(cfg):
+    """The prompts of iteration cfg.iteration, sliced as sppo.py slices them."""
+    return sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+
+
 def stage_generate(cfg, d, out):
-    """Step 1: y_1..y_K ~ pi_t(.|x). Prompt chunks of gen_batch are dealt round-robin to ranks; with the hf engine
-    chunk c is seeded by c alone, so the samples do not depend on the number of GPUs. Writes OUT/generations.jsonl
-    (sppo.py's format)."""
-    prompts = sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+    """Step 1: y_1..y_K ~ pi_t(.|x). Batches of gen_batch prompts are dealt round-robin to ranks and sampled with
+    sppo.generate_responses under sppo's seeding rule (keyed by the batch's first global prompt index), so the
+    samples equal sppo.py's and do not depend on the number of GPUs. Rank 0 writes OUT/generations.jsonl."""
+    prompts = stage_prompts(cfg)
     starts = list(range(0, len(prompts), cfg.gen_batch))[d.rank::d.world]
     gcfg = dataclasses.replace(cfg, dtype="bfloat16" if d.device.type == "cuda" else "float32",
                                progress=cfg.progress and d.rank == 0)
-    base, part = (cfg.seed + 7919 * cfg.iteration) * 100_003, {}
+    mine = [i for s in starts for i in range(s, min(s + cfg.gen_batch, len(prompts)))]
     if cfg.gen_engine == "vllm":
         from transformers import AutoTokenizer
-        mine = [i for s in starts for i in range(s, min(s + cfg.gen_batch, len(prompts)))]
         gens = generate_vllm(gcfg, cfg.model, AutoTokenizer.from_pretrained(cfg.model), [prompts[i] for i in mine],
-                             base + d.rank)
-        part = dict(zip(mine, gens))
+                             mine)
     else:
         model, tok = sppo.load_policy(cfg.model, gcfg, d.device)                  # a full bf16 replica per GPU
-        for s in starts:
-            chunk = prompts[s:s + cfg.gen_batch]
-            part.update(zip(range(s, s + len(chunk)), sppo.generate_responses(
-                model, tok, chunk, gcfg, seed=base + s // cfg.gen_batch, device=d.device)))
+        gens = [g for s in starts for g in sppo.generate_responses(model, tok, prompts[s:s + cfg.gen_batch], gcfg,
+                                                                    cfg.iteration, d.device, start=s)]
         del model
     free_device_memory(d.device)
-    gens = gather_to_rank0(part, d)
+    gens = gather_to_rank0(dict(zip(mine, gens)), d)
     if d.rank == 0:
-        sppo.write_jsonl(out / "generations.jsonl", ({"prompt_id": i, "prompt": x, **gens[i]}
-                                                      for i, x in enumerate(prompts)))
+        sppo.write_generations(out / "generations.jsonl", prompts, [gens[i] for i in range(len(prompts))])
     dist.barrier()
 
 
 def stage_rank(cfg, d, out):
     """Steps 2-3: each rank fills the K x K matrices of its prompts with the oracle (PairRM, sppo.make_oracle);
     rank 0 writes OUT/preferences.jsonl and D_t = OUT/dataset.jsonl (sppo.build_dataset; ref_logp comes later)."""
-    gens = sppo.read_jsonl(out / "generations.jsonl", {"prompt_id": int, "prompt": str, "responses": list,
-                                                       "finished": list})
+    prompts = stage_prompts(cfg)
+    gens = sppo.read_generations(out / "generations.jsonl", prompts, cfg.K)
     mine = list(range(d.rank, len(gens), d.world))
     oracle = sppo.make_oracle(cfg, d.device)
-    mats = sppo.rank(oracle, [gens[i]["prompt"] for i in mine], [gens[i] for i in mine], progress=False)
+    mats = sppo.rank(oracle, [prompts[i] for i in mine], [gens[i] for i in mine], progress=False)
     del oracle
     free_device_memory(d.device)
-    P = gather_to_rank0(dict(zip(mine, (m.tolist() for m in mats))), d)
+    P = gather_to_rank0(dict(zip(mine, mats)), d)
     if d.rank == 0:
-        sppo.write_jsonl(out / "preferences.jsonl", ({"prompt_id": i, "P": P[i]} for i in range(len(gens))))
-        rows = sppo.build_dataset([g["prompt"] for g in gens], gens, [np.array(P[i]) for i in range(len(gens))], cfg)
-        sppo.write_jsonl(out / "dataset.jsonl", rows)
+        mats = [P[i] for i in range(len(gens))]
+        sppo.write_preferences(out / "preferences.jsonl", mats)
+        sppo.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg))
     dist.barrier()
 
 
@@ -588,7 +567,7 @@ def train(cfg, d):
         raise sppo.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
     rows = load_dataset(data, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
           f"response its first max_length - prompt = up to {cfg.max_length}); none skipped")
@@ -671,40 +650,14 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic D_t for the tests and bench.py.
-def synthetic_dataset(n, seed=0, long_rows=0, words=12):
-    """n rows in sppo.DATASET_FIELDS without ref_logp, over sppo.DEMO_VOCAB (for tests and bench.py). The first
-    `long_rows` responses are 100 words long, to exercise truncation."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = ["rock", "paper", "scissors", "big", "sharp", "lizard", "spock"]
-    rows = []
-    for i in range(n):
-        k = 100 if i < long_rows else 1 + int(torch.randint(words, (1,), generator=g))
-        rows.append({"prompt_id": i // 2, "prompt": ["play rps", "play weighted rps"][i % 2],
-                     "response": " ".join(vocab[int(j)] for j in torch.randint(len(vocab), (k,), generator=g)),
-                     "finished": bool(torch.rand(1, generator=g) < 0.8), "win_prob": float(torch.rand(1, generator=g)),
-                     "role": "winner" if i % 2 == 0 else "loser"})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI: one flag per field (TrainConfig's own and SHARED_FIELDS of SPPOConfig), help = the field's docstring.
+# CLI: sppo.parse_config, the one convention (every TrainConfig field is a flag; --config FILE; choices checked).
 def parse_args(argv=None):
-    docs = {**sppo.field_docs(sppo.SPPOConfig), **sppo.field_docs(TrainConfig)}
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    own = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(sppo.SPPOConfig)}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in own and f.name not in SHARED_FIELDS:
-            continue
-        flag, kw = f"--{f.name.replace('_', '-')}", dict(default=f.default, help=f"{docs.get(f.name, '')} "
-                                                                                  f"(default: {f.default})")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=int if "int" in f.type else float if "float" in f.type else str,
-                           choices=CHOICES.get(f.name), **kw)
-    args = vars(p.parse_args(argv))
-    return TrainConfig(**args)
+    cfg = sppo.parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
+    for name, (default, why) in NOT_HERE.items():
+        if getattr(cfg, name) != default:
+            raise SystemExit(f"train_7b.py: --{name.replace('_', '-')} {getattr(cfg, name)}: not a setting of this "
+                             f"program ({why}); leave it out")
+    return cfg
 
 
 def main(argv=None):

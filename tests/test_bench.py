@@ -23,4 +23,4 @@ def test_bench_quick():
         diff = float(line.rstrip(" |").split("|")[-1])
         assert diff < 1e-5, line
     for line in rows[:4]:
-        assert re.search(r"\d[\d,]* (run-steps|pairs|tokens)/s", line), line
+        assert re.search(r"\d[\d,]* \[[\d,]+-[\d,]+\] (run-steps|pairs|tokens)/s", line), line

@@ -20,12 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import pairrm
 import sppo
+import sppo_toy
 import train_7b
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,10 +57,10 @@ def world(tmp_path_factory):
     """Tiny random Llama and Mistral (hidden 32, 2 layers) and D_t: 24 rows without ref_logp, one response of
     100 words (over max_length, so it is truncated)."""
     root = tmp_path_factory.mktemp("train_7b")
-    w = {arch: sppo.build_tiny_policy(root / arch, arch=arch, seed=3) for arch in ("llama", "mistral")}
+    w = {arch: sppo_toy.build_tiny_policy(root / arch, arch=arch, seed=3) for arch in ("llama", "mistral")}
     for arch in ("llama", "mistral"):
         (root / f"data_{arch}").mkdir()
-        sppo.write_jsonl(root / f"data_{arch}" / "dataset.jsonl", train_7b.synthetic_dataset(24, seed=1, long_rows=1))
+        sppo.write_jsonl(root / f"data_{arch}" / "dataset.jsonl", sppo_toy.synthetic_dataset(24, seed=1, long_rows=1))
     w["root"] = root
     return w
 
@@ -210,21 +212,45 @@ def test_stage_all_runs_one_iteration(world, tmp_path):
     rows = sppo.read_jsonl(out / "dataset.jsonl")
     assert len(rows) == 16 and {r["role"] for r in rows} == {"winner", "loser"}
     assert len(sppo.read_jsonl(out / "metrics.jsonl")) == 4 and (out / "model" / "config.json").is_file()
+    # one seeding rule: sppo.py on one process samples exactly what the 2 ranks sampled, byte for byte
+    one = tmp_path / "one"
+    assert sppo.main(["--model", world["llama"], "--prompts", str(prompts), "--pairrm", rm, "--out", str(one), "--K", "2",
+                      "--max-new-tokens", "4", "--gen-batch", "2", "--iterations", "1", "--stop-after", "generate",
+                      "--no-progress"]) == 0
+    assert (one / "iter0" / "generations.jsonl").read_bytes() == (out / "generations.jsonl").read_bytes()
+
+
+def test_golden_losses_two_ranks(llama_run):
+    """The 2-rank run of the llama_run fixture is the golden run of tests/golden_losses.py (same model, data and
+    settings): its losses equal tests/assets/golden_losses.json to the file's rtol."""
+    import golden_losses
+    assert (golden_losses.TRAIN["epochs"], golden_losses.TRAIN["lr"]) == (2, TRAIN["lr"])
+    gold = json.loads((REPO / "tests" / "assets" / "golden_losses.json").read_text())
+    got = [m["loss"] for m in sppo.read_jsonl(llama_run[0] / "metrics.jsonl")]
+    np.testing.assert_allclose(got, gold["two_ranks"], rtol=gold["rtol"])
+    np.testing.assert_allclose(gold["two_ranks"], gold["single_process"], rtol=gold["rtol"])
 
 
 # ---- no torchrun needed -------------------------------------------------------------------------------------
 def test_missing_field_names_file_line_and_field(tmp_path):
     cfg = train_7b.TrainConfig()
-    rows = train_7b.synthetic_dataset(4)
+    rows = sppo_toy.synthetic_dataset(4)
     del rows[2]["win_prob"]
     sppo.write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(sppo.ArtifactError, match=r"d\.jsonl:3: missing field 'win_prob'"):
         train_7b.load_dataset(tmp_path / "d.jsonl", cfg)
-    rows = [dict(r, ref_logp=-1.0) for r in train_7b.synthetic_dataset(4)]
+    rows = [dict(r, ref_logp=-1.0) for r in sppo_toy.synthetic_dataset(4)]
     del rows[1]["ref_logp"]
     sppo.write_jsonl(tmp_path / "e.jsonl", rows)
     with pytest.raises(sppo.ArtifactError, match=r"e\.jsonl: record 2: missing field 'ref_logp'"):
         train_7b.load_dataset(tmp_path / "e.jsonl", cfg)
+
+
+def test_settings_of_sppo_py_only_are_refused():
+    for flag, value in [("--device", "cuda"), ("--dtype", "bfloat16"), ("--stop-after", "rank")]:
+        with pytest.raises(SystemExit, match=f"{flag} {value}: not a setting of this program"):
+            train_7b.parse_args([flag, value])
+    assert train_7b.parse_args(["--stage", "all", "--K", "3"]).K == 3
 
 
 def test_batch_split_covers_the_global_batch_once():

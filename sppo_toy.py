@@ -1,0 +1,312 @@
+"""The tiny-LM world where every answer is exact: SPPO's demo, tabular SPPO, and the game oracle.
+
+Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675. A language model
+over a 16-token vocabulary answers two prompts, 'play rps' and 'play weighted rps', with one of three
+well-formed responses (or anything else, 'malformed'). A synthetic preference game (hedge_toy) is the oracle, so
+the model's policy pi(.|x) over responses, its duality gap and the Hedge step (Eq. 4.1) it should follow are all
+computed exactly. sppo.py's Algorithm 1 runs unchanged on it; only the oracle object is new.
+
+    python sppo_toy.py                       # the demo: 20 iterations, table + figures/demo_gap.png (~1 min CPU)
+    python sppo_toy.py --iterations 2 --out runs/small --figure runs/small/gap.png
+    python sppo_toy.py --help                # every setting with the demo's default
+
+Contents: GameOracle (the oracle slot of sppo.run) -> the demo's games and tiny policy -> exact policies ->
+tabular SPPO (Eq. 4.7 on a softmax table) -> the demo's metrics, plots and CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.hf_argparser import HfArg
+
+import arena
+import hedge_toy
+import sppo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The oracle: a preference game per prompt over a few well-formed responses.
+class GameOracle:
+    """A synthetic oracle: each prompt carries a preference game (hedge_toy) over a small set of responses.
+
+    games: {prompt: (P, responses)} with P (n, n) over the n well-formed responses. A malformed response (any text
+    not in the list, or an unfinished one) loses to every well-formed response and ties with other malformed ones,
+    so the game the policy plays is the (n+1)-action `extended(prompt)`.
+    """
+
+    def __init__(self, games: dict[str, tuple[np.ndarray, list[str]]]):
+        self.games = {x: (hedge_toy.validate_preference(P), list(ys)) for x, (P, ys) in games.items()}
+
+    def extended(self, prompt):
+        """(n+1, n+1) matrix: the game plus a last 'malformed' action."""
+        P, ys = self.games[prompt]
+        n = len(ys)
+        Q = np.full((n + 1, n + 1), 0.5)
+        Q[:n, :n], Q[:n, n], Q[n, :n] = P, 1.0, 0.0
+        return Q
+
+    def action(self, prompt, response):
+        """Index of the response among the prompt's well-formed ones; n for a malformed response."""
+        ys = self.games[prompt][1]
+        return ys.index(response.strip()) if response.strip() in ys else len(ys)
+
+    def __call__(self, prompt, responses):
+        if prompt not in self.games:
+            raise KeyError(f"GameOracle has no game for prompt {prompt!r}")
+        a = [self.action(prompt, r) for r in responses]
+        return self.extended(prompt)[np.ix_(a, a)]                                        # (K, K)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo's world: two games, a 16-token vocabulary, a random-init tiny Llama warm-started away from equilibrium.
+DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "user", "=>", "play", "rps", "weighted", "rock", "paper",
+              "scissors", "big", "sharp", "lizard", "spock"]
+DEMO_START = {"play rps": [0.7, 0.2, 0.1], "play weighted rps": [0.7, 0.2, 0.1]}
+"""pi_0 of the demo: a warm start far from equilibrium, as an instruction-tuned model is (Sec. 5 starts from one)."""
+
+
+def demo_games():
+    """{prompt: (P, responses)}: RPS (uniform equilibrium) and weighted RPS (equilibrium (2/7, 1/7, 4/7));
+    'big rock' and 'sharp scissors' are 2 tokens, so summed log-probs matter."""
+    return {"play rps": (hedge_toy.rock_paper_scissors(), ["rock", "paper", "scissors"]),
+            "play weighted rps": (hedge_toy.weighted_rps(), ["big rock", "paper", "sharp scissors"])}
+
+
+def build_tiny_policy(out_dir, arch="llama", vocab=DEMO_VOCAB, hidden=32, layers=2, seed=0):
+    """Save a random-init tiny causal LM and a word-level tokenizer (with a chat template) to out_dir, locally.
+
+    It loads back through the same AutoModelForCausalLM / AutoTokenizer.from_pretrained path as a real checkpoint.
+    arch: "llama" or "mistral".
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")                                        # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}<s> user {{ m['content'] }} =>{% endfor %}"
+    Config, Model = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    config = Config(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Model(config)
+    sppo.save_policy(model, tokenizer, out_dir)
+    return str(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic D_t over the demo vocabulary, for the tests, bench.py and train_7b checks.
+def synthetic_dataset(n, seed=0, long_rows=0, words=12):
+    """n rows in sppo.DATASET_FIELDS without ref_logp, over the demo's vocabulary (for tests and bench.py). The first
+    `long_rows` responses are 100 words long, to exercise truncation."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = ["rock", "paper", "scissors", "big", "sharp", "lizard", "spock"]
+    rows = []
+    for i in range(n):
+        k = 100 if i < long_rows else 1 + int(torch.randint(words, (1,), generator=g))
+        rows.append({"prompt_id": i // 2, "prompt": ["play rps", "play weighted rps"][i % 2],
+                     "response": " ".join(vocab[int(j)] for j in torch.randint(len(vocab), (k,), generator=g)),
+                     "finished": bool(torch.rand(1, generator=g) < 0.8), "win_prob": float(torch.rand(1, generator=g)),
+                     "role": "winner" if i % 2 == 0 else "loser"})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact policies: teacher-forced log-probs of every well-formed response.
+def response_logps(model, tokenizer, prompt, responses):
+    """log pi(y|x) of each finished response (EOS included), exactly, by teacher forcing. Returns (n,) float64."""
+    pairs = [sppo.encode_example(tokenizer, prompt, y, True, 10 ** 6, 10 ** 6)[:2] for y in responses]
+    pad = tokenizer.pad_token_id
+    return np.array(sppo.batched_logps(model, pairs, pad, batch_size=len(pairs), device=model.device))
+
+
+def exact_policy(model, tokenizer, prompt, responses):
+    """The model's exact distribution over the n well-formed responses plus 'malformed' (everything else): (n+1,)."""
+    p = np.exp(response_logps(model, tokenizer, prompt, responses))
+    return np.append(p, max(0.0, 1.0 - p.sum()))
+
+
+def warm_start(model, tokenizer, targets, steps=300, lr=1e-2):
+    """Fit pi_0(.|x) to a target distribution over well-formed responses: min -sum_y q(y|x) log pi(y|x)."""
+    prompts, pairs, weights = [], [], []
+    for x, (ys, q) in targets.items():
+        for y, w in zip(ys, q):
+            pairs.append(sppo.encode_example(tokenizer, x, y, True, 10 ** 6, 10 ** 6)[:2])
+            weights.append(w)
+    batch, w = sppo.collate(pairs, tokenizer.pad_token_id), torch.tensor(weights)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = -(w * sppo.sequence_logps(model, **batch)).sum()
+        loss.backward()
+        opt.step()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tabular SPPO: the loss of Eq. (4.7) on a softmax policy table, against exact Hedge (Eq. 4.1) from hedge_toy.
+def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
+    """T iterations of SPPO on a softmax policy table; returns the iterates pi_1..pi_T as an array (T, n).
+
+    Each iteration samples `groups` x K responses from pi_t, estimates P-hat(y_k > pi_t) from the K x K block
+    (Eq. 4.5), and minimises the mean of sppo_loss over the samples by L-BFGS from pi_t:
+    log_z="half" uses the constant eta/2 (Eq. 4.6), "exact" the exact log Z_{pi_t} at step eta (Eq. 4.2,
+    hedge_toy), a number that constant (e.g. App. A's ordered value log((e^eta - 1)/eta)). With
+    K -> inf and groups -> inf both approach Hedge; finite K shrinks the step to eta (K-1)/K (the self-term 1/2).
+    """
+    P = hedge_toy.validate_preference(P)
+    if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
+        raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
+    n = P.shape[0]
+    rng = np.random.default_rng(seed)
+    pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
+    theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
+    out = []
+    for _ in range(T):
+        pi = torch.softmax(theta, 0).detach().numpy()
+        out.append(pi)
+        y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
+        wp = torch.from_numpy(sppo.win_rates(P[y[:, :, None], y[:, None, :]]).ravel())        # (G*K,) Eq. (4.5)
+        idx = torch.from_numpy(y.ravel())
+        ref = torch.log_softmax(theta, 0).detach()[idx]
+        lz = (None if log_z == "half" else float(hedge_toy.log_partition(P, pi, eta)) if log_z == "exact"
+              else float(log_z))                                                          # Eq. (4.6) / (4.2)
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = sppo.sppo_loss(torch.log_softmax(theta, 0)[idx], ref, wp, eta, lz).mean()  # Eq. (4.7)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return np.array(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo: Algorithm 1 (sppo.run) on the two games, tracked against exact Hedge.
+def with_defaults(cls, name, **defaults):
+    """A subclass of the config dataclass `cls` whose fields take new defaults (help texts kept), so that
+    `--help` shows the values this script really uses."""
+    hints = typing.get_type_hints(cls)
+    new = [(f.name, hints[f.name], dataclasses.field(default=defaults[f.name], metadata=f.metadata))
+           for f in dataclasses.fields(cls) if f.name in defaults]
+    return dataclasses.make_dataclass(name, new, bases=(cls,))
+
+
+_DemoBase = with_defaults(
+    sppo.SPPOConfig, "_DemoBase", out="runs/demo", oracle="game", iterations=20, split_prompts=False, K=5, eta=3.0,
+    selection="all", max_new_tokens=3, gen_batch=256, max_length=32, max_prompt_length=16, optimizer="adamw",
+    lr=5e-3, warmup_ratio=0.1, epochs=12, global_batch=256, micro_batch=1024, seed=0)
+
+
+@dataclass
+class DemoConfig(_DemoBase):
+    """The demo's settings: SPPOConfig for a 16-token world (eta = 3: 20 Hedge steps cut both gaps by ~4x)."""
+    groups: int = HfArg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
+    figure: str = HfArg(default="figures/demo_gap.png", help="Where to save the gap plot (the arena plot beside it).")
+
+
+def demo_metrics(cfg, games, model_dirs):
+    """For each game: exact policies pi_0..pi_T, gaps of the averaged model policy and of averaged Hedge from the
+    model's own pi_0 at the same eta (Thm 4.1), and the one-step error TV(pi_{t+1}, Hedge step from pi_t)."""
+    oracle = GameOracle(games)
+    pis = {x: [] for x in games}
+    for d in model_dirs:
+        model, tok = sppo.load_policy(d, cfg, "cpu")
+        for x, (_, ys) in games.items():
+            pis[x].append(exact_policy(model, tok, x, ys))
+    out = {}
+    for x in games:
+        Q, pi = oracle.extended(x), np.array(pis[x])                                     # (n+1, n+1), (T+1, n+1)
+        hedge = hedge_toy.hedge_trajectory(Q, cfg.eta, len(pi), pi1=pi[0])              # Eq. (4.1) from pi_0
+        avg = np.cumsum(pi, 0) / np.arange(1, len(pi) + 1)[:, None]                     # pi-bar_t
+        havg = np.cumsum(hedge, 0) / np.arange(1, len(pi) + 1)[:, None]
+        tv = [0.5 * np.abs(pi[t + 1] - hedge_toy.hedge_step(Q, pi[t], cfg.eta)).sum() for t in range(len(pi) - 1)]
+        out[x] = {"policy": pi.tolist(), "gap": [hedge_toy.duality_gap(Q, p) for p in avg],
+                  "hedge_gap": [hedge_toy.duality_gap(Q, p) for p in havg], "tv": tv,
+                  "last_gap": [hedge_toy.duality_gap(Q, p) for p in pi]}
+    return out
+
+
+def plot_demo(metrics, path):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, (x, m) in zip(axes[0], metrics.items()):
+        t = np.arange(len(m["gap"]))
+        ax.plot(t, m["gap"], "o-", label="tiny LM, averaged policy (SPPO)")
+        ax.plot(t, m["hedge_gap"], "s--", label="tabular Hedge (4.1), averaged")
+        ax.plot(t, m["last_gap"], ":", color="gray", label="tiny LM, last iterate")
+        ax.set(title=f"prompt: '{x}'", xlabel="iteration t", ylabel="duality gap", ylim=(0, None))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def demo(cfg):
+    """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
+    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
+    figure = cfg.figure
+    games = demo_games()
+    torch.set_num_threads(1)                     # a 16-token, hidden-32 model: thread sync costs more than it saves
+    out = Path(cfg.out)
+    pi0 = out / "pi0"
+    if not (pi0 / "config.json").exists():
+        build_tiny_policy(out / "pi0.init", seed=cfg.seed)
+        model, tok = sppo.load_policy(out / "pi0.init", cfg, "cpu")
+        warm_start(model, tok, {x: (games[x][1], DEMO_START[x]) for x in games})
+        sppo.save_policy(model, tok, pi0)
+        shutil.rmtree(out / "pi0.init")
+    sppo.write_jsonl(out / "prompts.jsonl", ({"prompt": x} for x in games for _ in range(cfg.groups)))
+    cfg = dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
+    if sppo.run(cfg, oracle=GameOracle(games)) is None:
+        return None
+    dirs = [pi0] + [out / f"iter{t}" / "model" for t in range(cfg.iterations)]
+    metrics = demo_metrics(cfg, games, dirs)
+    (out / "demo_metrics.json").write_text(json.dumps(metrics, indent=1))
+    head = f"{'t':>3} " + " ".join(f"| {x[:18]:>18}: {'LM gap':>7} {'Hedge':>7} {'TV step':>7} " for x in games)
+    print(head)
+    for t in range(cfg.iterations + 1):
+        print(f"{t:>3} " + " ".join(f"| {'':>18}  {m['gap'][t]:7.4f} {m['hedge_gap'][t]:7.4f} "
+                                    f"{(m['tv'][t - 1] if t else float('nan')):7.4f} " for m in metrics.values()))
+    for x, m in metrics.items():
+        ok = m["gap"][-1] <= m["gap"][0] / 3 and m["gap"][-1] <= max(2 * m["hedge_gap"][-1], m["hedge_gap"][-1] + 0.02)
+        print(f"'{x}': gap {m['gap'][0]:.4f} -> {m['gap'][-1]:.4f} (Hedge {m['hedge_gap'][-1]:.4f}); "
+              f"<= 1/3 of start and <= max(2 Hedge, Hedge + 0.02): {'yes' if ok else 'NO'}")
+    plot_demo(metrics, figure)
+    # Fig. 3: P(pi_s > pi_t), exact, averaged over the two games' prompts.
+    ts = sorted({0, 1, 2, 3, 5, 10, cfg.iterations} & set(range(cfg.iterations + 1)))
+    oracle = GameOracle(games)
+    W = np.mean([arena.arena_exact(np.array(m["policy"])[ts], oracle.extended(x)) for x, m in metrics.items()], 0)
+    arena_png = Path(figure).with_name(Path(figure).stem.replace("_gap", "") + "_arena.png")
+    arena.plot_arena(W, [f"pi_{t}" for t in ts], arena_png, title="demo: P(row beats column), exact")
+    print(f"wrote {figure}, {arena_png} and {out / 'demo_metrics.json'}")
+    return metrics
+
+
+def main(argv=None):
+    cfg = sppo.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
+    t0 = time.perf_counter()
+    metrics = demo(cfg)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0 if metrics is not None or cfg.stop_after else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
