@@ -203,7 +203,13 @@ def hedge_step(P, pi, eta):
 
 def hedge_trajectory(P, eta, T, pi1=None):
     """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default."""
-    return trajectory(P, "hedge", eta, T, pi1)
+    P = validate_preference(P)
+    n = P.shape[-1]
+    pi1 = np.full(P.shape[:-1], 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
+    with np.errstate(divide="ignore"):
+        log_pi = np.broadcast_to(np.log(pi1), P.shape[:-1])  # (..., n)
+    iterates = _loop(_hedge, P, np.asarray(eta, float)[..., None], log_pi)  # any eta, 0 included: no update
+    return np.array([pi for _, pi in zip(range(T), iterates)]).reshape(T, *log_pi.shape)
 
 
 def _average(iterates, T, n):
@@ -349,8 +355,8 @@ def _optimistic_hedge(P, log_pi, pi, eta, tau, log_mu, mem):
 
 def _extragradient(P, log_pi, pi, eta, tau, log_mu, mem):
     """Extragradient / mirror prox: pi_{t+1/2} ∝ pi_t exp(eta P pi_t), pi_{t+1} ∝ pi_t exp(eta P pi_{t+1/2})
-    (Korpelevich 1976; Nemirovski 2004; EGPO, Zhou, Fazel & Du 2025, on the KL-regularised game). Average gap O(1/T)
-    (Nemirovski); LAST iterate converges in bilinear games with an interior equilibrium (Mertikopoulos et al. 2019)."""
+    (Korpelevich 1976; Nemirovski 2004; EGPO, Zhou, Fazel & Du 2025, on the KL-regularised game). The average of the
+    half-steps has gap O(1/T) (Nemirovski); the LAST iterate converges in bilinear games (Mertikopoulos et al. 2019)."""
     half = np.exp(_log_step(P, log_pi, pi, eta))  # pi_{t+1/2}, Eq. (4.3)
     return _log_step(P, log_pi, half, eta), mem  # from pi_t with the payoff at pi_{t+1/2}, Nemirovski 2004
 
@@ -367,7 +373,8 @@ def _nash_md(P, log_pi, pi, eta, tau, log_mu, mem):
 def _mmd(P, log_pi, pi, eta, tau, log_mu, mem):
     """Magnetic mirror descent (Sokota et al., ICLR 2023, Sec. 3, entropy case; alpha = tau, magnet rho = mu):
     pi_{t+1} = argmax_pi eta [<pi, P pi_t> - tau KL(pi || mu)] - KL(pi || pi_t) ∝ (pi_t mu^(eta tau) e^(eta P pi_t))^
-    (1/(1 + eta tau)). Its fixed point IS the regularised equilibrium; the LAST iterate converges to it linearly."""
+    (1/(1 + eta tau)). Its fixed point IS the regularised equilibrium; the LAST iterate converges to it linearly for
+    eta <= tau / L^2, L the payoff's Lipschitz constant (their Sec. 3 theorem)."""
     return _normalise((log_pi + eta * _payoff(P, pi) + eta * tau * log_mu) / (1 + eta * tau)), mem  # Sokota Sec. 3
 
 
@@ -404,10 +411,7 @@ def _loop(step, P, eta, log_pi, tau=None, log_mu=None):
 
 def _positive(name, value, batch):
     """value as floats broadcast to batch + (1,); a ValueError naming `name` unless finite and > 0."""
-    try:
-        v = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        v = np.array(np.nan)
+    v = np.asarray(np.nan if isinstance(value, str) else value, dtype=float)
     if v.size == 0 or not np.isfinite(v).all() or (v <= 0).any():
         raise ValueError(f"{name} must be finite and > 0; got {name} = {value!r}")
     return np.broadcast_to(v, batch)[..., None]
