@@ -296,7 +296,7 @@ def test_empirical_log_z_approaches_the_limits():
 def test_cli_small_run_writes_tables_and_figures(tmp_path):
     out = tmp_path / "figs"
     cmd = [sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--out", str(out), "--t-max", "1000", "--seed", "1",
-           "--trials", "20", "--ks", "2", "5", "20"]
+           "--trials", "20", "--ks", "2", "5", "20", "--dyn-t", "300"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "holds?" in proc.stdout and "log Z/eta" in proc.stdout and " NO" not in proc.stdout
@@ -308,6 +308,6 @@ def test_cli_small_run_writes_tables_and_figures(tmp_path):
 
 def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(H, "theorem_4_1_bound", lambda eta, T, pi1: np.asarray(eta) * 0 - 1.0)  # every gap now "fails"
-    cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,))
+    cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,), dyn_t=50)
     assert H.main(cfg) == 1
     assert "NO" in capsys.readouterr().out

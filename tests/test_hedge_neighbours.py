@@ -1,0 +1,235 @@
+"""Tests for Hedge's neighbours in hedge_toy.py (play, regularized_gap, regularized_equilibrium), against references
+that do not use the code under test: scipy's LP for the Nash equilibrium, scipy's root finder for the regularised
+equilibrium, literal probability-space updates, and hand computations.
+
+Run:  .venv/bin/python -m pytest tests/test_hedge_neighbours.py -q
+"""
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import fsolve
+
+import hedge_toy as H
+from test_hedge_toy import lp_equilibrium, lp_equilibrium_is_unique  # the LP reference, in one place
+
+W, W1 = H.weighted_rps(), np.array([0.6, 0.3, 0.1])  # interior equilibrium (2/7, 1/7, 4/7), a start away from it
+LAST_ITERATE_ETA, LAST_ITERATE_T = 0.5, 10_000  # the step and horizon of the last-iterate acceptance test
+
+
+def fsolve_regularized(P, tau, mu):
+    """Independent reference: the root x of x = log mu + P softmax(x) / tau (unique: x is pinned, no gauge freedom)."""
+    softmax = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    x = fsolve(lambda x: x - np.log(mu) - P @ softmax(x) / tau, np.log(mu), xtol=1e-13)
+    return softmax(x)
+
+
+# --------------------------------------------------------------------------- the updates, literally, in probability space
+
+def naive_trajectory(P, method, eta, T, pi1, tau=0.1, mu=None):
+    """Each method's update as its paper writes it, with plain weights (fine while eta * T is small)."""
+    n = len(P)
+    mu = np.full(n, 1 / n) if mu is None else mu
+    pi, prev, Q, total, out = np.array(pi1, float), np.array(pi1, float), np.zeros(n), np.zeros(n), []
+    normal = lambda w: w / w.sum()
+    for _ in range(T):
+        out.append(pi)
+        if method == "hedge":
+            new = normal(pi * np.exp(eta * P @ pi))
+        elif method == "optimistic_hedge":
+            new = normal(pi * np.exp(eta * (2 * P @ pi - P @ prev)))
+        elif method == "extragradient":
+            half = normal(pi * np.exp(eta * P @ pi))
+            new = normal(pi * np.exp(eta * P @ half))
+        elif method == "nash_md":
+            mix = normal(pi ** (1 - eta * tau) * mu ** (eta * tau))
+            new = normal(mix * np.exp(eta * P @ mix))
+        elif method == "mmd":
+            new = normal((pi * mu ** (eta * tau) * np.exp(eta * P @ pi)) ** (1 / (1 + eta * tau)))
+        elif method == "regret_matching_plus":
+            Q = np.maximum(Q + P @ pi - pi @ P @ pi, 0)
+            new = normal(Q) if Q.sum() > 0 else np.full(n, 1 / n)
+        else:  # fictitious_play
+            total = total + pi
+            u = P @ (total / len(out))
+            new = normal((u == u.max()).astype(float))
+        prev, pi = pi, new
+    return np.array(out)
+
+
+@pytest.mark.parametrize("method", list(H.METHODS))
+def test_every_method_matches_its_literal_update(method):
+    P, pi1 = H.random_game(5, 3), np.random.default_rng(0).dirichlet(np.ones(5))
+    mu = np.random.default_rng(1).dirichlet(np.ones(5)) + 0.01
+    opts = dict(tau=0.3, mu=mu / mu.sum()) if method in H.REGULARISED else {}
+    ref = naive_trajectory(P, method, 0.4, 60, pi1, **opts)
+    got = H.trajectory(P, method, 0.4, 60, pi1, **opts)
+    assert np.allclose(got, ref, atol=1e-12), np.abs(got - ref).max()
+    pi_bar, pi_last = H.play(P, method, 0.4, 60, pi1, **opts)
+    assert np.allclose(pi_bar, ref.mean(0), atol=1e-12) and np.allclose(pi_last, ref[-1], atol=1e-12)
+
+
+def test_omwu_first_steps_by_hand():
+    # RPS from pi_1 = (1/2, 1/2, 0): P pi_1 = (1/4, 3/4, 1/2). Step 1 is Hedge's (pi_0 = pi_1); with eta = 2 log 3,
+    # pi_2 ∝ (e^{eta/4}, 3 e^{eta/4}, 0) = (1/4, 3/4, 0). Step 2: P pi_2 = (1/8, 5/8, 3/4), 2 P pi_2 - P pi_1 =
+    # (0, 1/2, 1), so pi_3 ∝ (1/4, 3/4 * 3, 0) = (1/10, 9/10, 0).
+    traj = H.trajectory(H.rock_paper_scissors(), "optimistic_hedge", 2 * math.log(3), 3, [0.5, 0.5, 0.0])
+    assert np.allclose(traj, [[0.5, 0.5, 0], [0.25, 0.75, 0], [0.1, 0.9, 0]], atol=1e-15)
+
+
+def test_hedge_via_play_is_todays_hedge_exactly():
+    for P, eta, T, pi1 in [(W, 0.3, 200, W1), (H.random_game(7, 2), 1000.0, 300, None)]:
+        assert all(np.array_equal(a, b) for a, b in zip(H.play(P, "hedge", eta, T, pi1), H.hedge(P, eta, T, pi1)))
+    assert np.array_equal(H.trajectory(W, "hedge", 0.1, 50, W1), H.hedge_trajectory(W, 0.1, 50, W1))
+
+
+def test_play_batches_games_and_steps():
+    games = np.stack([H.random_game(4, s) for s in range(6)]).reshape(2, 3, 4, 4)  # batch (2, 3)
+    eta = np.array([[0.1, 0.5, 1.0], [0.2, 0.3, 0.4]])
+    pi_bar, pi_last = H.play(games, "mmd", eta, 40, tau=0.2)
+    assert pi_bar.shape == pi_last.shape == (2, 3, 4)
+    for i, j in np.ndindex(2, 3):
+        ref_bar, ref_last = H.play(games[i, j], "mmd", eta[i, j], 40, tau=0.2)
+        assert np.allclose(pi_bar[i, j], ref_bar, atol=1e-14) and np.allclose(pi_last[i, j], ref_last, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------- acceptance: unregularised game
+
+def test_omwu_and_extragradient_last_iterates_reach_the_lp_equilibrium_hedge_does_not():
+    assert lp_equilibrium_is_unique(W)
+    pi_lp, _ = lp_equilibrium(W)
+    for method in ("optimistic_hedge", "extragradient"):
+        _, last = H.play(W, method, LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap ~2e-10, L1 ~5e-10
+        assert H.duality_gap(W, last) <= 1e-6 and np.abs(last - pi_lp).sum() <= 1e-6, method
+    _, last = H.play(W, "hedge", LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap 0.25
+    assert H.duality_gap(W, last) >= 1e-2
+
+
+@pytest.mark.parametrize("game, T, tol", [("weighted_rps", 10_000, 0.02), ("chaotic_10", 10_000, 0.05)])
+def test_regret_matching_plus_and_fictitious_play_averages_reach_the_lp_equilibrium(game, T, tol):
+    P = H.GAMES[game](0)
+    pi_lp, _ = lp_equilibrium(P)
+    for method in ("regret_matching_plus", "fictitious_play"):
+        pi_bar, _ = H.play(P, method, 1.0, T)  # measured L1: 0.010 / 0.010 (weighted_rps), 0.028 / 0.013 (chaotic_10)
+        assert np.abs(pi_bar - pi_lp).sum() <= tol, method
+
+
+@pytest.mark.parametrize("method", list(H.METHODS))
+def test_pure_strategy_dominant_game(method):
+    """ordered_game: the top action beats every other, so the equilibrium is pure (and pi*_tau leans on it)."""
+    P = H.ordered_game(5, 1)
+    top = np.eye(5)[np.argmax(P.sum(1))]
+    pi_lp, _ = lp_equilibrium(P)
+    assert np.allclose(pi_lp, top, atol=1e-9)
+    if method in H.REGULARISED:
+        pi_bar, pi_last = H.play(P, method, 0.5, 2000, tau=0.1)
+        ref = fsolve_regularized(P, 0.1, np.full(5, 0.2))
+        assert np.abs(pi_last - ref).sum() <= (1e-9 if method == "mmd" else 0.02) and np.argmax(pi_last) == top.argmax()
+    else:
+        pi_bar, pi_last = H.play(P, method, 0.5, 2000)
+        assert np.abs(pi_last - top).sum() <= 1e-9 and np.abs(pi_bar - top).sum() <= 0.02
+
+
+# ----------------------------------------------------------------------------------- acceptance: regularised game
+
+@pytest.mark.parametrize("tau", [0.5, 0.1, 0.02])
+def test_regularized_equilibrium_is_the_fixed_point_and_matches_scipy(tau):
+    for P, mu in [(W, None), (H.random_game(6, 4), np.random.default_rng(2).dirichlet(np.ones(6)))]:
+        n = len(P)
+        pi = H.regularized_equilibrium(P, tau, mu)
+        mu = np.full(n, 1 / n) if mu is None else mu
+        gibbs = mu * np.exp(P @ pi / tau)
+        assert np.abs(pi - gibbs / gibbs.sum()).sum() <= 1e-10  # pi ∝ mu exp(P pi / tau)
+        assert np.abs(pi - fsolve_regularized(P, tau, mu)).sum() <= 1e-9
+        assert abs(H.regularized_gap(P, pi, tau, mu)) <= 1e-14
+
+
+def test_regularized_gap_matches_its_definition():
+    """2 max_pi' P_tau(pi' > pi) - 1, by the Gibbs formula and by brute force over a grid of the 3-simplex."""
+    tau, mu, pi = 0.3, np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.7, 0.1])
+    kl = lambda p, q: np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / q), 0), -1)
+    by_formula = 2 * (tau * np.log(mu @ np.exp(W @ pi / tau)) + tau * kl(pi, mu)) - 1
+    grid = np.array([(i, j, 400 - i - j) for i in range(401) for j in range(401 - i)]) / 400  # (80601, 3)
+    brute = 2 * np.max(grid @ W @ pi - tau * kl(grid, mu) + tau * kl(pi, mu)) - 1
+    got = H.regularized_gap(W, pi, tau, mu)
+    assert got == pytest.approx(by_formula, abs=1e-14) and brute <= got <= brute + 1e-4
+    assert H.regularized_gap(W, pi, 1e-4) == pytest.approx(H.duality_gap(W, pi), abs=1e-3)  # tau -> 0
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.1])
+def test_mmd_last_iterate_reaches_the_regularized_equilibrium(tau):
+    ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
+    _, last = H.play(W, "mmd", 0.5, 2000, W1, tau=tau)  # constant step
+    assert H.regularized_gap(W, last, tau) <= 1e-6 and np.abs(last - ref).sum() <= 1e-9
+
+
+def test_nash_md_constant_step_bias_shrinks_with_eta():
+    """Munos et al. 2023, Thm 1: KL(pi*_tau || pi_t) -> at most 2 eta / tau at a constant step; measured L1 distances on
+    weighted_rps with tau = 0.5 are 1.24e-2 (eta = 0.5), 2.41e-3 (0.1), 1.20e-3 (0.05): an O(eta) bias."""
+    tau = 0.5
+    ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
+    dist = {}
+    for eta in (0.5, 0.1, 0.05):
+        _, last = H.play(W, "nash_md", eta, int(40 / (eta * tau)), W1, tau=tau)  # (1 - eta tau)^T ~ e^-40: converged
+        dist[eta] = np.abs(last - ref).sum()
+        assert np.sum(ref * np.log(ref / last)) <= 2 * eta / tau  # the bound of Thm 1, at t -> infinity
+    assert 5e-3 <= dist[0.5] <= 3e-2 and 1e-3 <= dist[0.1] <= 5e-3
+    assert 4 <= dist[0.5] / dist[0.1] <= 6 and 1.8 <= dist[0.1] / dist[0.05] <= 2.2  # linear in eta
+    _, mmd_last = H.play(W, "mmd", 0.5, 400, W1, tau=tau)  # MMD at the same constant step has no bias
+    assert np.abs(mmd_last - ref).sum() <= 1e-9
+
+
+def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
+    """Munos et al. 2023, Thm 1 with eta = log T / (tau T): KL = O(log T / (tau^2 T)). Measured L1: 1.05e-2 (T = 1e2),
+    9.3e-4 (1e3), 8.9e-5 (1e4): the bias goes to 0 as T grows."""
+    tau = 0.5
+    ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
+    dist = [np.abs(H.play(W, "nash_md", math.log(T) / (tau * T), T, W1, tau=tau)[1] - ref).sum()
+            for T in (100, 1000, 10_000)]
+    assert dist[0] > 5 * dist[1] > 25 * dist[2] and dist[2] <= 2e-4, dist
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(method="omwu"), ["method", "'omwu'", "optimistic_hedge"]),
+    (dict(eta=0.0), ["eta", "0.0"]),
+    (dict(eta=-1), ["eta", "-1"]),
+    (dict(eta=float("nan")), ["eta", "nan"]),
+    (dict(eta="fast"), ["eta", "'fast'"]),
+    (dict(method="mmd", tau=0), ["tau", "0"]),
+    (dict(method="nash_md", tau=-0.5), ["tau", "-0.5"]),
+    (dict(method="mmd", mu=[0.5, 0.5, 0.0]), ["mu", "> 0", "0."]),
+    (dict(method="mmd", mu=[0.5, 0.5]), ["mu", "shape", "(2,)"]),
+    (dict(method="nash_md", mu=[0.5, 0.2, 0.2]), ["mu", "sum to 1"]),
+    (dict(method="hedge", tau=0.1), ["options", "tau", "'hedge'"]),
+    (dict(method="mmd", magnet=[1, 0, 0]), ["options", "magnet"]),
+    (dict(method="nash_md", eta=3.0, tau=0.5), ["eta * tau <= 1", "1.5"]),
+    (dict(T=0), ["T", "0"]),
+    (dict(method="mmd", pi1=[1.0, 0.0, 0.0]), ["pi1", "> 0"]),
+])
+def test_play_rejects_bad_arguments_naming_them(kwargs, words):
+    args = dict(P=W, method="hedge", eta=0.1, T=10) | kwargs
+    with pytest.raises(ValueError) as err:
+        H.play(**args)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_regularized_functions_validate_tau_and_mu():
+    with pytest.raises(ValueError, match=r"tau must be finite and > 0; got tau = 0"):
+        H.regularized_equilibrium(W, 0)
+    with pytest.raises(ValueError, match="mu must be > 0"):
+        H.regularized_gap(W, W1, 0.1, [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="diagonal"):
+        H.regularized_equilibrium(np.full((3, 3), 0.3), 0.1)
+
+
+@pytest.mark.slow
+def test_cli_table_and_figures(tmp_path, capsys):  # ~5 s, most of it matplotlib
+    H.dynamics_report(H.Config(out=str(tmp_path), dyn_t=200))
+    out = capsys.readouterr().out
+    assert "last-iterate gap" in out and "regularised gap" in out
+    assert sum(line.split()[0] in H.METHODS for line in out.splitlines() if line.strip()) == 3 * len(H.METHODS)
+    for name in ("dynamics_last_iterate.png", "dynamics_simplex.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
