@@ -21,12 +21,11 @@ NumPy, float64 throughout; arrays may carry leading batch dimensions (..., n, n)
 Run:  python hedge_toy.py [--out figures] [--t-max 100000] [--seed 0] [--trials 200]
 It prints one table per claim, writes five PNGs into --out, and exits 1 if a Theorem 4.1 bound fails.
 """
-import argparse
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -517,13 +516,16 @@ class Config:
     t_max: int = field(default=100_000, metadata={"help": "largest horizon T of the Thm 4.1 runs"})
     seed: int = field(default=0, metadata={"help": "seed of the random games and of the App. A Monte Carlo"})
     trials: int = field(default=200, metadata={"help": "Monte Carlo trials per (kind, K) for App. A"})
-    etas: tuple = field(default=(1.0, 10.0, 1000.0), metadata={"help": "App. A steps eta (1000: the paper's LLMs)"})
-    ks: tuple = field(default=(2, 3, 5, 10, 20, 50, 100, 200, 500), metadata={"help": "App. A sample counts K"})
+    etas: list[float] = field(default_factory=lambda: [1.0, 10.0, 1000.0],
+                              metadata={"help": "App. A steps eta (1000: the paper's LLMs)"})
+    ks: list[int] = field(default_factory=lambda: [2, 3, 5, 10, 20, 50, 100, 200, 500],
+                          metadata={"help": "App. A sample counts K"})
     # Hedge's neighbours (issue #12)
     dyn_eta: float = field(default=0.5, metadata={"help": "step eta of every method in the last-iterate sweep"})
     dyn_t: int = field(default=10_000, metadata={"help": "iterations T of the last-iterate sweep"})
     dyn_tau: float = field(default=0.1, metadata={"help": "KL weight tau of nash_md and mmd in the sweep"})
-    dyn_taus: tuple = field(default=(0.3, 0.1, 0.03, 0.01), metadata={"help": "taus of the tau -> 0 panel"})
+    dyn_taus: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01],
+                                  metadata={"help": "taus of the tau -> 0 panel"})
 
 
 def run_gap_suite(games, horizons):
@@ -624,7 +626,7 @@ def plot_simplex(runs, path, cols=None):
     plt.close(fig)
 
 
-def main(cfg):
+def report(cfg):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -723,13 +725,17 @@ def dynamics_report(cfg):
     print(f"wrote dynamics_last_iterate.png, dynamics_simplex.png to {cfg.out}/")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Config):  # one flag per field: --t-max N, --ks 2 5 10 ...
-        many = isinstance(f.default, tuple)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default[0] if many else f.default),
-                            nargs="+" if many else None, default=f.default, help=f.metadata["help"])
+def main(argv=None):
+    """`python hedge_toy.py [flags]`: the repository's one CLI convention (transformers.HfArgumentParser over
+    Config: --help shows every default; a wrong flag exits 2 at once). Imported here, not at the top, so the
+    library itself stays NumPy-only."""
+    from transformers import HfArgumentParser
+    cfg = Config(**vars(HfArgumentParser(Config, description=__doc__.split("\n")[0]).parse_args(argv)))
     start = time.perf_counter()
-    code = main(Config(**vars(parser.parse_args())))
+    code = report(cfg)
     print(f"done in {time.perf_counter() - start:.1f} s")
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

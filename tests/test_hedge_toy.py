@@ -309,5 +309,5 @@ def test_cli_small_run_writes_tables_and_figures(tmp_path):
 def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(H, "theorem_4_1_bound", lambda eta, T, pi1: np.asarray(eta) * 0 - 1.0)  # every gap now "fails"
     cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,), dyn_t=50)
-    assert H.main(cfg) == 1
+    assert H.report(cfg) == 1
     assert "NO" in capsys.readouterr().out
