@@ -336,9 +336,10 @@ def read_preferences(path, n_prompts, K):
         raise ArtifactError(f"{path}: {e}") from None
 
 
-def check_dataset(rows, path="dataset", need_ref=True):
+def check_dataset(rows, path="dataset", need_ref=True, need_log_z=False):
     """Rows of D_t (DATASET_FIELDS; with need_ref=False ref_logp may be absent from every row, then pi_t computes
-    it): types, win_prob in [0, 1], finite ref_logp. Errors name `path`, the record and the field."""
+    it; need_log_z: --log-z estimate trains on each row's log_z): types, win_prob in [0, 1], finite ref_logp.
+    Errors name `path`, the record and the field."""
     if not rows:
         raise ArtifactError(f"{path}: no rows")
     has_ref = [isinstance(r, dict) and "ref_logp" in r for r in rows]
@@ -346,6 +347,7 @@ def check_dataset(rows, path="dataset", need_ref=True):
         raise ArtifactError(f"{path}: record {has_ref.index(False) + 1}: missing field 'ref_logp' (other records "
                             f"have one: give it to every record, or to none and it is computed from pi_t)")
     schema = {k: v for k, v in DATASET_FIELDS.items() if need_ref or k != "ref_logp"}
+    schema.update({"log_z": (int, float)} if need_log_z else {})
     for n, row in enumerate(rows, 1):
         check_fields(row, schema, f"{path}: record {n}")
         if not 0.0 <= row["win_prob"] <= 1.0:
@@ -355,10 +357,10 @@ def check_dataset(rows, path="dataset", need_ref=True):
     return rows
 
 
-def read_dataset(path, need_ref=True):
+def read_dataset(path, need_ref=True, need_log_z=False):
     """dataset.jsonl: field errors name the file and line, value errors the record (check_dataset)."""
     schema = {k: v for k, v in DATASET_FIELDS.items() if k != "ref_logp"}
-    return check_dataset(read_jsonl(path, schema), path, need_ref)
+    return check_dataset(read_jsonl(path, schema), path, need_ref, need_log_z)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,7 +691,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, device):
     if not f_data.exists():                                      # Step 3: D_t, with log pi_t(y|x) as reference
         model, tok = policy()
         write_jsonl(f_data, reference_logps(model, tok, build_dataset(prompts, gens, mats, cfg), cfg, device))
-    rows = read_dataset(f_data)
+    rows = read_dataset(f_data, need_log_z=cfg.log_z == "estimate")
     if cfg.stop_after == "dataset":
         return None
     if not (m_dir / "config.json").exists():                     # Step 4: Eq. (4.7), then save pi_{t+1}

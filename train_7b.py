@@ -151,11 +151,7 @@ def shutdown():
 # Data: sppo.py's schema, with errors that name the file, the record and the field.
 def load_dataset(path, cfg):
     """Rows of D_t (sppo.read_dataset): ref_logp optional (then computed from pi_t); log_z when --log-z estimate."""
-    rows = sppo.read_dataset(path, need_ref=False)                           # "FILE: record N: missing field 'x'"
-    if cfg.log_z == "estimate":
-        for n, r in enumerate(rows, 1):
-            sppo.check_fields(r, {"log_z": (int, float)}, f"{path}: record {n}")
-    return rows
+    return sppo.read_dataset(path, need_ref=False, need_log_z=cfg.log_z == "estimate")
 
 
 def check_batch_sizes(cfg, world):

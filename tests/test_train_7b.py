@@ -268,3 +268,12 @@ def test_plan_mistral_7b_fits_80gb(capsys):
     assert "fits in 80 GB: yes" in capsys.readouterr().out
     assert plan["sharded fp32 params (4N/W)"] == pytest.approx(4 * 7.2416e9 / 8, rel=1e-3)   # 7.24 B params
     assert sum(plan.values()) < 80e9
+
+
+def test_log_z_estimate_needs_log_z_in_every_row(tmp_path):
+    """--log-z estimate trains on each row's Eq. (4.5) log Z: a row without one is refused with its record."""
+    rows = sppo_toy.synthetic_dataset(3)
+    sppo.write_jsonl(tmp_path / "d.jsonl", rows)
+    assert train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig()) == rows
+    with pytest.raises(sppo.ArtifactError, match=r"d\.jsonl: record 1: missing field 'log_z'"):
+        train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig(log_z="estimate"))
