@@ -161,7 +161,7 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
     fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
     cfg = sppo.SPPOConfig(**flags, progress=False)
     model, tok = sppo.load_policy(model_dir, cfg, "cpu")
-    ref = json.loads((work / "data.ref_logp.json").read_text())["ref_logp"]       # cached by train_7b.py
+    ref = json.loads((work / "fsdp" / "ref_logp.json").read_text())["ref_logp"]    # cached by train_7b.py
     ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), ref)]
     single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
     return {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,

@@ -22,6 +22,7 @@ The demo's tiny-LM world is sppo_toy.py; win-rate matrices between policies (Fig
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -83,6 +84,9 @@ class SPPOConfig:
     device: str = HfArg(default="auto", help="`auto` = cuda when available, else cpu; or a torch device name.")
     stop_after: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
         default=None, help="Stop after this stage of the first unfinished iteration (for debugging).")
+    restart_from: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
+        default=None, help="Move the stale artifacts of the first iteration that does not match this run, from this "
+        "stage on (and all later iterations), to OUT/stale/<time>/ and redo them. Nothing is deleted.")
     progress: bool = HfArg(default=True, help="Show progress bars.")
 
 
@@ -462,10 +466,13 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
     gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.K,
                                pad_token_id=pad, eos_token_id=stop)
-    out = []
+    out, xs = [], [prompt_ids(tokenizer, p) for p in prompts]
+    if sum(len(x) > cfg.max_prompt_length for x in xs):                # the training rule: keep the prompt's END
+        print(f"generate: {sum(len(x) > cfg.max_prompt_length for x in xs)} of {len(xs)} prompts cut to their last "
+              f"max_prompt_length={cfg.max_prompt_length} tokens, as training cuts them")
     for i in tqdm(range(0, len(prompts), cfg.gen_batch), desc="generate", disable=not cfg.progress, leave=False):
         chunk = prompts[i:i + cfg.gen_batch]
-        b = collate([(prompt_ids(tokenizer, p), []) for p in chunk], pad, padding_side="left")
+        b = collate([(x[-cfg.max_prompt_length:], []) for x in xs[i:i + cfg.gen_batch]], pad, padding_side="left")
         torch.manual_seed(sample_seed(cfg.seed, iteration, start + i))
         seqs = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                               generation_config=gen_cfg)                              # (B*K, T_in + new)
@@ -630,8 +637,134 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run directory: OUT/iter{t}/{generations,preferences,dataset}.jsonl, model/, metrics.json. Each file is
-# written atomically, so a stage whose file exists is finished; re-running the same command resumes.
+# The run directory: OUT/iter{t}/{generations,preferences,dataset}.jsonl, model/, metrics.json and manifest.json.
+# A stage is finished when OUT/iter{t}/manifest.json records it: the settings and inputs it depends on (pi_t's and
+# the oracle's identity, the prompts, the sha256 of its input files) and the sha256 of what it wrote. Re-running
+# the command resumes: a stage is reused only if all of that still matches; otherwise the run stops before any
+# work, naming the setting or file, unless --restart-from moves the stale artifacts aside (never deletes them).
+STAGES = ("generate", "rank", "dataset", "train")
+STAGE_FILES = {"generate": ("generations.jsonl",), "rank": ("preferences.jsonl",), "dataset": ("dataset.jsonl",),
+               "train": ("model", "metrics.json")}
+STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl", "preferences.jsonl"),
+                "train": ("dataset.jsonl",)}
+STAGE_SETTINGS = {
+    "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
+    "rank": ("oracle", "pairrm_mode"),
+    "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
+    "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
+              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype")}
+"""The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any work starts; the CLIs print it as one line and exit 2."""
+
+
+class StaleStage(ArtifactError):
+    """A finished stage whose artifacts were made with other settings or inputs, or changed since."""
+
+    def __init__(self, stage, path, why):
+        self.stage, self.path = stage, path
+        super().__init__(f"{path}: {why}; ways out: another --out, or --restart-from {stage} (moves it and every "
+                         f"later artifact aside to OUT/stale/, deleting nothing)")
+
+
+def validate_config(cfg):
+    """Every setting in range and every choice valid, before any work (the library twin of argparse's checks)."""
+    import typing
+    for f in dataclasses.fields(cfg):
+        hint = typing.get_type_hints(type(cfg))[f.name]                # Literal[...] or Literal[...] | None
+        lit = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal]
+        allowed = (*typing.get_args(lit[0]), *[None] * (type(None) in typing.get_args(hint))) if lit else ()
+        if lit and getattr(cfg, f.name) not in allowed:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {allowed}")
+    pos = lambda x: math.isfinite(x) and x > 0                                                       # noqa: E731
+    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.K >= 2, "K", ">= 2: a preference "
+                           "needs a pair"), (pos(cfg.eta), "eta", "finite and > 0 (eta <= 0 reverses Eq. 4.1)"),
+                           (cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (pos(cfg.temperature), "temperature",
+                           "finite and > 0"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.gen_batch >= 1,
+                           "gen_batch", ">= 1"), (1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length",
+                           f">= 1 and below --max-length {cfg.max_length}"), (pos(cfg.lr), "lr", "finite and > 0"),
+                           (0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]"), (cfg.weight_decay >= 0,
+                           "weight_decay", ">= 0"), (pos(cfg.max_grad_norm), "max_grad_norm", "finite and > 0"),
+                           (cfg.epochs >= 1, "epochs", ">= 1: with 0 nothing is trained"), (cfg.global_batch >= 1,
+                           "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
+        if not ok:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
+    for flag, path, need in [("model", cfg.model, "config.json"), ("prompts", cfg.prompts, None),
+                             ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
+        if path is not None and not (Path(path) / need if need else Path(path)).exists():
+            raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
+    return cfg
+
+
+class Hashes:
+    """sha256 of files and directories (a directory: its files' names and hashes), cached in OUT/hashes.json by
+    path, size and mtime, so a 7B checkpoint is read once per run directory, not once per resume."""
+
+    def __init__(self, out):
+        self.path = Path(out) / "hashes.json"
+        self.known = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def __call__(self, path):
+        path = Path(path).resolve()
+        if path.is_dir():
+            parts = [f"{p.relative_to(path)}:{self(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+            return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        st, key = path.stat(), str(path)
+        if self.known.get(key, [None])[:2] != [st.st_size, st.st_mtime_ns]:
+            with open(path, "rb") as f:
+                self.known[key] = [st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest()]
+            tmp = self.path.with_name("hashes.json.tmp")
+            tmp.write_text(json.dumps(self.known))
+            os.replace(tmp, self.path)
+        return self.known[key][2]
+
+
+def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
+    """Everything stage's artifacts in folder d depend on: its settings, pi_t, the prompts, the oracle, inputs."""
+    key = {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}
+    key.update({f: hashes(Path(d) / f) for f in STAGE_INPUTS.get(stage, ())})
+    if stage != "rank":
+        key["model"] = hashes(model_dir)
+    if stage == "generate":
+        key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    if stage == "rank":
+        key["oracle_id"] = oracle_id
+    return key
+
+
+class Manifest:
+    """OUT/iter{t}/manifest.json: one record per finished stage, {key, files: {name: sha256}, rows}."""
+
+    def __init__(self, d):
+        self.d, self.path = Path(d), Path(d) / "manifest.json"
+        self.stages = json.loads(self.path.read_text())["stages"] if self.path.is_file() else {}
+
+    def done(self, stage, key, hashes):
+        """True: finished with exactly `key`, files unchanged. False: not finished (no record, or its files were
+        deleted to recompute it; a file without a record is an interrupted write). StaleStage otherwise."""
+        rec, files = self.stages.get(stage), [self.d / f for f in STAGE_FILES[stage]]
+        if rec is None or not all(f.exists() for f in files):
+            return False
+        for k in sorted(set(rec["key"]) | set(key)):
+            if rec["key"].get(k) != key.get(k):
+                what = "input file" if k.endswith(".jsonl") else "pi_t" if k == "model" else "setting"
+                raise StaleStage(stage, files[0], f"made with {what} {k} = {rec['key'].get(k)!r}, but this run has "
+                                 f"{k} = {key.get(k)!r}")
+        for f in files:
+            if hashes(f) != rec["files"][f.name]:
+                raise StaleStage(stage, f, "changed since it was written (its sha256 is not manifest.json's)")
+        return True
+
+    def commit(self, stage, key, hashes, rows):
+        """Record a finished stage (its files are already in place): the last write of every stage."""
+        self.stages[stage] = {"key": key, "files": {f: hashes(self.d / f) for f in STAGE_FILES[stage]}, "rows": rows}
+        tmp = self.path.with_name("manifest.json.tmp")
+        tmp.write_text(json.dumps({"stages": self.stages}, indent=1))
+        os.replace(tmp, self.path)
+
+
 def resolve_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
@@ -665,36 +798,57 @@ def iteration_prompts(prompts, cfg, t):
     return [prompts[i] for i in parts[t]]
 
 
-def run_iteration(cfg, t, prompts, model_dir, oracle, device):
+def check_dataset_sources(rows, gens, mats, cfg, path):
+    """D_t against its sources: per prompt, in order, its 2 (pair) or K (all) kept rows carry that generation's
+    text and P-hat (Eq. 4.5) from that prompt's matrix."""
+    per = cfg.K if cfg.selection == "all" else 2
+    if len(rows) != per * len(gens):
+        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept; delete it to recompute")
+    for n, r in enumerate(rows):
+        i, k = r["prompt_id"], r.get("k")
+        if not (i == n // per and isinstance(k, int) and 0 <= k < cfg.K and r["response"] == gens[i]["responses"][k]
+                and abs(r["win_prob"] - mats[i][k].mean()) < 1e-9):
+            raise ArtifactError(f"{path}: record {n + 1}: not prompt {n // per}'s generation k={k} with its win rate "
+                                f"from preferences.jsonl; delete it to recompute")
+
+
+def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes):
     """One iteration of Algorithm 1: pi_t (model_dir) -> pi_{t+1} (OUT/iter{t}/model). Returns the new model dir,
-    or None when cfg.stop_after stopped it."""
+    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked."""
     d = Path(cfg.out) / f"iter{t}"
     d.mkdir(parents=True, exist_ok=True)
     f_gen, f_pref, f_data, m_dir = d / "generations.jsonl", d / "preferences.jsonl", d / "dataset.jsonl", d / "model"
-    cache = {}
+    man, cache = Manifest(d), {}
 
     def policy():                                                # pi_t, loaded once and only when a stage needs it
         if "m" not in cache:
             cache["m"] = load_policy(model_dir, cfg, device)
         return cache["m"]
 
-    if not f_gen.exists():                                       # Step 1: y_1..y_K ~ pi_t(.|x)
-        write_generations(f_gen, prompts, generate_responses(*policy(), prompts, cfg, t, device))
-    gens = read_generations(f_gen, prompts, cfg.K)
+    def stage(name, work, rows):                                 # run `work` unless finished; then commit it
+        key = stage_key(cfg, name, d, model_dir, prompts, oracle_id, hashes)
+        if not man.done(name, key, hashes):
+            work()
+            man.commit(name, key, hashes, rows())
+
+    stage("generate", lambda: write_generations(f_gen, prompts, generate_responses(*policy(), prompts, cfg, t,
+                                                                                    device)), lambda: len(prompts))
+    gens = read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
     if cfg.stop_after == "generate":
         return None
-    if not f_pref.exists():                                      # Step 2: P(y_k > y_k' | x) for all k, k'
-        write_preferences(f_pref, rank(oracle, prompts, gens, progress=cfg.progress))
-    mats = read_preferences(f_pref, len(prompts), cfg.K)
+    stage("rank", lambda: write_preferences(f_pref, rank(oracle, prompts, gens, progress=cfg.progress)),
+          lambda: len(prompts))
+    mats = read_preferences(f_pref, len(prompts), cfg.K)         # Step 2: P(y_k > y_k' | x) for all k, k'
     if cfg.stop_after == "rank":
         return None
-    if not f_data.exists():                                      # Step 3: D_t, with log pi_t(y|x) as reference
-        model, tok = policy()
-        write_jsonl(f_data, reference_logps(model, tok, build_dataset(prompts, gens, mats, cfg), cfg, device))
-    rows = read_dataset(f_data, need_log_z=cfg.log_z == "estimate")
+    stage("dataset", lambda: write_jsonl(f_data, reference_logps(*policy(), build_dataset(prompts, gens, mats, cfg),
+                                                                 cfg, device)), lambda: len(read_jsonl(f_data)))
+    rows = read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_t(y|x) as the reference
+    check_dataset_sources(rows, gens, mats, cfg, f_data)
     if cfg.stop_after == "dataset":
         return None
-    if not (m_dir / "config.json").exists():                     # Step 4: Eq. (4.7), then save pi_{t+1}
+
+    def train():                                                 # Step 4: Eq. (4.7); model, metrics, then commit
         model, tok = policy()
         torch.manual_seed(cfg.seed + t)
         history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), device)
@@ -703,29 +857,101 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, device):
                  "unfinished": sum(not f for g in gens for f in g["finished"]),
                  "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
                  "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
-        (d / "metrics.json").write_text(json.dumps(stats, indent=1))
+        write_json(d / "metrics.json", stats)
         print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}")
+    stage("train", train, lambda: len(rows))
     return m_dir
 
 
-def run(cfg, oracle=None):
-    """Algorithm 1: for t = 0..T-1, pi_{t+1} = SPPO-step(pi_t). Resumes from whatever OUT already holds.
-    oracle: any callable oracle(prompt, responses) -> P (K, K); default: make_oracle(cfg) (PairRM)."""
-    device = resolve_device(cfg.device)
-    if cfg.model is None or cfg.prompts is None:
-        raise ValueError("run needs --model DIR and --prompts FILE")
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    oracle = oracle or make_oracle(cfg, device)
+def write_json(path, obj):
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def check_run(cfg, prompts, oracle_id, hashes):
+    """Walk every finished stage without doing any work. Returns (t, StaleStage) for the first stage whose
+    artifacts do not match this run, or None when everything that exists does."""
     model_dir = cfg.model
     for t in range(cfg.iterations):
-        model_dir = run_iteration(cfg, t, iteration_prompts(prompts, cfg, t), model_dir, oracle, device)
+        d = Path(cfg.out) / f"iter{t}"
+        man, p = Manifest(d), iteration_prompts(prompts, cfg, t)
+        for name in STAGES:
+            try:
+                if not man.done(name, stage_key(cfg, name, d, model_dir, p, oracle_id, hashes), hashes):
+                    return None
+            except StaleStage as e:
+                return t, e
+        model_dir = d / "model"
+    return None
+
+
+def move_aside(out, t, stage):
+    """--restart-from: move iteration t's artifacts of `stage` and later stages, and every later iteration, into
+    OUT/stale/<UTC time>/ (nothing is deleted), and drop their manifest records."""
+    dest = Path(out) / "stale" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    d, later = Path(out) / f"iter{t}", STAGES[STAGES.index(stage):]
+    man = Manifest(d)
+    for f in [d / f for s in later for f in STAGE_FILES[s]] + sorted(Path(out).glob("iter*")):
+        if f.exists() and (f.parent == d or int(f.name[4:] or -1) > t):
+            (dest / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(f), dest / f.relative_to(out))
+    for s in later:
+        man.stages.pop(s, None)
+    write_json(man.path, {"stages": man.stages})
+    print(f"--restart-from {stage}: moved iteration {t}'s {'/'.join(later)} artifacts and later iterations to {dest}")
+
+
+def run(cfg, oracle=None):
+    """Algorithm 1: for t = 0..T-1, pi_{t+1} = SPPO-step(pi_t). Resumes from whatever OUT holds that matches.
+    oracle: any callable oracle(prompt, responses) -> P (K, K) (with .identity() for the manifest); default:
+    make_oracle(cfg) (PairRM)."""
+    validate_config(cfg)
+    if cfg.model is None or cfg.prompts is None:
+        raise ConfigError("a run needs --model DIR and --prompts FILE")
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    if len(prompts) < (cfg.iterations if cfg.split_prompts else 1):
+        raise ConfigError(f"--prompts {cfg.prompts}: {len(prompts)} prompts for {cfg.iterations} disjoint iteration "
+                          f"slices" + ("" if prompts else " (the file is empty)"))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out}: not writable")
+    if oracle is None and (cfg.oracle != "pairrm" or not cfg.pairrm):
+        raise ConfigError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)" if cfg.oracle == "pairrm"
+                          else f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle): run sppo_toy.py")
+    hashes = Hashes(out)
+    oracle_id = (oracle.identity() if hasattr(oracle, "identity") else type(oracle).__name__) if oracle else \
+        {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode}
+    stale = check_run(cfg, prompts, oracle_id, hashes)
+    if stale and cfg.restart_from is None:
+        raise stale[1]
+    if stale and STAGES.index(cfg.restart_from) > STAGES.index(stale[1].stage):
+        raise ConfigError(f"--restart-from {cfg.restart_from} would keep {stale[1].path}, which is stale; restart "
+                          f"from {stale[1].stage} or an earlier stage")
+    if stale:
+        move_aside(out, stale[0], cfg.restart_from)
+    elif cfg.restart_from:
+        print(f"--restart-from {cfg.restart_from}: every finished stage matches this run; nothing moved")
+    write_json(out / "config.json", dataclasses.asdict(cfg))        # only once the artifacts are known to match
+    oracle = oracle or make_oracle(cfg, resolve_device(cfg.device))
+    model_dir = cfg.model
+    for t in range(cfg.iterations):
+        model_dir = run_iteration(cfg, t, iteration_prompts(prompts, cfg, t), model_dir, oracle, oracle_id,
+                                  resolve_device(cfg.device), hashes)
         if model_dir is None:
             print(f"stopped after stage {cfg.stop_after!r} of iteration {t}; re-run the command to resume")
             return None
     return model_dir
+
+
+def user_errors(prog, fn):
+    """Run fn(); a ConfigError or ArtifactError (the user's to fix) becomes one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except (ConfigError, ArtifactError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -762,10 +988,13 @@ def main(argv=None):
     cfg = parse_config(SPPOConfig, argv, description=__doc__.split("\n")[0])
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
-    final = run(cfg)
-    if final is not None:
-        print(f"pi_{cfg.iterations} saved in {final}")
-    return 0
+
+    def go():
+        final = run(cfg)
+        if final is not None:
+            print(f"pi_{cfg.iterations} saved in {final}")
+        return 0
+    return user_errors("sppo.py", go)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ class GameOracle:
     def __init__(self, games: dict[str, tuple[np.ndarray, list[str]]]):
         self.games = {x: (hedge_toy.validate_preference(P), list(ys)) for x, (P, ys) in games.items()}
 
+    def identity(self):
+        """What the run manifest records of this oracle: a hash of its games."""
+        import hashlib
+        return hashlib.sha256(json.dumps({x: [P.tolist(), ys] for x, (P, ys) in self.games.items()}).encode()).hexdigest()
+
     def extended(self, prompt):
         """(n+1, n+1) matrix: the game plus a last 'malformed' action."""
         P, ys = self.games[prompt]
@@ -303,7 +308,9 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
     t0 = time.perf_counter()
-    metrics = demo(cfg)
+    metrics = sppo.user_errors("sppo_toy.py", lambda: demo(cfg))
+    if metrics == 2:
+        return 2
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0 if metrics is not None or cfg.stop_after else 1
 

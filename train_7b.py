@@ -66,7 +66,6 @@ PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
                    ("A800", 312e12)]
 """Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)   # ranks wait for the slowest generation shard
 
 
 @dataclass
@@ -86,6 +85,8 @@ class TrainConfig(sppo.SPPOConfig):
     save_every: int = HfArg(default=100, help="DCP checkpoint every N optimizer steps (and always at the end).")
     keep_checkpoints: int = HfArg(default=2, help="Newest checkpoints kept under OUT/checkpoints.")
     resume: bool = HfArg(default=False, help="Continue exactly from the newest checkpoint in OUT/checkpoints.")
+    collective_timeout_s: float | None = HfArg(default=None, help="Seconds before a collective gives up (a stalled "
+                                               "rank is named on CPU/gloo); default 300 on CPU, 10800 on GPU.")
     stop_at_step: int | None = HfArg(default=None, help="Exit after this step and its checkpoint (tests --resume).")
     measure_memory: bool = HfArg(default=False, help="FSDPMemTracker on the second step; writes OUT/memory.json.")
     plan: str | None = HfArg(default=None, help="Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a "
@@ -96,7 +97,8 @@ class TrainConfig(sppo.SPPOConfig):
 
 NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
-            "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM")}
+            "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
+            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out")}
 """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
 
@@ -108,28 +110,49 @@ class Dist:
     world: int
     device: torch.device
     mesh: object
+    timeout: datetime.timedelta
+
+    def barrier(self, what):
+        """All ranks meet after `what`. On gloo a monitored barrier: a rank that does not arrive within the
+        collective timeout is NAMED in rank 0's error, instead of every rank waiting silently."""
+        if self.device.type == "cpu" and self.world > 1:
+            try:
+                dist.monitored_barrier(timeout=self.timeout)
+            except RuntimeError as e:
+                raise RuntimeError(f"after {what}: {e}") from None
+        else:
+            dist.barrier()
 
     def log(self, msg):
         if self.rank == 0:
             print(msg, flush=True)
 
 
-def init_distributed() -> Dist:
+def init_distributed(timeout_s=None) -> Dist:
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> nccl on GPUs / gloo on CPU, and an explicit 1-D mesh.
 
     Without torchrun (`python train_7b.py ...`) this is a 1-rank group, so the same code runs on one device.
+    Collectives time out after timeout_s (default: 5 minutes on CPU/gloo, 3 hours on GPU, where ranks wait for the
+    slowest generation shard); under torchrun each worker also dies with the torchrun agent (no orphans).
     """
+    if "RANK" in os.environ and sys.platform == "linux":       # PR_SET_PDEATHSIG: SIGKILL when the agent dies
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        if os.getppid() == 1:                                   # the agent died before prctl took effect
+            os._exit(1)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    kw = dict(backend="nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=device if cuda else None)
+    timeout = datetime.timedelta(seconds=timeout_s or (3 * 3600 if cuda else 300))
+    kw = dict(backend="nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
     if "RANK" in os.environ:
         dist.init_process_group(**kw)
     else:
         dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh, timeout)
 
 
 def shutdown():
@@ -251,11 +274,11 @@ def reference_logps(model, pairs, pad_id, micro, d):
 
 
 def reference_for(model, rows, pairs, pad_id, cfg, d, data_path):
-    """ref_logp per row: the dataset's own (sppo.py wrote them), or the cache beside the dataset when it was made
-    for this model, data and truncation, or computed (and cached by rank 0) so a restart does not recompute them."""
+    """ref_logp per row: the dataset's own (sppo.py wrote them), or OUT/ref_logp.json when it was made for this
+    model, data and truncation, or computed (and cached there by rank 0) so a restart does not recompute them."""
     if cfg.ref_logp == "auto" and all("ref_logp" in r for r in rows):
         return [r["ref_logp"] for r in rows], "dataset"
-    cache = Path(data_path).with_name(Path(data_path).stem + ".ref_logp.json")
+    cache = Path(cfg.out) / "ref_logp.json"
     key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path),
            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "compute": d.device.type}
     if cache.is_file():
@@ -358,14 +381,25 @@ def save_checkpoint(state, out, keep, run_info, d):
     dist.barrier()
 
 
-def load_checkpoint(state, out, run_info, d):
-    """Restore the newest checkpoint in place; check it belongs to this data and schedule. Returns its path."""
-    path = checkpoints(out)[-1]
+RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay",
+                   "warmup_ratio", "max_grad_norm", "max_length", "max_prompt_length")
+"""What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
+setting that changes the result. A changed one is refused, named, before the model is built."""
+
+
+def check_run_info(path, run_info):
     saved = json.loads((path / "run.json").read_text())
     for k, v in run_info.items():
         if saved.get(k) != v:
             raise sppo.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
                                      f"resume with the original settings or use a new --out")
+
+
+def load_checkpoint(state, out, run_info, d):
+    """Restore the newest checkpoint in place; check it belongs to this data, pi_t and settings. Returns its path."""
+    path = checkpoints(out)[-1]
+    check_run_info(path, run_info)
+    saved = json.loads((path / "run.json").read_text())
     state.with_rng = saved["world"] == d.world                      # RNG states are per rank
     dcp.load({"train": state}, checkpoint_id=str(path))
     state.with_rng = True
@@ -531,7 +565,7 @@ def stage_generate(cfg, d, out):
     gens = gather_to_rank0(dict(zip(mine, gens)), d)
     if d.rank == 0:
         sppo.write_generations(out / "generations.jsonl", prompts, [gens[i] for i in range(len(prompts))])
-    dist.barrier()
+    d.barrier("generation")
 
 
 def stage_rank(cfg, d, out):
@@ -549,7 +583,7 @@ def stage_rank(cfg, d, out):
         mats = [P[i] for i in range(len(gens))]
         sppo.write_preferences(out / "preferences.jsonl", mats)
         sppo.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg))
-    dist.barrier()
+    d.barrier("ranking")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,6 +599,11 @@ def train(cfg, d):
     tok = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
+    run_info = {"model": sppo.Hashes(out)(cfg.model), "data_sha256": file_sha256(data), "total_steps":
+                len(sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)),
+                **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
+    if checkpoints(out):                                               # before the model is built
+        check_run_info(checkpoints(out)[-1], run_info)
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
           f"response its first max_length - prompt = up to {cfg.max_length}); none skipped")
     model = build_model(cfg, d)                                       # meta -> AC -> fully_shard -> pi_t
@@ -577,8 +616,6 @@ def train(cfg, d):
     opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
     sched = sppo.make_scheduler(opt, len(schedule), cfg.warmup_ratio)
     state = TrainState(model, opt, sched, d)
-    run_info = {"data_sha256": file_sha256(data), "global_batch": cfg.global_batch, "epochs": cfg.epochs,
-                "seed": cfg.seed, "total_steps": len(schedule), "eta": cfg.eta, "lr": cfg.lr}
     if checkpoints(out):
         d.log(f"resumed from {load_checkpoint(state, out, run_info, d)} at step {state.step}")
     elif cfg.resume:
@@ -590,7 +627,8 @@ def train(cfg, d):
         old = sppo.read_jsonl(metrics_path) if metrics_path.is_file() else []
         sppo.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
     d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps of "
-          f"{cfg.global_batch} = {cfg.micro_batch} x {accumulation} x {d.world}; optimizer {cfg.optimizer}")
+          f"{cfg.global_batch} = {cfg.micro_batch} x {accumulation} x {d.world}; optimizer {cfg.optimizer}; "
+          f"collective timeout {d.timeout.total_seconds():.0f} s")
     model.train()
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
     for step in range(state.step, len(schedule)):
@@ -656,22 +694,66 @@ def parse_args(argv=None):
     return cfg
 
 
+def validate(cfg):
+    """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
+    if cfg.model is None:
+        raise sppo.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
+    sppo.validate_config(cfg)
+    for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
+                               (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
+        if need is None and cfg.stage in stages:
+            raise sppo.ConfigError(f"--stage {cfg.stage} needs {flag}")
+    if cfg.stage == "train" and not Path(cfg.data or Path(cfg.out) / "dataset.jsonl").is_file():
+        raise sppo.ConfigError(f"--stage train: no dataset at {cfg.data or Path(cfg.out) / 'dataset.jsonl'}")
+    if cfg.stage in ("generate", "all") and len(stage_prompts(cfg)) == 0:
+        raise sppo.ConfigError(f"--prompts {cfg.prompts}: no prompts for iteration {cfg.iteration}")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if not os.access(cfg.out, os.W_OK):
+        raise sppo.ConfigError(f"--out {cfg.out}: not writable")
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.plan:
         print_plan(cfg)
         return 0
-    if cfg.model is None:
-        raise SystemExit("--model DIR (pi_t, a local save_pretrained directory) is required")
+    return sppo.user_errors("train_7b.py", lambda: run(cfg))
+
+
+def run(cfg):
+    """Validate, then the stages of --stage in order. Generation and ranking (with D_t) are reused only when
+    OUT/manifest.json shows them made with these settings and inputs (sppo.Manifest, as sppo.py's run directory)."""
+    validate(cfg)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    d = init_distributed()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.stage in ("generate", "all") and not (out / "generations.jsonl").is_file():
+    if cfg.stage != "train":
+        hashes, prompts = sppo.Hashes(out), stage_prompts(cfg)
+        oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
+
+        def key(stage):
+            return sppo.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
+
+        def done(stage):                                  # every rank reads the same files and decides alike
+            return sppo.Manifest(out).done(stage, key(stage), hashes)
+
+        def commit(*stages):                              # rank 0 records what it wrote, then all ranks meet
+            if d.rank == 0:
+                for stage in stages:
+                    sppo.Manifest(out).commit(stage, key(stage), hashes, len(prompts))
+            d.barrier(f"the {'/'.join(stages)} record")
+        gen_done = done("generate") if cfg.stage in ("generate", "all") else True     # stale files: refused now
+    d = init_distributed(cfg.collective_timeout_s)
+    if cfg.stage in ("generate", "all") and not gen_done:
         stage_generate(cfg, d, out)
-    if cfg.stage in ("rank", "all") and not (out / "dataset.jsonl").is_file():
-        stage_rank(cfg, d, out)
+        commit("generate")
+    if cfg.stage in ("rank", "all"):
+        if not done("generate"):
+            raise sppo.ArtifactError(f"{out / 'generations.jsonl'}: not recorded in {out / 'manifest.json'}; "
+                                     f"run --stage generate first")
+        if not (done("rank") and done("dataset")):
+            stage_rank(cfg, d, out)
+            commit("rank", "dataset")
     if cfg.stage in ("train", "all"):
         summary = train(cfg, d)
         d.log(json.dumps(summary))

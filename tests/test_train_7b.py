@@ -14,6 +14,7 @@ Every launch also asserts a clean exit: no 'terminate called' (the teardown flak
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,10 +87,11 @@ def mistral_run(world):
     return out, p.stdout
 
 
-def single_process(world, arch, epochs):
-    """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached), order, micro-batch 8."""
+def single_process(world, arch, epochs, out):
+    """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
+    micro-batch 8."""
     d = data(world, arch)
-    ref = json.loads(d.with_name("dataset.ref_logp.json").read_text())["ref_logp"]
+    ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
     rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(d), ref)]
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False)
     model, tok = sppo.load_policy(world[arch], cfg, "cpu")
@@ -107,7 +109,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("arch, epochs", [("llama", 2), ("mistral", 20)])
 def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs):
     out, log = {"llama": llama_run, "mistral": mistral_run}[arch]
-    ref, ref_single, history, params = single_process(world, arch, epochs)
+    ref, ref_single, history, params = single_process(world, arch, epochs, out)
     # pi_ref = pi_t, computed sharded across ranks, equals one process's log-probs
     assert max(abs(a - b) for a, b in zip(ref, ref_single)) < 1e-4
     steps = sppo.read_jsonl(out / "metrics.jsonl")
@@ -169,6 +171,50 @@ def test_stop_and_resume_is_exact(world, llama_run):
                     load_file(out / "model" / "model.safetensors")) == 0.0
 
 
+def test_resume_refuses_changed_settings(world, llama_run):
+    """--resume against a checkpoint made with other settings: refused before the model is built, the field named
+    (the optimizer too, which used to give a cryptic DCP error)."""
+    out = world["root"] / "llama_R"
+    args = flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN)
+    torchrun(*args, "--stop-at-step", "2")
+    for flag, value, field in [("--warmup-ratio", "0.2", "'warmup_ratio' is 0.1 but this run has 0.2"),
+                               ("--optimizer", "adamw", "'optimizer' is 'rmsprop' but this run has 'adamw'"),
+                               ("--max-length", "40", "'max_length' is 48 but this run has 40")]:
+        p = torchrun(*args, flag, value, "--resume", check=False)             # the last flag wins
+        line = next((x for x in p.stderr.splitlines() if x.startswith("train_7b.py: error: ")), "")
+        assert p.returncode != 0 and field in line, p.stderr[-2000:]      # one line (torchrun adds its own report)
+    other = world["root"] / "llama_copy"
+    shutil.copytree(world["llama"], other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"rms_norm_eps": 1e-06',
+                                                                                   '"rms_norm_eps": 1e-05'))
+    p = torchrun(*args, "--model", str(other), "--resume", check=False)
+    assert p.returncode != 0 and "field 'model' is" in p.stderr
+
+
+def test_workers_die_with_the_agent(world):
+    """SIGKILL of the torchrun agent alone: the workers do not train on as orphans."""
+    out = world["root"] / "mistral_orphans"
+    args = flags(model=world["mistral"], data=data(world, "mistral"), out=out, epochs=20, **TRAIN)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "train_7b.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2 and proc.poll() is None, "the run ended before the kill"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+              for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the agent"
+
+
 def test_killed_run_resumes_exactly(world, mistral_run):
     """A real SIGKILL of both ranks and torchrun mid-run (checkpoint every step), then --resume."""
     out = world["root"] / "mistral_K"
@@ -205,8 +251,10 @@ def test_stage_all_runs_one_iteration(world, tmp_path):
     sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
     rm = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm")
     out = tmp_path / "iter0"
-    torchrun(*flags(stage="all", model=world["llama"], prompts=prompts, pairrm=rm, out=out, K=2, max_new_tokens=4,
-                    gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 4}))
+    run = flags(stage="all", model=world["llama"], prompts=prompts, pairrm=rm, out=out, K=2, max_new_tokens=4,
+                gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 4})
+    p = torchrun(*run, "--collective-timeout-s", "77")
+    assert "collective timeout 77 s" in p.stdout
     gens = sppo.read_jsonl(out / "generations.jsonl")
     assert [g["prompt_id"] for g in gens] == list(range(8)) and all(len(g["responses"]) == 2 for g in gens)
     rows = sppo.read_jsonl(out / "dataset.jsonl")
@@ -218,6 +266,23 @@ def test_stage_all_runs_one_iteration(world, tmp_path):
                       "--max-new-tokens", "4", "--gen-batch", "2", "--iterations", "1", "--stop-after", "generate",
                       "--no-progress"]) == 0
     assert (one / "iter0" / "generations.jsonl").read_bytes() == (out / "generations.jsonl").read_bytes()
+    # generations made with another K are refused at once, named, never reused (and nothing is rewritten)
+    before = (out / "generations.jsonl").read_bytes()
+    bad = [*run]
+    bad[bad.index("--K") + 1] = "3"
+    p = torchrun(*bad, check=False)
+    assert p.returncode != 0 and "generations.jsonl: made with setting K = 2, but this run has K = 3" in p.stderr
+    assert (out / "generations.jsonl").read_bytes() == before
+
+
+def test_bad_rows_are_refused_before_the_model_is_built(tmp_path):
+    for field, value, message in [("win_prob", float("nan"), "win_prob nan is outside"),
+                                  ("win_prob", 1.5, "win_prob 1.5 is outside"), ("finished", "yes", "'finished' should be")]:
+        rows = sppo_toy.synthetic_dataset(4)
+        rows[2][field] = value
+        sppo.write_jsonl(tmp_path / "d.jsonl", rows)
+        with pytest.raises(sppo.ArtifactError, match=message):
+            train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig())
 
 
 def test_golden_losses_two_ranks(llama_run):

@@ -1,0 +1,222 @@
+"""Run integrity (sppo.py's run directory, train_7b.py's stages): a resumed run never mixes settings, never drops
+or moves rows, never counts an untrained model as trained, and bad settings fail before any work.
+
+Which test shows each case of the issue (numbers as in its text):
+| case | what went wrong before | test |
+|---|---|---|
+| 1 | resume reused artifacts made with another model/seed/temperature/max-new-tokens/selection/eta, and a finished run re-run with new eta/lr/epochs "trained" nothing | test_changed_setting_is_refused_and_nothing_is_touched, test_restart_from_moves_stale_artifacts_aside |
+| 2 | truncated, shortened or reordered preferences/dataset files were used | test_edited_artifacts_are_refused, test_readers_and_sources_refuse_moved_rows |
+| 3 | an untrained model counted as trained (epochs 0, empty dataset, a kill before metrics) | test_model_without_its_record_is_trained_again, test_bad_settings_fail_before_any_work |
+| 4 | K < 2, zero batches, max_length 0, eta <= 0, epochs 0, selection typos, empty or short prompt files failed late or not at all; long prompts were generated from in full | test_bad_settings_fail_before_any_work, test_long_prompts_are_cut_before_generation |
+| 5 | train_7b: stale generations in --stage all, --resume with changed settings, late data checks, collective timeout, orphan workers | tests/test_train_7b.py: test_stage_all_refuses_stale_generations, test_resume_refuses_changed_settings, test_bad_rows_are_refused_before_the_model_is_built, test_workers_die_with_the_agent |
+| 6 | PairRM and hedge_toy inputs | tests/test_pairrm.py, tests/test_hedge_toy.py, tests/test_hedge_neighbours.py |
+| fault injection | SIGKILL at points in every stage, then the same command: byte-identical artifacts | test_sigkill_anywhere_then_resume_gives_identical_artifacts |
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sppo
+import sppo_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(out):
+    """{relative path: sha256} of every file under out but hashes.json (a cache of file hashes, not an artifact)."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != "hashes.json"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two tiny policies, a prompt file, and one finished 2-iteration run with the game oracle."""
+    root = tmp_path_factory.mktemp("integrity")
+    games = sppo_toy.demo_games()
+    for name, seed in [("pi_a", 0), ("pi_b", 1)]:                   # warm-started, so samples are well-formed
+        model, tok = sppo.load_policy(sppo_toy.build_tiny_policy(root / f"{name}.init", seed=seed),
+                                      sppo.SPPOConfig(), "cpu")
+        sppo_toy.warm_start(model, tok, {x: (games[x][1], sppo_toy.DEMO_START[x]) for x in games}, steps=150)
+        sppo.save_policy(model, tok, root / name)
+    a, b = str(root / "pi_a"), str(root / "pi_b")
+    prompts = root / "prompts.jsonl"
+    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
+    cfg = sppo_toy.DemoConfig(model=a, prompts=str(prompts), out=str(root / "run"), iterations=2, epochs=1,
+                              global_batch=16, micro_batch=16, progress=False)
+    assert sppo.run(cfg, oracle=oracle()) is not None
+    return {"root": root, "a": a, "b": b, "prompts": prompts, "cfg": cfg}
+
+
+def oracle():
+    return sppo_toy.GameOracle(sppo_toy.demo_games())
+
+
+def copy_run(world, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(world["cfg"].out, out)
+    return world["cfg"].__class__(**{**world["cfg"].__dict__, "out": str(out)}), out
+
+
+@pytest.mark.parametrize("change", [dict(model="b"), dict(seed=1), dict(temperature=0.7), dict(max_new_tokens=2),
+                                    dict(selection="pair"), dict(eta=2.0), dict(lr=1e-3), dict(epochs=2)])
+def test_changed_setting_is_refused_and_nothing_is_touched(world, tmp_path, change):
+    cfg, out = copy_run(world, tmp_path)
+    name, value = next(iter(change.items()))
+    value = world["b"] if value == "b" else value
+    before = tree(out)
+    with pytest.raises(sppo.StaleStage) as e:
+        sppo.run(cfg.__class__(**{**cfg.__dict__, name: value}), oracle=oracle())
+    msg = str(e.value)
+    assert "iter0" in msg and "--restart-from" in msg and "another --out" in msg
+    if name != "model":                                          # the setting, its old and its new value
+        assert f"{name} = {getattr(cfg, name)!r}" in msg and f"{name} = {value!r}" in msg
+    else:
+        assert "pi_t model" in msg
+    assert tree(out) == before                                   # config.json not rewritten, nothing else either
+
+
+def test_restart_from_moves_stale_artifacts_aside(world, tmp_path):
+    cfg, out = copy_run(world, tmp_path)
+    old = tree(out)
+    new = cfg.__class__(**{**cfg.__dict__, "eta": 2.0})
+    with pytest.raises(sppo.ConfigError, match="restart from dataset or an earlier stage"):
+        sppo.run(cfg.__class__(**{**new.__dict__, "restart_from": "train"}), oracle=oracle())
+    assert sppo.run(cfg.__class__(**{**new.__dict__, "restart_from": "dataset"}), oracle=oracle()) is not None
+    stale = next((out / "stale").iterdir())
+    moved = tree(stale)
+    for f in ["iter0/dataset.jsonl", "iter0/metrics.json", "iter1/generations.jsonl", "iter1/manifest.json"]:
+        assert moved[f] == old[f], f                             # moved aside intact, never deleted
+    now = tree(out)
+    assert now["iter0/generations.jsonl"] == old["iter0/generations.jsonl"]      # kept: made as this run asks
+    assert json.loads((out / "config.json").read_text())["eta"] == 2.0
+    assert sppo.run(new, oracle=oracle()) is not None            # and the restarted run now resumes as itself
+
+
+def test_edited_artifacts_are_refused(world, tmp_path):
+    for name, edit in [("iter1/preferences.jsonl", lambda ls: ls[:-1]), ("iter0/preferences.jsonl", lambda ls: ls[::-1]),
+                       ("iter0/dataset.jsonl", lambda ls: ls[:-5]), ("iter1/generations.jsonl", lambda ls: ls[1:])]:
+        cfg, out = copy_run(world, tmp_path / name.replace("/", "_"))
+        f = out / name
+        f.write_text("".join(edit(f.read_text().splitlines(keepends=True))))
+        with pytest.raises(sppo.StaleStage, match=f"{name}: changed since it was written"):
+            sppo.run(cfg, oracle=oracle())
+
+
+def test_readers_and_sources_refuse_moved_rows(world, tmp_path):
+    """Without the manifest too: the readers and the D_t cross-check refuse short, reordered or foreign rows."""
+    d, cfg = Path(world["cfg"].out) / "iter0", world["cfg"]
+    prompts = sppo.iteration_prompts(sppo.load_prompts(world["prompts"]), cfg, 0)
+    gens = sppo.read_generations(d / "generations.jsonl", prompts, cfg.K)
+    mats = sppo.read_preferences(d / "preferences.jsonl", len(prompts), cfg.K)
+    rows = sppo.read_dataset(d / "dataset.jsonl")
+    sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join((d / "preferences.jsonl").read_text().splitlines(keepends=True)[::-1]))
+    with pytest.raises(sppo.ArtifactError, match=r"p\.jsonl:1: expected prompt 0"):
+        sppo.read_preferences(f, len(prompts), cfg.K)
+    with pytest.raises(sppo.ArtifactError, match="rows for 8 prompts"):
+        sppo.check_dataset_sources(rows[:-3], gens, mats, cfg, "d")
+    with pytest.raises(sppo.ArtifactError, match="record 1: not prompt 0's generation"):
+        sppo.check_dataset_sources([rows[5]] + rows[1:5] + [rows[0]] + rows[6:], gens, mats, cfg, "d")
+
+
+def test_model_without_its_record_is_trained_again(world, tmp_path):
+    """A kill after the model was saved but before the train record: the model does not count; training reruns
+    from pi_t and gives the uninterrupted run's weights exactly."""
+    cfg, out = copy_run(world, tmp_path)
+    want = load_file(out / "iter1" / "model" / "model.safetensors")
+    man = json.loads((out / "iter1" / "manifest.json").read_text())
+    del man["stages"]["train"]
+    (out / "iter1" / "manifest.json").write_text(json.dumps(man))
+    (out / "iter1" / "metrics.json").unlink()
+    sppo.save_policy(*sppo.load_policy(out / "iter0" / "model", cfg, "cpu"), out / "iter1" / "model")  # = pi_1
+    assert sppo.run(cfg, oracle=oracle()) is not None
+    got = load_file(out / "iter1" / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (out / "iter1" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(K=1), "--K 1: must be >= 2"), (dict(global_batch=0), "--global-batch 0: must be >= 1"),
+    (dict(micro_batch=0), "--micro-batch 0"), (dict(max_length=0), "--max-prompt-length 16: must be >= 1 and below"),
+    (dict(eta=0.0), "--eta 0.0: must be finite and > 0"), (dict(eta=-3.0), "--eta -3.0"),
+    (dict(eta=float("nan")), "--eta nan"), (dict(epochs=0), "--epochs 0: must be >= 1"),
+    (dict(selection="best"), "--selection 'best': choose from"), (dict(top_p=0.0), "--top-p 0.0"),
+    (dict(model="/nonexistent"), "--model /nonexistent: no config.json"),
+    (dict(prompts="EMPTY"), "0 prompts for 2 disjoint iteration slices (the file is empty)"),
+    (dict(prompts="ONE", split_prompts=True), "1 prompts for 2 disjoint iteration slices")])
+def test_bad_settings_fail_before_any_work(world, tmp_path, change, message):
+    (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "ONE").write_text('{"prompt": "play rps"}\n')
+    change = {k: str(tmp_path / v) if v in ("EMPTY", "ONE") else v for k, v in change.items()}
+    out = tmp_path / "run"
+    cfg = world["cfg"].__class__(**{**world["cfg"].__dict__, "out": str(out), **change})
+    with pytest.raises(sppo.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sppo.run(cfg, oracle=oracle())
+    assert not out.exists() or not any(out.iterdir())            # nothing written
+
+
+def test_one_line_errors_exit_2(world, tmp_path, capsys):
+    """From the command line a user error is one line on stderr and exit code 2, never a traceback."""
+    assert sppo.main(["--model", world["a"], "--prompts", str(world["prompts"]), "--eta", "-1", "--out",
+                      str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sppo.py: error: --eta -1.0")
+    assert sppo.main(["--model", world["a"], "--prompts", str(world["prompts"]), "--out", str(tmp_path / "x")]) == 2
+    assert "--pairrm" in capsys.readouterr().err                 # --oracle pairrm without a checkpoint
+
+
+def test_long_prompts_are_cut_before_generation(world, capsys):
+    """A prompt past max_prompt_length (and past the tiny model's 64 positions) is cut by the training rule, the
+    END kept, and counted; the samples equal those of the pre-cut prompt."""
+    model, tok = sppo.load_policy(world["a"], world["cfg"], "cpu")
+    cfg = sppo.SPPOConfig(K=3, max_new_tokens=3, max_prompt_length=8, max_length=32, seed=1, progress=False)
+    long = "rock " * 600 + "play rps"
+    got = sppo.generate_responses(model, tok, [long, "play rps"], cfg)
+    assert "1 of 2 prompts cut to their last max_prompt_length=8 tokens" in capsys.readouterr().out
+    ids = sppo.prompt_ids(tok, long)[-8:]
+    assert sppo.encode_example(tok, long, "rock", True, 32, 8)[0] == ids          # the same rule as training
+    assert len(got) == 2 and all(len(g["responses"]) == 3 for g in got)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tmp_path):
+    """The demo CLI, SIGKILLed when each stage's file appears (generate, rank, dataset, a model being saved, the
+    next iteration), resumed each time with the same command: the final artifacts equal an uninterrupted run's
+    byte for byte (models: tensor for tensor)."""
+    def cmd(out):
+        return [sys.executable, str(ROOT / "sppo_toy.py"), "--iterations", "2", "--groups", "6", "--epochs", "2",
+                "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(cmd(full), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    kills = 0
+    for marker in ["iter0/generations.jsonl", "iter0/preferences.jsonl", "iter0/dataset.jsonl", "iter0/model.tmp",
+                   "iter1/generations.jsonl", "iter1/model.tmp"]:
+        p = subprocess.Popen(cmd(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while p.poll() is None and not (cut / marker).exists() and time.time() - t0 < 120:
+            time.sleep(0.005)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 4
+    subprocess.run(cmd(cut), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    a, b = tree(full), tree(cut)
+    for f in a:
+        if f.endswith(".jsonl") and "stale" not in f:
+            assert a[f] == b[f], f
+    for t in (0, 1):
+        x, y = (load_file(o / f"iter{t}" / "model" / "model.safetensors") for o in (full, cut))
+        assert all(torch.equal(x[k], y[k]) for k in x)
