@@ -80,6 +80,24 @@ def _validate_policy(pi, n=None, name="pi"):
     return pi
 
 
+def _positive(name, value, batch, zero_ok=False):
+    """value as floats broadcast to batch + (1,); a ValueError naming `name` unless every entry is finite and > 0
+    (>= 0 if zero_ok)."""
+    v = np.asarray(np.nan if isinstance(value, str) else value, dtype=float)
+    if v.size == 0 or not np.isfinite(v).all() or (v < 0).any() or (not zero_ok and (v == 0).any()):
+        raise ValueError(f"{name} must be finite and >{'=' * zero_ok} 0; got {name} = {value!r}")
+    return np.broadcast_to(v, batch)[..., None]
+
+
+def _check_eta_T(eta, T, batch, eta_zero_ok=False, T_per_run=False):
+    """(eta (*batch, 1), T) for the run functions, or a ValueError naming the bad one: eta as _positive checks it, T an
+    integer >= 1 (numpy integers too, bool not); an int, or for hedge_batch (T_per_run) an array broadcast to batch."""
+    t = np.asarray(T)
+    if t.dtype.kind not in "iu" or t.size == 0 or (t < 1).any() or (t.ndim and not T_per_run):
+        raise ValueError(f"T must be an integer number of steps T >= 1{' per run' * T_per_run}; got T = {T!r}")
+    return _positive("eta", eta, batch, eta_zero_ok), (np.broadcast_to(t, batch) if T_per_run else int(t))
+
+
 def _logsumexp(a, axis=-1):
     m = np.max(a, axis=axis, keepdims=True)
     return (m + np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True))).squeeze(axis)
@@ -201,13 +219,15 @@ def hedge_step(P, pi, eta):
 
 
 def hedge_trajectory(P, eta, T, pi1=None):
-    """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default."""
+    """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default.
+    eta >= 0: eta = 0 is the identity (pi_t = pi_1), allowed here as a reference; hedge and play need eta > 0."""
     P = validate_preference(P)
     n = P.shape[-1]
+    eta, T = _check_eta_T(eta, T, P.shape[:-2], eta_zero_ok=True)
     pi1 = np.full(P.shape[:-1], 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
     with np.errstate(divide="ignore"):
         log_pi = np.broadcast_to(np.log(pi1), P.shape[:-1])  # (..., n)
-    iterates = _loop(_hedge, P, np.asarray(eta, float)[..., None], log_pi)  # any eta, 0 included: no update
+    iterates = _loop(_hedge, P, eta, log_pi)
     return np.array([pi for _, pi in zip(range(T), iterates)]).reshape(T, *log_pi.shape)
 
 
@@ -233,10 +253,7 @@ def hedge_batch(P, eta, T, pi1=None):
     """
     P = validate_preference(P)
     R, n = P.shape[0], P.shape[-1]
-    eta = np.broadcast_to(np.asarray(eta, float), (R,))[:, None]  # (R, 1)
-    T = np.broadcast_to(np.asarray(T, int), (R,))
-    if (T < 1).any():
-        raise ValueError(f"every run needs T >= 1 steps; got T = {T}")
+    eta, T = _check_eta_T(eta, T, (R,), T_per_run=True)  # (R, 1), (R,)
     pi1 = np.full((R, n), 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
     with np.errstate(divide="ignore"):
         log_pi = np.log(np.broadcast_to(pi1, (R, n)))  # log pi_1, (R, n)
@@ -408,14 +425,6 @@ def _loop(step, P, eta, log_pi, tau=None, log_mu=None):
         log_pi, mem = step(P, log_pi, pi, eta, tau, log_mu, mem)
 
 
-def _positive(name, value, batch):
-    """value as floats broadcast to batch + (1,); a ValueError naming `name` unless finite and > 0."""
-    v = np.asarray(np.nan if isinstance(value, str) else value, dtype=float)
-    if v.size == 0 or not np.isfinite(v).all() or (v <= 0).any():
-        raise ValueError(f"{name} must be finite and > 0; got {name} = {value!r}")
-    return np.broadcast_to(v, batch)[..., None]
-
-
 def _log_reference(mu, batch, n):
     """log mu (..., n) for the reference / magnet mu (uniform by default); a ValueError unless mu > 0 everywhere."""
     mu = np.full(n, 1.0 / n) if mu is None else _validate_policy(mu, n, "mu")
@@ -430,10 +439,8 @@ def _iterates(P, method, eta, T, pi1, options, flat):
         raise ValueError(f"method must be one of {list(METHODS)}; got method = {method!r}")
     if set(options) - set(("tau", "mu") if method in REGULARISED else ()):
         raise ValueError(f"only {REGULARISED} take options (tau, mu); got {sorted(options)} for {method!r}")
-    if not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"T must be an integer >= 1; got T = {T!r}")
     batch, n = P.shape[:-2], P.shape[-1]
-    eta, tau = _positive("eta", eta, batch), _positive("tau", options.get("tau", 0.1), batch)
+    (eta, T), tau = _check_eta_T(eta, T, batch), _positive("tau", options.get("tau", 0.1), batch)
     if method == "nash_md" and (eta * tau > 1).any():
         raise ValueError(f"nash_md needs eta * tau <= 1; got eta * tau = {(eta * tau).max():g}")
     pi1 = np.full(n, 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
@@ -462,7 +469,8 @@ def play(P, method, eta, T, pi1=None, **options):
 def trajectory(P, method, eta, T, pi1=None, **options):
     """The iterates pi_1 .. pi_T of `method`, an array (T, ..., n); arguments as for play."""
     P = validate_preference(P)
-    return np.stack([pi for _, pi in zip(range(T), _iterates(P, method, eta, T, pi1, options, False))])
+    iterates = _iterates(P, method, eta, T, pi1, options, False)  # checks T before range(T) sees it
+    return np.stack([pi for _, pi in zip(range(T), iterates)])
 
 
 def regularized_gap(P, pi, tau, mu=None):

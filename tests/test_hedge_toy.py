@@ -107,6 +107,43 @@ def test_policies_are_validated():
         H.hedge(GOOD, 0.1, 0)
 
 
+GOOD3 = np.stack([GOOD] * 3)  # (3, 3, 3)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: H.hedge(GOOD, -0.1, 5), ["eta must be finite and > 0", "eta = -0.1"]),
+    (lambda: H.hedge(GOOD, 0.0, 5), ["eta must be finite and > 0", "eta = 0.0"]),
+    (lambda: H.hedge(GOOD, float("nan"), 5), ["eta", "nan"]),
+    (lambda: H.hedge(GOOD, math.inf, 5), ["eta", "inf"]),
+    (lambda: H.hedge(GOOD, 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge(GOOD, 0.1, True), ["T must be an integer", "T = True"]),
+    (lambda: H.hedge_batch(GOOD3, [0.1, math.nan, 0.1], 5), ["eta", "nan"]),  # every entry of a batched eta
+    (lambda: H.hedge_batch(GOOD3, [0.1, 0.2, -0.3], 5), ["eta", "-0.3"]),
+    (lambda: H.hedge_batch(GOOD3, 0.1, [5, 0, 5]), ["T >= 1 per run", "[5, 0, 5]"]),
+    (lambda: H.hedge_batch(GOOD3, 0.1, [5.0, 6.0, 5.0]), ["T must be an integer", "5.0"]),
+    (lambda: H.hedge_trajectory(GOOD, -1e-3, 5), ["eta must be finite and >= 0", "eta = -0.001"]),
+    (lambda: H.hedge_trajectory(GOOD, math.inf, 5), ["eta", "inf"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, np.array([2, 3])), ["T must be an integer", "array([2, 3])"]),
+    (lambda: H.trajectory(GOOD, "hedge", 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, 5, pi1=[0.5, 0.5, 0.5]), ["pi1", "sum to 1"]),
+])
+def test_run_functions_reject_bad_eta_T_and_pi1_naming_them(call, words):
+    with pytest.raises(ValueError) as err:
+        call()
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_run_functions_accept_numpy_integers_per_run_T_and_eta_zero_as_identity():
+    pi_bar, pi_last = H.hedge(GOOD, 0.1, np.int32(5), pi1=[0.6, 0.3, 0.1])
+    assert np.allclose((pi_bar, pi_last), H.hedge(GOOD, 0.1, 5, pi1=[0.6, 0.3, 0.1]))
+    rows = H.hedge_batch(GOOD3, np.array([0.1, 0.2, 0.3]), np.array([1, 2, 3], dtype=np.int64))  # run_gap_suite's form
+    assert np.allclose(rows[1][0], 1 / 3)  # T = 1: pi_last = pi_1
+    frozen = H.hedge_trajectory(GOOD, 0.0, 4, [0.6, 0.3, 0.1])  # eta = 0: no update, the sppo_toy test's reference
+    assert np.allclose(frozen, [0.6, 0.3, 0.1])
+
+
 # --------------------------------------------------------------------------------------------------- games
 
 def test_games_have_the_structure_their_docstrings_claim():
