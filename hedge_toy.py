@@ -22,6 +22,7 @@ Run:  python hedge_toy.py [--out figures] [--t-max 100000] [--seed 0] [--trials 
 It prints one table per claim, writes five PNGs into --out, and exits 1 if a Theorem 4.1 bound fails.
 """
 import math
+import numbers
 import os
 import sys
 import time
@@ -36,12 +37,19 @@ def validate_preference(P, atol=1e-6):
     """Return P as a float64 array (..., n, n), or raise ValueError naming the problem and the first bad entry.
 
     Checks, in order: square in its last two axes, finite, inside [0, 1], diagonal 1/2 (P(y > y) = 1/2), and
-    P + P^T = 1 (P(y > y') + P(y' > y) = 1), the last two up to `atol`. Takes array-likes and torch tensors.
-    This is THE validator of the repository (sppo.py uses it on its K x K matrices batched over prompts).
+    P + P^T = 1 (P(y > y') + P(y' > y) = 1), the last two up to `atol`. Takes array-likes and torch tensors of real
+    numbers; bool, complex, text and None are refused, not cast. This is THE validator of the repository (sppo.py uses
+    it on its K x K matrices batched over prompts).
     """
     if hasattr(P, "detach"):  # a torch tensor
         P = P.detach().cpu().numpy()
-    P = np.asarray(P, dtype=np.float64)
+    P = np.asarray(P)
+    bad = None if P.dtype.kind in "iuf" else next((i for i, x in np.ndenumerate(P) if isinstance(x, (bool, np.bool_))
+                                                  or not isinstance(x, numbers.Real)), None)
+    if bad is not None:
+        raise ValueError(f"preference entries must be real numbers (int or float; not bool, complex or text); "
+                         f"P[{', '.join(map(str, bad))}] = {P[bad]!r} (dtype {P.dtype})")
+    P = P.astype(np.float64)
     if P.ndim < 2 or P.shape[-1] != P.shape[-2] or P.shape[-1] == 0:
         raise ValueError(f"preference matrix must have shape (..., n, n) with n >= 1; got shape {P.shape}")
 

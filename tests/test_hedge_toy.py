@@ -88,6 +88,37 @@ def test_validate_accepts_batches_and_tensors():
     assert np.allclose(H.validate_preference(P), P.double().numpy())
 
 
+@pytest.mark.parametrize("P, words", [
+    (GOOD.astype(str), ["real numbers", "P[0, 0]", "'0.5'", "<U"]),  # np.asarray(..., float) would parse the text
+    ([["0.5", "0"], ["1", "0.5"]], ["real numbers", "P[0, 0]", "'0.5'"]),
+    (GOOD.astype(complex), ["real numbers", "P[0, 0]", "complex"]),  # a cast would drop the imaginary part
+    ([[0.5, 0.5 + 1j], [0.5, 0.5]], ["real numbers", "dtype complex128"]),  # one complex entry: all are
+    (GOOD > 0.4, ["real numbers", "P[0, 0]", "dtype bool"]),
+    ([[0.5, None], [0.5, 0.5]], ["real numbers", "P[0, 1] = None"]),
+    (np.array([[0.5, True], [False, 0.5]], dtype=object), ["real numbers", "P[0, 1] = True"]),
+])
+def test_validate_rejects_entries_that_are_not_real_numbers(P, words):
+    with pytest.raises(ValueError) as err:
+        H.validate_preference(P)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_validate_rejects_bool_and_complex_tensors():
+    torch = pytest.importorskip("torch")
+    for T in (torch.eye(2, dtype=torch.bool), torch.full((2, 2), 0.5, dtype=torch.complex64)):
+        with pytest.raises(ValueError, match="real numbers"):
+            H.validate_preference(T)
+
+
+def test_validate_accepts_int_and_float_arrays_and_mixed_lists():
+    assert np.array_equal(H.validate_preference([[0.5, 1], [0, 0.5]]), [[0.5, 1.0], [0.0, 0.5]])  # ints and floats
+    assert H.validate_preference(np.full((1, 1), 0.5, dtype=np.float16)).dtype == np.float64
+    assert np.array_equal(H.validate_preference(np.array([[0.5, 1], [0, 0.5]], dtype=object)), [[0.5, 1], [0, 0.5]])
+    with pytest.raises(ValueError, match="diagonal"):  # an int array is read as numbers (and then checked)
+        H.validate_preference(np.eye(2, dtype=np.uint8))
+
+
 @pytest.mark.parametrize("call", [
     lambda P: H.hedge(P, 0.1, 5), lambda P: H.hedge_batch(P[None], 0.1, 5), lambda P: H.hedge_trajectory(P, 0.1, 5),
     lambda P: H.hedge_step(P, np.full(3, 1 / 3), 0.1), lambda P: H.duality_gap(P, np.full(3, 1 / 3)),
