@@ -544,6 +544,23 @@ class Config:
                                   metadata={"help": "taus of the tau -> 0 panel"})
 
 
+def check_config(cfg):
+    """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
+    count = lambda low: lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+    step = lambda x: isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
+    for name, ok, want in (("t_max", count(1), "an integer >= 1"), ("trials", count(1), "an integer >= 1"),
+                           ("etas", step, "finite and > 0"), ("ks", count(2), "integers K >= 2"),
+                           ("dyn_eta", step, "finite and > 0"), ("dyn_t", count(1), "an integer >= 1"),
+                           ("dyn_tau", step, "finite and > 0"), ("dyn_taus", step, "finite and > 0")):
+        v = getattr(cfg, name)
+        vs = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not vs or not all(map(ok, vs)):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {want}; got {v!r}")
+    if cfg.dyn_eta * max(cfg.dyn_tau, *cfg.dyn_taus) > 1:
+        raise ValueError(f"nash_md needs dyn_eta * tau <= 1 (--dyn-eta, --dyn-tau, --dyn-taus); got "
+                         f"{cfg.dyn_eta:g} * {max(cfg.dyn_tau, *cfg.dyn_taus):g}")
+
+
 def run_gap_suite(games, horizons):
     """Thm 4.1 for every (game, T) with eta = tuned_eta(n, T), uniform start, one padded batch of rows.
 
@@ -567,7 +584,7 @@ def run_gap_suite(games, horizons):
 
 def print_table(header, rows):
     """Aligned columns; rows are lists of already formatted strings."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
@@ -643,6 +660,7 @@ def plot_simplex(runs, path, cols=None):
 
 
 def report(cfg):
+    check_config(cfg)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -673,10 +691,11 @@ def report(cfg):
             mean, se = empirical_log_z(kind, K, np.array(cfg.etas), cfg.trials, cfg.seed)
             for i, eta in enumerate(cfg.etas):
                 results.setdefault((kind, eta), []).append((K, mean[i], se[i]))
+    shown = [K for K in cfg.ks if K in (2, 5, 20, 100, 500)] or cfg.ks  # a subset of the K run, or all of them
     print(f"App. A: log Z_K / eta of the K-sample empirical policy ({cfg.trials} trials) and its K -> inf limit")
     print_table(["kind", "eta", "K", "log Z/eta", "s.e./eta", "limit/eta"],
                 [[kind, f"{eta:g}", str(K), f"{m / eta:.4f}", f"{s / eta:.4f}", f"{log_z_limit(kind, eta) / eta:.4f}"]
-                 for (kind, eta), res in results.items() for K, m, s in res if K in (2, 5, 20, 100, 500)])
+                 for (kind, eta), res in results.items() for K, m, s in res if K in shown])
 
     plot_gap(rows, os.path.join(cfg.out, "hedge_gap.png"))
     plot_log_z(results, cfg.etas, os.path.join(cfg.out, "hedge_log_z.png"))
@@ -747,6 +766,11 @@ def main(argv=None):
     library itself stays NumPy-only."""
     from transformers import HfArgumentParser
     cfg = Config(**vars(HfArgumentParser(Config, description=__doc__.split("\n")[0]).parse_args(argv)))
+    try:
+        check_config(cfg)  # a bad value exits 2 at once too, before minutes of computing
+    except ValueError as e:
+        print(f"hedge_toy.py: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     code = report(cfg)
     print(f"done in {time.perf_counter() - start:.1f} s")

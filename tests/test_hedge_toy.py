@@ -379,3 +379,42 @@ def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,), dyn_t=50)
     assert H.report(cfg) == 1
     assert "NO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("etas", [1.0, 0.0], ["etas (--etas)", "finite and > 0", "[1.0, 0.0]"]),
+    ("etas", [float("inf")], ["etas", "inf"]),
+    ("etas", [], ["etas", "[]"]),
+    ("ks", [2, 1], ["ks (--ks)", "K >= 2", "[2, 1]"]),
+    ("ks", [2.5], ["ks", "2.5"]),
+    ("t_max", 0, ["t_max (--t-max)", "integer >= 1", "0"]),
+    ("t_max", 100.0, ["t_max", "integer", "100.0"]),
+    ("trials", 0, ["trials (--trials)", "0"]),
+    ("dyn_eta", float("nan"), ["dyn_eta (--dyn-eta)", "nan"]),
+    ("dyn_t", 0, ["dyn_t (--dyn-t)", "0"]),
+    ("dyn_tau", -0.1, ["dyn_tau (--dyn-tau)", "-0.1"]),
+    ("dyn_taus", [0.1, 0.0], ["dyn_taus (--dyn-taus)", "[0.1, 0.0]"]),
+    ("dyn_eta", 5.0, ["nash_md needs dyn_eta * tau <= 1", "5 * 0.3"]),  # the tau -> 0 panel's largest tau
+])
+def test_report_refuses_a_bad_config_before_any_work(tmp_path, field, value, words):
+    out = tmp_path / "figs"
+    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2], dyn_t=50) | {field: value}))
+    with pytest.raises(ValueError) as err:
+        H.report(cfg)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert not out.exists()  # nothing computed, nothing written
+
+
+def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--etas", "0", "--out",
+                           str(tmp_path / "figs")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "figs").exists()
+    assert proc.stderr.splitlines() == ["hedge_toy.py: error: etas (--etas) must be finite and > 0; got [0.0]"]
+
+
+def test_app_a_table_shows_the_given_ks_outside_its_default_subset(tmp_path, capsys):
+    assert H.report(H.Config(out=str(tmp_path), t_max=100, trials=3, ks=[3, 4], etas=[1.0], dyn_t=50)) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("App. A"):].split("\n\n")[0].splitlines()[2:]  # the App. A table's rows
+    assert [line.split()[:3] for line in table] == [[kind, "1", K] for kind in H.KINDS for K in ("3", "4")]
