@@ -424,10 +424,14 @@ def save_tiny_random_checkpoint(out_dir, layout: str = "PairRM-hf", seed: int = 
     "PairRM-hf": DeBERTa-v2 config.json with architectures ["DebertaV2PairRM"] and the prefix ids;
     "PairRM": llm-blender's ranker config.json whose model_name names the backbone folder "backbone" (a local
     stand-in for microsoft/deberta-v3-large). Both: model.safetensors (pretrained_model.*, head_layer.*) and the
-    tokenizer files. config_overrides replace DeBERTa fields (hidden_size=64, ...). Returns out_dir."""
+    tokenizer files. config_overrides replace DeBERTa fields (hidden_size=64, ...). Returns out_dir.
+    out_dir must be new or empty: random weights never overwrite a checkpoint (FileExistsError otherwise)."""
     if layout not in ("PairRM-hf", "PairRM"):
         raise ValueError(f"layout must be 'PairRM-hf' or 'PairRM', got {layout!r}")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not an empty folder: a tiny RANDOM checkpoint is only written to a new or "
+                              "empty one (it would overwrite what is there)")
     out.mkdir(parents=True, exist_ok=True)
     hf_tokenizer = _tiny_tokenizer()
     backbone = {**DEBERTA_V3_LARGE, "vocab_size": len(hf_tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
@@ -470,12 +474,16 @@ def main(argv=None):
                         "(paper, Sec. 5.1); official = sigma(s_i - s_j) (released SPPO code)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--make-tiny", action="store_true", help="first write a tiny RANDOM checkpoint to --model")
+    parser.add_argument("--make-tiny", action="store_true",
+                        help="first write a tiny RANDOM checkpoint to --model (a new or empty folder)")
     args = parser.parse_args(argv)
     if len(args.candidates) < 2:
         parser.error(f"a preference needs at least 2 candidates, got {len(args.candidates)}")
     if args.make_tiny:
-        save_tiny_random_checkpoint(args.model)
+        try:
+            save_tiny_random_checkpoint(args.model)
+        except FileExistsError as e:
+            parser.error(str(e))
     model = PairRM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     M = model.logit_matrices([args.prompt], [args.candidates])  # (1, K, K)
     P, s = preference_from_logits(M, args.mode)[0], scores_from_logits(M)[0]  # (K, K), (K,)

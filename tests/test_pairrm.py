@@ -275,6 +275,25 @@ def test_cli_prints_the_matrix(ckpts, model):
     assert lines[5].startswith("s_PairRM: y0=") and f"best: y{int(s.argmax())} = " in lines[6]
 
 
+def test_make_tiny_refuses_a_non_empty_folder(ckpts, tmp_path, capsys):
+    real = _copy(ckpts["PairRM-hf"], tmp_path)  # stands in for a real checkpoint
+    before = {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match=f"{real} is not an empty folder"):
+        pairrm.save_tiny_random_checkpoint(real, seed=1)
+    with pytest.raises(SystemExit) as exit_:
+        pairrm.main(["--model", str(real), "--make-tiny", "--prompt", "x", "--candidates", "a", "b"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {real} is not an empty folder" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()} == before  # nothing overwritten
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="a_file is not an empty folder"):
+        pairrm.save_tiny_random_checkpoint(tmp_path / "a_file")
+    empty = tmp_path / "empty"  # an existing empty folder (bench.py's TemporaryDirectory) is fine
+    empty.mkdir()
+    assert PairRM.from_pretrained(pairrm.save_tiny_random_checkpoint(empty), device="cpu").prefix_ids == \
+        PairRM.from_pretrained(ckpts["PairRM-hf"], device="cpu").prefix_ids
+
+
 @pytest.mark.skipif(not os.environ.get("PAIRRM_DIR"), reason="set PAIRRM_DIR to a local llm-blender/PairRM(-hf) copy")
 def test_real_checkpoint_published_numbers():
     real = PairRM.from_pretrained(os.environ["PAIRRM_DIR"], device="cpu", dtype=torch.float32)
