@@ -260,6 +260,8 @@ class PairRM(nn.Module):
     def preference_matrix(self, prompt: str, candidates: list[str], mode: str = "pairwise",
                           batch_tokens: int | None = None) -> torch.Tensor:
         """P (K, K) for one prompt: the N = 1 case of preference_matrices."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__} {prompt!r:.80}")
         return self.preference_matrices([prompt], [candidates], mode, batch_tokens)[0]
 
     def scores(self, prompts: list[str], candidates: list[list[str]], batch_tokens: int | None = None,
@@ -324,19 +326,37 @@ class PairRMOracle:
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks and checkpoint files
 
+def _check_texts(name: str, texts) -> None:
+    """A ValueError naming `name` unless texts is a list (or tuple, ...) of strings: a string is not a list of its
+    characters, and None or a number is not a text."""
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__"):
+        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__} {texts!r:.80}")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{k}] must be a string, got {type(t).__name__} {t!r:.80}")
+
+
 def _check_same_length(prompts, cands_a, cands_b):
+    """compare's and pair_logits' inputs: three lists of strings, one a and one b per prompt, at least one prompt."""
+    for name, texts in (("prompts", prompts), ("cands_a", cands_a), ("cands_b", cands_b)):
+        _check_texts(name, texts)
     if not len(prompts) == len(cands_a) == len(cands_b):
         raise ValueError(f"need one candidate a and one b per prompt, got {len(prompts)} prompts, "
                          f"{len(cands_a)} a and {len(cands_b)} b")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: need at least one prompt")
 
 
 def _check_candidates(prompts: list[str], candidates: list[list[str]]) -> int:
-    """K, the number of candidates per prompt: at least 2 and the same for every prompt. Empty strings count."""
-    if isinstance(prompts, str) or len(prompts) != len(candidates):
+    """K, the number of candidates per prompt: at least 2 and the same for every prompt, at least one prompt, every
+    prompt and candidate a string. Empty strings count."""
+    _check_texts("prompts", prompts)
+    if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__") or len(prompts) != len(candidates):
         raise ValueError("prompts must be a list of strings with one list of candidates each")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: need at least one prompt")
     for n, cs in enumerate(candidates):
-        if isinstance(cs, str):
-            raise ValueError(f"candidates[{n}] must be a list of strings, got the string {cs!r}")
+        _check_texts(f"candidates[{n}]", cs)
         if len(cs) < 2:
             raise ValueError(f"prompt {n}: a preference needs at least 2 candidates, got {len(cs)}")
         if len(cs) != len(candidates[0]):

@@ -197,6 +197,29 @@ def test_bad_inputs(model, ckpts, capsys):
     assert "at least 2 candidates" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda m: m.preference_matrices([], []), ["prompts is empty"]),
+    (lambda m: m.scores([], []), ["prompts is empty"]),
+    (lambda m: m.compare([], [], []), ["prompts is empty"]),
+    (lambda m: m.compare("xy", "ab", "cd"), ["prompts must be a list of strings", "str 'xy'"]),  # not 2 prompts
+    (lambda m: m.pair_logits(["x", "y"], ["a", "b"], "cd"), ["cands_b must be a list of strings", "'cd'"]),
+    (lambda m: m.compare(["x"], [3], ["b"]), ["cands_a[0] must be a string", "int 3"]),
+    (lambda m: m.pair_logits(["x"], ["a"], [None]), ["cands_b[0] must be a string", "None"]),
+    (lambda m: m.preference_matrices(["x"], [["a", 3]]), ["candidates[0][1] must be a string", "int 3"]),
+    (lambda m: m.best_of_n(["x", "y"], [["a", "b"], ["c", None]]), ["candidates[1][1] must be a string", "None"]),
+    (lambda m: m.logit_matrices([None], [["a", "b"]]), ["prompts[0] must be a string", "None"]),
+    (lambda m: m.scores("ab", [["x", "y"], ["z", "w"]]), ["prompts must be a list of strings", "'ab'"]),
+    (lambda m: m.preference_matrix("x", "ab"), ["candidates[0] must be a list of strings", "'ab'"]),
+    (lambda m: m.preference_matrix(["x"], ["a", "b"]), ["prompt must be a string", "['x']"]),
+    (lambda m: PairRMOracle(m)("x", ["a", 1.5]), ["candidates[0][1] must be a string", "1.5"]),
+])
+def test_bad_inputs_name_the_argument(model, call, words):
+    with pytest.raises(ValueError) as err:
+        call(model)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
 def _copy(ckpt, tmp_path):
     return Path(shutil.copytree(ckpt, tmp_path / "copy"))
 
