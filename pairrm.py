@@ -282,7 +282,7 @@ class PairRM(nn.Module):
         for name in ("config.json", "tokenizer.json"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} is not a PairRM checkpoint: missing {name}")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _read_json(path / "config.json")
         config = _backbone_config(cfg, path)
         state, weights_file = _load_state_dict(path)
         embedding = state.get("pretrained_model.embeddings.word_embeddings.weight")
@@ -365,6 +365,17 @@ def _check_candidates(prompts: list[str], candidates: list[list[str]]) -> int:
     return len(candidates[0])
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object in file, or a ValueError naming the file: not UTF-8 JSON, or not an object {...}."""
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object {{...}}, got {type(obj).__name__} {obj!r:.80}")
+    return obj
+
+
 def _backbone_config(cfg: dict, path: Path) -> DebertaV2Config:
     """The DeBERTa-v2 config of either layout: PairRM-hf's config.json is one; PairRM's ranker config names it."""
     if "DebertaV2PairRM" in cfg.get("architectures", []):
@@ -377,7 +388,7 @@ def _backbone_config(cfg: dict, path: Path) -> DebertaV2Config:
             return DebertaV2Config(**KNOWN_BACKBONES[name])
         local = path / name  # a local backbone folder, relative to the checkpoint (or absolute)
         if (local / "config.json").is_file():
-            return DebertaV2Config.from_dict(json.loads((local / "config.json").read_text()))
+            return DebertaV2Config.from_dict(_read_json(local / "config.json"))
         raise FileNotFoundError(f"{path / 'config.json'}: model_name {name!r} is neither one of "
                                 f"{sorted(KNOWN_BACKBONES)} nor a local folder with a config.json")
     raise ValueError(f"{path / 'config.json'} is not a PairRM config: expected architectures ['DebertaV2PairRM'] "
@@ -396,13 +407,16 @@ def _load_state_dict(path: Path) -> tuple[dict, Path]:
 def _load_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
     """tokenizer.json as saved (the fast tokenizer llm-blender ran), the four added tokens checked or added (as
     llm-blender's collator does: appended in order), and the [CLS]/[SEP]/[PAD] names from tokenizer_config.json."""
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception, without the file's name
+        raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({e})") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     tokenizer.add_tokens([t for t in PREFIX_TOKENS if tokenizer.token_to_id(t) is None])
     special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
     if (path / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+        tok_cfg = _read_json(path / "tokenizer_config.json")
         for key in special:
             value = tok_cfg.get(key) or special[key]
             special[key] = value["content"] if isinstance(value, dict) else value

@@ -264,6 +264,24 @@ def test_config_and_tokenizer_checks(ckpts, tmp_path, model):
         PairRM.from_pretrained(d, device="cpu")
 
 
+@pytest.mark.parametrize("layout, name, text, words", [
+    ("PairRM-hf", "config.json", "{not json", ["config.json: not valid JSON", "line 1 column 2"]),
+    ("PairRM-hf", "config.json", "[1, 2]", ["config.json: expected a JSON object", "list [1, 2]"]),
+    ("PairRM-hf", "config.json", "\"DebertaV2PairRM\"", ["config.json: expected a JSON object", "str"]),
+    ("PairRM", "backbone/config.json", "null", ["backbone/config.json: expected a JSON object", "NoneType"]),
+    ("PairRM-hf", "tokenizer_config.json", "{'single': 'quotes'}", ["tokenizer_config.json: not valid JSON"]),
+    ("PairRM-hf", "tokenizer.json", "{bad", ["tokenizer.json: not a tokenizers file"]),
+])
+def test_unreadable_json_files_are_named(ckpts, tmp_path, layout, name, text, words):
+    d = _copy(ckpts[layout], tmp_path)
+    (d / name).write_text(text)
+    with pytest.raises(ValueError) as err:
+        PairRM.from_pretrained(d, device="cpu")
+    assert str(err.value).startswith(str(d / name) + ": "), str(err.value)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
 def test_pickles_are_never_loaded_and_bin_weights_load_safely(ckpts, tmp_path, model):
     d = _copy(ckpts["PairRM"], tmp_path)
     marker = tmp_path / "unpickled"
