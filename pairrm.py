@@ -351,8 +351,12 @@ def _check_candidates(prompts: list[str], candidates: list[list[str]]) -> int:
     """K, the number of candidates per prompt: at least 2 and the same for every prompt, at least one prompt, every
     prompt and candidate a string. Empty strings count."""
     _check_texts("prompts", prompts)
-    if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__") or len(prompts) != len(candidates):
-        raise ValueError("prompts must be a list of strings with one list of candidates each")
+    if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise ValueError(f"candidates must be a list of lists of strings, got {type(candidates).__name__} "
+                         f"{candidates!r:.80}")
+    if len(prompts) != len(candidates):
+        raise ValueError(f"need one list of candidates per prompt, got {len(prompts)} prompts and "
+                         f"{len(candidates)} lists")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: need at least one prompt")
     for n, cs in enumerate(candidates):

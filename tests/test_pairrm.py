@@ -212,6 +212,8 @@ def test_bad_inputs(model, ckpts, capsys):
     (lambda m: m.preference_matrix("x", "ab"), ["candidates[0] must be a list of strings", "'ab'"]),
     (lambda m: m.preference_matrix(["x"], ["a", "b"]), ["prompt must be a string", "['x']"]),
     (lambda m: PairRMOracle(m)("x", ["a", 1.5]), ["candidates[0][1] must be a string", "1.5"]),
+    (lambda m: m.scores(["x"], None), ["candidates must be a list of lists of strings", "None"]),
+    (lambda m: m.scores(["x", "y"], [["a", "b"]]), ["one list of candidates per prompt", "2 prompts and 1 lists"]),
 ])
 def test_bad_inputs_name_the_argument(model, call, words):
     with pytest.raises(ValueError) as err:
