@@ -22,6 +22,7 @@ Run:  python hedge_toy.py [--out figures] [--t-max 100000] [--seed 0] [--trials 
 It prints one table per claim, writes five PNGs into --out, and exits 1 if a Theorem 4.1 bound fails.
 """
 import math
+import numbers
 import os
 import sys
 import time
@@ -36,12 +37,19 @@ def validate_preference(P, atol=1e-6):
     """Return P as a float64 array (..., n, n), or raise ValueError naming the problem and the first bad entry.
 
     Checks, in order: square in its last two axes, finite, inside [0, 1], diagonal 1/2 (P(y > y) = 1/2), and
-    P + P^T = 1 (P(y > y') + P(y' > y) = 1), the last two up to `atol`. Takes array-likes and torch tensors.
-    This is THE validator of the repository (sppo.py uses it on its K x K matrices batched over prompts).
+    P + P^T = 1 (P(y > y') + P(y' > y) = 1), the last two up to `atol`. Takes array-likes and torch tensors of real
+    numbers; bool, complex, text and None are refused, not cast. This is THE validator of the repository (sppo.py uses
+    it on its K x K matrices batched over prompts).
     """
     if hasattr(P, "detach"):  # a torch tensor
         P = P.detach().cpu().numpy()
-    P = np.asarray(P, dtype=np.float64)
+    P = np.asarray(P)
+    bad = None if P.dtype.kind in "iuf" else next((i for i, x in np.ndenumerate(P) if isinstance(x, (bool, np.bool_))
+                                                  or not isinstance(x, numbers.Real)), None)
+    if bad is not None:
+        raise ValueError(f"preference entries must be real numbers (int or float; not bool, complex or text); "
+                         f"P[{', '.join(map(str, bad))}] = {P[bad]!r} (dtype {P.dtype})")
+    P = P.astype(np.float64)
     if P.ndim < 2 or P.shape[-1] != P.shape[-2] or P.shape[-1] == 0:
         raise ValueError(f"preference matrix must have shape (..., n, n) with n >= 1; got shape {P.shape}")
 
@@ -78,6 +86,24 @@ def _validate_policy(pi, n=None, name="pi"):
     if (np.abs(pi.sum(-1) - 1) > 1e-6).any():
         raise ValueError(f"{name} must sum to 1 over its last axis; got sums {pi.sum(-1)}")
     return pi
+
+
+def _positive(name, value, batch, zero_ok=False):
+    """value as floats broadcast to batch + (1,); a ValueError naming `name` unless every entry is finite and > 0
+    (>= 0 if zero_ok)."""
+    v = np.asarray(np.nan if isinstance(value, str) else value, dtype=float)
+    if v.size == 0 or not np.isfinite(v).all() or (v < 0).any() or (not zero_ok and (v == 0).any()):
+        raise ValueError(f"{name} must be finite and >{'=' * zero_ok} 0; got {name} = {value!r}")
+    return np.broadcast_to(v, batch)[..., None]
+
+
+def _check_eta_T(eta, T, batch, eta_zero_ok=False, T_per_run=False):
+    """(eta (*batch, 1), T) for the run functions, or a ValueError naming the bad one: eta as _positive checks it, T an
+    integer >= 1 (numpy integers too, bool not); an int, or for hedge_batch (T_per_run) an array broadcast to batch."""
+    t = np.asarray(T)
+    if t.dtype.kind not in "iu" or t.size == 0 or (t < 1).any() or (t.ndim and not T_per_run):
+        raise ValueError(f"T must be an integer number of steps T >= 1{' per run' * T_per_run}; got T = {T!r}")
+    return _positive("eta", eta, batch, eta_zero_ok), (np.broadcast_to(t, batch) if T_per_run else int(t))
 
 
 def _logsumexp(a, axis=-1):
@@ -201,13 +227,15 @@ def hedge_step(P, pi, eta):
 
 
 def hedge_trajectory(P, eta, T, pi1=None):
-    """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default."""
+    """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default.
+    eta >= 0: eta = 0 is the identity (pi_t = pi_1), allowed here as a reference; hedge and play need eta > 0."""
     P = validate_preference(P)
     n = P.shape[-1]
+    eta, T = _check_eta_T(eta, T, P.shape[:-2], eta_zero_ok=True)
     pi1 = np.full(P.shape[:-1], 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
     with np.errstate(divide="ignore"):
         log_pi = np.broadcast_to(np.log(pi1), P.shape[:-1])  # (..., n)
-    iterates = _loop(_hedge, P, np.asarray(eta, float)[..., None], log_pi)  # any eta, 0 included: no update
+    iterates = _loop(_hedge, P, eta, log_pi)
     return np.array([pi for _, pi in zip(range(T), iterates)]).reshape(T, *log_pi.shape)
 
 
@@ -233,10 +261,7 @@ def hedge_batch(P, eta, T, pi1=None):
     """
     P = validate_preference(P)
     R, n = P.shape[0], P.shape[-1]
-    eta = np.broadcast_to(np.asarray(eta, float), (R,))[:, None]  # (R, 1)
-    T = np.broadcast_to(np.asarray(T, int), (R,))
-    if (T < 1).any():
-        raise ValueError(f"every run needs T >= 1 steps; got T = {T}")
+    eta, T = _check_eta_T(eta, T, (R,), T_per_run=True)  # (R, 1), (R,)
     pi1 = np.full((R, n), 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
     with np.errstate(divide="ignore"):
         log_pi = np.log(np.broadcast_to(pi1, (R, n)))  # log pi_1, (R, n)
@@ -408,14 +433,6 @@ def _loop(step, P, eta, log_pi, tau=None, log_mu=None):
         log_pi, mem = step(P, log_pi, pi, eta, tau, log_mu, mem)
 
 
-def _positive(name, value, batch):
-    """value as floats broadcast to batch + (1,); a ValueError naming `name` unless finite and > 0."""
-    v = np.asarray(np.nan if isinstance(value, str) else value, dtype=float)
-    if v.size == 0 or not np.isfinite(v).all() or (v <= 0).any():
-        raise ValueError(f"{name} must be finite and > 0; got {name} = {value!r}")
-    return np.broadcast_to(v, batch)[..., None]
-
-
 def _log_reference(mu, batch, n):
     """log mu (..., n) for the reference / magnet mu (uniform by default); a ValueError unless mu > 0 everywhere."""
     mu = np.full(n, 1.0 / n) if mu is None else _validate_policy(mu, n, "mu")
@@ -430,10 +447,8 @@ def _iterates(P, method, eta, T, pi1, options, flat):
         raise ValueError(f"method must be one of {list(METHODS)}; got method = {method!r}")
     if set(options) - set(("tau", "mu") if method in REGULARISED else ()):
         raise ValueError(f"only {REGULARISED} take options (tau, mu); got {sorted(options)} for {method!r}")
-    if not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"T must be an integer >= 1; got T = {T!r}")
     batch, n = P.shape[:-2], P.shape[-1]
-    eta, tau = _positive("eta", eta, batch), _positive("tau", options.get("tau", 0.1), batch)
+    (eta, T), tau = _check_eta_T(eta, T, batch), _positive("tau", options.get("tau", 0.1), batch)
     if method == "nash_md" and (eta * tau > 1).any():
         raise ValueError(f"nash_md needs eta * tau <= 1; got eta * tau = {(eta * tau).max():g}")
     pi1 = np.full(n, 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
@@ -462,7 +477,8 @@ def play(P, method, eta, T, pi1=None, **options):
 def trajectory(P, method, eta, T, pi1=None, **options):
     """The iterates pi_1 .. pi_T of `method`, an array (T, ..., n); arguments as for play."""
     P = validate_preference(P)
-    return np.stack([pi for _, pi in zip(range(T), _iterates(P, method, eta, T, pi1, options, False))])
+    iterates = _iterates(P, method, eta, T, pi1, options, False)  # checks T before range(T) sees it
+    return np.stack([pi for _, pi in zip(range(T), iterates)])
 
 
 def regularized_gap(P, pi, tau, mu=None):
@@ -528,6 +544,23 @@ class Config:
                                   metadata={"help": "taus of the tau -> 0 panel"})
 
 
+def check_config(cfg):
+    """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
+    count = lambda low: lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+    step = lambda x: isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
+    for name, ok, want in (("t_max", count(1), "an integer >= 1"), ("trials", count(1), "an integer >= 1"),
+                           ("etas", step, "finite and > 0"), ("ks", count(2), "integers K >= 2"),
+                           ("dyn_eta", step, "finite and > 0"), ("dyn_t", count(1), "an integer >= 1"),
+                           ("dyn_tau", step, "finite and > 0"), ("dyn_taus", step, "finite and > 0")):
+        v = getattr(cfg, name)
+        vs = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not vs or not all(map(ok, vs)):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {want}; got {v!r}")
+    if cfg.dyn_eta * max(cfg.dyn_tau, *cfg.dyn_taus) > 1:
+        raise ValueError(f"nash_md needs dyn_eta * tau <= 1 (--dyn-eta, --dyn-tau, --dyn-taus); got "
+                         f"{cfg.dyn_eta:g} * {max(cfg.dyn_tau, *cfg.dyn_taus):g}")
+
+
 def run_gap_suite(games, horizons):
     """Thm 4.1 for every (game, T) with eta = tuned_eta(n, T), uniform start, one padded batch of rows.
 
@@ -551,7 +584,7 @@ def run_gap_suite(games, horizons):
 
 def print_table(header, rows):
     """Aligned columns; rows are lists of already formatted strings."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
@@ -627,6 +660,7 @@ def plot_simplex(runs, path, cols=None):
 
 
 def report(cfg):
+    check_config(cfg)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -657,10 +691,11 @@ def report(cfg):
             mean, se = empirical_log_z(kind, K, np.array(cfg.etas), cfg.trials, cfg.seed)
             for i, eta in enumerate(cfg.etas):
                 results.setdefault((kind, eta), []).append((K, mean[i], se[i]))
+    shown = [K for K in cfg.ks if K in (2, 5, 20, 100, 500)] or cfg.ks  # a subset of the K run, or all of them
     print(f"App. A: log Z_K / eta of the K-sample empirical policy ({cfg.trials} trials) and its K -> inf limit")
     print_table(["kind", "eta", "K", "log Z/eta", "s.e./eta", "limit/eta"],
                 [[kind, f"{eta:g}", str(K), f"{m / eta:.4f}", f"{s / eta:.4f}", f"{log_z_limit(kind, eta) / eta:.4f}"]
-                 for (kind, eta), res in results.items() for K, m, s in res if K in (2, 5, 20, 100, 500)])
+                 for (kind, eta), res in results.items() for K, m, s in res if K in shown])
 
     plot_gap(rows, os.path.join(cfg.out, "hedge_gap.png"))
     plot_log_z(results, cfg.etas, os.path.join(cfg.out, "hedge_log_z.png"))
@@ -731,6 +766,11 @@ def main(argv=None):
     library itself stays NumPy-only."""
     from transformers import HfArgumentParser
     cfg = Config(**vars(HfArgumentParser(Config, description=__doc__.split("\n")[0]).parse_args(argv)))
+    try:
+        check_config(cfg)  # a bad value exits 2 at once too, before minutes of computing
+    except ValueError as e:
+        print(f"hedge_toy.py: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     code = report(cfg)
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -260,6 +260,8 @@ class PairRM(nn.Module):
     def preference_matrix(self, prompt: str, candidates: list[str], mode: str = "pairwise",
                           batch_tokens: int | None = None) -> torch.Tensor:
         """P (K, K) for one prompt: the N = 1 case of preference_matrices."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__} {prompt!r:.80}")
         return self.preference_matrices([prompt], [candidates], mode, batch_tokens)[0]
 
     def scores(self, prompts: list[str], candidates: list[list[str]], batch_tokens: int | None = None,
@@ -280,7 +282,7 @@ class PairRM(nn.Module):
         for name in ("config.json", "tokenizer.json"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} is not a PairRM checkpoint: missing {name}")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _read_json(path / "config.json")
         config = _backbone_config(cfg, path)
         state, weights_file = _load_state_dict(path)
         embedding = state.get("pretrained_model.embeddings.word_embeddings.weight")
@@ -324,25 +326,58 @@ class PairRMOracle:
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks and checkpoint files
 
+def _check_texts(name: str, texts) -> None:
+    """A ValueError naming `name` unless texts is a list (or tuple, ...) of strings: a string is not a list of its
+    characters, and None or a number is not a text."""
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__"):
+        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__} {texts!r:.80}")
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{k}] must be a string, got {type(t).__name__} {t!r:.80}")
+
+
 def _check_same_length(prompts, cands_a, cands_b):
+    """compare's and pair_logits' inputs: three lists of strings, one a and one b per prompt, at least one prompt."""
+    for name, texts in (("prompts", prompts), ("cands_a", cands_a), ("cands_b", cands_b)):
+        _check_texts(name, texts)
     if not len(prompts) == len(cands_a) == len(cands_b):
         raise ValueError(f"need one candidate a and one b per prompt, got {len(prompts)} prompts, "
                          f"{len(cands_a)} a and {len(cands_b)} b")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: need at least one prompt")
 
 
 def _check_candidates(prompts: list[str], candidates: list[list[str]]) -> int:
-    """K, the number of candidates per prompt: at least 2 and the same for every prompt. Empty strings count."""
-    if isinstance(prompts, str) or len(prompts) != len(candidates):
-        raise ValueError("prompts must be a list of strings with one list of candidates each")
+    """K, the number of candidates per prompt: at least 2 and the same for every prompt, at least one prompt, every
+    prompt and candidate a string. Empty strings count."""
+    _check_texts("prompts", prompts)
+    if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise ValueError(f"candidates must be a list of lists of strings, got {type(candidates).__name__} "
+                         f"{candidates!r:.80}")
+    if len(prompts) != len(candidates):
+        raise ValueError(f"need one list of candidates per prompt, got {len(prompts)} prompts and "
+                         f"{len(candidates)} lists")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: need at least one prompt")
     for n, cs in enumerate(candidates):
-        if isinstance(cs, str):
-            raise ValueError(f"candidates[{n}] must be a list of strings, got the string {cs!r}")
+        _check_texts(f"candidates[{n}]", cs)
         if len(cs) < 2:
             raise ValueError(f"prompt {n}: a preference needs at least 2 candidates, got {len(cs)}")
         if len(cs) != len(candidates[0]):
             raise ValueError(f"prompt {n} has {len(cs)} candidates but prompt 0 has {len(candidates[0])}; "
                              "all prompts need the same K")
     return len(candidates[0])
+
+
+def _read_json(file: Path) -> dict:
+    """The JSON object in file, or a ValueError naming the file: not UTF-8 JSON, or not an object {...}."""
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object {{...}}, got {type(obj).__name__} {obj!r:.80}")
+    return obj
 
 
 def _backbone_config(cfg: dict, path: Path) -> DebertaV2Config:
@@ -357,7 +392,7 @@ def _backbone_config(cfg: dict, path: Path) -> DebertaV2Config:
             return DebertaV2Config(**KNOWN_BACKBONES[name])
         local = path / name  # a local backbone folder, relative to the checkpoint (or absolute)
         if (local / "config.json").is_file():
-            return DebertaV2Config.from_dict(json.loads((local / "config.json").read_text()))
+            return DebertaV2Config.from_dict(_read_json(local / "config.json"))
         raise FileNotFoundError(f"{path / 'config.json'}: model_name {name!r} is neither one of "
                                 f"{sorted(KNOWN_BACKBONES)} nor a local folder with a config.json")
     raise ValueError(f"{path / 'config.json'} is not a PairRM config: expected architectures ['DebertaV2PairRM'] "
@@ -376,13 +411,16 @@ def _load_state_dict(path: Path) -> tuple[dict, Path]:
 def _load_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
     """tokenizer.json as saved (the fast tokenizer llm-blender ran), the four added tokens checked or added (as
     llm-blender's collator does: appended in order), and the [CLS]/[SEP]/[PAD] names from tokenizer_config.json."""
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception, without the file's name
+        raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({e})") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     tokenizer.add_tokens([t for t in PREFIX_TOKENS if tokenizer.token_to_id(t) is None])
     special = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
     if (path / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+        tok_cfg = _read_json(path / "tokenizer_config.json")
         for key in special:
             value = tok_cfg.get(key) or special[key]
             special[key] = value["content"] if isinstance(value, dict) else value
@@ -424,10 +462,14 @@ def save_tiny_random_checkpoint(out_dir, layout: str = "PairRM-hf", seed: int = 
     "PairRM-hf": DeBERTa-v2 config.json with architectures ["DebertaV2PairRM"] and the prefix ids;
     "PairRM": llm-blender's ranker config.json whose model_name names the backbone folder "backbone" (a local
     stand-in for microsoft/deberta-v3-large). Both: model.safetensors (pretrained_model.*, head_layer.*) and the
-    tokenizer files. config_overrides replace DeBERTa fields (hidden_size=64, ...). Returns out_dir."""
+    tokenizer files. config_overrides replace DeBERTa fields (hidden_size=64, ...). Returns out_dir.
+    out_dir must be new or empty: random weights never overwrite a checkpoint (FileExistsError otherwise)."""
     if layout not in ("PairRM-hf", "PairRM"):
         raise ValueError(f"layout must be 'PairRM-hf' or 'PairRM', got {layout!r}")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not an empty folder: a tiny RANDOM checkpoint is only written to a new or "
+                              "empty one (it would overwrite what is there)")
     out.mkdir(parents=True, exist_ok=True)
     hf_tokenizer = _tiny_tokenizer()
     backbone = {**DEBERTA_V3_LARGE, "vocab_size": len(hf_tokenizer), "hidden_size": 32, "num_hidden_layers": 2,
@@ -470,12 +512,16 @@ def main(argv=None):
                         "(paper, Sec. 5.1); official = sigma(s_i - s_j) (released SPPO code)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--make-tiny", action="store_true", help="first write a tiny RANDOM checkpoint to --model")
+    parser.add_argument("--make-tiny", action="store_true",
+                        help="first write a tiny RANDOM checkpoint to --model (a new or empty folder)")
     args = parser.parse_args(argv)
     if len(args.candidates) < 2:
         parser.error(f"a preference needs at least 2 candidates, got {len(args.candidates)}")
     if args.make_tiny:
-        save_tiny_random_checkpoint(args.model)
+        try:
+            save_tiny_random_checkpoint(args.model)
+        except FileExistsError as e:
+            parser.error(str(e))
     model = PairRM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     M = model.logit_matrices([args.prompt], [args.candidates])  # (1, K, K)
     P, s = preference_from_logits(M, args.mode)[0], scores_from_logits(M)[0]  # (K, K), (K,)

@@ -206,6 +206,10 @@ def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
     (dict(method="mmd", magnet=[1, 0, 0]), ["options", "magnet"]),
     (dict(method="nash_md", eta=3.0, tau=0.5), ["eta * tau <= 1", "1.5"]),
     (dict(T=0), ["T", "0"]),
+    (dict(T=2.9), ["T must be an integer", "2.9"]),
+    (dict(T=True), ["T must be an integer", "True"]),
+    (dict(eta=float("inf")), ["eta", "inf"]),
+    (dict(eta=[0.1, -0.1]), ["eta", "-0.1"]),
     (dict(method="mmd", pi1=[1.0, 0.0, 0.0]), ["pi1", "> 0"]),
 ])
 def test_play_rejects_bad_arguments_naming_them(kwargs, words):

@@ -88,6 +88,37 @@ def test_validate_accepts_batches_and_tensors():
     assert np.allclose(H.validate_preference(P), P.double().numpy())
 
 
+@pytest.mark.parametrize("P, words", [
+    (GOOD.astype(str), ["real numbers", "P[0, 0]", "'0.5'", "<U"]),  # np.asarray(..., float) would parse the text
+    ([["0.5", "0"], ["1", "0.5"]], ["real numbers", "P[0, 0]", "'0.5'"]),
+    (GOOD.astype(complex), ["real numbers", "P[0, 0]", "complex"]),  # a cast would drop the imaginary part
+    ([[0.5, 0.5 + 1j], [0.5, 0.5]], ["real numbers", "dtype complex128"]),  # one complex entry: all are
+    (GOOD > 0.4, ["real numbers", "P[0, 0]", "dtype bool"]),
+    ([[0.5, None], [0.5, 0.5]], ["real numbers", "P[0, 1] = None"]),
+    (np.array([[0.5, True], [False, 0.5]], dtype=object), ["real numbers", "P[0, 1] = True"]),
+])
+def test_validate_rejects_entries_that_are_not_real_numbers(P, words):
+    with pytest.raises(ValueError) as err:
+        H.validate_preference(P)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_validate_rejects_bool_and_complex_tensors():
+    torch = pytest.importorskip("torch")
+    for T in (torch.eye(2, dtype=torch.bool), torch.full((2, 2), 0.5, dtype=torch.complex64)):
+        with pytest.raises(ValueError, match="real numbers"):
+            H.validate_preference(T)
+
+
+def test_validate_accepts_int_and_float_arrays_and_mixed_lists():
+    assert np.array_equal(H.validate_preference([[0.5, 1], [0, 0.5]]), [[0.5, 1.0], [0.0, 0.5]])  # ints and floats
+    assert H.validate_preference(np.full((1, 1), 0.5, dtype=np.float16)).dtype == np.float64
+    assert np.array_equal(H.validate_preference(np.array([[0.5, 1], [0, 0.5]], dtype=object)), [[0.5, 1], [0, 0.5]])
+    with pytest.raises(ValueError, match="diagonal"):  # an int array is read as numbers (and then checked)
+        H.validate_preference(np.eye(2, dtype=np.uint8))
+
+
 @pytest.mark.parametrize("call", [
     lambda P: H.hedge(P, 0.1, 5), lambda P: H.hedge_batch(P[None], 0.1, 5), lambda P: H.hedge_trajectory(P, 0.1, 5),
     lambda P: H.hedge_step(P, np.full(3, 1 / 3), 0.1), lambda P: H.duality_gap(P, np.full(3, 1 / 3)),
@@ -105,6 +136,43 @@ def test_policies_are_validated():
         H.duality_gap(GOOD, [0.5, 0.5])
     with pytest.raises(ValueError, match="T >= 1"):
         H.hedge(GOOD, 0.1, 0)
+
+
+GOOD3 = np.stack([GOOD] * 3)  # (3, 3, 3)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: H.hedge(GOOD, -0.1, 5), ["eta must be finite and > 0", "eta = -0.1"]),
+    (lambda: H.hedge(GOOD, 0.0, 5), ["eta must be finite and > 0", "eta = 0.0"]),
+    (lambda: H.hedge(GOOD, float("nan"), 5), ["eta", "nan"]),
+    (lambda: H.hedge(GOOD, math.inf, 5), ["eta", "inf"]),
+    (lambda: H.hedge(GOOD, 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge(GOOD, 0.1, True), ["T must be an integer", "T = True"]),
+    (lambda: H.hedge_batch(GOOD3, [0.1, math.nan, 0.1], 5), ["eta", "nan"]),  # every entry of a batched eta
+    (lambda: H.hedge_batch(GOOD3, [0.1, 0.2, -0.3], 5), ["eta", "-0.3"]),
+    (lambda: H.hedge_batch(GOOD3, 0.1, [5, 0, 5]), ["T >= 1 per run", "[5, 0, 5]"]),
+    (lambda: H.hedge_batch(GOOD3, 0.1, [5.0, 6.0, 5.0]), ["T must be an integer", "5.0"]),
+    (lambda: H.hedge_trajectory(GOOD, -1e-3, 5), ["eta must be finite and >= 0", "eta = -0.001"]),
+    (lambda: H.hedge_trajectory(GOOD, math.inf, 5), ["eta", "inf"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, np.array([2, 3])), ["T must be an integer", "array([2, 3])"]),
+    (lambda: H.trajectory(GOOD, "hedge", 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
+    (lambda: H.hedge_trajectory(GOOD, 0.1, 5, pi1=[0.5, 0.5, 0.5]), ["pi1", "sum to 1"]),
+])
+def test_run_functions_reject_bad_eta_T_and_pi1_naming_them(call, words):
+    with pytest.raises(ValueError) as err:
+        call()
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_run_functions_accept_numpy_integers_per_run_T_and_eta_zero_as_identity():
+    pi_bar, pi_last = H.hedge(GOOD, 0.1, np.int32(5), pi1=[0.6, 0.3, 0.1])
+    assert np.allclose((pi_bar, pi_last), H.hedge(GOOD, 0.1, 5, pi1=[0.6, 0.3, 0.1]))
+    rows = H.hedge_batch(GOOD3, np.array([0.1, 0.2, 0.3]), np.array([1, 2, 3], dtype=np.int64))  # run_gap_suite's form
+    assert np.allclose(rows[1][0], 1 / 3)  # T = 1: pi_last = pi_1
+    frozen = H.hedge_trajectory(GOOD, 0.0, 4, [0.6, 0.3, 0.1])  # eta = 0: no update, the sppo_toy test's reference
+    assert np.allclose(frozen, [0.6, 0.3, 0.1])
 
 
 # --------------------------------------------------------------------------------------------------- games
@@ -311,3 +379,42 @@ def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,), dyn_t=50)
     assert H.report(cfg) == 1
     assert "NO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("etas", [1.0, 0.0], ["etas (--etas)", "finite and > 0", "[1.0, 0.0]"]),
+    ("etas", [float("inf")], ["etas", "inf"]),
+    ("etas", [], ["etas", "[]"]),
+    ("ks", [2, 1], ["ks (--ks)", "K >= 2", "[2, 1]"]),
+    ("ks", [2.5], ["ks", "2.5"]),
+    ("t_max", 0, ["t_max (--t-max)", "integer >= 1", "0"]),
+    ("t_max", 100.0, ["t_max", "integer", "100.0"]),
+    ("trials", 0, ["trials (--trials)", "0"]),
+    ("dyn_eta", float("nan"), ["dyn_eta (--dyn-eta)", "nan"]),
+    ("dyn_t", 0, ["dyn_t (--dyn-t)", "0"]),
+    ("dyn_tau", -0.1, ["dyn_tau (--dyn-tau)", "-0.1"]),
+    ("dyn_taus", [0.1, 0.0], ["dyn_taus (--dyn-taus)", "[0.1, 0.0]"]),
+    ("dyn_eta", 5.0, ["nash_md needs dyn_eta * tau <= 1", "5 * 0.3"]),  # the tau -> 0 panel's largest tau
+])
+def test_report_refuses_a_bad_config_before_any_work(tmp_path, field, value, words):
+    out = tmp_path / "figs"
+    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2], dyn_t=50) | {field: value}))
+    with pytest.raises(ValueError) as err:
+        H.report(cfg)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert not out.exists()  # nothing computed, nothing written
+
+
+def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--etas", "0", "--out",
+                           str(tmp_path / "figs")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "figs").exists()
+    assert proc.stderr.splitlines() == ["hedge_toy.py: error: etas (--etas) must be finite and > 0; got [0.0]"]
+
+
+def test_app_a_table_shows_the_given_ks_outside_its_default_subset(tmp_path, capsys):
+    assert H.report(H.Config(out=str(tmp_path), t_max=100, trials=3, ks=[3, 4], etas=[1.0], dyn_t=50)) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("App. A"):].split("\n\n")[0].splitlines()[2:]  # the App. A table's rows
+    assert [line.split()[:3] for line in table] == [[kind, "1", K] for kind in H.KINDS for K in ("3", "4")]

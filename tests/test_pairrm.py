@@ -197,6 +197,31 @@ def test_bad_inputs(model, ckpts, capsys):
     assert "at least 2 candidates" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda m: m.preference_matrices([], []), ["prompts is empty"]),
+    (lambda m: m.scores([], []), ["prompts is empty"]),
+    (lambda m: m.compare([], [], []), ["prompts is empty"]),
+    (lambda m: m.compare("xy", "ab", "cd"), ["prompts must be a list of strings", "str 'xy'"]),  # not 2 prompts
+    (lambda m: m.pair_logits(["x", "y"], ["a", "b"], "cd"), ["cands_b must be a list of strings", "'cd'"]),
+    (lambda m: m.compare(["x"], [3], ["b"]), ["cands_a[0] must be a string", "int 3"]),
+    (lambda m: m.pair_logits(["x"], ["a"], [None]), ["cands_b[0] must be a string", "None"]),
+    (lambda m: m.preference_matrices(["x"], [["a", 3]]), ["candidates[0][1] must be a string", "int 3"]),
+    (lambda m: m.best_of_n(["x", "y"], [["a", "b"], ["c", None]]), ["candidates[1][1] must be a string", "None"]),
+    (lambda m: m.logit_matrices([None], [["a", "b"]]), ["prompts[0] must be a string", "None"]),
+    (lambda m: m.scores("ab", [["x", "y"], ["z", "w"]]), ["prompts must be a list of strings", "'ab'"]),
+    (lambda m: m.preference_matrix("x", "ab"), ["candidates[0] must be a list of strings", "'ab'"]),
+    (lambda m: m.preference_matrix(["x"], ["a", "b"]), ["prompt must be a string", "['x']"]),
+    (lambda m: PairRMOracle(m)("x", ["a", 1.5]), ["candidates[0][1] must be a string", "1.5"]),
+    (lambda m: m.scores(["x"], None), ["candidates must be a list of lists of strings", "None"]),
+    (lambda m: m.scores(["x", "y"], [["a", "b"]]), ["one list of candidates per prompt", "2 prompts and 1 lists"]),
+])
+def test_bad_inputs_name_the_argument(model, call, words):
+    with pytest.raises(ValueError) as err:
+        call(model)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
 def _copy(ckpt, tmp_path):
     return Path(shutil.copytree(ckpt, tmp_path / "copy"))
 
@@ -241,6 +266,24 @@ def test_config_and_tokenizer_checks(ckpts, tmp_path, model):
         PairRM.from_pretrained(d, device="cpu")
 
 
+@pytest.mark.parametrize("layout, name, text, words", [
+    ("PairRM-hf", "config.json", "{not json", ["config.json: not valid JSON", "line 1 column 2"]),
+    ("PairRM-hf", "config.json", "[1, 2]", ["config.json: expected a JSON object", "list [1, 2]"]),
+    ("PairRM-hf", "config.json", "\"DebertaV2PairRM\"", ["config.json: expected a JSON object", "str"]),
+    ("PairRM", "backbone/config.json", "null", ["backbone/config.json: expected a JSON object", "NoneType"]),
+    ("PairRM-hf", "tokenizer_config.json", "{'single': 'quotes'}", ["tokenizer_config.json: not valid JSON"]),
+    ("PairRM-hf", "tokenizer.json", "{bad", ["tokenizer.json: not a tokenizers file"]),
+])
+def test_unreadable_json_files_are_named(ckpts, tmp_path, layout, name, text, words):
+    d = _copy(ckpts[layout], tmp_path)
+    (d / name).write_text(text)
+    with pytest.raises(ValueError) as err:
+        PairRM.from_pretrained(d, device="cpu")
+    assert str(err.value).startswith(str(d / name) + ": "), str(err.value)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
 def test_pickles_are_never_loaded_and_bin_weights_load_safely(ckpts, tmp_path, model):
     d = _copy(ckpts["PairRM"], tmp_path)
     marker = tmp_path / "unpickled"
@@ -273,6 +316,25 @@ def test_cli_prints_the_matrix(ckpts, model):
     torch.testing.assert_close(P, model.preference_matrix("hello!", cands, mode="official"), atol=1e-4, rtol=0)
     s = model.scores(["hello!"], [cands])[0]
     assert lines[5].startswith("s_PairRM: y0=") and f"best: y{int(s.argmax())} = " in lines[6]
+
+
+def test_make_tiny_refuses_a_non_empty_folder(ckpts, tmp_path, capsys):
+    real = _copy(ckpts["PairRM-hf"], tmp_path)  # stands in for a real checkpoint
+    before = {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match=f"{real} is not an empty folder"):
+        pairrm.save_tiny_random_checkpoint(real, seed=1)
+    with pytest.raises(SystemExit) as exit_:
+        pairrm.main(["--model", str(real), "--make-tiny", "--prompt", "x", "--candidates", "a", "b"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: {real} is not an empty folder" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()} == before  # nothing overwritten
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="a_file is not an empty folder"):
+        pairrm.save_tiny_random_checkpoint(tmp_path / "a_file")
+    empty = tmp_path / "empty"  # an existing empty folder (bench.py's TemporaryDirectory) is fine
+    empty.mkdir()
+    assert PairRM.from_pretrained(pairrm.save_tiny_random_checkpoint(empty), device="cpu").prefix_ids == \
+        PairRM.from_pretrained(ckpts["PairRM-hf"], device="cpu").prefix_ids
 
 
 @pytest.mark.skipif(not os.environ.get("PAIRRM_DIR"), reason="set PAIRRM_DIR to a local llm-blender/PairRM(-hf) copy")
