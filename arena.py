@@ -115,8 +115,13 @@ class ArenaConfig:
 
 def main(argv=None):
     cfg = sppo.parse_config(ArenaConfig, argv, description=__doc__.split("\n")[0])
+    return sppo.user_errors("arena.py", lambda: arena(cfg))
+
+
+def arena(cfg):
+    """The CLI's work: responses from every policy, PairRM's win-rate matrix with s.e., the table and heatmap."""
     if len(cfg.models) < 2 or not cfg.prompts or not cfg.pairrm:
-        raise SystemExit("arena.py needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR")
+        raise sppo.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR")
     device = sppo.resolve_device(cfg.device)
     prompts = sppo.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
     ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
