@@ -9,9 +9,9 @@ sppo.py is the single-process reference: the loss, log-probs, dataset schema, op
 imported from it, never repeated. This file adds the distributed concerns only, one function each, applied in
 torchtitan's fixed order (pytorch/torchtitan, "FSDP2"):
 
-    build on meta -> activation checkpointing -> fully_shard (each decoder layer, then the root) -> materialise,
+    build on meta -> activation checkpointing -> fully_shard (embeddings, each layer, lm_head, root) -> materialise,
     pi_t's weights broadcast from rank 0 -> reference log-probs (pi_ref = pi_t, sharded, cached beside the data)
-    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> save_pretrained on rank 0
+    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> fp32 save_pretrained on rank 0
 
 Commands (OUT must be on a filesystem every node sees: checkpoints are written by all ranks):
   # one SPPO step on 8 GPUs, from sppo.py's dataset.jsonl (ref_logp optional):
@@ -64,8 +64,8 @@ PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e
                                             sliding_window=None)),
              "llama-3-8b": ("llama", dict(_7B, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192))}
 """Mistral-7B-Instruct-v0.2 and Llama-3-8B-Instruct."""
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
-                   ("A800", 312e12)]
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12)]
 """Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
 
 
@@ -320,10 +320,11 @@ def reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data_path):
     how = f"{key['dtype']} on {d.world} x {d.device.type}, in the training micro-batches of epoch 1"
 
     def cached():
-        saved = json.loads(cache.read_text()) if cache.is_file() else {}
-        if saved and (saved.get("key") != key or len(saved.get("ref_logp", ())) != len(rows)):
+        saved = json.loads(cache.read_text()) if cache.is_file() else None
+        if saved and saved["key"] == key and len(saved["ref_logp"]) == len(rows):
+            return saved["ref_logp"]
+        if saved:
             d.log(f"{cache}: made for another model, data, truncation or computation; recomputing")
-        return saved["ref_logp"] if saved.get("key") == key and len(saved["ref_logp"]) == len(rows) else None
     ref = d.decide(cached)
     if ref is not None:
         return ref, f"cache {cache} ({how})"
@@ -456,7 +457,9 @@ def export_model(model, tokenizer, src, out, bf16, d):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     full, frac = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), None
     if d.rank == 0:
-        frac = bf16_unchanged_fraction(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict(), full)
+        start = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()    # pi_t
+        frac = bf16_unchanged_fraction(start, full)
+        del start
         for dtype, name in [(torch.float32, "model")] + [(torch.bfloat16, "model_bf16")] * bf16:
             with torch.device("meta"):
                 hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
@@ -515,10 +518,12 @@ def peak_memory_gb(d):
     return dict(zip(["peak_memory_gb", "peak_reserved_gb"], v.tolist()))
 
 
-def sync(device):
-    """Wait for the GPU's queued work, so a step's wall time includes it."""
+def sync(device, reset_peak=False):
+    """Wait for the GPU's queued work, so a step's wall time includes it (and restart the peak-memory count)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
 
 
 def param_counts(config):
@@ -612,10 +617,10 @@ def load_replica(path, cfg, device):
 
 
 def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
-    """Optional engine: vLLM on this rank's GPU (tensor parallel 1), in a --stage generate call of its own: vLLM
-    returns its GPU memory only when the process exits, so ranking and training run in the next torchrun call. Same prompt tokens and text convention as
-    sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of its global
-    prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
+    """Optional engine: vLLM on this rank's GPU (tensor parallel 1), in a --stage generate call of its own (vLLM
+    frees its GPU memory only when the process exits; validate() refuses other stages). Same prompt tokens and text
+    convention as sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of
+    its global prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
     from vllm import LLM, SamplingParams
     llm = LLM(model=model_dir, dtype="bfloat16", seed=cfg.seed, tensor_parallel_size=1,
               distributed_executor_backend="external_launcher")
@@ -690,7 +695,7 @@ def train(cfg, d):
     pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
     schedule = sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
-    run_info = {"model": sppo.Hashes(out)(cfg.model), "data_sha256": file_sha256(data), "total_steps": len(schedule),
+    run_info = {"model": d.decide(lambda: sppo.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data), "total_steps": len(schedule),
                 **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
     saved = d.decide(lambda: check_run_info(ckpt, run_info)) if ckpt else None     # before the model is built
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
@@ -722,9 +727,7 @@ def train(cfg, d):
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
     for step in range(state.step, len(schedule)):
         tracker = start_memory_tracker(model, opt) if step == measure_at else None
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
-        sync(d.device)
+        sync(d.device, reset_peak=True)
         t0 = time.perf_counter()
         m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, cfg, d,
                        tracker.reset_mod_stats if tracker is not None else None)
@@ -833,9 +836,9 @@ def run(cfg):
     out = Path(cfg.out)
     if cfg.stage != "train":
         hashes, prompts = sppo.Hashes(out), stage_prompts(cfg)
-        oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
 
-        def key(stage):
+        def key(stage):                                   # on rank 0 only: OUT/hashes.json has one writer
+            oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
             return sppo.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
 
         def done(stage):                                  # rank 0 reads the files and decides for all ranks
@@ -846,8 +849,8 @@ def run(cfg):
                 for stage in stages:
                     sppo.Manifest(out).commit(stage, key(stage), hashes, len(prompts))
             d.barrier(f"the {'/'.join(stages)} record")
-        if cfg.stage in ("generate", "all"):              # stale files: refused now, before the process group
-            sppo.Manifest(out).done("generate", key("generate"), hashes)
+        if cfg.stage in ("generate", "all") and os.environ.get("RANK", "0") == "0":   # stale files: refused now,
+            sppo.Manifest(out).done("generate", key("generate"), hashes)             # before the process group
     d = init_distributed(cfg.collective_timeout_s, cfg.deterministic)
     if cfg.stage in ("generate", "all") and not done("generate"):
         stage_generate(cfg, d, out)
