@@ -9,9 +9,9 @@ sppo.py is the single-process reference: the loss, log-probs, dataset schema, op
 imported from it, never repeated. This file adds the distributed concerns only, one function each, applied in
 torchtitan's fixed order (pytorch/torchtitan, "FSDP2"):
 
-    build on meta -> activation checkpointing -> fully_shard (each decoder layer, then the root) -> materialise,
+    build on meta -> activation checkpointing -> fully_shard (embeddings, each layer, lm_head, root) -> materialise,
     pi_t's weights broadcast from rank 0 -> reference log-probs (pi_ref = pi_t, sharded, cached beside the data)
-    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> save_pretrained on rank 0
+    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> fp32 save_pretrained on rank 0
 
 Commands (OUT must be on a filesystem every node sees: checkpoints are written by all ranks):
   # one SPPO step on 8 GPUs, from sppo.py's dataset.jsonl (ref_logp optional):
@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -63,8 +64,8 @@ PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e
                                             sliding_window=None)),
              "llama-3-8b": ("llama", dict(_7B, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192))}
 """Mistral-7B-Instruct-v0.2 and Llama-3-8B-Instruct."""
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
-                   ("A800", 312e12)]
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12)]
 """Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
 
 
@@ -78,9 +79,13 @@ class TrainConfig(sppo.SPPOConfig):
     stage: Literal["generate", "rank", "train", "all"] = HfArg(default="train", help="`all` = one whole Algorithm-1 "
                                                                "iteration; finished stages are skipped.")
     iteration: int = HfArg(default=0, help="t of Algorithm 1 for --stage generate/all: the prompt slice and seeds.")
-    gen_engine: Literal["hf", "vllm"] = HfArg(default="hf", help="transformers generate, or vLLM when installed.")
-    ref_logp: Literal["auto", "recompute"] = HfArg(default="auto", help="`auto`: the dataset's ref_logp when every "
-                                                   "row has one, else computed; `recompute`: always computed.")
+    gen_engine: Literal["hf", "vllm"] = HfArg(default="hf", help="transformers generate, or vLLM (requirements-vllm"
+                                              ".txt, its own environment; --stage generate only: its own torchrun).")
+    ref_logp: Literal["auto", "recompute"] = HfArg(default="auto", help="`auto`: on GPU computed like `recompute`; on "
+                                                   "CPU the dataset's ref_logp when every row has one, else computed; "
+                                                   "`recompute`: computed by pi_t in the training micro-batches.")
+    export_bf16: bool = HfArg(default=False, help="Also write OUT/model_bf16 (for serving) on CPU; always on GPU.")
+    deterministic: bool = HfArg(default=False, help="torch.use_deterministic_algorithms(True) (+ cuBLAS/cuDNN flags).")
     activation_checkpointing: bool = HfArg(default=True, help="Recompute each decoder layer in backward.")
     save_every: int = HfArg(default=100, help="DCP checkpoint every N optimizer steps (and always at the end).")
     keep_checkpoints: int = HfArg(default=2, help="Newest checkpoints kept under OUT/checkpoints.")
@@ -127,13 +132,28 @@ class Dist:
         if self.rank == 0:
             print(msg, flush=True)
 
+    def decide(self, fn):
+        """Rank 0 runs fn() (a filesystem check) and every rank gets its answer, or its exception: ranks that see a
+        shared filesystem (NFS) at different moments cannot take different branches."""
+        try:
+            box = [(fn(), None) if self.rank == 0 else None]
+        except Exception as e:                           # e.g. StaleStage: raised on every rank, not a hang
+            box = [(None, e)]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0][1] is not None:
+            raise box[0][1]
+        return box[0][0]
 
-def init_distributed(timeout_s=None) -> Dist:
+
+def init_distributed(timeout_s=None, deterministic=False) -> Dist:
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> nccl on GPUs / gloo on CPU, and an explicit 1-D mesh.
 
     Without torchrun (`python train_7b.py ...`) this is a 1-rank group, so the same code runs on one device.
     Collectives time out after timeout_s (default: 5 minutes on CPU/gloo, 3 hours on GPU, where ranks wait for the
     slowest generation shard); under torchrun each worker also dies with the torchrun agent (no orphans).
+    deterministic: torch.use_deterministic_algorithms(True); on GPU also cuBLAS's fixed workspace (set before the
+    first cuBLAS call) and deterministic cuDNN without autotuning.
     """
     if "RANK" in os.environ and sys.platform == "linux":       # PR_SET_PDEATHSIG: SIGKILL when the agent dies
         import ctypes
@@ -142,6 +162,11 @@ def init_distributed(timeout_s=None) -> Dist:
         if os.getppid() == 1:                                   # the agent died before prctl took effect
             os._exit(1)
     cuda = torch.cuda.is_available()
+    if deterministic:
+        if cuda:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -212,16 +237,23 @@ def apply_activation_checkpointing(model):
 
 
 def apply_fsdp(model, mesh, mp_policy):
-    """ZeRO-3: fully_shard every decoder layer (all-gathered in turn, resharded after use), then the root
-    (embeddings, final norm, lm_head). Gradient reduction SUMS over ranks - FSDP2 averages by default - because each
-    rank's loss is already divided by the GLOBAL batch size, as in sppo.train_policy."""
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    """ZeRO-3 in torchtitan's units: the embeddings, every decoder layer, the lm_head, then the root (the final
+    norm, d parameters); each unit is all-gathered only while it runs. (torchtitan groups norm + lm_head in one
+    fully_shard([...]) call; FSDPMemTracker, --measure-memory, breaks on such groups in torch 2.13.) Tied
+    embeddings (config.tie_word_embeddings) keep embed_tokens and lm_head in the root: the shared parameter lives
+    in one unit. Gradient reduction SUMS
+    over ranks - FSDP2 averages by default - because each rank's loss is already divided by the GLOBAL batch size,
+    as in sppo.train_policy. Returns the units, in words."""
+    tied, inner, n = model.config.tie_word_embeddings, model.model, len(model.model.layers)
+    units = [*inner.layers] if tied else [inner.embed_tokens, *inner.layers, model.lm_head]
+    for unit in [*units, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=mp_policy)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)                         # plain SUM on nccl and gloo alike
+    return f"{n} layers | root (norm, tied embed_tokens = lm_head)" if tied else \
+        f"embed_tokens | {n} layers | lm_head | root (norm)"
 
 
 def load_weights(model, path, d):
@@ -247,7 +279,7 @@ def build_model(cfg, d):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, d.mesh, mixed_precision(d.device))
+    d.log("FSDP units: " + apply_fsdp(model, d.mesh, mixed_precision(d.device)))
     model.to_empty(device=d.device)
     load_weights(model, cfg.model, d)
     return model
@@ -256,16 +288,17 @@ def build_model(cfg, d):
 # ----------------------------------------------------------------------------------------------------------------
 # pi_ref = pi_t: log pi_t(y|x) for the whole dataset, computed once by the policy before step 1, sharded over ranks.
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, micro, d):
-    """sppo.sequence_logps of every pair under the current (unchanged) policy. Rows are sorted by length and dealt
-    round-robin, so shards are balanced; every rank runs the same number of forwards (FSDP all-gathers)."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    mine, out = order[d.rank::d.world], {}
+def reference_logps(model, pairs, pad_id, schedule, cfg, d):
+    """sppo.sequence_logps of every pair under the unchanged policy, in the micro-batches that the first epoch's
+    training steps form (rank_micro_batches of schedule): the same rows padded together, the same precision (the
+    FSDP policy itself, bf16 on GPU), so at the first visit of a row log pi_theta/pi_ref starts at exactly 0. Later
+    epochs batch rows differently: on GPU a row's bf16 log-prob there can differ from pi_ref's by rounding."""
+    out = {}
     model.eval()
-    for j in range(0, math.ceil(len(pairs) / d.world), micro):
-        idx = mine[j:j + micro]
-        b = sppo.collate([pairs[i] for i in idx or order[:1]], pad_id)      # a stand-in row keeps ranks in step
-        out.update(zip(idx, sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
+    for idx in schedule[:math.ceil(len(pairs) / cfg.global_batch)]:                 # epoch 1 covers every row once
+        for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch):
+            b = sppo.collate([pairs[i] for i in mb or idx[:1]], pad_id)          # a stand-in keeps ranks in step
+            out.update(zip(mb or [], sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
     shards = [None] * d.world
     dist.all_gather_object(shards, out)
@@ -273,25 +306,34 @@ def reference_logps(model, pairs, pad_id, micro, d):
     return [merged[i] for i in range(len(pairs))]
 
 
-def reference_for(model, rows, pairs, pad_id, cfg, d, data_path):
-    """ref_logp per row: the dataset's own (sppo.py wrote them), or OUT/ref_logp.json when it was made for this
-    model, data and truncation, or computed (and cached there by rank 0) so a restart does not recompute them."""
-    if cfg.ref_logp == "auto" and all("ref_logp" in r for r in rows):
+def reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data_path):
+    """ref_logp per row: the dataset's own (sppo.py wrote them; --ref-logp auto on CPU only), or OUT/ref_logp.json
+    when it was made for this model, data, truncation and computation (dtype, device, batching: rank 0 decides), or
+    computed and cached there by rank 0, so a restart does not recompute them."""
+    if cfg.ref_logp == "auto" and d.device.type == "cpu" and all("ref_logp" in r for r in rows):
         return [r["ref_logp"] for r in rows], "dataset"
     cache = Path(cfg.out) / "ref_logp.json"
-    key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path),
-           "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "compute": d.device.type}
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key and len(saved.get("ref_logp", ())) == len(rows):
-            return saved["ref_logp"], f"cache {cache}"
-        d.log(f"{cache}: made for another model, data or truncation; recomputing")
-    ref = reference_logps(model, pairs, pad_id, cfg.micro_batch, d)
+    key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path), "max_length":
+           cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "device": d.device.type,
+           "dtype": str(mixed_precision(d.device).param_dtype or torch.float32).removeprefix("torch."),
+           "batching": {k: getattr(cfg, k) for k in ("global_batch", "micro_batch", "seed")} | {"world": d.world}}
+    how = f"{key['dtype']} on {d.world} x {d.device.type}, in the training micro-batches of epoch 1"
+
+    def cached():
+        saved = json.loads(cache.read_text()) if cache.is_file() else None
+        if saved and saved["key"] == key and len(saved["ref_logp"]) == len(rows):
+            return saved["ref_logp"]
+        if saved:
+            d.log(f"{cache}: made for another model, data, truncation or computation; recomputing")
+    ref = d.decide(cached)
+    if ref is not None:
+        return ref, f"cache {cache} ({how})"
+    ref = reference_logps(model, pairs, pad_id, schedule, cfg, d)
     if d.rank == 0:
         tmp = cache.with_name(cache.name + ".tmp")
         tmp.write_text(json.dumps({"key": key, "ref_logp": ref}))
         os.replace(tmp, cache)
-    return ref, f"computed with pi_t on {d.world} ranks, cached in {cache}"
+    return ref, f"computed with pi_t ({how}), cached in {cache}"
 
 
 def file_sha256(path):
@@ -306,7 +348,7 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro
     (local accumulation) and ranks (reduce-scatter with SUM), then global-norm clipping, optimizer and LR step.
     before_micro: called before each micro-batch (--measure-memory resets the tracker's per-module stats)."""
     opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(2, dtype=torch.float64, device=d.device)                  # [sum of losses, tokens]
+    stats = torch.zeros(4, dtype=torch.float64, device=d.device)   # [sum of losses, tokens, sum T_i^2, responses]
     for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch):
         if before_micro:
             before_micro()
@@ -314,7 +356,9 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro
         losses = sppo.example_losses(model, b, cfg.eta)                           # (micro,) Eq. (4.7)
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:
-            stats += torch.stack([losses.detach().sum().double(), b["attention_mask"].sum().double()])
+            lengths = b["attention_mask"].sum(-1).double()                        # (micro,) T_i without padding
+            stats += torch.stack([losses.detach().sum().double(), lengths.sum(), (lengths ** 2).sum(),
+                                  b["response_mask"].sum().double()])
     dist.all_reduce(stats)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # a collective on DTensors
     gnorm = float(gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm)
@@ -323,7 +367,8 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro
         raise sppo.DivergedError(f"loss {loss}, grad norm {gnorm} is not finite; stopped before the update")
     opt.step()
     sched.step()
-    return {"loss": loss, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "tokens": int(stats[1])}
+    return {"loss": loss, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "tokens": int(stats[1]),
+            "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,62 +433,97 @@ setting that changes the result. A changed one is refused, named, before the mod
 
 
 def check_run_info(path, run_info):
+    """The checkpoint's run.json, when it belongs to this data, pi_t and settings (else refused, the field named)."""
     saved = json.loads((path / "run.json").read_text())
     for k, v in run_info.items():
         if saved.get(k) != v:
             raise sppo.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
                                      f"resume with the original settings or use a new --out")
+    return saved
 
 
-def load_checkpoint(state, out, run_info, d):
-    """Restore the newest checkpoint in place; check it belongs to this data, pi_t and settings. Returns its path."""
-    path = checkpoints(out)[-1]
-    check_run_info(path, run_info)
-    saved = json.loads((path / "run.json").read_text())
+def load_checkpoint(state, path, saved, d):
+    """Restore checkpoint `path` (rank 0's choice; `saved` its checked run.json) in place."""
     state.with_rng = saved["world"] == d.world                      # RNG states are per rank
     dcp.load({"train": state}, checkpoint_id=str(path))
     state.with_rng = True
-    return path
 
 
-def export_model(model, tokenizer, src, path, dtype, d):
-    """pi_{t+1} for AutoModelForCausalLM.from_pretrained (and sppo.py's next --model): the full state dict on rank 0
-    (a collective; the others get {}), loaded into a meta-built model and written with save_pretrained."""
+def export_model(model, tokenizer, src, out, bf16, d):
+    """pi_{t+1} for AutoModelForCausalLM.from_pretrained: OUT/model in fp32, always (sppo.py's and the next
+    iteration's --model: in bf16 RMSprop's ~lr-sized updates round back to pi_t), and OUT/model_bf16 when `bf16`
+    (serving, evaluation). The full state dict goes to rank 0 (a collective; the others get {}), is loaded into a
+    meta-built model and written with save_pretrained. Returns bf16_unchanged_fraction vs pi_t (None off rank 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full, frac = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), None
     if d.rank == 0:
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
-        hf.load_state_dict({k: full.pop(k).to(dtype) for k in list(full)}, assign=True)
-        if (Path(src) / "generation_config.json").is_file():
-            hf.generation_config = GenerationConfig.from_pretrained(src)
-        sppo.save_policy(hf, tokenizer, path)
+        start = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()    # pi_t
+        frac = bf16_unchanged_fraction(start, full)
+        del start
+        for dtype, name in [(torch.float32, "model")] + [(torch.bfloat16, "model_bf16")] * bf16:
+            with torch.device("meta"):
+                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
+            hf.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+            if (Path(src) / "generation_config.json").is_file():
+                hf.generation_config = GenerationConfig.from_pretrained(src)
+            sppo.save_policy(hf, tokenizer, out / name)
     del full
     dist.barrier()
+    return frac
+
+
+def bf16_unchanged_fraction(start, new):
+    """Fraction of the weights (floating-point entries of state dicts `new` vs pi_t's `start`) that a bf16 export
+    would leave exactly at pi_t's bf16 value: an update under half a bf16 step (2^-9 |w|: ~4e-5 at |w| ~ 0.02)
+    rounds away, while RMSprop moves each weight by about the LR (5e-7) per step."""
+    same = total = 0
+    for k, w in new.items():
+        if w.is_floating_point():
+            same += (w.to(torch.bfloat16) == start[k].to(torch.bfloat16)).sum().item()
+            total += w.numel()
+    return same / total
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Throughput, MFU and memory: what each step logs.
-def flops_per_token(config, n_params, seq_len):
-    """Training FLOPs per token: 6 N (forward + backward; N without the input embedding, a lookup) plus the
-    attention scores 12 L d T (PaLM, Chowdhery et al. 2022, App. B). Recomputation is not counted (MFU, not HFU)."""
-    return 6 * (n_params - config.vocab_size * config.hidden_size) + \
-        12 * config.num_hidden_layers * config.hidden_size * seq_len
+def step_flops(config, n_params, tokens, sum_len_sq, response_tokens):
+    """Training FLOPs of one optimizer step (forward + backward; recomputation not counted: MFU, not HFU), summed
+    over the global batch's rows i, each of T_i real tokens (no padding) with R_i response tokens:
+
+        6 N_body sum_i T_i  +  12 L h sum_i T_i^2  +  6 V d sum_i R_i
+
+    N_body = N - V d (tied embeddings) or N - 2 V d: the matmul weights the tokens run through (the embedding is a
+    lookup); the attention scores are PaLM's 12 L h T per token at the row's own length T_i (Chowdhery et al. 2022,
+    App. B; h = heads x head_dim); the lm_head (V x d) runs only on the kept positions, the response tokens
+    (logits_to_keep in sppo.sequence_logps)."""
+    V, d, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
+    h = config.num_attention_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    n_body = n_params - V * d * (1 if config.tie_word_embeddings else 2)
+    return 6 * n_body * tokens + 12 * L * h * sum_len_sq + 6 * V * d * response_tokens
 
 
-def peak_flops(device):
-    """bf16 dense peak of this GPU from PEAK_BF16_FLOPS, or None (CPU, unknown GPU: MFU is not logged)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+def peak_flops(device_name):
+    """bf16 dense peak of a GPU (torch.cuda.get_device_name) from PEAK_BF16_FLOPS, or None (unknown: no MFU)."""
+    return next((f for key, f in PEAK_BF16_FLOPS if key in device_name), None)
 
 
-def peak_memory_gb(device):
-    """Peak memory of this rank: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU."""
+def peak_memory_gb(d):
+    """Peak memory in GB, the max over ranks (all_reduce MAX): {peak_memory_gb: max allocated, peak_reserved_gb:
+    max reserved} by the CUDA caching allocator on GPU; {peak_memory_gb: peak RSS of the process} on CPU."""
+    cuda = d.device.type == "cuda"
+    v = [torch.cuda.max_memory_allocated(d.device), torch.cuda.max_memory_reserved(d.device)] if cuda else \
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+    v = torch.tensor(v, dtype=torch.float64, device=d.device) / 1e9
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return dict(zip(["peak_memory_gb", "peak_reserved_gb"], v.tolist()))
+
+
+def sync(device, reset_peak=False):
+    """Wait for the GPU's queued work, so a step's wall time includes it (and restart the peak-memory count)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        torch.cuda.synchronize(device)
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
 
 
 def param_counts(config):
@@ -464,6 +544,8 @@ def memory_plan(config, world, micro_batch, seq_len, optimizer="rmsprop", comput
     """
     n, n_layer, n_root = param_counts(config)
     d, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    if not config.tie_word_embeddings:      # apply_fsdp: embed_tokens and lm_head (V d each) are units of their own
+        n_root, n_layer = n_root - 2 * V * d, max(n_layer, V * d)                  # n_layer: the largest unit
     d_kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
     c, tok = compute_bytes, micro_batch * seq_len
     layer_acts = tok * (2 * (4 * d + c * d) + c * (6 * d + 4 * d_kv) + 4 * c * I)
@@ -472,7 +554,7 @@ def memory_plan(config, world, micro_batch, seq_len, optimizer="rmsprop", comput
         "sharded fp32 grads (4N/W)": 4 * n / world,
         f"{optimizer} state ({ {'rmsprop': 4, 'adamw': 8}[optimizer]}N/W)":
             {"rmsprop": 4, "adamw": 8}[optimizer] * n / world,
-        "unsharded params: root + 2 layers in flight": c * (n_root + 2 * n_layer),
+        "unsharded params: root + 2 units in flight": c * (n_root + 2 * n_layer),
         "unsharded grads in flight (+ fp32 reduce)": (c + 4) * max(n_root, n_layer),
         "activations: layer inputs kept (L B T d)" if ckpt else "activations: all layers":
             L * tok * d * c if ckpt else L * layer_acts,
@@ -523,10 +605,22 @@ def free_device_memory(device):
         torch.cuda.empty_cache()
 
 
+def load_replica(path, cfg, device):
+    """A full generation replica. On GPU straight onto this rank's device (device_map; needs accelerate, see
+    requirements-gpu.txt), so 8 ranks never hold 8 host copies of pi_t at once (~116 GB at 7B). On CPU (or without
+    accelerate) sppo.load_policy: load on the host, then move."""
+    if device.type == "cuda" and importlib.util.find_spec("accelerate"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), device_map={"": device}),
+                AutoTokenizer.from_pretrained(path))
+    return sppo.load_policy(path, cfg, device)
+
+
 def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
-    """Optional engine: vLLM on this rank's GPU (tensor parallel 1). Same prompt tokens and text convention as
-    sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of its global
-    prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
+    """Optional engine: vLLM on this rank's GPU (tensor parallel 1), in a --stage generate call of its own (vLLM
+    frees its GPU memory only when the process exits; validate() refuses other stages). Same prompt tokens and text
+    convention as sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of
+    its global prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
     from vllm import LLM, SamplingParams
     llm = LLM(model=model_dir, dtype="bfloat16", seed=cfg.seed, tensor_parallel_size=1,
               distributed_executor_backend="external_launcher")
@@ -557,7 +651,7 @@ def stage_generate(cfg, d, out):
         gens = generate_vllm(gcfg, cfg.model, AutoTokenizer.from_pretrained(cfg.model), [prompts[i] for i in mine],
                              mine)
     else:
-        model, tok = sppo.load_policy(cfg.model, gcfg, d.device)                  # a full bf16 replica per GPU
+        model, tok = load_replica(cfg.model, gcfg, d.device)                      # a full bf16 replica per GPU
         gens = [g for s in starts for g in sppo.generate_responses(model, tok, prompts[s:s + cfg.gen_batch], gcfg,
                                                                     cfg.iteration, d.device, start=s)]
         del model
@@ -593,60 +687,61 @@ def train(cfg, d):
     from transformers import AutoTokenizer
     out, data = Path(cfg.out), Path(cfg.data or Path(cfg.out) / "dataset.jsonl")
     accumulation = check_batch_sizes(cfg, d.world)
-    if checkpoints(out) and not cfg.resume:
+    ckpt = d.decide(lambda: (checkpoints(out) or [None])[-1])         # rank 0 picks the checkpoint for all ranks
+    if ckpt and not cfg.resume:
         raise sppo.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
     rows = load_dataset(data, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
-    run_info = {"model": sppo.Hashes(out)(cfg.model), "data_sha256": file_sha256(data), "total_steps":
-                len(sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)),
+    schedule = sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
+    run_info = {"model": d.decide(lambda: sppo.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data), "total_steps": len(schedule),
                 **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
-    if checkpoints(out):                                               # before the model is built
-        check_run_info(checkpoints(out)[-1], run_info)
+    saved = d.decide(lambda: check_run_info(ckpt, run_info)) if ckpt else None     # before the model is built
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
           f"response its first max_length - prompt = up to {cfg.max_length}); none skipped")
     model = build_model(cfg, d)                                       # meta -> AC -> fully_shard -> pi_t
-    ref, source = reference_for(model, rows, pairs, pad_id, cfg, d, data)
+    ref, source = reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data)
     for r, lp in zip(rows, ref):
         r["ref_logp"] = lp
     sppo.check_dataset(rows, data)
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
-    schedule = sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
     opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
     sched = sppo.make_scheduler(opt, len(schedule), cfg.warmup_ratio)
     state = TrainState(model, opt, sched, d)
-    if checkpoints(out):
-        d.log(f"resumed from {load_checkpoint(state, out, run_info, d)} at step {state.step}")
+    if ckpt:
+        load_checkpoint(state, ckpt, saved, d)
+        d.log(f"resumed from {ckpt} at step {state.step}")
     elif cfg.resume:
         d.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")
     n_params = sum(p.numel() for p in model.parameters())
-    fpt, peak = flops_per_token(model.config, n_params, cfg.max_length), peak_flops(d.device)
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     metrics_path = out / "metrics.jsonl"
     if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
         old = sppo.read_jsonl(metrics_path) if metrics_path.is_file() else []
         sppo.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
     d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps of "
           f"{cfg.global_batch} = {cfg.micro_batch} x {accumulation} x {d.world}; optimizer {cfg.optimizer}; "
-          f"collective timeout {d.timeout.total_seconds():.0f} s")
+          f"collective timeout {d.timeout.total_seconds():.0f} s; deterministic algorithms {cfg.deterministic}")
     model.train()
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
     for step in range(state.step, len(schedule)):
         tracker = start_memory_tracker(model, opt) if step == measure_at else None
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
+        sync(d.device, reset_peak=True)
         t0 = time.perf_counter()
         m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, cfg, d,
                        tracker.reset_mod_stats if tracker is not None else None)
+        sync(d.device)
         dt = time.perf_counter() - t0
         if tracker is not None:
             tracker.__exit__(None, None, None)
             seq_len = max(sum(map(len, pairs[i])) for i in schedule[step])
             write_memory_report(tracker, model.config, cfg, seq_len, d, out)
         state.step = step + 1
-        tps = m["tokens"] / dt
-        m.update(step=step, tokens_per_s=tps, tokens_per_s_per_device=tps / d.world,
-                 peak_memory_gb=peak_memory_gb(d.device), mfu=fpt * tps / d.world / peak if peak else None)
+        tps, flops = m["tokens"] / dt, step_flops(model.config, n_params, m["tokens"], m.pop("sum_len_sq"),
+                                                   m["response_tokens"])
+        m.update(step=step, tokens_per_s=tps, tokens_per_s_per_device=tps / d.world, **peak_memory_gb(d),
+                 mfu=flops / dt / d.world / peak if peak else None)
         if d.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -659,10 +754,15 @@ def train(cfg, d):
         if state.step == cfg.stop_at_step and not last:
             d.log(f"stopped after step {state.step} (--stop-at-step); continue with --resume")
             return {"stopped_at": state.step}
-    export_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    export_model(model, tok, cfg.model, out / "model", export_dtype, d)
-    d.log(f"pi_(t+1) saved in {out / 'model'} ({export_dtype}); load it with from_pretrained or as sppo.py --model")
-    return {"steps": len(schedule), "truncated": n_cut, "model": str(out / "model")}
+    bf16 = cfg.export_bf16 or d.device.type == "cuda"
+    frac = export_model(model, tok, cfg.model, out, bf16, d)
+    summary = {"steps": len(schedule), "truncated": n_cut, "model": str(out / "model"), "model_bf16": str(
+               out / "model_bf16") if bf16 else None, "bf16_unchanged_fraction": frac}
+    if d.rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"pi_(t+1) saved in {out / 'model'} (fp32: the next --model)" + (f" and {out / 'model_bf16'} (bf16)"
+              if bf16 else "") + f"; a bf16 export would leave {frac:.2%} of the weights exactly at pi_t", flush=True)
+    return summary
 
 
 def start_memory_tracker(model, opt):
@@ -698,6 +798,13 @@ def validate(cfg):
     """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
     if cfg.model is None:
         raise sppo.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
+    if cfg.gen_engine == "vllm" and cfg.stage != "generate":
+        raise sppo.ConfigError(f"--stage {cfg.stage} --gen-engine vllm: vLLM frees its GPU memory only when its process"
+                               f" exits; run --stage generate --gen-engine vllm as its own torchrun call, then --stage "
+                               f"rank and --stage train")
+    if cfg.gen_engine == "vllm" and not importlib.util.find_spec("vllm"):
+        raise sppo.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
+                               "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
@@ -729,22 +836,23 @@ def run(cfg):
     out = Path(cfg.out)
     if cfg.stage != "train":
         hashes, prompts = sppo.Hashes(out), stage_prompts(cfg)
-        oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
 
-        def key(stage):
+        def key(stage):                                   # on rank 0 only: OUT/hashes.json has one writer
+            oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
             return sppo.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
 
-        def done(stage):                                  # every rank reads the same files and decides alike
-            return sppo.Manifest(out).done(stage, key(stage), hashes)
+        def done(stage):                                  # rank 0 reads the files and decides for all ranks
+            return d.decide(lambda: sppo.Manifest(out).done(stage, key(stage), hashes))
 
         def commit(*stages):                              # rank 0 records what it wrote, then all ranks meet
             if d.rank == 0:
                 for stage in stages:
                     sppo.Manifest(out).commit(stage, key(stage), hashes, len(prompts))
             d.barrier(f"the {'/'.join(stages)} record")
-        gen_done = done("generate") if cfg.stage in ("generate", "all") else True     # stale files: refused now
-    d = init_distributed(cfg.collective_timeout_s)
-    if cfg.stage in ("generate", "all") and not gen_done:
+        if cfg.stage in ("generate", "all") and os.environ.get("RANK", "0") == "0":   # stale files: refused now,
+            sppo.Manifest(out).done("generate", key("generate"), hashes)             # before the process group
+    d = init_distributed(cfg.collective_timeout_s, cfg.deterministic)
+    if cfg.stage in ("generate", "all") and not done("generate"):
         stage_generate(cfg, d, out)
         commit("generate")
     if cfg.stage in ("rank", "all"):

@@ -72,10 +72,11 @@ def data(world, arch):
 
 @pytest.fixture(scope="module")
 def llama_run(world):
-    """Uninterrupted 2-rank run (6 steps), with FSDPMemTracker on its second step (optimizer state exists)."""
+    """Uninterrupted 2-rank run (6 steps), with FSDPMemTracker on its second step (optimizer state exists), and
+    the bf16 copy of the export that GPUs write by default."""
     out = world["root"] / "llama_A"
     p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN),
-                 "--measure-memory")
+                 "--measure-memory", "--export-bf16")
     return out, p.stdout
 
 
@@ -87,14 +88,14 @@ def mistral_run(world):
     return out, p.stdout
 
 
-def single_process(world, arch, epochs, out):
+def single_process(world, arch, epochs, out, model_dir=None):
     """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
     micro-batch 8."""
     d = data(world, arch)
     ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
     rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(d), ref)]
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False)
-    model, tok = sppo.load_policy(world[arch], cfg, "cpu")
+    model, tok = sppo.load_policy(model_dir or world[arch], cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
     ref_single = sppo.batched_logps(model, pairs, tok.pad_token_id, 8)
     history = sppo.train_policy(model, tok, rows, cfg, "cpu")
@@ -123,6 +124,30 @@ def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs
     assert max_diff(exported, start) > 50 * PARAM_ATOL                # training moved the weights...
     assert max_diff(exported, params) < PARAM_ATOL                    # ...exactly as one process does
     assert "1 truncated" in log and "none skipped" in log
+    assert "FSDP units: embed_tokens | 2 layers | lm_head | root (norm)" in log
+
+
+def test_tied_embeddings_stay_in_one_unit_and_match_single_process(world, tmp_path):
+    """tie_word_embeddings: embed_tokens = lm_head is one parameter, kept in the root unit; same losses and weights
+    as one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tied = tmp_path / "llama_tied"
+    m = AutoModelForCausalLM.from_pretrained(world["llama"])
+    m.config.tie_word_embeddings = True
+    m.lm_head.weight = m.model.embed_tokens.weight
+    m.save_pretrained(tied)
+    AutoTokenizer.from_pretrained(world["llama"]).save_pretrained(tied)
+    out = tmp_path / "out"
+    p = torchrun(*flags(model=tied, data=data(world, "llama"), out=out, epochs=2, **TRAIN))
+    assert "FSDP units: 2 layers | root (norm, tied embed_tokens = lm_head)" in p.stdout
+    _, _, history, params = single_process(world, "llama", 2, out, model_dir=tied)
+    steps = sppo.read_jsonl(out / "metrics.jsonl")
+    assert len(steps) == len(history) == 6
+    for h, m in zip(history, steps):
+        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    assert max_diff(exported.state_dict(), params) < PARAM_ATOL
 
 
 def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
@@ -135,8 +160,15 @@ def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
     saved = torch.load(out / "final.pt")["train"]
     assert saved["step"] == 6 and {"rng_rank0", "rng_rank1"} <= saved.keys()
     fsdp = saved["model"]
+    exported = load_file(out / "model" / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.float32}       # fp32: small updates survive the export
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert max_diff(model.state_dict(), fsdp) == 0.0
+    bf16 = load_file(out / "model_bf16" / "model.safetensors")         # --export-bf16 (the default on GPU)
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], v.bfloat16()) for k, v in exported.items())
+    start = load_file(Path(world["llama"]) / "model.safetensors")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bf16_unchanged_fraction"] == train_7b.bf16_unchanged_fraction(start, exported)
     loaded, tok = sppo.load_policy(out / "model", sppo.SPPOConfig(), "cpu")   # sppo.py's next --model
     assert type(loaded).__name__ == "LlamaForCausalLM" and tok.pad_token_id == 0
 
@@ -149,8 +181,8 @@ def test_memory_plan_matches_measured_tiny(world, llama_run):
     assert abs(measured["Sharded Param"] - sharded) <= 0.02 * sharded           # shard padding only
     assert abs(measured["Sharded Grad"] - plan["sharded fp32 grads (4N/W)"]) <= 0.02 * sharded
     assert abs(measured["OptState"] - plan["rmsprop state (4N/W)"]) <= 0.02 * sharded
-    in_flight = measured["Unsharded Param"] + measured["All Gather"]             # root + current + prefetched layer
-    assert abs(in_flight - plan["unsharded params: root + 2 layers in flight"]) <= 0.02 * in_flight
+    in_flight = measured["Unsharded Param"] + measured["All Gather"]             # root + current + prefetched unit
+    assert abs(in_flight - plan["unsharded params: root + 2 units in flight"]) <= 0.02 * in_flight
     kept = plan["activations: layer inputs kept (L B T d)"]
     assert 0.5 * kept <= measured["Activation"] <= 1.5 * kept
     assert measured["Total"] <= sum(plan.values())                              # the plan is an upper bound
@@ -296,7 +328,100 @@ def test_golden_losses_two_ranks(llama_run):
     np.testing.assert_allclose(gold["two_ranks"], gold["single_process"], rtol=gold["rtol"])
 
 
+def test_deterministic_mode_gives_the_same_losses(world, llama_run):
+    out = world["root"] / "llama_det"
+    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, **TRAIN), "--deterministic")
+    assert "deterministic algorithms True" in p.stdout
+    a, b = sppo.read_jsonl(llama_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
+
+
+def test_reference_logps_record_how_they_were_computed(llama_run):
+    out, log = llama_run
+    key = json.loads((out / "ref_logp.json").read_text())["key"]
+    assert (key["dtype"], key["device"]) == ("float32", "cpu")
+    assert key["batching"] == {"global_batch": 8, "micro_batch": 2, "seed": 42, "world": 2}
+    assert "computed with pi_t (float32 on 2 x cpu, in the training micro-batches of epoch 1)" in log
+    m = sppo.read_jsonl(out / "metrics.jsonl")[0]
+    assert m["mfu"] is None and m["peak_memory_gb"] > 0 and 0 < m["response_tokens"] < m["tokens"]
+
+
+RANKS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch, train_7b
+d = train_7b.init_distributed()
+ballast = torch.ones(100_000_000 if d.rank == 1 else 1)              # 400 MB touched on rank 1 only
+own = train_7b.resource.getrusage(train_7b.resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+decided = d.decide(lambda: os.environ["RANK"])                        # runs on rank 0 only
+try:
+    d.decide(lambda: 1 / 0)
+    error = None
+except ZeroDivisionError as e:
+    error = str(e)
+print(json.dumps(dict(rank=d.rank, decided=decided, error=error, own=own, **train_7b.peak_memory_gb(d))), flush=True)
+train_7b.shutdown()
+os._exit(0)
+"""
+
+
+def test_rank0_decides_for_all_and_peak_memory_is_the_max_over_ranks(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT.format(repo=str(REPO)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-3000:]
+    r = sorted((json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")), key=lambda x: x["rank"])
+    assert [x["decided"] for x in r] == ["0", "0"]                     # rank 0's answer on both ranks
+    assert [x["error"] for x in r] == ["division by zero"] * 2           # rank 0's error raised on both, no hang
+    assert r[1]["own"] > r[0]["own"] + 0.3                             # rank 1 holds the ballast...
+    assert r[0]["peak_memory_gb"] == r[1]["peak_memory_gb"] == pytest.approx(r[1]["own"], rel=0.05)  # ...max of both
+
+
 # ---- no torchrun needed -------------------------------------------------------------------------------------
+def test_bf16_export_rounds_small_updates_back_to_pi_t():
+    """pi_t in bf16 (every weight bf16-representable), updates of RMSprop's size: a bf16 export loses them."""
+    start = {"w": torch.tensor([0.02, -0.02, 0.5, 1e-3]).bfloat16().float(), "step": torch.tensor([3])}
+    new = {"w": start["w"] + torch.tensor([1e-5, 5e-5, 1e-5, 1e-5]), "step": torch.tensor([4])}
+    # half a bf16 step is 2^-14 = 6.1e-5 at 0.02, 2^-9 at 0.5, but 2^-18 = 3.8e-6 at 1e-3: only the last survives
+    assert train_7b.bf16_unchanged_fraction(start, new) == 0.75
+    assert (new["w"] != start["w"]).all()                              # fp32 (OUT/model) keeps all four updates
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(100_000, generator=g) * 0.02).bfloat16().float()
+    w1 = w0 + 5e-7 * torch.randn(300, 100_000, generator=g).sign().sum(0)   # 300 RMSprop steps of lr 5e-7, +-
+    frac = train_7b.bf16_unchanged_fraction({"w": w0}, {"w": w1})
+    assert frac > 0.85 and (w1 != w0).float().mean() > 0.95, frac      # measured: 89.7% lost in bf16, 4.6% in fp32
+
+
+def test_step_flops_by_hand():
+    from transformers import LlamaConfig
+    c = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False)
+    layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32    # q k v o, SwiGLU, 2 RMSNorms = 9280
+    n = 2 * layer + 32 + 2 * 16 * 32                                         # + final norm, embed_tokens, lm_head
+    assert train_7b.param_counts(c)[0] == n
+    # two rows of 10 and 20 tokens (4 and 8 in the response): 6 N_body T + 12 L d T^2 + 6 V d R, summed
+    flops = 6 * (2 * layer + 32) * 30 + 12 * 2 * 32 * (10 ** 2 + 20 ** 2) + 6 * 16 * 32 * (4 + 8)
+    assert train_7b.step_flops(c, n, tokens=30, sum_len_sq=500, response_tokens=12) == flops == 3_767_424
+    c.tie_word_embeddings = True                                          # the shared matrix is counted once in N
+    assert train_7b.step_flops(c, n - 16 * 32, 30, 500, 12) == flops
+    assert [train_7b.peak_flops(f"NVIDIA H100 {x}") for x in ("NVL", "PCIe", "80GB HBM3")] == [835e12, 756e12, 989e12]
+    assert train_7b.peak_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_vllm_is_its_own_generate_call(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    sppo.write_jsonl(prompts, [{"prompt": "hi"}])
+    kw = dict(model="m", prompts=str(prompts), pairrm="rm", out=str(tmp_path / "o"), gen_engine="vllm")
+    with pytest.raises(sppo.ConfigError, match="--stage all --gen-engine vllm: vLLM frees its GPU memory only when "
+                                               "its process exits; run --stage generate --gen-engine vllm as its own"):
+        train_7b.validate(train_7b.TrainConfig(stage="all", **kw))
+    import importlib.util
+    if importlib.util.find_spec("vllm"):
+        pytest.skip("vllm is installed here: the not-installed refusal is not reachable")
+    with pytest.raises(sppo.ConfigError, match="vllm is not installed here; install requirements-vllm.txt in an "
+                                               "environment of its own"):
+        train_7b.validate(train_7b.TrainConfig(stage="generate", **kw))
 def test_missing_field_names_file_line_and_field(tmp_path):
     cfg = train_7b.TrainConfig()
     rows = sppo_toy.synthetic_dataset(4)
