@@ -715,7 +715,7 @@ class Hashes:
         if self.known.get(key, [None])[:2] != [st.st_size, st.st_mtime_ns]:
             with open(path, "rb") as f:
                 self.known[key] = [st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest()]
-            tmp = self.path.with_name("hashes.json.tmp")
+            tmp = self.path.with_name(f"hashes.json.{os.getpid()}.tmp")       # one tmp per writer: no races
             tmp.write_text(json.dumps(self.known))
             os.replace(tmp, self.path)
         return self.known[key][2]
