@@ -15,7 +15,11 @@ Rows:
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
   * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
     repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
-  * MFU of train_7b's step when CUDA is present (not measurable on a CPU machine: the row says so).
+  * train_7b.py at a real model's shape (`--only model --size 1b`: TinyLlama-1.1B's config, random weights) under
+    torchrun on every local GPU (2 gloo ranks on CPU): tokens/s, MFU (CUDA), peak memory against memory_plan, the
+    bf16-unchanged fraction; then the --deterministic resume check (stopped + resumed == uninterrupted, bit for bit).
+
+    python bench.py --only model --size 1b        # on a GPU node (the README's GPU numbers come from this)
 """
 from __future__ import annotations
 
@@ -47,7 +51,10 @@ import train_7b
 @dataclass
 class BenchConfig:
     quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
-    only: Literal["all", "hedge", "pairrm", "train", "fsdp"] = HfArg(default="all", help="Run one row only.")
+    only: Literal["all", "hedge", "pairrm", "train", "fsdp", "model"] = HfArg(
+        default="all", help="Run one row only ('model' runs only when asked: it is the GPU row).")
+    size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
+                                        "shape, random weights).")
     repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
     prompts: int = HfArg(default=32, help="PairRM row: prompts N.")
     k: int = HfArg(default=5, help="PairRM row: candidates per prompt (SPPO Sec. 5: K = 5), K(K-1) pairs each.")
@@ -176,6 +183,69 @@ def bench_fsdp_row(rows=64):
             "unit": "tokens/s"}
 
 
+# TinyLlama-1.1B's config.json (hidden, MLP, layers, heads, KV heads, vocab): a real shape without a download.
+MODEL_SIZES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2),
+               "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                          num_key_value_heads=4, vocab_size=32000)}
+
+
+def build_sized_policy(out_dir, size, seed=0):
+    """A random-init Llama of MODEL_SIZES[size] with the demo's word-level tokenizer (ids past it are never drawn)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sppo_toy.build_tiny_policy(out_dir, seed=seed)                 # the tokenizer (and a tiny model, replaced below)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    shape = {"vocab_size": len(tok), **MODEL_SIZES[size]}
+    config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    sppo.save_policy(LlamaForCausalLM(config), tok, out_dir)
+    return str(out_dir)
+
+
+def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, micro_batch=4, stop_at=2,
+                workdir=None):
+    """train_7b.py under torchrun (every local GPU, nccl; else 2 gloo ranks) on a random model of MODEL_SIZES[size]:
+    one timed run (tokens/s and MFU per step after the first, peak memory, memory.json's plan vs measured, the
+    bf16-unchanged fraction), then three --deterministic runs of the same data: uninterrupted, stopped after step
+    `stop_at`, and resumed; the resumed export must equal the uninterrupted one bit for bit. Returns a dict."""
+    from safetensors.torch import load_file
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench_model_"))
+    model_dir = build_sized_policy(work / "model", size)
+    data = work / "data.jsonl"
+    sppo.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1, words=words))
+    world = torch.cuda.device_count() or 2
+    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=1, max_length=max_length,
+                 max_prompt_length=16, lr=1e-6, save_every=10 ** 6)
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(out),
+               *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress", *extra]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+        return time.perf_counter() - t0
+
+    wall = launch(work / "timed", "--measure-memory")
+    steps = sppo.read_jsonl(work / "timed" / "metrics.jsonl")
+    summary = json.loads((work / "timed" / "summary.json").read_text())
+    memory = json.loads((work / "timed" / "memory.json").read_text())
+    launch(work / "det", "--deterministic")
+    launch(work / "det_resumed", "--deterministic", "--stop-at-step", str(stop_at))
+    launch(work / "det_resumed", "--deterministic", "--resume")
+    a, b = (load_file(str(work / o / "model" / "model.safetensors")) for o in ("det", "det_resumed"))
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    later = steps[2:] or steps           # the first steps pay for allocation and cuDNN's plan for each new shape
+    return {"size": size, "world": world, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+            "cpu", "params_m": sum(v.numel() for v in a.values()) / 1e6, "steps": len(steps), "wall_s": wall,
+            "tokens_per_s": rate(None, [m["tokens_per_s"] for m in later]),
+            "mfu": [m["mfu"] for m in later], "peak_memory_gb": max(m["peak_memory_gb"] for m in steps),
+            "memory": memory, "bf16_unchanged_fraction": summary["bf16_unchanged_fraction"],
+            "resume_bit_exact": not differing, "resume_differing_tensors": differing[:5]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def fmt(r, unit):
     return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}] {unit}"
@@ -201,6 +271,16 @@ def main(argv=None):
                                                                           repeats=1 if q else 3)))
     if want("fsdp"):
         rows.append(("train_7b FSDP2, 2 gloo ranks vs one process", bench_fsdp_row(rows=32 if q else 64)))
+    if cfg.only == "model":
+        big = cfg.size != "tiny"
+        r = bench_model(cfg.size, **(dict(rows=256, words=1000, max_length=1024, global_batch=32, micro_batch=8)
+                                     if big else {}))
+        print(json.dumps(r, indent=1))
+        mfu = [x for x in r["mfu"] if x is not None]
+        rows.append((f"train_7b, {r['params_m']:.0f} M params, {r['world']} x {r['device']}", {
+            "setting": f"{r['steps']} steps; peak {r['peak_memory_gb']:.1f} GB; MFU "
+                       + (f"{statistics.median(mfu):.1%}" if mfu else "n/a (no CUDA)")
+                       + f"; resume bit-exact: {r['resume_bit_exact']}", "fast": r["tokens_per_s"], "unit": "tokens/s"}))
     if cfg.only == "all":
         rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
                                       "needs CUDA: not measurable on this machine", "unit": "-"}))
