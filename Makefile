@@ -18,6 +18,7 @@ $(VENV)/.test: requirements.txt requirements-test.txt $(VENV)/.runtime
 
 demo: $(VENV)/.runtime
 	$(PY) hedge_toy.py
+	$(PY) last_iterate.py
 	$(PY) sppo_toy.py
 
 # Every committed figure, from the commands that make them (the README names each one).

@@ -10,8 +10,8 @@ On a finite game this step can be run exactly, so this file checks the paper's t
      for eta ~ 1/sqrt(T). We compare the gap with the explicit bound and show that the last iterate cycles.
   2. App. A: log Z of the K-sample empirical policy lies between eta/2 ("chaotic" preferences) and
      log((e^eta - 1)/eta) ("ordered" preferences); SPPO replaces it by eta/2 (Eq. (4.6)).
-  3. Hedge's neighbours: SPPO deploys the last iterate, which cycles; `play` runs the methods whose last iterate
-     converges (OMWU, extragradient, Nash-MD, MMD) beside Hedge, regret matching+ and fictitious play.
+Hedge's last iterate cycles; the methods whose last iterate converges (OMWU, extragradient, Nash-MD, MMD) are in
+last_iterate.py, which builds on this file.
 
 Conventions. A game is a preference matrix P (n x n), P[i, j] = P(y_i > y_j), with P + P^T = 1 and diagonal 1/2;
 every game here is built as P = (1 + A)/2 with A skew-symmetric. A policy is a probability vector pi (n,), and
@@ -226,6 +226,23 @@ def hedge_step(P, pi, eta):
         return np.exp(_log_step(P, np.log(pi), pi, np.asarray(eta, float)[..., None]))
 
 
+# One step (log pi_t, mem) -> (log pi_{t+1}, mem) and the one loop that drives it; last_iterate.py adds the
+# other methods in the same form.
+def _hedge(P, log_pi, pi, eta, tau, log_mu, mem):
+    """Hedge, Eq. (4.1): log pi_{t+1} = log pi_t + eta P pi_t - log Z (Freund & Schapire 1999). AVERAGE gap
+    O(1/sqrt T) (Thm 4.1); the last iterate cycles, KL(pi* || pi_t) never decreases (Bailey & Piliouras, EC 2018)."""
+    return _log_step(P, log_pi, pi, eta), mem  # Eq. (4.3)
+
+
+def _loop(step, P, eta, log_pi, tau=None, log_mu=None):
+    """The one loop: yield pi_1, pi_2, ... of the method `step` (here _hedge; last_iterate.py's methods too)."""
+    mem = None
+    while True:
+        pi = np.exp(log_pi)  # pi_t
+        yield pi
+        log_pi, mem = step(P, log_pi, pi, eta, tau, log_mu, mem)
+
+
 def hedge_trajectory(P, eta, T, pi1=None):
     """The iterates pi_1 .. pi_T of Eq. (4.1): an array (T, ..., n) whose row t-1 is pi_t. pi1: uniform by default.
     eta >= 0: eta = 0 is the identity (pi_t = pi_1), allowed here as a reference; hedge and play need eta > 0."""
@@ -357,170 +374,6 @@ def log_z_limit(kind, eta):
     raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
 
 
-# -------------------------------------------------------------------- Hedge's neighbours: last-iterate methods
-# SPPO deploys its last iterate, and Hedge's cycles (hedge_simplex.png). Each method below is one step (log pi_t, mem)
-# -> (log pi_{t+1}, mem), with P (..., n, n), eta and tau (..., 1), log mu (..., n); _loop drives them all. The games
-# are symmetric: both players at pi_1 make the same updates, so two-player guarantees hold for this self-play.
-
-
-def _hedge(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Hedge, Eq. (4.1): log pi_{t+1} = log pi_t + eta P pi_t - log Z (Freund & Schapire 1999). AVERAGE gap
-    O(1/sqrt T) (Thm 4.1); the last iterate cycles, KL(pi* || pi_t) never decreases (Bailey & Piliouras, EC 2018)."""
-    return _log_step(P, log_pi, pi, eta), mem  # Eq. (4.3)
-
-
-def _optimistic_hedge(P, log_pi, pi, eta, tau, log_mu, mem):
-    """OMWU: log pi_{t+1} = log pi_t + eta (2 P pi_t - P pi_{t-1}) - log Z, pi_0 = pi_1 (Rakhlin & Sridharan 2013;
-    Daskalakis & Panageas, ITCS 2019). LAST iterate -> the equilibrium if it is unique, linearly for a small eta (Wei,
-    Lee, Zhang & Luo, ICLR 2021); average gap O(1/T) (Syrgkanis et al. 2015)."""
-    u = _payoff(P, pi)  # memory: P pi_{t-1}
-    return _normalise(log_pi + eta * (2 * u - (u if mem is None else mem))), u  # Daskalakis & Panageas 2019
-
-
-def _extragradient(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Extragradient / mirror prox: pi_{t+1/2} ∝ pi_t exp(eta P pi_t), pi_{t+1} ∝ pi_t exp(eta P pi_{t+1/2})
-    (Korpelevich 1976; Nemirovski 2004; EGPO, Zhou, Fazel & Du 2025, on the KL-regularised game). The average of the
-    half-steps has gap O(1/T) (Nemirovski); the LAST iterate converges in bilinear games (Mertikopoulos et al. 2019)."""
-    half = np.exp(_log_step(P, log_pi, pi, eta))  # pi_{t+1/2}, Eq. (4.3)
-    return _log_step(P, log_pi, half, eta), mem  # from pi_t with the payoff at pi_{t+1/2}, Nemirovski 2004
-
-
-def _nash_md(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Nash-MD (Munos et al. 2023, arXiv 2312.00886, Sec. 6): pi_t^mu ∝ pi_t^(1 - eta tau) mu^(eta tau), then
-    pi_{t+1} = argmax_pi eta P(pi > pi_t^mu) - KL(pi || pi_t^mu) ∝ pi_t^mu exp(eta P pi_t^mu). Their Thm 1: LAST iterate
-    KL(pi*_tau || pi_{t+1}) <= (1 - eta tau)^t KL(pi*_tau || pi_1) + 2 eta / tau, so a constant eta leaves an O(eta/tau)
-    bias; eta = log T / (tau T) gives O(log T / (tau^2 T)). Needs eta tau <= 1."""
-    log_mix = _normalise((1 - eta * tau) * log_pi + eta * tau * log_mu)  # pi_t^mu, Munos et al. Sec. 6
-    return _log_step(P, log_mix, np.exp(log_mix), eta), mem  # a Hedge step from pi_t^mu against pi_t^mu
-
-
-def _mmd(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Magnetic mirror descent (Sokota et al., ICLR 2023, Sec. 3, entropy case; alpha = tau, magnet rho = mu):
-    pi_{t+1} = argmax_pi eta [<pi, P pi_t> - tau KL(pi || mu)] - KL(pi || pi_t) ∝ (pi_t mu^(eta tau) e^(eta P pi_t))^
-    (1/(1 + eta tau)). Its fixed point IS the regularised equilibrium; the LAST iterate converges to it linearly for
-    eta <= tau / L^2, L the payoff's Lipschitz constant (their Sec. 3 theorem)."""
-    return _normalise((log_pi + eta * _payoff(P, pi) + eta * tau * log_mu) / (1 + eta * tau)), mem  # Sokota Sec. 3
-
-
-def _regret_matching_plus(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Regret matching+: Q_{t+1} = [Q_t + P pi_t - <pi_t, P pi_t>]^+, pi_{t+1} ∝ Q_{t+1}, uniform if Q_{t+1} = 0 (Hart &
-    Mas-Colell 2000; Tammelin 2014, CFR+). Regret O(sqrt(n T)), so AVERAGE gap O(sqrt(n / T)). eta is unused."""
-    u = _payoff(P, pi)
-    Q = np.maximum((0.0 if mem is None else mem) + u - (pi * u).sum(-1, keepdims=True), 0.0)  # Tammelin 2014
-    with np.errstate(divide="ignore"):
-        return _normalise(np.log(np.where(Q.sum(-1, keepdims=True) > 0, Q, 1.0))), Q
-
-
-def _fictitious_play(P, log_pi, pi, eta, tau, log_mu, mem):
-    """Fictitious play: pi_{t+1} = a best response to pi_bar_t, ties split evenly (Brown 1951). The AVERAGE converges
-    in zero-sum games (Robinson 1951), possibly slowly (Daskalakis & Pan 2014); the last iterate is pure. eta unused."""
-    total = pi + (0.0 if mem is None else mem)  # t pi_bar_t
-    u = _payoff(P, total)
-    return _normalise(np.where(u == u.max(-1, keepdims=True), 0.0, -np.inf)), total  # Brown 1951
-
-
-METHODS = {f.__name__[1:]: f for f in (_hedge, _optimistic_hedge, _extragradient, _nash_md, _mmd,
-                                       _regret_matching_plus, _fictitious_play)}
-REGULARISED = ("nash_md", "mmd")  # they take tau and mu, and solve the KL-regularised game
-
-
-def _loop(step, P, eta, log_pi, tau=None, log_mu=None):
-    """The one loop: yield pi_1, pi_2, ... of the method `step`."""
-    mem = None
-    while True:
-        pi = np.exp(log_pi)  # pi_t
-        yield pi
-        log_pi, mem = step(P, log_pi, pi, eta, tau, log_mu, mem)
-
-
-def _log_reference(mu, batch, n):
-    """log mu (..., n) for the reference / magnet mu (uniform by default); a ValueError unless mu > 0 everywhere."""
-    mu = np.full(n, 1.0 / n) if mu is None else _validate_policy(mu, n, "mu")
-    if (mu <= 0).any():
-        raise ValueError(f"mu must be > 0 for every action (else KL(pi || mu) is infinite); got mu = {mu}")
-    return np.log(np.broadcast_to(mu, (*batch, n)))
-
-
-def _iterates(P, method, eta, T, pi1, options, flat):
-    """Check play's arguments; return the generator of pi_t, over P flattened to (R, n, n) if `flat`."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got method = {method!r}")
-    if set(options) - set(("tau", "mu") if method in REGULARISED else ()):
-        raise ValueError(f"only {REGULARISED} take options (tau, mu); got {sorted(options)} for {method!r}")
-    batch, n = P.shape[:-2], P.shape[-1]
-    (eta, T), tau = _check_eta_T(eta, T, batch), _positive("tau", options.get("tau", 0.1), batch)
-    if method == "nash_md" and (eta * tau > 1).any():
-        raise ValueError(f"nash_md needs eta * tau <= 1; got eta * tau = {(eta * tau).max():g}")
-    pi1 = np.full(n, 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
-    if method in REGULARISED and (pi1 <= 0).any():
-        raise ValueError(f"{method} needs pi1 > 0 for every action; got pi1 = {pi1}")
-    with np.errstate(divide="ignore"):
-        args = [eta, np.log(np.broadcast_to(pi1, (*batch, n))), tau, _log_reference(options.get("mu"), batch, n)]
-    if flat:
-        P, args = P.reshape(-1, n, n), [a.reshape(-1, a.shape[-1]) for a in args]
-    return _loop(METHODS[method], P, *args)
-
-
-def play(P, method, eta, T, pi1=None, **options):
-    """Self-play of `method` (a key of METHODS) for T steps from pi1 (uniform by default). Returns (pi_bar, pi_last).
-
-    pi_bar = (1/T) sum_{t <= T} pi_t and pi_last = pi_T, each (..., n); P (..., n, n) batches games as hedge_batch does,
-    and eta > 0 broadcasts against its batch axes. Options of nash_md and mmd: tau > 0 (default 0.1), the KL weight,
-    and mu > 0 (default uniform), the reference / magnet. play(P, "hedge", ...) equals hedge(P, ...) exactly.
-    """
-    P = validate_preference(P)
-    batch, n = P.shape[:-2], P.shape[-1]
-    pi_bar, pi_last = _average(_iterates(P, method, eta, T, pi1, options, True), np.full(math.prod(batch), T), n)
-    return pi_bar.reshape(*batch, n), pi_last.reshape(*batch, n)
-
-
-def trajectory(P, method, eta, T, pi1=None, **options):
-    """The iterates pi_1 .. pi_T of `method`, an array (T, ..., n); arguments as for play."""
-    P = validate_preference(P)
-    iterates = _iterates(P, method, eta, T, pi1, options, False)  # checks T before range(T) sees it
-    return np.stack([pi for _, pi in zip(range(T), iterates)])
-
-
-def regularized_gap(P, pi, tau, mu=None):
-    """Duality gap of the KL-regularised game that Nash-MD and MMD solve; 0 exactly at regularized_equilibrium.
-
-    The game (Munos et al. 2023, Sec. 3): P_tau(pi' > pi) = P(pi' > pi) - tau KL(pi' || mu) + tau KL(pi || mu). As in
-    duality_gap, gap_tau(pi) = 2 max_pi' P_tau(pi' > pi) - 1; the max sits at b = softmax(log mu + P pi / tau) (Gibbs),
-    and with pi^T P pi = 1/2, gap_tau(pi) = 2 tau [log sum_y mu(y) e^((P pi)_y / tau) + KL(pi || mu)] - 1
-    = 2 tau KL(pi || b) -> duality_gap as tau -> 0. Quadratic near pi*_tau: |pi - pi*_tau|_1 <= sqrt(gap_tau / tau).
-    """
-    P = validate_preference(P)
-    pi = _validate_policy(pi, P.shape[-1])
-    batch = np.broadcast_shapes(P.shape[:-2], pi.shape[:-1])
-    tau = _positive("tau", tau, batch)
-    log_b = _normalise(_log_reference(mu, batch, P.shape[-1]) + _payoff(P, pi) / tau)  # regularised best response
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 2 * tau[..., 0] * np.where(pi > 0, pi * (np.log(pi) - log_b), 0.0).sum(-1)
-
-
-def regularized_equilibrium(P, tau, mu=None, tol=1e-11, max_iter=10**6):
-    """pi*_tau ∝ mu exp(P pi*_tau / tau), by mirror descent on the convex f = regularized_gap / 2 (not Nash-MD or MMD).
-
-    With b = softmax(log mu + P pi / tau) and P^T b = 1 - P b, grad f = tau (log pi - log mu) - P b + const; the
-    entropic step of size s = 1/L is log pi' = (1 - s tau) log pi + s tau log mu + s P b - log Z. Linear rate: for
-    sum(d) = 0, P d = A d / 2 and d^T Hess(f) d = tau d^T diag(1/pi) d + Var_b(A d) / (4 tau), with Var_b(A d) <=
-    |d|_1^2 <= d^T diag(1/pi) d (|A_ij| <= 1): f is tau-strongly convex and (tau + 1/(4 tau))-smooth relative to the
-    entropy, so f(pi_k) <= const (1 + 4 tau^2)^-k (Lu, Freund & Nesterov 2018, Thm 3.1). Stops on a certificate:
-    KL(pi || pi*_tau) <= gap/(2 tau) = KL(pi || b) <= chi2(pi || b), so |pi - pi*_tau|_1 <= sqrt(2 chi2) <= tol.
-    """
-    P = validate_preference(P)
-    batch = P.shape[:-2]
-    tau, log_mu = _positive("tau", tau, batch), _log_reference(mu, batch, P.shape[-1])
-    s, log_pi = 1.0 / (tau + 1.0 / (4.0 * tau)), log_mu
-    for _ in range(max_iter):
-        pi = np.exp(log_pi)
-        b = np.exp(_normalise(log_mu + _payoff(P, pi) / tau))
-        if (np.sqrt(2 * ((pi - b) ** 2 / b).sum(-1)) <= tol).all():
-            return pi
-        log_pi = _normalise((1 - s * tau) * log_pi + s * tau * log_mu + s * _payoff(P, b))  # Lu et al. 2018
-    raise RuntimeError(f"regularized_equilibrium: no certificate <= {tol:g} in {max_iter} steps (tau = {tau.min():g})")
-
-
 # ------------------------------------------------------------------------------------------- the CLI
 
 
@@ -528,7 +381,7 @@ def regularized_equilibrium(P, tau, mu=None, tol=1e-11, max_iter=10**6):
 class Config:
     """Every knob of `python hedge_toy.py`; each field is a flag (--t-max, --ks 2 5 10, ...)."""
 
-    out: str = field(default="figures", metadata={"help": "folder for the five PNG figures"})
+    out: str = field(default="figures", metadata={"help": "folder for the three PNG figures"})
     t_max: int = field(default=100_000, metadata={"help": "largest horizon T of the Thm 4.1 runs"})
     seed: int = field(default=0, metadata={"help": "seed of the random games and of the App. A Monte Carlo"})
     trials: int = field(default=200, metadata={"help": "Monte Carlo trials per (kind, K) for App. A"})
@@ -536,29 +389,29 @@ class Config:
                               metadata={"help": "App. A steps eta (1000: the paper's LLMs)"})
     ks: list[int] = field(default_factory=lambda: [2, 3, 5, 10, 20, 50, 100, 200, 500],
                           metadata={"help": "App. A sample counts K"})
-    # Hedge's neighbours (issue #12)
-    dyn_eta: float = field(default=0.5, metadata={"help": "step eta of every method in the last-iterate sweep"})
-    dyn_t: int = field(default=10_000, metadata={"help": "iterations T of the last-iterate sweep"})
-    dyn_tau: float = field(default=0.1, metadata={"help": "KL weight tau of nash_md and mmd in the sweep"})
-    dyn_taus: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01],
-                                  metadata={"help": "taus of the tau -> 0 panel"})
 
 
-def check_config(cfg):
-    """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
-    count = lambda low: lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
-    step = lambda x: isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
-    for name, ok, want in (("t_max", count(1), "an integer >= 1"), ("trials", count(1), "an integer >= 1"),
-                           ("etas", step, "finite and > 0"), ("ks", count(2), "integers K >= 2"),
-                           ("dyn_eta", step, "finite and > 0"), ("dyn_t", count(1), "an integer >= 1"),
-                           ("dyn_tau", step, "finite and > 0"), ("dyn_taus", step, "finite and > 0")):
+def _count(low):
+    return lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+
+
+def _step(x):
+    return isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
+
+
+def check_fields(cfg, rules):
+    """A ValueError naming the first field of cfg that breaks its rule: rules = ((name, ok, what it must be), ...)."""
+    for name, ok, want in rules:
         v = getattr(cfg, name)
         vs = list(v) if isinstance(v, (list, tuple)) else [v]
         if not vs or not all(map(ok, vs)):
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {want}; got {v!r}")
-    if cfg.dyn_eta * max(cfg.dyn_tau, *cfg.dyn_taus) > 1:
-        raise ValueError(f"nash_md needs dyn_eta * tau <= 1 (--dyn-eta, --dyn-tau, --dyn-taus); got "
-                         f"{cfg.dyn_eta:g} * {max(cfg.dyn_tau, *cfg.dyn_taus):g}")
+
+
+def check_config(cfg):
+    """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
+    check_fields(cfg, (("t_max", _count(1), "an integer >= 1"), ("trials", _count(1), "an integer >= 1"),
+                       ("etas", _step, "finite and > 0"), ("ks", _count(2), "integers K >= 2")))
 
 
 def run_gap_suite(games, horizons):
@@ -702,79 +555,31 @@ def report(cfg):
     plot_simplex([(f"{g}, pi_1 = {np.round(p1, 2)}, eta = {eta_c}, T = {T_c}", tr, eq)
                   for (g, _, p1, eq), tr in zip(runs, trajs)], os.path.join(cfg.out, "hedge_simplex.png"))
     print(f"wrote hedge_gap.png, hedge_log_z.png, hedge_simplex.png to {cfg.out}/")
-    dynamics_report(cfg)  # Hedge's neighbours (issue #12), self-contained below
     for r in failed:
         print(f"BOUND FAILED: {r['game']} T={r['T']} gap={r['gap']:.3e} > bound={r['bound']:.3e}", file=sys.stderr)
     return 1 if failed else 0
 
 
-# -------------------------------------------------- the CLI, part 2: Hedge's neighbours (issue #12, one separate block)
-
-
-def dynamics_report(cfg):
-    """Every method at eta = cfg.dyn_eta for cfg.dyn_t steps on rps, weighted_rps (from (0.6, 0.3, 0.1)) and random_10.
-
-    Prints the table; figure (d), dynamics_last_iterate.png: gap against t of the last iterate (row 1) and the average
-    (row 2), the regularised gap for nash_md and mmd (dashed), and their unregularised gap as tau shrinks (row 3);
-    figure (e), dynamics_simplex.png: each method's trajectory on weighted_rps.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 3, figsize=(18, 15))
-    t, taus, rows, simplex = np.arange(1, cfg.dyn_t + 1), np.array(cfg.dyn_taus), [], []
-    s = np.unique(np.geomspace(1, cfg.dyn_t, 400).astype(int)) - 1  # plotted steps, log-spaced
-    for j, (g, pi1) in enumerate((("rps", [0.6, 0.3, 0.1]), ("weighted_rps", [0.6, 0.3, 0.1]), ("random_10", None))):
-        P = GAMES[g](cfg.seed)
-        for i, m in enumerate(METHODS):
-            reg = m in REGULARISED
-            traj = trajectory(P, m, cfg.dyn_eta, cfg.dyn_t, pi1, **(dict(tau=cfg.dyn_tau) if reg else {}))  # (T, n)
-            avg = np.cumsum(traj, 0) / t[:, None]  # pi_bar_t, (T, n)
-            for row, x in enumerate((traj, avg)):
-                gap = regularized_gap(P, x, cfg.dyn_tau) if reg else duality_gap(P, x)
-                axes[row, j].loglog(t[s], np.maximum(gap[s], 1e-16), "--" if reg else "-", color=f"C{i}", lw=1,
-                                    label=m + f" (regularised gap, tau={cfg.dyn_tau:g})" * reg)
-            last, mean = duality_gap(P, traj[-1]), duality_gap(P, avg[-1])
-            rows.append([m, g, f"{cfg.dyn_eta:g}", str(cfg.dyn_t), f"{last:.2e}", f"{mean:.2e}",
-                         f"{regularized_gap(P, traj[-1], cfg.dyn_tau):.2e}" if reg else "-"])
-            if g == "weighted_rps":
-                eq = (regularized_equilibrium(P, cfg.dyn_tau), "pi*_tau") if reg else (weighted_rps_equilibrium(),)
-                simplex.append((f"{m}, eta = {cfg.dyn_eta:g}" + f", tau = {cfg.dyn_tau:g}" * reg
-                                + f", T = {min(cfg.dyn_t, 3000)}", traj[:3000], *eq))
-            if reg:  # the unregularised gap of the last iterate as tau shrinks, one batched run over the taus
-                Ps = np.broadcast_to(P, (len(taus), *P.shape))
-                gaps = duality_gap(Ps, trajectory(Ps, m, cfg.dyn_eta, cfg.dyn_t, pi1, tau=taus))  # (T, len(taus))
-                for k, tau in enumerate(taus):
-                    axes[2, j].loglog(t[s], np.maximum(gaps[s, k], 1e-16), ":" if m == "nash_md" else "-",
-                                      color=f"C{k}", lw=1, label=f"{m}, tau={tau:g}")
-        for ax, what in zip(axes[:, j], ("last iterate pi_t", "average pi_bar_t", "nash_md / mmd: unregularised gap")):
-            ax.set(title=f"{g}: {what}", xlabel=f"t (eta = {cfg.dyn_eta:g})", ylabel="duality gap", ylim=(1e-16, 3))
-    for ax in axes[[0, 2], -1]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.subplots_adjust(hspace=0.3)
-    fig.savefig(os.path.join(cfg.out, "dynamics_last_iterate.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    print(f"Hedge's neighbours: gap of the last iterate and of the average (eta = {cfg.dyn_eta:g}, T = {cfg.dyn_t}); "
-          f"regularised gap of the last iterate for nash_md and mmd (tau = {cfg.dyn_tau:g}, mu uniform)")
-    print_table(["method", "game", "eta", "T", "last-iterate gap", "average gap", "regularised gap"], rows)
-    plot_simplex(simplex, os.path.join(cfg.out, "dynamics_simplex.png"), cols=4)
-    print(f"wrote dynamics_last_iterate.png, dynamics_simplex.png to {cfg.out}/")
+def cli(config_cls, check, work, argv, prog, description):
+    """The repository's one CLI convention for the NumPy files (transformers.HfArgumentParser over a Config: --help
+    shows every default; a wrong flag or value exits 2 at once, before minutes of computing). Imported here, not at
+    the top, so the library itself stays NumPy-only. Returns work(cfg)'s exit code."""
+    from transformers import HfArgumentParser
+    cfg = config_cls(**vars(HfArgumentParser(config_cls, description=description).parse_args(argv)))
+    try:
+        check(cfg)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    code = work(cfg)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return code
 
 
 def main(argv=None):
-    """`python hedge_toy.py [flags]`: the repository's one CLI convention (transformers.HfArgumentParser over
-    Config: --help shows every default; a wrong flag exits 2 at once). Imported here, not at the top, so the
-    library itself stays NumPy-only."""
-    from transformers import HfArgumentParser
-    cfg = Config(**vars(HfArgumentParser(Config, description=__doc__.split("\n")[0]).parse_args(argv)))
-    try:
-        check_config(cfg)  # a bad value exits 2 at once too, before minutes of computing
-    except ValueError as e:
-        print(f"hedge_toy.py: error: {e}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    code = report(cfg)
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return code
+    """`python hedge_toy.py [flags]`."""
+    return cli(Config, check_config, report, argv, "hedge_toy.py", __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
-"""Tests for Hedge's neighbours in hedge_toy.py (play, regularized_gap, regularized_equilibrium), against references
+"""Tests for Hedge's neighbours in last_iterate.py (play, regularized_gap, regularized_equilibrium), against references
 that do not use the code under test: scipy's LP for the Nash equilibrium, scipy's root finder for the regularised
 equilibrium, literal probability-space updates, and hand computations.
 
 Run:  .venv/bin/python -m pytest tests/test_hedge_neighbours.py -q
 """
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.optimize import fsolve
 
 import hedge_toy as H
+import last_iterate as L
 from test_hedge_toy import lp_equilibrium, lp_equilibrium_is_unique  # the LP reference, in one place
+
+ROOT = Path(__file__).resolve().parents[1]
 
 W, W1 = H.weighted_rps(), np.array([0.6, 0.3, 0.1])  # interior equilibrium (2/7, 1/7, 4/7), a start away from it
 LAST_ITERATE_ETA, LAST_ITERATE_T = 0.5, 10_000  # the step and horizon of the last-iterate acceptance test
@@ -57,15 +63,15 @@ def naive_trajectory(P, method, eta, T, pi1, tau=0.1, mu=None):
     return np.array(out)
 
 
-@pytest.mark.parametrize("method", list(H.METHODS))
+@pytest.mark.parametrize("method", list(L.METHODS))
 def test_every_method_matches_its_literal_update(method):
     P, pi1 = H.random_game(5, 3), np.random.default_rng(0).dirichlet(np.ones(5))
     mu = np.random.default_rng(1).dirichlet(np.ones(5)) + 0.01
-    opts = dict(tau=0.3, mu=mu / mu.sum()) if method in H.REGULARISED else {}
+    opts = dict(tau=0.3, mu=mu / mu.sum()) if method in L.REGULARISED else {}
     ref = naive_trajectory(P, method, 0.4, 60, pi1, **opts)
-    got = H.trajectory(P, method, 0.4, 60, pi1, **opts)
+    got = L.trajectory(P, method, 0.4, 60, pi1, **opts)
     assert np.allclose(got, ref, atol=1e-12), np.abs(got - ref).max()
-    pi_bar, pi_last = H.play(P, method, 0.4, 60, pi1, **opts)
+    pi_bar, pi_last = L.play(P, method, 0.4, 60, pi1, **opts)
     assert np.allclose(pi_bar, ref.mean(0), atol=1e-12) and np.allclose(pi_last, ref[-1], atol=1e-12)
 
 
@@ -73,23 +79,23 @@ def test_omwu_first_steps_by_hand():
     # RPS from pi_1 = (1/2, 1/2, 0): P pi_1 = (1/4, 3/4, 1/2). Step 1 is Hedge's (pi_0 = pi_1); with eta = 2 log 3,
     # pi_2 ∝ (e^{eta/4}, 3 e^{eta/4}, 0) = (1/4, 3/4, 0). Step 2: P pi_2 = (1/8, 5/8, 3/4), 2 P pi_2 - P pi_1 =
     # (0, 1/2, 1), so pi_3 ∝ (1/4, 3/4 * 3, 0) = (1/10, 9/10, 0).
-    traj = H.trajectory(H.rock_paper_scissors(), "optimistic_hedge", 2 * math.log(3), 3, [0.5, 0.5, 0.0])
+    traj = L.trajectory(H.rock_paper_scissors(), "optimistic_hedge", 2 * math.log(3), 3, [0.5, 0.5, 0.0])
     assert np.allclose(traj, [[0.5, 0.5, 0], [0.25, 0.75, 0], [0.1, 0.9, 0]], atol=1e-15)
 
 
 def test_hedge_via_play_is_todays_hedge_exactly():
     for P, eta, T, pi1 in [(W, 0.3, 200, W1), (H.random_game(7, 2), 1000.0, 300, None)]:
-        assert all(np.array_equal(a, b) for a, b in zip(H.play(P, "hedge", eta, T, pi1), H.hedge(P, eta, T, pi1)))
-    assert np.array_equal(H.trajectory(W, "hedge", 0.1, 50, W1), H.hedge_trajectory(W, 0.1, 50, W1))
+        assert all(np.array_equal(a, b) for a, b in zip(L.play(P, "hedge", eta, T, pi1), H.hedge(P, eta, T, pi1)))
+    assert np.array_equal(L.trajectory(W, "hedge", 0.1, 50, W1), H.hedge_trajectory(W, 0.1, 50, W1))
 
 
 def test_play_batches_games_and_steps():
     games = np.stack([H.random_game(4, s) for s in range(6)]).reshape(2, 3, 4, 4)  # batch (2, 3)
     eta = np.array([[0.1, 0.5, 1.0], [0.2, 0.3, 0.4]])
-    pi_bar, pi_last = H.play(games, "mmd", eta, 40, tau=0.2)
+    pi_bar, pi_last = L.play(games, "mmd", eta, 40, tau=0.2)
     assert pi_bar.shape == pi_last.shape == (2, 3, 4)
     for i, j in np.ndindex(2, 3):
-        ref_bar, ref_last = H.play(games[i, j], "mmd", eta[i, j], 40, tau=0.2)
+        ref_bar, ref_last = L.play(games[i, j], "mmd", eta[i, j], 40, tau=0.2)
         assert np.allclose(pi_bar[i, j], ref_bar, atol=1e-14) and np.allclose(pi_last[i, j], ref_last, atol=1e-14)
 
 
@@ -99,9 +105,9 @@ def test_omwu_and_extragradient_last_iterates_reach_the_lp_equilibrium_hedge_doe
     assert lp_equilibrium_is_unique(W)
     pi_lp, _ = lp_equilibrium(W)
     for method in ("optimistic_hedge", "extragradient"):
-        _, last = H.play(W, method, LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap ~2e-10, L1 ~5e-10
+        _, last = L.play(W, method, LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap ~2e-10, L1 ~5e-10
         assert H.duality_gap(W, last) <= 1e-6 and np.abs(last - pi_lp).sum() <= 1e-6, method
-    _, last = H.play(W, "hedge", LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap 0.25
+    _, last = L.play(W, "hedge", LAST_ITERATE_ETA, LAST_ITERATE_T, W1)  # measured: gap 0.25
     assert H.duality_gap(W, last) >= 1e-2
 
 
@@ -110,23 +116,23 @@ def test_regret_matching_plus_and_fictitious_play_averages_reach_the_lp_equilibr
     P = H.GAMES[game](0)
     pi_lp, _ = lp_equilibrium(P)
     for method in ("regret_matching_plus", "fictitious_play"):
-        pi_bar, _ = H.play(P, method, 1.0, T)  # measured L1: 0.010 / 0.010 (weighted_rps), 0.028 / 0.013 (chaotic_10)
+        pi_bar, _ = L.play(P, method, 1.0, T)  # measured L1: 0.010 / 0.010 (weighted_rps), 0.028 / 0.013 (chaotic_10)
         assert np.abs(pi_bar - pi_lp).sum() <= tol, method
 
 
-@pytest.mark.parametrize("method", list(H.METHODS))
+@pytest.mark.parametrize("method", list(L.METHODS))
 def test_pure_strategy_dominant_game(method):
     """ordered_game: the top action beats every other, so the equilibrium is pure (and pi*_tau leans on it)."""
     P = H.ordered_game(5, 1)
     top = np.eye(5)[np.argmax(P.sum(1))]
     pi_lp, _ = lp_equilibrium(P)
     assert np.allclose(pi_lp, top, atol=1e-9)
-    if method in H.REGULARISED:
-        pi_bar, pi_last = H.play(P, method, 0.5, 2000, tau=0.1)
+    if method in L.REGULARISED:
+        pi_bar, pi_last = L.play(P, method, 0.5, 2000, tau=0.1)
         ref = fsolve_regularized(P, 0.1, np.full(5, 0.2))
         assert np.abs(pi_last - ref).sum() <= (1e-9 if method == "mmd" else 0.02) and np.argmax(pi_last) == top.argmax()
     else:
-        pi_bar, pi_last = H.play(P, method, 0.5, 2000)
+        pi_bar, pi_last = L.play(P, method, 0.5, 2000)
         assert np.abs(pi_last - top).sum() <= 1e-9 and np.abs(pi_bar - top).sum() <= 0.02
 
 
@@ -136,12 +142,12 @@ def test_pure_strategy_dominant_game(method):
 def test_regularized_equilibrium_is_the_fixed_point_and_matches_scipy(tau):
     for P, mu in [(W, None), (H.random_game(6, 4), np.random.default_rng(2).dirichlet(np.ones(6)))]:
         n = len(P)
-        pi = H.regularized_equilibrium(P, tau, mu)
+        pi = L.regularized_equilibrium(P, tau, mu)
         mu = np.full(n, 1 / n) if mu is None else mu
         gibbs = mu * np.exp(P @ pi / tau)
         assert np.abs(pi - gibbs / gibbs.sum()).sum() <= 1e-10  # pi ∝ mu exp(P pi / tau)
         assert np.abs(pi - fsolve_regularized(P, tau, mu)).sum() <= 1e-9
-        assert abs(H.regularized_gap(P, pi, tau, mu)) <= 1e-14
+        assert abs(L.regularized_gap(P, pi, tau, mu)) <= 1e-14
 
 
 def test_regularized_gap_matches_its_definition():
@@ -151,16 +157,16 @@ def test_regularized_gap_matches_its_definition():
     by_formula = 2 * (tau * np.log(mu @ np.exp(W @ pi / tau)) + tau * kl(pi, mu)) - 1
     grid = np.array([(i, j, 400 - i - j) for i in range(401) for j in range(401 - i)]) / 400  # (80601, 3)
     brute = 2 * np.max(grid @ W @ pi - tau * kl(grid, mu) + tau * kl(pi, mu)) - 1
-    got = H.regularized_gap(W, pi, tau, mu)
+    got = L.regularized_gap(W, pi, tau, mu)
     assert got == pytest.approx(by_formula, abs=1e-14) and brute <= got <= brute + 1e-4
-    assert H.regularized_gap(W, pi, 1e-4) == pytest.approx(H.duality_gap(W, pi), abs=1e-3)  # tau -> 0
+    assert L.regularized_gap(W, pi, 1e-4) == pytest.approx(H.duality_gap(W, pi), abs=1e-3)  # tau -> 0
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.1])
 def test_mmd_last_iterate_reaches_the_regularized_equilibrium(tau):
     ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
-    _, last = H.play(W, "mmd", 0.5, 2000, W1, tau=tau)  # constant step
-    assert H.regularized_gap(W, last, tau) <= 1e-6 and np.abs(last - ref).sum() <= 1e-9
+    _, last = L.play(W, "mmd", 0.5, 2000, W1, tau=tau)  # constant step
+    assert L.regularized_gap(W, last, tau) <= 1e-6 and np.abs(last - ref).sum() <= 1e-9
 
 
 def test_nash_md_constant_step_bias_shrinks_with_eta():
@@ -170,12 +176,12 @@ def test_nash_md_constant_step_bias_shrinks_with_eta():
     ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
     dist = {}
     for eta in (0.5, 0.1, 0.05):
-        _, last = H.play(W, "nash_md", eta, int(40 / (eta * tau)), W1, tau=tau)  # (1 - eta tau)^T ~ e^-40: converged
+        _, last = L.play(W, "nash_md", eta, int(40 / (eta * tau)), W1, tau=tau)  # (1 - eta tau)^T ~ e^-40: converged
         dist[eta] = np.abs(last - ref).sum()
         assert np.sum(ref * np.log(ref / last)) <= 2 * eta / tau  # the bound of Thm 1, at t -> infinity
     assert 5e-3 <= dist[0.5] <= 3e-2 and 1e-3 <= dist[0.1] <= 5e-3
     assert 4 <= dist[0.5] / dist[0.1] <= 6 and 1.8 <= dist[0.1] / dist[0.05] <= 2.2  # linear in eta
-    _, mmd_last = H.play(W, "mmd", 0.5, 400, W1, tau=tau)  # MMD at the same constant step has no bias
+    _, mmd_last = L.play(W, "mmd", 0.5, 400, W1, tau=tau)  # MMD at the same constant step has no bias
     assert np.abs(mmd_last - ref).sum() <= 1e-9
 
 
@@ -184,7 +190,7 @@ def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
     9.3e-4 (1e3), 8.9e-5 (1e4): the bias goes to 0 as T grows."""
     tau = 0.5
     ref = fsolve_regularized(W, tau, np.full(3, 1 / 3))
-    dist = [np.abs(H.play(W, "nash_md", math.log(T) / (tau * T), T, W1, tau=tau)[1] - ref).sum()
+    dist = [np.abs(L.play(W, "nash_md", math.log(T) / (tau * T), T, W1, tau=tau)[1] - ref).sum()
             for T in (100, 1000, 10_000)]
     assert dist[0] > 5 * dist[1] > 25 * dist[2] and dist[2] <= 2e-4, dist
 
@@ -215,25 +221,51 @@ def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
 def test_play_rejects_bad_arguments_naming_them(kwargs, words):
     args = dict(P=W, method="hedge", eta=0.1, T=10) | kwargs
     with pytest.raises(ValueError) as err:
-        H.play(**args)
+        L.play(**args)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
 
 
+def test_trajectory_checks_T_like_play():
+    with pytest.raises(ValueError, match=r"T must be an integer.*T = 2.9"):
+        L.trajectory(W, "hedge", 0.1, 2.9)
+
+
 def test_regularized_functions_validate_tau_and_mu():
     with pytest.raises(ValueError, match=r"tau must be finite and > 0; got tau = 0"):
-        H.regularized_equilibrium(W, 0)
+        L.regularized_equilibrium(W, 0)
     with pytest.raises(ValueError, match="mu must be > 0"):
-        H.regularized_gap(W, W1, 0.1, [1.0, 0.0, 0.0])
+        L.regularized_gap(W, W1, 0.1, [1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="diagonal"):
-        H.regularized_equilibrium(np.full((3, 3), 0.3), 0.1)
+        L.regularized_equilibrium(np.full((3, 3), 0.3), 0.1)
 
 
 @pytest.mark.slow
 def test_cli_table_and_figures(tmp_path, capsys):  # ~5 s, most of it matplotlib
-    H.dynamics_report(H.Config(out=str(tmp_path), dyn_t=200))
+    L.report(L.Config(out=str(tmp_path), t=200))
     out = capsys.readouterr().out
     assert "last-iterate gap" in out and "regularised gap" in out
-    assert sum(line.split()[0] in H.METHODS for line in out.splitlines() if line.strip()) == 3 * len(H.METHODS)
+    assert sum(line.split()[0] in L.METHODS for line in out.splitlines() if line.strip()) == 3 * len(L.METHODS)
     for name in ("dynamics_last_iterate.png", "dynamics_simplex.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("eta", float("nan"), ["eta (--eta)", "nan"]),
+    ("t", 0, ["t (--t)", "0"]),
+    ("tau", -0.1, ["tau (--tau)", "-0.1"]),
+    ("taus", [0.1, 0.0], ["taus (--taus)", "[0.1, 0.0]"]),
+    ("eta", 5.0, ["nash_md needs eta * tau <= 1", "5 * 0.3"]),  # the tau -> 0 panel's largest tau
+])
+def test_config_refused_before_any_work(field, value, words):
+    with pytest.raises(ValueError) as err:
+        L.check_config(L.Config(**{field: value}))
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "last_iterate.py"), "--tau", "0", "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "f").exists()
+    assert proc.stderr.splitlines() == ["last_iterate.py: error: tau (--tau) must be finite and > 0; got 0.0"]

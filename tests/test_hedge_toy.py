@@ -156,8 +156,7 @@ GOOD3 = np.stack([GOOD] * 3)  # (3, 3, 3)
     (lambda: H.hedge_trajectory(GOOD, math.inf, 5), ["eta", "inf"]),
     (lambda: H.hedge_trajectory(GOOD, 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
     (lambda: H.hedge_trajectory(GOOD, 0.1, np.array([2, 3])), ["T must be an integer", "array([2, 3])"]),
-    (lambda: H.trajectory(GOOD, "hedge", 0.1, 2.9), ["T must be an integer", "T = 2.9"]),
-    (lambda: H.hedge_trajectory(GOOD, 0.1, 5, pi1=[0.5, 0.5, 0.5]), ["pi1", "sum to 1"]),
+        (lambda: H.hedge_trajectory(GOOD, 0.1, 5, pi1=[0.5, 0.5, 0.5]), ["pi1", "sum to 1"]),
 ])
 def test_run_functions_reject_bad_eta_T_and_pi1_naming_them(call, words):
     with pytest.raises(ValueError) as err:
@@ -364,7 +363,7 @@ def test_empirical_log_z_approaches_the_limits():
 def test_cli_small_run_writes_tables_and_figures(tmp_path):
     out = tmp_path / "figs"
     cmd = [sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--out", str(out), "--t-max", "1000", "--seed", "1",
-           "--trials", "20", "--ks", "2", "5", "20", "--dyn-t", "300"]
+           "--trials", "20", "--ks", "2", "5", "20"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "holds?" in proc.stdout and "log Z/eta" in proc.stdout and " NO" not in proc.stdout
@@ -376,7 +375,7 @@ def test_cli_small_run_writes_tables_and_figures(tmp_path):
 
 def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(H, "theorem_4_1_bound", lambda eta, T, pi1: np.asarray(eta) * 0 - 1.0)  # every gap now "fails"
-    cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,), dyn_t=50)
+    cfg = H.Config(out=str(tmp_path), t_max=100, trials=3, ks=(2,))
     assert H.report(cfg) == 1
     assert "NO" in capsys.readouterr().out
 
@@ -390,15 +389,10 @@ def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
     ("t_max", 0, ["t_max (--t-max)", "integer >= 1", "0"]),
     ("t_max", 100.0, ["t_max", "integer", "100.0"]),
     ("trials", 0, ["trials (--trials)", "0"]),
-    ("dyn_eta", float("nan"), ["dyn_eta (--dyn-eta)", "nan"]),
-    ("dyn_t", 0, ["dyn_t (--dyn-t)", "0"]),
-    ("dyn_tau", -0.1, ["dyn_tau (--dyn-tau)", "-0.1"]),
-    ("dyn_taus", [0.1, 0.0], ["dyn_taus (--dyn-taus)", "[0.1, 0.0]"]),
-    ("dyn_eta", 5.0, ["nash_md needs dyn_eta * tau <= 1", "5 * 0.3"]),  # the tau -> 0 panel's largest tau
 ])
 def test_report_refuses_a_bad_config_before_any_work(tmp_path, field, value, words):
     out = tmp_path / "figs"
-    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2], dyn_t=50) | {field: value}))
+    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2]) | {field: value}))
     with pytest.raises(ValueError) as err:
         H.report(cfg)
     for w in words:
@@ -414,7 +408,7 @@ def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
 
 
 def test_app_a_table_shows_the_given_ks_outside_its_default_subset(tmp_path, capsys):
-    assert H.report(H.Config(out=str(tmp_path), t_max=100, trials=3, ks=[3, 4], etas=[1.0], dyn_t=50)) == 0
+    assert H.report(H.Config(out=str(tmp_path), t_max=100, trials=3, ks=[3, 4], etas=[1.0])) == 0
     out = capsys.readouterr().out
     table = out[out.index("App. A"):].split("\n\n")[0].splitlines()[2:]  # the App. A table's rows
     assert [line.split()[:3] for line in table] == [[kind, "1", K] for kind in H.KINDS for K in ("3", "4")]
