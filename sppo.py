@@ -136,10 +136,15 @@ def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
     return -F.logsigmoid(a - b)
 
 
-def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
-    """Eq. (4.14): [(a - b) - 1]^2."""
+def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
+    """IPO: [(a - b) - target]^2, minimised on the line a - b = target.
+
+    target=1/2 (default): Azar et al. 2023's IPO, (h - 1/(2 beta))^2 with h = (a - b)/beta the log-ratio margin in
+    nats, times beta^2; the authors' trainer and TRL's loss_type="ipo" use this. target=1: Eq. (4.14) as printed,
+    which is IPO with tau = beta/2 (a margin of eta nats instead of eta/2).
+    """
     a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
-    return (a - b - 1.0) ** 2
+    return (a - b - target) ** 2
 
 
 def kto_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, kl):

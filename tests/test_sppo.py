@@ -63,13 +63,33 @@ def test_dpo_ipo_kto_hard_by_hand():
     beta = 0.5                                           # a = 0.25, b = -0.5
     a, b = 0.25, -0.5
     assert sppo.dpo_loss(lw, rw, ll, rl, beta).item() == pytest.approx(-math.log(1 / (1 + math.exp(-(a - b)))))
-    assert sppo.ipo_loss(lw, rw, ll, rl, beta).item() == pytest.approx((a - b - 1) ** 2)
+    assert sppo.ipo_loss(lw, rw, ll, rl, beta, target=1.0).item() == pytest.approx((a - b - 1) ** 2)   # Eq. (4.14)
     c = beta * 0.4
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     assert sppo.kto_loss(lw, rw, ll, rl, beta, kl=0.4).item() == pytest.approx(sig(-a + c) + sig(b - c))
     # SPPO with a hard label (Sec. 4.5): eta^2 [(a - 1/2)^2 + (b + 1/2)^2] with beta = 1/eta
     eta = 1 / beta
     assert sppo.sppo_hard_loss(lw, rw, ll, rl, eta).item() == pytest.approx(eta ** 2 * ((a - .5) ** 2 + (b + .5) ** 2))
+
+
+def test_ipo_minimiser_at_half_and_one():
+    """IPO's minimiser: a - b = 1/2 by default (Azar et al.: h = 1/(2 beta) nats, TRL's (h - 1/(2 beta))^2 times
+    beta^2), a - b = 1 with Eq. (4.14)'s target. Hand values, then gradient descent on a free winner log-prob."""
+    eta = 4.0
+    beta = 1 / eta
+    zero = torch.zeros(1, dtype=torch.float64)
+    h = torch.tensor([2.0], dtype=torch.float64)                     # margin of 2 nats = eta/2: a - b = 1/2
+    assert sppo.ipo_loss(h, zero, zero, zero, beta).item() == 0.0
+    assert sppo.ipo_loss(h, zero, zero, zero, beta, target=1.0).item() == pytest.approx(0.25)   # (1/2 - 1)^2
+    assert sppo.ipo_loss(h + 1, zero, zero, zero, beta).item() == pytest.approx(beta ** 2 * (3 - 1 / (2 * beta)) ** 2)
+    for target, want in [(0.5, eta / 2), (1.0, eta)]:                # the margin in nats where the loss is 0
+        lw = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([lw], lr=4.0)
+        for _ in range(200):
+            opt.zero_grad()
+            sppo.ipo_loss(lw, zero, zero - 1.0, zero, beta, target=target).sum().backward()
+            opt.step()
+        assert lw.item() + 1.0 == pytest.approx(want, abs=1e-9)        # a - b = target, i.e. h = target * eta
 
 
 def test_hedge_update_minimises_eq_4_4_tabular():
