@@ -56,6 +56,8 @@ class SPPOConfig:
     pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
     pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
                                                          "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
+    oracle_prompt: Literal["raw", "templated"] = HfArg(default="raw", help="What the oracle reads as x: the raw "
+                                                       "prompt, or pi_t's chat-templated prompt (released: rank.py).")
     iterations: int = HfArg(default=3, help="Self-play iterations T (the paper runs 3).")
     split_prompts: bool = HfArg(default=True, help="A disjoint slice of the prompts per iteration (paper: 3 x 20k).")
     K: int = HfArg(default=5, help="Responses sampled per prompt (Sec. 5.1: K = 5; Sec. 5.3 ablates K = 2).")
@@ -379,12 +381,16 @@ def pad_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def chat_prompt(tokenizer, prompt):
+    """The prompt as text through the tokenizer's chat template, up to the assistant's turn (the policy's x)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def prompt_ids(tokenizer, prompt):
     """Token ids of the prompt, through the tokenizer's chat template when it has one (Algorithm 1: x ~ X)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 
 
@@ -503,6 +509,17 @@ def make_oracle(cfg, device="cpu"):
         raise ValueError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)")
     ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
     return pairrm.PairRMOracle(ranker, mode=cfg.pairrm_mode, progress=cfg.progress)
+
+
+def oracle_prompts(prompts, cfg, model_dir):
+    """x as the oracle reads it. --oracle-prompt raw: the prompt text. templated: pi_t's chat_prompt, as the
+    authors' scripts/rank.py gives PairRM (they render [user x, assistant "None"] and cut at "None", which for the
+    Mistral, Llama-3 and Gemma-2 templates is this text, except that a prompt containing "None" is cut there too)."""
+    if cfg.oracle_prompt == "raw":
+        return list(prompts)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [chat_prompt(tokenizer, x) for x in prompts]
 
 
 def rank(oracle, prompts, generations, progress=False):
@@ -654,7 +671,7 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
                 "train": ("dataset.jsonl",)}
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
-    "rank": ("oracle", "pairrm_mode"),
+    "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
     "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
               "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype")}
@@ -700,6 +717,11 @@ def validate_config(cfg):
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
+    if cfg.oracle_prompt == "templated" and cfg.model is not None:
+        from transformers import AutoTokenizer
+        if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):
+            raise ConfigError(f"--oracle-prompt templated: the tokenizer of --model {cfg.model} has no chat template; "
+                              f"use --oracle-prompt raw")
     return cfg
 
 
@@ -841,8 +863,8 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
     gens = read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
     if cfg.stop_after == "generate":
         return None
-    stage("rank", lambda: write_preferences(f_pref, rank(oracle, prompts, gens, progress=cfg.progress)),
-          lambda: len(prompts))
+    stage("rank", lambda: write_preferences(f_pref, rank(oracle, oracle_prompts(prompts, cfg, model_dir), gens,
+                                                         progress=cfg.progress)), lambda: len(prompts))
     mats = read_preferences(f_pref, len(prompts), cfg.K)         # Step 2: P(y_k > y_k' | x) for all k, k'
     if cfg.stop_after == "rank":
         return None

@@ -669,7 +669,8 @@ def stage_rank(cfg, d, out):
     gens = sppo.read_generations(out / "generations.jsonl", prompts, cfg.K)
     mine = list(range(d.rank, len(gens), d.world))
     oracle = sppo.make_oracle(cfg, d.device)
-    mats = sppo.rank(oracle, [prompts[i] for i in mine], [gens[i] for i in mine], progress=False)
+    xs = sppo.oracle_prompts([prompts[i] for i in mine], cfg, cfg.model)             # --oracle-prompt raw/templated
+    mats = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
     del oracle
     free_device_memory(d.device)
     P = gather_to_rank0(dict(zip(mine, mats)), d)

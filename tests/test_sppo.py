@@ -262,6 +262,82 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
 
 
 
+# Chat templates of the authors' base models (tokenizer_config.json of Mistral-7B-Instruct-v0.2, Meta-Llama-3-8B-
+# Instruct, gemma-2-9b-it), for the oracle's templated prompt.
+CHAT_TEMPLATES = {
+    "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) "
+               "%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role']"
+               " == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and "
+               "assistant roles are supported!') }}{% endif %}{% endfor %}",
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>'"
+              " + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if "
+              "loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+              "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "gemma2": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ "
+              "raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if"
+              " (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+              "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"}
+
+
+def rank_py_prompt(tokenizer, text):
+    """uclaml/SPPO scripts/rank.py's apply_template, transcribed: what their PairRM reads as x."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}, {"role": "assistant", "content": "None"}],
+                                         tokenize=False).split("None")[0]
+
+
+class RecordingOracle:
+    """A preference oracle that records the prompt text it is given (the responses' lengths decide)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def identity(self):
+        return "recording"
+
+    def __call__(self, prompt, responses):
+        self.seen.append(prompt)
+        n = np.array([len(r) for r in responses], dtype=float)
+        return 1 / (1 + np.exp(n[None, :] - n[:, None]))                           # (K, K), longer wins
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_chat_prompt_is_rank_py_prompt(tiny, template):
+    _, _, tok = tiny
+    tok = __import__("copy").deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATES[template]
+    for x in ["play rps", "  two words, then a line\nbreak  ", "what is 2 + 2?"]:
+        assert sppo.chat_prompt(tok, x) == rank_py_prompt(tok, x)
+
+
+def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
+    """--oracle-prompt templated: the oracle receives exactly rank.py's templated string for each prompt; the rank
+    stage of a run made with raw prompts is refused (StaleStage naming the setting)."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    model, tok = sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    tok.chat_template = CHAT_TEMPLATES["mistral"]
+    sppo.save_policy(model, tok, d)
+    prompts = ["play rps", "play weighted rps", "rock paper"]
+    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=1, K=2,
+                          max_new_tokens=2, stop_after="rank", progress=False, oracle="game")
+    raw, templated = RecordingOracle(), RecordingOracle()
+    sppo.run(cfg, oracle=raw)
+    assert raw.seen == prompts
+    with pytest.raises(sppo.StaleStage, match="setting oracle_prompt = 'raw', but this run has oracle_prompt = "
+                       "'templated'"):
+        sppo.run(dataclasses.replace(cfg, oracle_prompt="templated"), oracle=templated)
+    sppo.run(dataclasses.replace(cfg, oracle_prompt="templated", out=str(tmp_path / "run2")), oracle=templated)
+    assert templated.seen == [rank_py_prompt(tok, x) for x in prompts]
+    assert templated.seen[0] == "<s>[INST] play rps [/INST]"
+    tok.chat_template = None
+    sppo.save_policy(model, tok, d)
+    with pytest.raises(sppo.ConfigError, match="no chat template; use --oracle-prompt raw"):
+        sppo.validate_config(dataclasses.replace(cfg, oracle_prompt="templated"))
+
+
 
 # -------------------------------------------------------------------------------------------------- training plumbing
 def test_make_scheduler_by_hand():
