@@ -89,6 +89,8 @@ class SPPOConfig:
     restart_from: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
         default=None, help="Move the stale artifacts of the first iteration that does not match this run, from this "
         "stage on (and all later iterations), to OUT/stale/<time>/ and redo them. Nothing is deleted.")
+    eval_prompts: str | None = HfArg(default=None, help="Held-out prompts (JSONL/parquet): each iteration reports "
+                                     "P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) on them, with s.e., in metrics.json.")
     progress: bool = HfArg(default=True, help="Show progress bars.")
 
 
@@ -538,6 +540,21 @@ def rank(oracle, prompts, generations, progress=False):
     return mats
 
 
+def answers(model, tokenizer, prompts, cfg, device="cpu"):
+    """One sample per prompt (K = 1) under sample_seed(cfg.seed, 0, .): every policy judged against another is
+    sampled under the same seeds. The responses arena.py and the held-out win rates compare."""
+    gens = generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
+    return [g["responses"][0] for g in gens]
+
+
+def win_rate(oracle, prompts, responses_a, responses_b):
+    """P(pi_a > pi_b) on held-out prompts (Sec. 3, Fig. 3): the mean over prompts of the oracle's P(y_a > y_b | x),
+    one response of each policy per prompt, and its standard error over prompts. Returns (win rate, s.e.)."""
+    mats = rank(oracle, prompts, [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)])
+    p = np.array([m[0, 1] for m in mats])                                                # (N,)
+    return float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 3: D_t = {(x, y, P-hat(y > pi_t | x))} with the kept rows (Sec. 4.2 / 5.1).
 def build_dataset(prompts, generations, matrices, cfg):
@@ -674,7 +691,7 @@ STAGE_SETTINGS = {
     "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
     "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
-              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype")}
+              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype", "eval_prompts")}
 """The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
 
 
@@ -714,6 +731,7 @@ def validate_config(cfg):
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
     for flag, path, need in [("model", cfg.model, "config.json"), ("prompts", cfg.prompts, None),
+                             ("eval-prompts", cfg.eval_prompts, None),
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
@@ -758,6 +776,8 @@ def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
         key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     if stage == "rank":
         key["oracle_id"] = oracle_id
+    if stage == "train" and cfg.eval_prompts:                   # metrics.json's held-out win rates: the file's hash
+        key["eval_prompts"] = hashes(cfg.eval_prompts)
     return key
 
 
@@ -839,9 +859,10 @@ def check_dataset_sources(rows, gens, mats, cfg, path):
                                 f"from preferences.jsonl; delete it to recompute")
 
 
-def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes):
+def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes, held_out=None):
     """One iteration of Algorithm 1: pi_t (model_dir) -> pi_{t+1} (OUT/iter{t}/model). Returns the new model dir,
-    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked."""
+    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked.
+    held_out: the --eval-prompts, on which pi_{t+1} meets pi_t and pi_0 (win_rate) before metrics.json is written."""
     d = Path(cfg.out) / f"iter{t}"
     d.mkdir(parents=True, exist_ok=True)
     f_gen, f_pref, f_data, m_dir = d / "generations.jsonl", d / "preferences.jsonl", d / "dataset.jsonl", d / "model"
@@ -877,6 +898,9 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
 
     def train():                                                 # Step 4: Eq. (4.7); model, metrics, then commit
         model, tok = policy()
+        if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
+            old = {"t": answers(model, tok, held_out, cfg, device)}
+            old["0"] = old["t"] if t == 0 else answers(*load_policy(cfg.model, cfg, device), held_out, cfg, device)
         torch.manual_seed(cfg.seed + t)
         history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), device)
         save_policy(model, tok, m_dir)
@@ -884,6 +908,13 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
                  "unfinished": sum(not f for g in gens for f in g["finished"]),
                  "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
                  "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
+        if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
+            xs, new = oracle_prompts(held_out, cfg, model_dir), answers(model, tok, held_out, cfg, device)
+            (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new, old[s]) for s in ("t", "0"))
+            stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
+                                 "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
+            print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
+                  f"+- {se_0:.3f} ({len(held_out)} prompts)")
         write_json(d / "metrics.json", stats)
         print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}")
     stage("train", train, lambda: len(rows))
@@ -937,6 +968,9 @@ def run(cfg, oracle=None):
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    held_out = load_prompts(cfg.eval_prompts, cfg.prompt_column) if cfg.eval_prompts else None
+    if held_out is not None and len(held_out) < 2:
+        raise ConfigError(f"--eval-prompts {cfg.eval_prompts}: {len(held_out)} prompt(s); a standard error needs >= 2")
     if len(prompts) < (cfg.iterations if cfg.split_prompts else 1):
         raise ConfigError(f"--prompts {cfg.prompts}: {len(prompts)} prompts for {cfg.iterations} disjoint iteration "
                           f"slices" + ("" if prompts else " (the file is empty)"))
@@ -965,7 +999,7 @@ def run(cfg, oracle=None):
     model_dir = cfg.model
     for t in range(cfg.iterations):
         model_dir = run_iteration(cfg, t, iteration_prompts(prompts, cfg, t), model_dir, oracle, oracle_id,
-                                  resolve_device(cfg.device), hashes)
+                                  resolve_device(cfg.device), hashes, held_out)
         if model_dir is None:
             print(f"stopped after stage {cfg.stop_after!r} of iteration {t}; re-run the command to resume")
             return None

@@ -807,6 +807,9 @@ def validate(cfg):
         raise sppo.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
+    if cfg.eval_prompts:
+        raise sppo.ConfigError("--eval-prompts: the held-out win rates are sppo.py's (each iteration of sppo.run); "
+                               "judge train_7b's models with arena.py")
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:

@@ -338,6 +338,33 @@ def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
         sppo.validate_config(dataclasses.replace(cfg, oracle_prompt="templated"))
 
 
+def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
+    """--eval-prompts: metrics.json of iteration t holds P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) with s.e.; here
+    recomputed from the saved policies, one prompt at a time, with the same oracle and the same sampling seeds."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
+    held = ["play rps", "rock paper", "play weighted rps", "paper scissors", "big rock", "spock"]
+    sppo.write_jsonl(tmp_path / "held.jsonl", [{"prompt": x} for x in held])
+    out = tmp_path / "run"
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), eval_prompts=str(tmp_path / "held.jsonl"),
+                          out=str(out), iterations=2, split_prompts=False, K=2, max_new_tokens=4, optimizer="adamw",
+                          lr=3e-2, global_batch=4, micro_batch=4, epochs=2, progress=False, oracle="game")
+    sppo.run(cfg, oracle=RecordingOracle())
+    pols = [sppo.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
+    ys = [sppo.answers(m, tok, held, cfg) for m, tok in pols]
+    oracle = RecordingOracle()
+    for t in range(2):
+        got = json.loads((out / f"iter{t}" / "metrics.json").read_text())["held_out"]
+        assert got["prompts"] == len(held)
+        for s in (t, 0):
+            p = [oracle(x, [a, b])[0, 1] for x, a, b in zip(held, ys[t + 1], ys[s])]   # one prompt at a time
+            key = "t" if s == t else "0"
+            assert got[f"win_rate_vs_pi_{key}"] == pytest.approx(np.mean(p), abs=1e-12)
+            assert got[f"se_vs_pi_{key}"] == pytest.approx(np.std(p, ddof=1) / math.sqrt(len(p)), abs=1e-12)
+    assert got["win_rate_vs_pi_t"] != got["win_rate_vs_pi_0"]                   # t = 1: two different baselines
+    assert "eval_prompts" in sppo.STAGE_SETTINGS["train"]
+
+
 
 # -------------------------------------------------------------------------------------------------- training plumbing
 def test_make_scheduler_by_hand():
