@@ -316,8 +316,9 @@ def demo(cfg):
           f"averaged exact Hedge from the model's pi_0; TV step: to the Hedge(eta') step from the model's pi_t")
     print(f"{'t':>3} " + " ".join(f"| {x[:18]:>18}: " + " ".join(f"{c:>7}" for c in cols) + " " for x in games))
     for t in range(cfg.iterations + 1):
-        print(f"{t:>3} " + " ".join(f"| {'':>18}  {m['gap'][t]:7.4f} {m['hedge_gap'][t]:7.4f} {m['hedge_gap_eta'][t]:7.4f} "
-                                    f"{(m['tv'][t - 1] if t else float('nan')):7.4f} " for m in metrics.values()))
+        row = [(m["gap"][t], m["hedge_gap"][t], m["hedge_gap_eta"][t], m["tv"][t - 1] if t else np.nan)
+               for m in metrics.values()]
+        print(f"{t:>3} " + " ".join(f"| {'':>18}  " + " ".join(f"{v:7.4f}" for v in r) + " " for r in row))
     for x, m in metrics.items():
         ok, what = demo_passes(m)
         print(f"'{x}': {what}: {'yes' if ok else 'NO'}")

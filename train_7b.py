@@ -103,7 +103,8 @@ class TrainConfig(sppo.SPPOConfig):
 NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
             "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
-            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out")}
+            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out"),
+            "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}
 """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
 
@@ -807,9 +808,6 @@ def validate(cfg):
         raise sppo.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
-    if cfg.eval_prompts:
-        raise sppo.ConfigError("--eval-prompts: the held-out win rates are sppo.py's (each iteration of sppo.run); "
-                               "judge train_7b's models with arena.py")
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:
