@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
@@ -39,15 +37,15 @@ def arena_exact(policies, P):
 
 
 def arena_pairrm(ranker, prompts, responses):
-    """Fig. 3 for language models: W[i, j] = mean over prompts of P(y_i > y_j | x) = sigma(compare(y_i, y_j)),
-    with its standard error over prompts. responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
-    m, N = len(responses), len(prompts)
+    """Fig. 3 for language models: W[i, j] = mean over prompts of PairRM's P(y_i > y_j | x) = sigma(f(x; y_i, y_j)
+    - f(x; y_j, y_i)), with its standard error over prompts (sppo.win_rate, which sppo.py's held-out selection uses
+    too). responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
+    m, oracle = len(responses), pairrm.PairRMOracle(ranker)
     W, SE = np.full((m, m), 0.5), np.zeros((m, m))
     for i in range(m):
         for j in range(i + 1, m):
-            p = torch.sigmoid(ranker.compare(prompts, responses[i], responses[j])).double().numpy()   # (N,)
-            W[i, j], W[j, i] = p.mean(), 1 - p.mean()
-            SE[i, j] = SE[j, i] = p.std(ddof=1) / math.sqrt(N) if N > 1 else float("nan")
+            W[i, j], SE[i, j] = sppo.win_rate(oracle, prompts, responses[i], responses[j])
+            W[j, i], SE[j, i] = 1 - W[i, j], SE[i, j]
     return W, SE
 
 
@@ -66,8 +64,8 @@ def arena_responses(model_dirs, prompts, cfg, ranker=None, best_of=1, device="cp
     out = []
     for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
         model, tok = sppo.load_policy(d, cfg, device)
-        gens = sppo.generate_responses(model, tok, prompts, dataclasses.replace(cfg, K=best_of), 0, device)
-        out.append(best_of_n(ranker, prompts, gens) if best_of > 1 else [g["responses"][0] for g in gens])
+        out.append(best_of_n(ranker, prompts, sppo.generate_responses(model, tok, prompts, dataclasses.replace(
+            cfg, K=best_of), 0, device)) if best_of > 1 else sppo.answers(model, tok, prompts, cfg, device))
     return out
 
 

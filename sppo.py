@@ -56,6 +56,8 @@ class SPPOConfig:
     pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
     pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
                                                          "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
+    oracle_prompt: Literal["raw", "templated"] = HfArg(default="raw", help="What the oracle reads as x: the raw "
+                                                       "prompt, or pi_t's chat-templated prompt (released: rank.py).")
     iterations: int = HfArg(default=3, help="Self-play iterations T (the paper runs 3).")
     split_prompts: bool = HfArg(default=True, help="A disjoint slice of the prompts per iteration (paper: 3 x 20k).")
     K: int = HfArg(default=5, help="Responses sampled per prompt (Sec. 5.1: K = 5; Sec. 5.3 ablates K = 2).")
@@ -87,6 +89,8 @@ class SPPOConfig:
     restart_from: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
         default=None, help="Move the stale artifacts of the first iteration that does not match this run, from this "
         "stage on (and all later iterations), to OUT/stale/<time>/ and redo them. Nothing is deleted.")
+    eval_prompts: str | None = HfArg(default=None, help="Held-out prompts (JSONL/parquet): each iteration reports "
+                                     "P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) on them, with s.e., in metrics.json.")
     progress: bool = HfArg(default=True, help="Show progress bars.")
 
 
@@ -136,10 +140,15 @@ def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
     return -F.logsigmoid(a - b)
 
 
-def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
-    """Eq. (4.14): [(a - b) - 1]^2."""
+def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
+    """IPO: [(a - b) - target]^2, minimised on the line a - b = target.
+
+    target=1/2 (default): Azar et al. 2023's IPO, (h - 1/(2 beta))^2 with h = (a - b)/beta the log-ratio margin in
+    nats, times beta^2; the authors' trainer and TRL's loss_type="ipo" use this. target=1: Eq. (4.14) as printed,
+    which is IPO with tau = beta/2 (a margin of eta nats instead of eta/2).
+    """
     a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
-    return (a - b - 1.0) ** 2
+    return (a - b - target) ** 2
 
 
 def kto_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, kl):
@@ -374,12 +383,16 @@ def pad_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def chat_prompt(tokenizer, prompt):
+    """The prompt as text through the tokenizer's chat template, up to the assistant's turn (the policy's x)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def prompt_ids(tokenizer, prompt):
     """Token ids of the prompt, through the tokenizer's chat template when it has one (Algorithm 1: x ~ X)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 
 
@@ -500,6 +513,17 @@ def make_oracle(cfg, device="cpu"):
     return pairrm.PairRMOracle(ranker, mode=cfg.pairrm_mode, progress=cfg.progress)
 
 
+def oracle_prompts(prompts, cfg, model_dir):
+    """x as the oracle reads it. --oracle-prompt raw: the prompt text. templated: pi_t's chat_prompt, as the
+    authors' scripts/rank.py gives PairRM (they render [user x, assistant "None"] and cut at "None", which for the
+    Mistral, Llama-3 and Gemma-2 templates is this text, except that a prompt containing "None" is cut there too)."""
+    if cfg.oracle_prompt == "raw":
+        return list(prompts)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [chat_prompt(tokenizer, x) for x in prompts]
+
+
 def rank(oracle, prompts, generations, progress=False):
     """Fill one K x K matrix per prompt. Uses the oracle's batched `batch(prompts, candidates)` when it has one."""
     cands = [g["responses"] for g in generations]
@@ -514,6 +538,21 @@ def rank(oracle, prompts, generations, progress=False):
         except ValueError as e:
             raise ValueError(f"oracle returned an invalid preference matrix for prompt {i}: {e}") from None
     return mats
+
+
+def answers(model, tokenizer, prompts, cfg, device="cpu"):
+    """One sample per prompt (K = 1) under sample_seed(cfg.seed, 0, .): every policy judged against another is
+    sampled under the same seeds. The responses arena.py and the held-out win rates compare."""
+    gens = generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
+    return [g["responses"][0] for g in gens]
+
+
+def win_rate(oracle, prompts, responses_a, responses_b):
+    """P(pi_a > pi_b) on held-out prompts (Sec. 3, Fig. 3): the mean over prompts of the oracle's P(y_a > y_b | x),
+    one response of each policy per prompt, and its standard error over prompts. Returns (win rate, s.e.)."""
+    mats = rank(oracle, prompts, [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)])
+    p = np.array([m[0, 1] for m in mats])                                                # (N,)
+    return float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,10 +688,10 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
                 "train": ("dataset.jsonl",)}
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
-    "rank": ("oracle", "pairrm_mode"),
+    "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
     "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
-              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype")}
+              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype", "eval_prompts")}
 """The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
 
 
@@ -692,9 +731,15 @@ def validate_config(cfg):
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
     for flag, path, need in [("model", cfg.model, "config.json"), ("prompts", cfg.prompts, None),
+                             ("eval-prompts", cfg.eval_prompts, None),
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
+    if cfg.oracle_prompt == "templated" and cfg.model is not None:
+        from transformers import AutoTokenizer
+        if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):
+            raise ConfigError(f"--oracle-prompt templated: the tokenizer of --model {cfg.model} has no chat template; "
+                              f"use --oracle-prompt raw")
     return cfg
 
 
@@ -731,6 +776,8 @@ def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
         key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     if stage == "rank":
         key["oracle_id"] = oracle_id
+    if stage == "train" and cfg.eval_prompts:                   # metrics.json's held-out win rates: the file's hash
+        key["eval_prompts"] = hashes(cfg.eval_prompts)
     return key
 
 
@@ -812,9 +859,10 @@ def check_dataset_sources(rows, gens, mats, cfg, path):
                                 f"from preferences.jsonl; delete it to recompute")
 
 
-def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes):
+def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes, held_out=None):
     """One iteration of Algorithm 1: pi_t (model_dir) -> pi_{t+1} (OUT/iter{t}/model). Returns the new model dir,
-    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked."""
+    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked.
+    held_out: the --eval-prompts, on which pi_{t+1} meets pi_t and pi_0 (win_rate) before metrics.json is written."""
     d = Path(cfg.out) / f"iter{t}"
     d.mkdir(parents=True, exist_ok=True)
     f_gen, f_pref, f_data, m_dir = d / "generations.jsonl", d / "preferences.jsonl", d / "dataset.jsonl", d / "model"
@@ -836,8 +884,8 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
     gens = read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
     if cfg.stop_after == "generate":
         return None
-    stage("rank", lambda: write_preferences(f_pref, rank(oracle, prompts, gens, progress=cfg.progress)),
-          lambda: len(prompts))
+    stage("rank", lambda: write_preferences(f_pref, rank(oracle, oracle_prompts(prompts, cfg, model_dir), gens,
+                                                         progress=cfg.progress)), lambda: len(prompts))
     mats = read_preferences(f_pref, len(prompts), cfg.K)         # Step 2: P(y_k > y_k' | x) for all k, k'
     if cfg.stop_after == "rank":
         return None
@@ -850,6 +898,9 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
 
     def train():                                                 # Step 4: Eq. (4.7); model, metrics, then commit
         model, tok = policy()
+        if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
+            old = {"t": answers(model, tok, held_out, cfg, device)}
+            old["0"] = old["t"] if t == 0 else answers(*load_policy(cfg.model, cfg, device), held_out, cfg, device)
         torch.manual_seed(cfg.seed + t)
         history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), device)
         save_policy(model, tok, m_dir)
@@ -857,6 +908,13 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
                  "unfinished": sum(not f for g in gens for f in g["finished"]),
                  "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
                  "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
+        if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
+            xs, new = oracle_prompts(held_out, cfg, model_dir), answers(model, tok, held_out, cfg, device)
+            (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new, old[s]) for s in ("t", "0"))
+            stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
+                                 "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
+            print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
+                  f"+- {se_0:.3f} ({len(held_out)} prompts)")
         write_json(d / "metrics.json", stats)
         print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}")
     stage("train", train, lambda: len(rows))
@@ -910,6 +968,9 @@ def run(cfg, oracle=None):
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
     prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    held_out = load_prompts(cfg.eval_prompts, cfg.prompt_column) if cfg.eval_prompts else None
+    if held_out is not None and len(held_out) < 2:
+        raise ConfigError(f"--eval-prompts {cfg.eval_prompts}: {len(held_out)} prompt(s); a standard error needs >= 2")
     if len(prompts) < (cfg.iterations if cfg.split_prompts else 1):
         raise ConfigError(f"--prompts {cfg.prompts}: {len(prompts)} prompts for {cfg.iterations} disjoint iteration "
                           f"slices" + ("" if prompts else " (the file is empty)"))
@@ -938,7 +999,7 @@ def run(cfg, oracle=None):
     model_dir = cfg.model
     for t in range(cfg.iterations):
         model_dir = run_iteration(cfg, t, iteration_prompts(prompts, cfg, t), model_dir, oracle, oracle_id,
-                                  resolve_device(cfg.device), hashes)
+                                  resolve_device(cfg.device), hashes, held_out)
         if model_dir is None:
             print(f"stopped after stage {cfg.stop_after!r} of iteration {t}; re-run the command to resume")
             return None

@@ -103,7 +103,8 @@ class TrainConfig(sppo.SPPOConfig):
 NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
             "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
-            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out")}
+            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out"),
+            "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}
 """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
 
@@ -669,7 +670,8 @@ def stage_rank(cfg, d, out):
     gens = sppo.read_generations(out / "generations.jsonl", prompts, cfg.K)
     mine = list(range(d.rank, len(gens), d.world))
     oracle = sppo.make_oracle(cfg, d.device)
-    mats = sppo.rank(oracle, [prompts[i] for i in mine], [gens[i] for i in mine], progress=False)
+    xs = sppo.oracle_prompts([prompts[i] for i in mine], cfg, cfg.model)             # --oracle-prompt raw/templated
+    mats = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
     del oracle
     free_device_memory(d.device)
     P = gather_to_rank0(dict(zip(mine, mats)), d)

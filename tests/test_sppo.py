@@ -63,13 +63,33 @@ def test_dpo_ipo_kto_hard_by_hand():
     beta = 0.5                                           # a = 0.25, b = -0.5
     a, b = 0.25, -0.5
     assert sppo.dpo_loss(lw, rw, ll, rl, beta).item() == pytest.approx(-math.log(1 / (1 + math.exp(-(a - b)))))
-    assert sppo.ipo_loss(lw, rw, ll, rl, beta).item() == pytest.approx((a - b - 1) ** 2)
+    assert sppo.ipo_loss(lw, rw, ll, rl, beta, target=1.0).item() == pytest.approx((a - b - 1) ** 2)   # Eq. (4.14)
     c = beta * 0.4
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
     assert sppo.kto_loss(lw, rw, ll, rl, beta, kl=0.4).item() == pytest.approx(sig(-a + c) + sig(b - c))
     # SPPO with a hard label (Sec. 4.5): eta^2 [(a - 1/2)^2 + (b + 1/2)^2] with beta = 1/eta
     eta = 1 / beta
     assert sppo.sppo_hard_loss(lw, rw, ll, rl, eta).item() == pytest.approx(eta ** 2 * ((a - .5) ** 2 + (b + .5) ** 2))
+
+
+def test_ipo_minimiser_at_half_and_one():
+    """IPO's minimiser: a - b = 1/2 by default (Azar et al.: h = 1/(2 beta) nats, TRL's (h - 1/(2 beta))^2 times
+    beta^2), a - b = 1 with Eq. (4.14)'s target. Hand values, then gradient descent on a free winner log-prob."""
+    eta = 4.0
+    beta = 1 / eta
+    zero = torch.zeros(1, dtype=torch.float64)
+    h = torch.tensor([2.0], dtype=torch.float64)                     # margin of 2 nats = eta/2: a - b = 1/2
+    assert sppo.ipo_loss(h, zero, zero, zero, beta).item() == 0.0
+    assert sppo.ipo_loss(h, zero, zero, zero, beta, target=1.0).item() == pytest.approx(0.25)   # (1/2 - 1)^2
+    assert sppo.ipo_loss(h + 1, zero, zero, zero, beta).item() == pytest.approx(beta ** 2 * (3 - 1 / (2 * beta)) ** 2)
+    for target, want in [(0.5, eta / 2), (1.0, eta)]:                # the margin in nats where the loss is 0
+        lw = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([lw], lr=4.0)
+        for _ in range(200):
+            opt.zero_grad()
+            sppo.ipo_loss(lw, zero, zero - 1.0, zero, beta, target=target).sum().backward()
+            opt.step()
+        assert lw.item() + 1.0 == pytest.approx(want, abs=1e-9)        # a - b = target, i.e. h = target * eta
 
 
 def test_hedge_update_minimises_eq_4_4_tabular():
@@ -240,6 +260,109 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
         wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))
         assert r["win_prob"] == pytest.approx(wp[r["k"]]) and wp.max() == pytest.approx(wp[rows[2 * r["prompt_id"]]["k"]])
 
+
+
+# Chat templates of the authors' base models (tokenizer_config.json of Mistral-7B-Instruct-v0.2, Meta-Llama-3-8B-
+# Instruct, gemma-2-9b-it), for the oracle's templated prompt.
+CHAT_TEMPLATES = {
+    "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) "
+               "%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role']"
+               " == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and "
+               "assistant roles are supported!') }}{% endif %}{% endfor %}",
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>'"
+              " + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if "
+              "loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+              "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "gemma2": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ "
+              "raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if"
+              " (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+              "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"}
+
+
+def rank_py_prompt(tokenizer, text):
+    """uclaml/SPPO scripts/rank.py's apply_template, transcribed: what their PairRM reads as x."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}, {"role": "assistant", "content": "None"}],
+                                         tokenize=False).split("None")[0]
+
+
+class RecordingOracle:
+    """A preference oracle that records the prompt text it is given (the responses' lengths decide)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def identity(self):
+        return "recording"
+
+    def __call__(self, prompt, responses):
+        self.seen.append(prompt)
+        n = np.array([len(r) for r in responses], dtype=float)
+        return 1 / (1 + np.exp(n[None, :] - n[:, None]))                           # (K, K), longer wins
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_chat_prompt_is_rank_py_prompt(tiny, template):
+    _, _, tok = tiny
+    tok = __import__("copy").deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATES[template]
+    for x in ["play rps", "  two words, then a line\nbreak  ", "what is 2 + 2?"]:
+        assert sppo.chat_prompt(tok, x) == rank_py_prompt(tok, x)
+
+
+def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
+    """--oracle-prompt templated: the oracle receives exactly rank.py's templated string for each prompt; the rank
+    stage of a run made with raw prompts is refused (StaleStage naming the setting)."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    model, tok = sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    tok.chat_template = CHAT_TEMPLATES["mistral"]
+    sppo.save_policy(model, tok, d)
+    prompts = ["play rps", "play weighted rps", "rock paper"]
+    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=1, K=2,
+                          max_new_tokens=2, stop_after="rank", progress=False, oracle="game")
+    raw, templated = RecordingOracle(), RecordingOracle()
+    sppo.run(cfg, oracle=raw)
+    assert raw.seen == prompts
+    with pytest.raises(sppo.StaleStage, match="setting oracle_prompt = 'raw', but this run has oracle_prompt = "
+                       "'templated'"):
+        sppo.run(dataclasses.replace(cfg, oracle_prompt="templated"), oracle=templated)
+    sppo.run(dataclasses.replace(cfg, oracle_prompt="templated", out=str(tmp_path / "run2")), oracle=templated)
+    assert templated.seen == [rank_py_prompt(tok, x) for x in prompts]
+    assert templated.seen[0] == "<s>[INST] play rps [/INST]"
+    tok.chat_template = None
+    sppo.save_policy(model, tok, d)
+    with pytest.raises(sppo.ConfigError, match="no chat template; use --oracle-prompt raw"):
+        sppo.validate_config(dataclasses.replace(cfg, oracle_prompt="templated"))
+
+
+def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
+    """--eval-prompts: metrics.json of iteration t holds P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) with s.e.; here
+    recomputed from the saved policies, one prompt at a time, with the same oracle and the same sampling seeds."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
+    held = ["play rps", "rock paper", "play weighted rps", "paper scissors", "big rock", "spock"]
+    sppo.write_jsonl(tmp_path / "held.jsonl", [{"prompt": x} for x in held])
+    out = tmp_path / "run"
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), eval_prompts=str(tmp_path / "held.jsonl"),
+                          out=str(out), iterations=2, split_prompts=False, K=2, max_new_tokens=4, optimizer="adamw",
+                          lr=3e-2, global_batch=4, micro_batch=4, epochs=2, progress=False, oracle="game")
+    sppo.run(cfg, oracle=RecordingOracle())
+    pols = [sppo.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
+    ys = [sppo.answers(m, tok, held, cfg) for m, tok in pols]
+    oracle = RecordingOracle()
+    for t in range(2):
+        got = json.loads((out / f"iter{t}" / "metrics.json").read_text())["held_out"]
+        assert got["prompts"] == len(held)
+        for s in (t, 0):
+            p = [oracle(x, [a, b])[0, 1] for x, a, b in zip(held, ys[t + 1], ys[s])]   # one prompt at a time
+            key = "t" if s == t else "0"
+            assert got[f"win_rate_vs_pi_{key}"] == pytest.approx(np.mean(p), abs=1e-12)
+            assert got[f"se_vs_pi_{key}"] == pytest.approx(np.std(p, ddof=1) / math.sqrt(len(p)), abs=1e-12)
+    assert got["win_rate_vs_pi_t"] != got["win_rate_vs_pi_0"]                   # t = 1: two different baselines
+    assert "eval_prompts" in sppo.STAGE_SETTINGS["train"]
 
 
 

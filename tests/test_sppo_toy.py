@@ -1,5 +1,6 @@
 """Tests for sppo_toy.py, the tiny-LM world: tabular SPPO against exact Hedge, the game oracle, the demo's run
 directory (interrupted and resumed to the same bytes) and the demo CLI in a subprocess."""
+import itertools
 import json
 import os
 import subprocess
@@ -26,6 +27,24 @@ def test_tabular_sppo_approaches_hedge_with_many_samples():
     assert np.abs(got - ref).sum(-1).max() < 0.03
     far = hedge_toy.hedge_trajectory(P, 0.0, 4, pi1)                                   # no update at all
     assert np.abs(got - far).sum(-1).max() > 0.1
+
+
+def test_self_term_makes_the_expected_step_hedge_at_eta_prime():
+    """Exact, by enumerating every K-tuple of samples from pi_t: E[P-hat(y_1 > pi_t) | y_1 = y] is
+    1/(2K) + ((K-1)/K) (P pi_t)_y, so the step exp(eta (E[P-hat] - 1/2)), normalised, is Hedge's step (4.1) at
+    eta' = eta (K-1)/K exactly, and not the step at eta."""
+    P, pi, eta, K = hedge_toy.weighted_rps(), np.array([0.5, 0.3, 0.2]), 3.0, 3
+    mass, first = np.zeros(3), np.zeros(3)
+    for ys in itertools.product(range(3), repeat=K):                 # y_1..y_K ~ pi_t, all 27 draws
+        prob = np.prod(pi[list(ys)])
+        mass[ys[0]] += prob
+        first[ys[0]] += prob * sppo.win_rates(P[np.ix_(ys, ys)])[0]   # P-hat of y_1, self-term included (Eq. 4.5)
+    expected = first / mass
+    np.testing.assert_allclose(expected, 1 / (2 * K) + (K - 1) / K * P @ pi, atol=1e-12)
+    step = pi * np.exp(eta * (expected - 0.5))
+    step /= step.sum()
+    np.testing.assert_allclose(step, hedge_toy.hedge_step(P, pi, sppo_toy.effective_eta(eta, K)), atol=1e-12)
+    assert 0.5 * np.abs(step - hedge_toy.hedge_step(P, pi, eta)).sum() > 0.01
 
 
 def test_game_oracle_malformed_loses():
@@ -80,9 +99,21 @@ def test_demo_cli_small(tmp_path):
     assert "LM gap" in r.stdout and "Hedge" in r.stdout
     assert (out / "gap.png").stat().st_size > 10_000
     m = json.loads((out / "demo_metrics.json").read_text())
-    for game in m.values():                         # the model's step tracks the Hedge step it approximates
-        assert len(game["gap"]) == 3 and max(game["tv"]) < 0.15
-        assert game["gap"][2] < game["gap"][0]
+    for game in m.values():                         # the model's step tracks the Hedge(eta (K-1)/K) step
+        assert len(game["gap"]) == len(game["hedge_gap_eta"]) == 3 and max(game["tv"]) < 0.15
+        assert game["gap"][2] < game["gap"][0] and game["eta_eff"] == pytest.approx(3.0 * 4 / 5)
+
+
+def test_demo_criterion_by_hand():
+    """The demo's pass rule (DEMO_CRITERION): gap cut to a third, at most 0.05 above Hedge(eta'), mean TV step
+    <= 0.04; each clause fails on its own, and it is judged against Hedge(eta'), not Hedge(eta)."""
+    m = {"gap": [0.6, 0.3, 0.15], "hedge_gap": [0.6, 0.28, 0.12], "hedge_gap_eta": [0.6, 0.2, 0.05],
+         "tv": [0.03, 0.04], "tv_eta": [0.2, 0.2]}
+    assert sppo_toy.demo_passes(m)[0]                                      # 0.15 <= 0.2, <= 0.17, mean TV 0.035
+    assert not sppo_toy.demo_passes(dict(m, gap=[0.4, 0.3, 0.15]))[0]      # 0.15 > 0.4 / 3
+    assert not sppo_toy.demo_passes(dict(m, hedge_gap=[0.6, 0.28, 0.09]))[0]   # 0.15 > 0.09 + 0.05
+    assert not sppo_toy.demo_passes(dict(m, tv=[0.03, 0.06]))[0]           # mean TV 0.045 > 0.04
+    assert "0.1500" in sppo_toy.demo_passes(m)[1] and "0.2000" in sppo_toy.demo_passes(m)[1]
 
 
 def test_demo_config_help_shows_demo_defaults_and_rejects_bad_choices():
