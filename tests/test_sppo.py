@@ -188,7 +188,7 @@ def test_diverged_loss_stops_and_keeps_weights(tiny):
     rows = [{"prompt_id": 0, "prompt": "play rps", "response": "rock", "finished": True, "win_prob": 0.5,
              "ref_logp": 1e30}]
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, lr=1e-3, progress=False)
+    cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, lr=1e-3, selection="all", progress=False)
     with pytest.raises(sppo.DivergedError, match="not finite"):
         sppo.train_policy(model, tok, rows, cfg)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -279,8 +279,13 @@ def test_iteration_prompts_are_disjoint_slices():
 
 def test_readers_refuse_files_of_other_prompts(tmp_path):
     prompts = ["a", "b", "c"]
-    gens = [{"responses": ["x", "y"], "finished": [True, False]}] * 3
+    old = [{"responses": ["x", "y"], "finished": [True, False]}] * 3
     f = tmp_path / "generations.jsonl"
+    sppo.write_generations(f, prompts, old)                          # an older run's file: texts without token ids
+    with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:1: missing field 'token_ids' \(written before "
+                       r"sampled token ids were stored: --restart-from generate\)"):
+        sppo.read_generations(f, prompts, K=2)
+    gens = [dict(g, token_ids=[[5], [6, 7]], stop_ids=[2, None]) for g in old]
     sppo.write_generations(f, prompts, gens)
     assert [g["prompt"] for g in sppo.read_generations(f, prompts, K=2)] == prompts
     with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:2: expected prompt 1"):
