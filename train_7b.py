@@ -586,10 +586,12 @@ def print_plan(cfg):
     """The --plan table: every term, the total, and whether it fits in --gpu-gb."""
     config = model_config(cfg.plan)
     n = param_counts(config)[0]
-    plan = memory_plan(config, cfg.world, cfg.micro_batch, cfg.max_length, cfg.optimizer)
+    rows = cfg.micro_batch * (2 if cfg.selection == "pair" else 1)           # a pair is 2 sequences
+    plan = memory_plan(config, cfg.world, rows, cfg.max_length, cfg.optimizer)
     total = sum(plan.values())
     print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
-          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} x {cfg.max_length} tokens, "
+          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} {'pairs' if rows > cfg.micro_batch else 'rows'} = "
+          f"{rows} x {cfg.max_length} tokens, "
           f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
     for k, v in plan.items():
         print(f"  {k:<46} {v / 1e9:7.2f} GB")
@@ -799,7 +801,8 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
     snap = tracker.get_tracker_snapshot("peak")[d.device]
     measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
     if d.rank == 0:
-        plan = memory_plan(config, d.world, cfg.micro_batch, seq_len, cfg.optimizer,
+        plan = memory_plan(config, d.world, cfg.micro_batch * (2 if cfg.selection == "pair" else 1), seq_len,
+                           cfg.optimizer,
                            compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
         (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))
 

@@ -232,13 +232,17 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
     for g, p in zip(gens, prefs):                                     # one prompt at a time, as the reference
         want = ranker.preference_matrix(g["prompt"], g["responses"], mode="pairwise").double().numpy()
         np.testing.assert_allclose(np.array(p["P"]), want, atol=1e-6)
+        M = ranker.logit_matrices([g["prompt"]], [g["responses"]])[0].double().numpy()    # kept for selection
+        np.testing.assert_allclose(np.array(p["logits"]), M, atol=1e-5)
     # the next stages run from these files: D_t keeps the winner and loser of each prompt
     assert sppo.main(args[:-3] + ["--stop-after", "dataset", "--no-progress"]) == 0
     rows = sppo.read_jsonl(out / "iter0" / "dataset.jsonl")
     assert [r["role"] for r in rows] == ["winner", "loser"] * 3
-    for r in rows:
-        wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))
-        assert r["win_prob"] == pytest.approx(wp[r["k"]]) and wp.max() == pytest.approx(wp[rows[2 * r["prompt_id"]]["k"]])
+    for r in rows:                                                    # P-hat: Eq. (4.5); the pair: s_PairRM's
+        wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))     # argmax / argmin (Sec. 5.1)
+        s = pairrm.scores_from_logits(torch.tensor(prefs[r["prompt_id"]]["logits"])).numpy()
+        assert r["win_prob"] == pytest.approx(wp[r["k"]])
+        assert s[r["k"]] == (s.max() if r["role"] == "winner" else s.min())
 
 
 
