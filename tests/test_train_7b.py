@@ -187,7 +187,8 @@ def test_memory_plan_matches_measured_tiny(world, llama_run):
     in_flight = measured["Unsharded Param"] + measured["All Gather"]             # root + current + prefetched unit
     assert abs(in_flight - plan["unsharded params: root + 2 units in flight"]) <= 0.02 * in_flight
     kept = plan["activations: layer inputs kept (L B T d)"]
-    assert 0.5 * kept <= measured["Activation"] <= 1.5 * kept
+    saved_logits = plan["logits (2 copies) + fp32 log-softmax saved"]             # autograd keeps these too
+    assert 0.5 * kept <= measured["Activation"] <= kept + saved_logits
     assert measured["Total"] <= sum(plan.values())                              # the plan is an upper bound
 
 
