@@ -63,9 +63,11 @@ class SPPOConfig:
     log_z: Literal["half", "estimate"] = HfArg(default="half", help="log Z: eta/2 (Eq. 4.6, the paper's) or the "
                                                "K-sample estimate (Eq. 4.5).")
     selection: Literal["pair", "all"] = HfArg(default="pair", help="Rows of D_t per prompt: winner and loser (the "
-                                              "paper's runs; batches count pairs) or all K (Eq. 4.4; batches count rows).")
+                                              "paper's runs; batches count pairs) or all K (Eq. 4.4; batches count "
+                                              "rows).")
     estimate_from: Literal["all", "pair"] = HfArg(default="all", help="P-hat of the kept rows from all K responses "
-                                                  "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; --selection pair).")
+                                                  "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; needs "
+                                                  "--selection pair).")
     max_new_tokens: int = HfArg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
     temperature: float = HfArg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
     top_p: float = HfArg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
@@ -81,8 +83,9 @@ class SPPOConfig:
     weight_decay: float = HfArg(default=0.0, help="Weight decay (AdamW only).")
     max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping threshold on the global L2 norm.")
     epochs: int = HfArg(default=1, help="Epochs over D_t trained per iteration (released scripts: 1).")
-    schedule_epochs: int | None = HfArg(default=None, help="Length of the LR schedule in epochs (default: --epochs). "
-                                        "Sec. 5.1's 'total epochs 18' is this; the released runs train epoch 1 of it.")
+    schedule_epochs: int | None = HfArg(default=None, help="Length of the LR schedule in epochs (default: "
+                                        "--epochs). Sec. 5.1's 'total epochs 18' is this; the paper keeps the model "
+                                        "after epoch 1.")
     global_batch: int = HfArg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
                               "pairs = 8 per device x 8 GPUs).")
     micro_batch: int = HfArg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
@@ -686,8 +689,8 @@ def batch_schedule(n, global_batch, epochs, seed, group=1):
 
 def train_schedule(rows, cfg):
     """(steps, schedule_length, group): the row indices of each optimizer step trained (cfg.epochs epochs), the LR
-    schedule's length in steps (cfg.schedule_epochs, default cfg.epochs: Sec. 5.1's "total epochs 18" with the
-    released runs training epoch 1 of it, uclaml/SPPO run_sppo_*.sh --num 1, scripts/pipeline.sh NUM=18) and the
+    schedule's length in steps (cfg.schedule_epochs, default cfg.epochs: Sec. 5.1 keeps the model after epoch 1 of
+    an 18-epoch schedule; uclaml/SPPO's run_sppo_*.sh train 1 epoch of a 1-epoch one, pipeline.sh --num 1) and the
     group size. selection='pair': global and micro batches count pairs, and the step's loss, the sum over its rows
     / its row count, is the authors' mean over pairs of (l_w + l_l)/2 (sppo_pair_loss, form='released')."""
     g = group_size(rows, cfg)

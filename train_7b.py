@@ -590,8 +590,8 @@ def print_plan(cfg):
     plan = memory_plan(config, cfg.world, rows, cfg.max_length, cfg.optimizer)
     total = sum(plan.values())
     print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
-          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} {'pairs' if rows > cfg.micro_batch else 'rows'} = "
-          f"{rows} x {cfg.max_length} tokens, "
+          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} "
+          f"{'pairs' if rows > cfg.micro_batch else 'rows'} = {rows} x {cfg.max_length} tokens, "
           f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
     for k, v in plan.items():
         print(f"  {k:<46} {v / 1e9:7.2f} GB")
@@ -647,8 +647,9 @@ def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
     gens = []
     for o in outs:                                  # vLLM's token_ids end with the stop token when it stopped on one
         cut = [c.finish_reason == "stop" and bool(c.token_ids) and c.token_ids[-1] in stop for c in o.outputs]
-        gens.append({"responses": [c.text for c in o.outputs], "finished": [c.finish_reason == "stop" for c in
-                     o.outputs], "token_ids": [list(c.token_ids[:len(c.token_ids) - e]) for c, e in zip(o.outputs, cut)],
+        gens.append({"responses": [c.text for c in o.outputs],
+                     "finished": [c.finish_reason == "stop" for c in o.outputs],
+                     "token_ids": [list(c.token_ids[:len(c.token_ids) - e]) for c, e in zip(o.outputs, cut)],
                      "stop_ids": [c.token_ids[-1] if e else None for c, e in zip(o.outputs, cut)]})
     return gens
 
