@@ -8,8 +8,8 @@ Equation numbers below are the paper's.
     python sppo_toy.py               # the demo: a tiny Llama learns a von Neumann winner (~1 min CPU)
 
 Conventions (stated once, used everywhere in this repository):
-  * log pi(y|x) is SUMMED over the response tokens of y (EOS included when the response ended); prompt and
-    padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
+  * log pi(y|x) is SUMMED over the response tokens of y (the sampled ids, and the sampled stop token when the
+    response ended); prompt and padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
   * eta is the Hedge step of Eq. (4.1); beta = 1/eta is the KL weight of DPO/IPO/KTO. The paper's LM runs use
     eta = 1000 (its "beta = 1e-3"): targets eta (P - 1/2) reach +-400 nats, a starting loss near 1e5 is expected.
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
