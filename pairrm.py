@@ -322,6 +322,12 @@ class PairRMOracle:
     def batch(self, prompts: list[str], candidates: list[list[str]]) -> torch.Tensor:
         return self.model.preference_matrices(prompts, candidates, self.mode, self.batch_tokens, self.progress)
 
+    def batch_with_logits(self, prompts: list[str], candidates: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, M), each (N, K, K): the preferences and the logits f(x; y_i, y_j) they come from, so that SPPO picks
+        its pair on s_PairRM = scores_from_logits(M) (Sec. 5.1), not on P's row means."""
+        M = self.model.logit_matrices(prompts, candidates, self.batch_tokens, self.progress)
+        return preference_from_logits(M, self.mode), M
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Input checks and checkpoint files

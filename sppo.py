@@ -8,8 +8,8 @@ Equation numbers below are the paper's.
     python sppo_toy.py               # the demo: a tiny Llama learns a von Neumann winner (~1 min CPU)
 
 Conventions (stated once, used everywhere in this repository):
-  * log pi(y|x) is SUMMED over the response tokens of y (EOS included when the response ended); prompt and
-    padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
+  * log pi(y|x) is SUMMED over the response tokens of y (the sampled ids, and the sampled stop token when the
+    response ended); prompt and padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
   * eta is the Hedge step of Eq. (4.1); beta = 1/eta is the KL weight of DPO/IPO/KTO. The paper's LM runs use
     eta = 1000 (its "beta = 1e-3"): targets eta (P - 1/2) reach +-400 nats, a starting loss near 1e5 is expected.
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
@@ -65,21 +65,32 @@ class SPPOConfig:
     log_z: Literal["half", "estimate"] = HfArg(default="half", help="log Z: eta/2 (Eq. 4.6, the paper's) or the "
                                                "K-sample estimate (Eq. 4.5).")
     selection: Literal["pair", "all"] = HfArg(default="pair", help="Rows of D_t per prompt: winner and loser (the "
-                                              "paper's runs) or all K (Eq. 4.4).")
+                                              "paper's runs; batches count pairs) or all K (Eq. 4.4; batches count "
+                                              "rows).")
+    estimate_from: Literal["all", "pair"] = HfArg(default="all", help="P-hat of the kept rows from all K responses "
+                                                  "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; needs "
+                                                  "--selection pair).")
     max_new_tokens: int = HfArg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
     temperature: float = HfArg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
     top_p: float = HfArg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
     gen_batch: int = HfArg(default=8, help="Prompts per batched generate() call (each yields K sequences).")
     max_length: int = HfArg(default=1024, help="Prompt + response tokens kept for training (released code: 1024).")
     max_prompt_length: int = HfArg(default=512, help="Prompt tokens kept; longer prompts keep their END (512).")
+    truncation: Literal["ours", "released"] = HfArg(default="ours", help="`ours`: the prompt keeps its last "
+                                                    "max_prompt_length tokens, the response the rest, EOS only when it "
+                                                    "finished; `released`: uclaml/SPPO's trainer rule (see truncate).")
     optimizer: Literal["rmsprop", "adamw"] = HfArg(default="rmsprop", help="RMSprop (the authors' code) or AdamW.")
     lr: float = HfArg(default=5e-7, help="Peak learning rate (paper: 5e-7).")
     warmup_ratio: float = HfArg(default=0.1, help="Fraction of steps of linear warm-up, then linear decay to 0.")
     weight_decay: float = HfArg(default=0.0, help="Weight decay (AdamW only).")
     max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping threshold on the global L2 norm.")
-    epochs: int = HfArg(default=1, help="Epochs over D_t per iteration (released scripts: 1).")
-    global_batch: int = HfArg(default=64, help="Examples per optimizer step (paper: 64 = 8 per device x 8 GPUs).")
-    micro_batch: int = HfArg(default=8, help="Examples per forward/backward; the rest is gradient accumulation.")
+    epochs: int = HfArg(default=1, help="Epochs over D_t trained per iteration (released scripts: 1).")
+    schedule_epochs: int | None = HfArg(default=None, help="Length of the LR schedule in epochs (default: "
+                                        "--epochs). Sec. 5.1's 'total epochs 18' is this; the paper keeps the model "
+                                        "after epoch 1.")
+    global_batch: int = HfArg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
+                              "pairs = 8 per device x 8 GPUs).")
+    micro_batch: int = HfArg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
     seed: int = HfArg(default=42, help="Seed for prompt order, sampling and training order.")
     dtype: Literal["float32", "bfloat16", "float16"] = HfArg(default="float32", help="Weights dtype (log-probs "
                                                               "are accumulated in fp32 regardless).")
@@ -191,6 +202,39 @@ def select_pair(scores):
     return w, l
 
 
+def selection_scores(P, logits=None):
+    """What the winner and loser are chosen on (Sec. 5.1): the oracle's own score when it gives one, else the win rate.
+
+    With PairRM's logit matrix M (K, K): s_PairRM(y_i; x) = (1/K) sum_k s(y_i, y_k; x), the mean logit
+    (pairrm.scores_from_logits), whose argmax / argmin uclaml/SPPO's scripts/compute_prob.py keeps. Without one (a
+    game oracle gives P only): P-hat(y_i > pi_t) = win_rates(P). PairRM's `official` P = sigma(s_i - s_j) orders the
+    responses as s does; its `pairwise` P can order them otherwise (sigma is not linear). Returns (..., K).
+    """
+    if logits is None:
+        return win_rates(P)
+    return pairrm.scores_from_logits(torch.as_tensor(np.asarray(logits), dtype=torch.float64)).numpy()
+
+
+def kept_rows(P, cfg, logits=None):
+    """The rows D_t keeps for one prompt, [(k, role, P-hat)], and the log Z estimate (Eq. 4.5) of the same responses.
+
+    selection='all': every response (Eq. 4.4). 'pair': winner and loser by selection_scores (Sec. 5.1).
+    estimate_from='all': P-hat(y_k > pi_t) = (1/K) sum_j P[k, j] over the K responses (Eq. 4.5, self-term 1/2
+    included). 'pair' (Sec. 5.3's K = 2: 5 samples, PairRM's pair kept, P-hat from the pair alone):
+    P-hat(y_w) = [P(y_w > y_w) + P(y_w > y_l)]/2 = 1/4 + P(y_w > y_l)/2 - the paper prints "1/2 + P/2", an
+    arithmetic slip - and 1/4 + P(y_l > y_w)/2 for the loser.
+    """
+    P, wp = np.asarray(P, dtype=np.float64), win_rates(P)                               # (K, K), (K,) Eq. (4.5)
+    if cfg.selection == "all":
+        return [(k, "all", float(wp[k])) for k in range(len(wp))], float(log_z_estimate(wp, cfg.eta))
+    w, l = (int(i) for i in select_pair(selection_scores(P, logits)))
+    if cfg.estimate_from == "pair":
+        wp = np.zeros(len(wp))
+        wp[[w, l]] = win_rates(P[np.ix_([w, l], [w, l])])                                 # Sec. 5.3, K = 2
+        return [(w, "winner", float(wp[w])), (l, "loser", float(wp[l]))], float(log_z_estimate(wp[[w, l]], cfg.eta))
+    return [(w, "winner", float(wp[w])), (l, "loser", float(wp[l]))], float(log_z_estimate(wp, cfg.eta))
+
+
 def log_z_estimate(win_prob, eta):
     """Eq. (4.5): log Z_{pi_t}(x) ~ log (1/K) sum_k exp(eta P-hat(y_k > pi_t|x)), from the K samples. (..., K) -> (...)."""
     wp = torch.as_tensor(win_prob, dtype=torch.float64)
@@ -234,17 +278,23 @@ class ArtifactError(ValueError):
     """A prompt file or run artifact that cannot be used; the message names the file and line."""
 
 
-GENERATION_FIELDS = {"prompt_id": int, "prompt": str, "responses": list, "finished": list}
-"""generations.jsonl, one record per prompt: K sampled texts and whether each ended with EOS."""
+GENERATION_FIELDS = {"prompt_id": int, "prompt": str, "responses": list, "finished": list, "token_ids": list,
+                     "stop_ids": list}
+"""generations.jsonl, one record per prompt: K sampled texts, whether each ended with a stop token, the sampled
+token ids (stop token excluded) and the stop id actually sampled (None when unfinished). Training reads the ids,
+never the re-tokenised text (decode -> encode is not the identity for BPE tokenizers)."""
 PREFERENCE_FIELDS = {"prompt_id": int, "P": list}
-"""preferences.jsonl, one record per prompt: the K x K matrix P[i][j] = P(y_i > y_j | x)."""
+"""preferences.jsonl, one record per prompt: the K x K matrix P[i][j] = P(y_i > y_j | x), and `logits`, the
+oracle's K x K logit matrix, when it gives one (PairRM: the pair and selection scores come from it)."""
 DATASET_FIELDS = {"prompt_id": int, "prompt": str, "response": str, "finished": bool,
                   "win_prob": (int, float), "ref_logp": (int, float)}
 """Schema of D_t (dataset.jsonl), one row per kept response; train_7b.py reads the same file.
 prompt_id: index of the prompt in this iteration; prompt: raw prompt text (the chat template is applied at
 tokenisation); response: the sampled text; finished: it ended with EOS (EOS is then part of y); win_prob:
 P-hat(y > pi_t|x) of Eq. (4.5); ref_logp: log pi_t(y|x) summed over response tokens. Optional: log_z
-(Eq. 4.5 estimate, used when present and log_z='estimate'), role ('winner', 'loser' or 'all'), k (sample index)."""
+(Eq. 4.5 estimate, used when present and log_z='estimate'), role ('winner', 'loser' or 'all'), k (sample index),
+response_ids / stop_id (the sampled tokens: sppo.py always writes them; a dataset made elsewhere without them is
+tokenised from its text), ref_by (the model hash, dtype and truncation ref_logp was computed with)."""
 
 
 def check_fields(row, schema: dict, where: str):
@@ -330,23 +380,36 @@ def write_generations(path, prompts, generations):
 
 
 def read_generations(path, prompts, K):
-    """generations.jsonl for exactly these prompts, in order, K responses each."""
-    return _per_prompt(path, GENERATION_FIELDS, len(prompts), lambda n, g: g["prompt"] == prompts[n] and
-                       len(g["responses"]) == K == len(g["finished"]), lambda n: f"prompt {n} with K={K} responses")
-
-
-def write_preferences(path, matrices):
-    write_jsonl(path, ({"prompt_id": i, "P": np.asarray(m).tolist()} for i, m in enumerate(matrices)))
-
-
-def read_preferences(path, n_prompts, K):
-    """preferences.jsonl: one valid K x K matrix per prompt, in prompt order. Returns a list of arrays."""
-    recs = _per_prompt(path, PREFERENCE_FIELDS, n_prompts, lambda n, r: np.shape(r["P"]) == (K, K),
-                       lambda n: f"prompt {n}'s {K} x {K} matrix")
+    """generations.jsonl for exactly these prompts, in order, K responses each with their token ids."""
     try:
-        return [hedge_toy.validate_preference(r["P"]) for r in recs]
+        return _per_prompt(path, GENERATION_FIELDS, len(prompts), lambda n, g: g["prompt"] == prompts[n] and
+                           len(g["responses"]) == K == len(g["finished"]) == len(g["token_ids"]) == len(g["stop_ids"]),
+                           lambda n: f"prompt {n} with K={K} responses and their token ids")
+    except ArtifactError as e:
+        if "missing field 'token_ids'" not in str(e) and "missing field 'stop_ids'" not in str(e):
+            raise
+        raise ArtifactError(f"{e} (written before sampled token ids were stored: --restart-from generate)") from None
+
+
+def write_preferences(path, matrices, logits=None):
+    write_jsonl(path, ({"prompt_id": i, "P": np.asarray(m).tolist(), **({} if logits is None else
+                        {"logits": np.asarray(logits[i]).tolist()})} for i, m in enumerate(matrices)))
+
+
+def read_preferences(path, n_prompts, K, with_logits=False):
+    """preferences.jsonl: one valid K x K matrix per prompt, in prompt order. Returns a list of arrays, and with
+    with_logits the list of logit matrices too (None when the oracle gave none: all records or none have one)."""
+    recs = _per_prompt(path, PREFERENCE_FIELDS, n_prompts, lambda n, r: np.shape(r["P"]) == (K, K) and np.shape(
+                       r.get("logits", r["P"])) == (K, K), lambda n: f"prompt {n}'s {K} x {K} matrix")
+    if len({"logits" in r for r in recs}) > 1:
+        raise ArtifactError(f"{path}: some records have 'logits' and some do not; delete it to recompute")
+    try:
+        mats = [hedge_toy.validate_preference(r["P"]) for r in recs]
     except ValueError as e:
         raise ArtifactError(f"{path}: {e}") from None
+    if not with_logits:
+        return mats
+    return mats, [np.asarray(r["logits"], dtype=np.float64) for r in recs] if recs and "logits" in recs[0] else None
 
 
 def check_dataset(rows, path="dataset", need_ref=True, need_log_z=False):
@@ -396,17 +459,47 @@ def prompt_ids(tokenizer, prompt):
     return tokenizer(prompt)["input_ids"]
 
 
-def encode_example(tokenizer, prompt, response, finished, max_length, max_prompt_length):
-    """(prompt_ids, response_ids, truncated). y's tokens are the response's, plus EOS when it finished.
+def truncate(group, max_length, max_prompt_length, rule="ours"):
+    """Cut the (prompt_ids, response_ids) of one group - a prompt's winner and loser (selection=pair), or one row -
+    to the training lengths. Returns [(prompt_ids, response_ids, truncated)].
 
-    Truncation (released code): the prompt keeps its LAST max_prompt_length tokens, the response its first
-    max_length - len(prompt) tokens. `truncated` says whether either was cut, so callers can count it.
+    ours: each prompt keeps its LAST max_prompt_length tokens, each response its first max_length - len(prompt).
+    released (uclaml/SPPO, sppo/trainer.py, SPPOTrainer.tokenize_row, truncation_mode keep_end): with L the longer
+        response of the group, a prompt is cut to its last max_prompt_length tokens only when len(prompt) + L >
+        max_length; then, if len(prompt) + L is still > max_length, EVERY response of the group is cut to its first
+        max_length - max_prompt_length tokens (so a short response can lose its end too, and a sequence may stay
+        shorter than max_length).
     """
-    p = prompt_ids(tokenizer, prompt)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if finished else [])
-    p_cut = p[-max_prompt_length:]
-    r_cut = r[:max_length - len(p_cut)]
-    return p_cut, r_cut, (len(p_cut) < len(p) or len(r_cut) < len(r))
+    if rule not in ("ours", "released"):
+        raise ValueError(f"truncation must be 'ours' or 'released', got {rule!r}")
+    longer, out = max(len(r) for _, r in group), []
+    for p, r in group:
+        if rule == "ours":
+            p_cut = p[-max_prompt_length:]
+            r_cut = r[:max_length - len(p_cut)]
+        else:
+            p_cut = p[-max_prompt_length:] if len(p) + longer > max_length else p
+            r_cut = r[:max_length - max_prompt_length] if len(p_cut) + longer > max_length else r
+        out.append((p_cut, r_cut, len(p_cut) < len(p) or len(r_cut) < len(r)))
+    return out
+
+
+def response_tokens(tokenizer, row, rule="ours"):
+    """y's token ids: the sampled ids (row['response_ids']) when the row has them, else its text tokenised; then the
+    sampled stop id (else the tokenizer's EOS) when it finished. rule='released' appends EOS to unfinished responses
+    too, as the authors' trainer appends it to every response (sppo/trainer.py, tokenize_row)."""
+    ids = row.get("response_ids")
+    ids = list(ids) if ids is not None else tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+    stop = row.get("stop_id") if row["finished"] and row.get("stop_id") is not None else tokenizer.eos_token_id
+    return ids + ([stop] if row["finished"] or rule == "released" else [])
+
+
+def encode_example(tokenizer, prompt, response, finished, max_length, max_prompt_length):
+    """(prompt_ids, response_ids, truncated) of one text response under the `ours` rule (truncate): y's tokens are
+    the response's, plus EOS when it finished. `truncated` says whether either was cut, so callers can count it."""
+    row = {"response": response, "finished": finished}
+    return truncate([(prompt_ids(tokenizer, prompt), response_tokens(tokenizer, row))], max_length,
+                    max_prompt_length)[0]
 
 
 def collate(pairs, pad, padding_side="right"):
@@ -425,13 +518,18 @@ def collate(pairs, pad, padding_side="right"):
 
 
 def encode_rows(tokenizer, rows, cfg):
-    """Encode dataset rows once: returns the list of (prompt_ids, response_ids) and the truncation count."""
-    pairs, n_cut = [], 0
-    for row in rows:
-        p, r, cut = encode_example(tokenizer, row["prompt"], row["response"], row["finished"],
-                                   cfg.max_length, cfg.max_prompt_length)
-        pairs.append((p, r))
-        n_cut += cut
+    """Encode dataset rows once, truncated group by group (cfg.truncation; groups: group_size). Returns the list of
+    (prompt_ids, response_ids) and the count of truncated rows."""
+    g, pairs, n_cut, cache = group_size(rows, cfg), [], 0, {}
+    for i in range(0, len(rows), g):
+        group = []
+        for row in rows[i:i + g]:
+            if row["prompt"] not in cache:
+                cache[row["prompt"]] = prompt_ids(tokenizer, row["prompt"])
+            group.append((cache[row["prompt"]], response_tokens(tokenizer, row, cfg.truncation)))
+        for p, r, cut in truncate(group, cfg.max_length, cfg.max_prompt_length, cfg.truncation):
+            pairs.append((p, r))
+            n_cut += cut
     return pairs, n_cut
 
 
@@ -465,12 +563,14 @@ def eos_ids(model, tokenizer):
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu", start=0):
-    """K samples per prompt. Returns one dict per prompt: {"responses": [K str], "finished": [K bool]}.
+    """K samples per prompt. Returns one dict per prompt (GENERATION_FIELDS): {"responses": [K str], "finished":
+    [K bool], "token_ids": [K lists of int], "stop_ids": [K int or None]}.
 
     `prompts` are the iteration's prompts from index `start` on (start: a multiple of cfg.gen_batch); batch by batch
     they are sampled under sample_seed(cfg.seed, iteration, start + i). Plain ancestral sampling at cfg.temperature
     / cfg.top_p (top-k off). A response is cut at its first EOS; one that never emits EOS within cfg.max_new_tokens
-    is kept and flagged finished=False. Decoding keeps special tokens, so the text re-tokenises to the sampled ids.
+    is kept and flagged finished=False. The text (for the oracle and for people) keeps special tokens; training
+    uses the stored ids, since decode -> encode is not the identity for BPE tokenizers.
     """
     from transformers import GenerationConfig
     model.eval()
@@ -491,12 +591,14 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
                               generation_config=gen_cfg)                              # (B*K, T_in + new)
         new = seqs[:, b["input_ids"].shape[1]:].tolist()
         for j in range(len(chunk)):
-            texts, done = [], []
+            g = {"responses": [], "finished": [], "token_ids": [], "stop_ids": []}
             for ids in new[j * cfg.K:(j + 1) * cfg.K]:
                 end = next((n for n, tok in enumerate(ids) if tok in stop), None)
-                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=False))
-                done.append(end is not None)
-            out.append({"responses": texts, "finished": done})
+                g["token_ids"].append(ids[:end])                                 # what was sampled, for training
+                g["stop_ids"].append(None if end is None else ids[end])          # which stop token (Llama-3 has 2)
+                g["responses"].append(tokenizer.decode(ids[:end], skip_special_tokens=False))
+                g["finished"].append(end is not None)
+            out.append(g)
     return out
 
 
@@ -524,10 +626,21 @@ def oracle_prompts(prompts, cfg, model_dir):
     return [chat_prompt(tokenizer, x) for x in prompts]
 
 
+def pairrm_id(cfg, hashes):
+    """What the run manifest records of the PairRM oracle: its checkpoint's hash, the mode, and that the rank stage
+    keeps its logits (preferences.jsonl of older runs, without them, are then refused as stale)."""
+    return {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode, "logits": True}
+
+
 def rank(oracle, prompts, generations, progress=False):
-    """Fill one K x K matrix per prompt. Uses the oracle's batched `batch(prompts, candidates)` when it has one."""
-    cands = [g["responses"] for g in generations]
-    if hasattr(oracle, "batch"):
+    """Fill one K x K matrix per prompt. Returns (matrices, logits): logits are the oracle's K x K logit matrices
+    when it gives them (`batch_with_logits`, PairRM: the selection score of Sec. 5.1 needs them), else None. Uses the
+    oracle's batched `batch(prompts, candidates)` when it has one."""
+    cands, logits = [g["responses"] for g in generations], None
+    if hasattr(oracle, "batch_with_logits"):
+        mats, M = oracle.batch_with_logits(prompts, cands)
+        mats, logits = [np.asarray(m, dtype=np.float64) for m in mats], [np.asarray(m, dtype=np.float64) for m in M]
+    elif hasattr(oracle, "batch"):
         mats = [np.asarray(m, dtype=np.float64) for m in oracle.batch(prompts, cands)]
     else:
         mats = [np.asarray(oracle(x, ys), dtype=np.float64)
@@ -537,7 +650,7 @@ def rank(oracle, prompts, generations, progress=False):
             hedge_toy.validate_preference(m)
         except ValueError as e:
             raise ValueError(f"oracle returned an invalid preference matrix for prompt {i}: {e}") from None
-    return mats
+    return mats, logits
 
 
 def answers(model, tokenizer, prompts, cfg, device="cpu"):
@@ -550,47 +663,79 @@ def answers(model, tokenizer, prompts, cfg, device="cpu"):
 def win_rate(oracle, prompts, responses_a, responses_b):
     """P(pi_a > pi_b) on held-out prompts (Sec. 3, Fig. 3): the mean over prompts of the oracle's P(y_a > y_b | x),
     one response of each policy per prompt, and its standard error over prompts. Returns (win rate, s.e.)."""
-    mats = rank(oracle, prompts, [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)])
+    mats, _ = rank(oracle, prompts, [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)])
     p = np.array([m[0, 1] for m in mats])                                                # (N,)
     return float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 3: D_t = {(x, y, P-hat(y > pi_t | x))} with the kept rows (Sec. 4.2 / 5.1).
-def build_dataset(prompts, generations, matrices, cfg):
-    """One row per kept response (DATASET_FIELDS without ref_logp, which needs pi_t: see `reference_logps`)."""
+def build_dataset(prompts, generations, matrices, cfg, logits=None):
+    """One row per kept response (kept_rows), with the sampled token ids and stop id of its generation; no ref_logp
+    yet (it needs pi_t: `reference_logps`). logits: the oracle's K x K logit matrix per prompt, or None."""
     rows = []
     for i, (x, g, P) in enumerate(zip(prompts, generations, matrices)):
-        wp = win_rates(P)                                                                 # (K,) Eq. (4.5)
-        lz = float(log_z_estimate(wp, cfg.eta))                                           # Eq. (4.5), log Z
-        if cfg.selection == "all":
-            keep = [(k, "all") for k in range(len(wp))]
-        else:
-            w, l = select_pair(wp)
-            keep = [(int(w), "winner"), (int(l), "loser")]
+        keep, lz = kept_rows(P, cfg, None if logits is None else logits[i])
         rows += [{"prompt_id": i, "prompt": x, "response": g["responses"][k], "finished": g["finished"][k],
-                  "win_prob": float(wp[k]), "log_z": lz, "role": role, "k": k} for k, role in keep]
+                  "response_ids": g["token_ids"][k], "stop_id": g["stop_ids"][k], "win_prob": wp, "log_z": lz,
+                  "role": role, "k": k} for k, role, wp in keep]
     return rows
 
 
-def reference_logps(model, tokenizer, rows, cfg, device="cpu"):
-    """ref_logp = log pi_t(y|x) of every row, by pi_t itself (pi_ref = pi_t: no second model is held)."""
+def reference_logps(model, tokenizer, rows, cfg, device="cpu", model_id=None):
+    """ref_logp = log pi_t(y|x) of every row, by pi_t itself (pi_ref = pi_t: no second model is held), and ref_by:
+    how (pi_t's hash `model_id`, the weights' dtype, the truncation), so that train_7b.py recomputes them when its
+    policy differs (e.g. bf16 there against fp32 here: the initial log-ratio would not be 0)."""
     pairs, _ = encode_rows(tokenizer, rows, cfg)
     lps = batched_logps(model, pairs, pad_id(tokenizer), cfg.micro_batch, device, cfg.progress, "reference log-probs")
-    return [dict(row, ref_logp=lp) for row, lp in zip(rows, lps)]
+    return [dict(row, ref_logp=lp, ref_by=ref_by(cfg, model_id, cfg.dtype)) for row, lp in zip(rows, lps)]
+
+
+def ref_by(cfg, model_id, dtype):
+    """What a reference log-prob depends on besides the row: pi_t (its hash), the compute dtype, the truncation."""
+    return {"model": model_id, "dtype": dtype, "truncation": cfg.truncation, "max_length": cfg.max_length,
+            "max_prompt_length": cfg.max_prompt_length}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 4: training on D_t (Eq. 4.7). train_7b.py imports batch_schedule, make_optimizer,
 # make_scheduler, make_batch and example_losses.
-def batch_schedule(n, global_batch, epochs, seed):
-    """Indices of each optimizer step: a seeded permutation per epoch, cut into global batches (last may be short)."""
+def group_size(rows, cfg):
+    """Rows that stay together in batching and truncation: 2 with selection='pair' (rows 2i, 2i+1 are one prompt's
+    winner and loser: the authors' trainer sees a pair as one example), 1 with selection='all' (each of the K rows is
+    its own example of Eq. 4.4; the released code has no such mode)."""
+    if cfg.selection == "all":
+        return 1
+    bad = next((n for n in range(0, len(rows), 2) if n + 1 == len(rows) or rows[n]["prompt_id"] !=
+                rows[n + 1]["prompt_id"]), None)
+    if bad is not None:
+        raise ArtifactError(f"dataset: record {bad + 1}: --selection pair needs rows in pairs (a prompt's winner, "
+                            f"then its loser), but it has no pair after it; pass --selection all")
+    return 2
+
+
+def batch_schedule(n, global_batch, epochs, seed, group=1):
+    """Row indices of each optimizer step: a seeded permutation of the n / group units (pairs or rows) per epoch,
+    cut into global batches of `global_batch` units (the last may be short), each unit's rows kept together."""
     g = torch.Generator().manual_seed(seed)
     steps = []
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).tolist()
-        steps += [perm[i:i + global_batch] for i in range(0, n, global_batch)]
+        perm = torch.randperm(n // group, generator=g).tolist()
+        steps += [[u * group + j for u in perm[i:i + global_batch] for j in range(group)]
+                  for i in range(0, n // group, global_batch)]
     return steps
+
+
+def train_schedule(rows, cfg):
+    """(steps, schedule_length, group): the row indices of each optimizer step trained (cfg.epochs epochs), the LR
+    schedule's length in steps (cfg.schedule_epochs, default cfg.epochs: Sec. 5.1 keeps the model after epoch 1 of
+    an 18-epoch schedule; uclaml/SPPO's run_sppo_*.sh train 1 epoch of a 1-epoch one, pipeline.sh --num 1) and the
+    group size. selection='pair': global and micro batches count pairs, and the step's loss, the sum over its rows
+    / its row count, is the authors' mean over pairs of (l_w + l_l)/2 (sppo_pair_loss, form='released')."""
+    g = group_size(rows, cfg)
+    steps = batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed, g)
+    per_epoch = math.ceil(len(rows) // g / cfg.global_batch)
+    return steps, per_epoch * (cfg.schedule_epochs or cfg.epochs), g
 
 
 def make_optimizer(params, cfg):
@@ -637,16 +782,17 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     """theta_{t+1} = argmin_theta E_{D_t}[...]^2 (Eq. 4.7), starting from pi_t = `model`.
 
     rows: dataset rows (DATASET_FIELDS) with ref_logp computed by pi_t itself, so no second model is held.
-    Each optimizer step sums per-example losses over micro-batches and divides by the global batch size
-    (gradient accumulation gives the same gradient as one big batch). Returns a list of per-step metrics.
+    Steps come from train_schedule (pairs stay in one micro-batch). Each optimizer step sums per-row losses over
+    micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
+    Returns a list of per-step metrics; `lr` is the rate the step used.
     """
     pairs, n_cut = encode_rows(tokenizer, rows, cfg)
     if n_cut:
         print(f"train: {n_cut} of {len(rows)} examples truncated to max_length={cfg.max_length} / "
-              f"max_prompt_length={cfg.max_prompt_length}")
-    schedule = batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
+              f"max_prompt_length={cfg.max_prompt_length} ({cfg.truncation} rule)")
+    schedule, total, group = train_schedule(rows, cfg)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    sched = make_scheduler(opt, len(schedule), cfg.warmup_ratio)
+    sched = make_scheduler(opt, total, cfg.warmup_ratio)
     model.train()
     history = []
     bar = tqdm(schedule, desc="train (Eq. 4.7)", disable=not cfg.progress, leave=False)
@@ -654,8 +800,8 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         t0, n_tok = time.perf_counter(), 0
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for j in range(0, len(idx), cfg.micro_batch):
-            b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch], pad_id(tokenizer), cfg, device)
+        for j in range(0, len(idx), cfg.micro_batch * group):                             # a pair: one micro-batch
+            b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch * group], pad_id(tokenizer), cfg, device)
             losses = example_losses(model, b, cfg.eta)                                     # (micro,)
             (losses.sum() / len(idx)).backward()
             loss_sum += losses.detach().sum().item()
@@ -665,9 +811,10 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             raise DivergedError(f"step {step}: loss {loss}, grad norm {gnorm} is not finite; stopped before the "
                                 f"update, the model keeps the last good weights (try a lower lr or eta)")
+        lr = sched.get_last_lr()[0]                                                     # the rate of this step
         opt.step()
         sched.step()
-        history.append({"step": step, "loss": loss, "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+        history.append({"step": step, "loss": loss, "grad_norm": gnorm, "lr": lr,
                         "tokens_per_s": n_tok / (time.perf_counter() - t0)})
         bar.set_postfix(loss=f"{loss:.4g}")
         if on_step:
@@ -689,9 +836,11 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
     "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
-    "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
+    "dataset": ("selection", "estimate_from", "eta", "max_length", "max_prompt_length", "truncation", "micro_batch",
+                "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
-              "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype", "eval_prompts")}
+              "schedule_epochs", "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length",
+              "truncation", "dtype", "eval_prompts")}
 """The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
 
 
@@ -726,7 +875,11 @@ def validate_config(cfg):
                            f">= 1 and below --max-length {cfg.max_length}"), (pos(cfg.lr), "lr", "finite and > 0"),
                            (0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]"), (cfg.weight_decay >= 0,
                            "weight_decay", ">= 0"), (pos(cfg.max_grad_norm), "max_grad_norm", "finite and > 0"),
-                           (cfg.epochs >= 1, "epochs", ">= 1: with 0 nothing is trained"), (cfg.global_batch >= 1,
+                           (cfg.epochs >= 1, "epochs", ">= 1: with 0 nothing is trained"), (cfg.schedule_epochs is
+                           None or cfg.schedule_epochs >= cfg.epochs, "schedule_epochs", f">= --epochs {cfg.epochs} "
+                           "(the LR schedule's length; leave it out for --epochs)"), (cfg.estimate_from == "all" or
+                           cfg.selection == "pair", "estimate_from", "'all' with --selection all (the pair is only "
+                           "known with --selection pair)"), (cfg.global_batch >= 1,
                            "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
@@ -845,17 +998,18 @@ def iteration_prompts(prompts, cfg, t):
     return [prompts[i] for i in parts[t]]
 
 
-def check_dataset_sources(rows, gens, mats, cfg, path):
-    """D_t against its sources: per prompt, in order, its 2 (pair) or K (all) kept rows carry that generation's
-    text and P-hat (Eq. 4.5) from that prompt's matrix."""
+def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
+    """D_t against its sources: per prompt, in order, the rows kept_rows keeps, each carrying that generation's
+    text and token ids and its P-hat from that prompt's matrix."""
     per = cfg.K if cfg.selection == "all" else 2
     if len(rows) != per * len(gens):
         raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept; delete it to recompute")
     for n, r in enumerate(rows):
-        i, k = r["prompt_id"], r.get("k")
-        if not (i == n // per and isinstance(k, int) and 0 <= k < cfg.K and r["response"] == gens[i]["responses"][k]
-                and abs(r["win_prob"] - mats[i][k].mean()) < 1e-9):
-            raise ArtifactError(f"{path}: record {n + 1}: not prompt {n // per}'s generation k={k} with its win rate "
+        i, k = n // per, r.get("k")
+        want_k, _, want_p = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0][n % per]
+        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k]
+                and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
+            raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
                                 f"from preferences.jsonl; delete it to recompute")
 
 
@@ -884,15 +1038,15 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
     gens = read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
     if cfg.stop_after == "generate":
         return None
-    stage("rank", lambda: write_preferences(f_pref, rank(oracle, oracle_prompts(prompts, cfg, model_dir), gens,
-                                                         progress=cfg.progress)), lambda: len(prompts))
-    mats = read_preferences(f_pref, len(prompts), cfg.K)         # Step 2: P(y_k > y_k' | x) for all k, k'
+    stage("rank", lambda: write_preferences(f_pref, *rank(oracle, oracle_prompts(prompts, cfg, model_dir), gens,
+                                                          progress=cfg.progress)), lambda: len(prompts))
+    mats, logits = read_preferences(f_pref, len(prompts), cfg.K, with_logits=True)  # Step 2: P(y_k > y_k' | x)
     if cfg.stop_after == "rank":
         return None
-    stage("dataset", lambda: write_jsonl(f_data, reference_logps(*policy(), build_dataset(prompts, gens, mats, cfg),
-                                                                 cfg, device)), lambda: len(read_jsonl(f_data)))
+    stage("dataset", lambda: write_jsonl(f_data, reference_logps(*policy(), build_dataset(
+        prompts, gens, mats, cfg, logits), cfg, device, hashes(model_dir))), lambda: len(read_jsonl(f_data)))
     rows = read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_t(y|x) as the reference
-    check_dataset_sources(rows, gens, mats, cfg, f_data)
+    check_dataset_sources(rows, gens, mats, cfg, f_data, logits)
     if cfg.stop_after == "dataset":
         return None
 
@@ -983,7 +1137,7 @@ def run(cfg, oracle=None):
                           else f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle): run sppo_toy.py")
     hashes = Hashes(out)
     oracle_id = (oracle.identity() if hasattr(oracle, "identity") else type(oracle).__name__) if oracle else \
-        {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode}
+        pairrm_id(cfg, hashes)
     stale = check_run(cfg, prompts, oracle_id, hashes)
     if stale and cfg.restart_from is None:
         raise stale[1]

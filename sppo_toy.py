@@ -169,8 +169,10 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
     Each iteration samples `groups` x K responses from pi_t, estimates P-hat(y_k > pi_t) from the K x K block
     (Eq. 4.5), and minimises the mean of sppo_loss over the samples by L-BFGS from pi_t:
     log_z="half" uses the constant eta/2 (Eq. 4.6), "exact" the exact log Z_{pi_t} at step eta (Eq. 4.2,
-    hedge_toy), a number that constant (e.g. App. A's ordered value log((e^eta - 1)/eta)). With
-    K -> inf and groups -> inf both approach Hedge; finite K shrinks the step to eta (K-1)/K (the self-term 1/2).
+    hedge_toy), a number that constant (e.g. App. A's ordered value log((e^eta - 1)/eta)). With K -> inf and
+    groups -> inf, "exact" approaches the Hedge step; "half" does NOT: eta/2 is not log Z_{pi_t}, and a normalised
+    policy cannot absorb the difference, so the least-squares fit is another step (App. A: eta/2 is a baseline,
+    not an estimate). Finite K also shrinks the step to eta (K-1)/K (the self-term 1/2 of P-hat).
     """
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):

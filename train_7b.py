@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -213,13 +214,14 @@ def check_batch_sizes(cfg, world):
     return cfg.global_batch // (cfg.micro_batch * world)
 
 
-def rank_micro_batches(idx, rank, world, micro):
-    """This rank's contiguous share of one global batch `idx`, cut into micro-batches. Every rank gets the same
-    number of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP
-    collectives; a short last batch of an epoch leaves some ranks with less or no data."""
-    per = math.ceil(len(idx) / world)
+def rank_micro_batches(idx, rank, world, micro, group=1):
+    """This rank's contiguous share of one global batch `idx` (row indices, in units of `group` rows: a pair stays
+    on one rank and in one micro-batch of `micro` units), cut into micro-batches. Every rank gets the same number
+    of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP collectives; a
+    short last batch of an epoch leaves some ranks with less or no data."""
+    per = math.ceil(len(idx) / group / world) * group
     mine = idx[rank * per:(rank + 1) * per]
-    return [mine[j:j + micro] or None for j in range(0, per, micro)]
+    return [mine[j:j + micro * group] or None for j in range(0, per, micro * group)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,15 +291,15 @@ def build_model(cfg, d):
 # ----------------------------------------------------------------------------------------------------------------
 # pi_ref = pi_t: log pi_t(y|x) for the whole dataset, computed once by the policy before step 1, sharded over ranks.
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, schedule, cfg, d):
+def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     """sppo.sequence_logps of every pair under the unchanged policy, in the micro-batches that the first epoch's
     training steps form (rank_micro_batches of schedule): the same rows padded together, the same precision (the
     FSDP policy itself, bf16 on GPU), so at the first visit of a row log pi_theta/pi_ref starts at exactly 0. Later
     epochs batch rows differently: on GPU a row's bf16 log-prob there can differ from pi_ref's by rounding."""
     out = {}
     model.eval()
-    for idx in schedule[:math.ceil(len(pairs) / cfg.global_batch)]:                 # epoch 1 covers every row once
-        for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch):
+    for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
+        for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
             b = sppo.collate([pairs[i] for i in mb or idx[:1]], pad_id)          # a stand-in keeps ranks in step
             out.update(zip(mb or [], sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
@@ -307,17 +309,23 @@ def reference_logps(model, pairs, pad_id, schedule, cfg, d):
     return [merged[i] for i in range(len(pairs))]
 
 
-def reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data_path):
-    """ref_logp per row: the dataset's own (sppo.py wrote them; --ref-logp auto on CPU only), or OUT/ref_logp.json
-    when it was made for this model, data, truncation and computation (dtype, device, batching: rank 0 decides), or
-    computed and cached there by rank 0, so a restart does not recompute them."""
+def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path, model_id):
+    """ref_logp per row: the dataset's own (--ref-logp auto on CPU only, and only when every row's ref_by shows it
+    was computed by this pi_t (`model_id`, its hash), in this dtype, with this truncation: sppo.py records it), or
+    OUT/ref_logp.json when it was made for this model, data, truncation and computation (dtype, device, batching:
+    rank 0 decides), or computed and cached there by rank 0, so a restart does not recompute them."""
+    dtype = str(mixed_precision(d.device).param_dtype or torch.float32).removeprefix("torch.")
+    mine = sppo.ref_by(cfg, model_id, dtype)
     if cfg.ref_logp == "auto" and d.device.type == "cpu" and all("ref_logp" in r for r in rows):
-        return [r["ref_logp"] for r in rows], "dataset"
+        if all(r.get("ref_by") == mine for r in rows):
+            return [r["ref_logp"] for r in rows], "dataset"
+        d.log(f"{data_path}: ref_logp made by {next(r.get('ref_by') for r in rows if r.get('ref_by') != mine)}, not "
+              f"by this policy ({mine}); recomputing")
     cache = Path(cfg.out) / "ref_logp.json"
     key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path), "max_length":
-           cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "device": d.device.type,
-           "dtype": str(mixed_precision(d.device).param_dtype or torch.float32).removeprefix("torch."),
-           "batching": {k: getattr(cfg, k) for k in ("global_batch", "micro_batch", "seed")} | {"world": d.world}}
+           cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
+           "device": d.device.type, "dtype": dtype, "batching": {k: getattr(cfg, k) for k in
+           ("global_batch", "micro_batch", "seed", "selection")} | {"world": d.world}}
     how = f"{key['dtype']} on {d.world} x {d.device.type}, in the training micro-batches of epoch 1"
 
     def cached():
@@ -329,7 +337,7 @@ def reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data_path):
     ref = d.decide(cached)
     if ref is not None:
         return ref, f"cache {cache} ({how})"
-    ref = reference_logps(model, pairs, pad_id, schedule, cfg, d)
+    ref = reference_logps(model, pairs, pad_id, schedule, group, cfg, d)
     if d.rank == 0:
         tmp = cache.with_name(cache.name + ".tmp")
         tmp.write_text(json.dumps({"key": key, "ref_logp": ref}))
@@ -344,13 +352,13 @@ def file_sha256(path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # One optimizer step of Eq. (4.7), split over ranks and micro-batches.
-def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro=None):
+def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, before_micro=None):
     """Same arithmetic as sppo.train_policy: sum of per-example losses / len(idx), summed over micro-batches
     (local accumulation) and ranks (reduce-scatter with SUM), then global-norm clipping, optimizer and LR step.
     before_micro: called before each micro-batch (--measure-memory resets the tracker's per-module stats)."""
     opt.zero_grad(set_to_none=True)
     stats = torch.zeros(4, dtype=torch.float64, device=d.device)   # [sum of losses, tokens, sum T_i^2, responses]
-    for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch):
+    for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
         if before_micro:
             before_micro()
         b = sppo.make_batch(pairs, rows, mb or idx[:1], pad_id, cfg, d.device)
@@ -366,9 +374,10 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, cfg, d, before_micro
     loss = stats[0].item() / len(idx)
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
         raise sppo.DivergedError(f"loss {loss}, grad norm {gnorm} is not finite; stopped before the update")
+    lr = sched.get_last_lr()[0]                                                       # the rate of this step
     opt.step()
     sched.step()
-    return {"loss": loss, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "tokens": int(stats[1]),
+    return {"loss": loss, "grad_norm": gnorm, "lr": lr, "tokens": int(stats[1]),
             "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
@@ -427,8 +436,9 @@ def save_checkpoint(state, out, keep, run_info, d):
     dist.barrier()
 
 
-RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay",
-                   "warmup_ratio", "max_grad_norm", "max_length", "max_prompt_length")
+RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "schedule_epochs", "selection", "seed", "eta", "log_z",
+                   "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "max_length",
+                   "max_prompt_length", "truncation")
 """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
 setting that changes the result. A changed one is refused, named, before the model is built."""
 
@@ -577,10 +587,12 @@ def print_plan(cfg):
     """The --plan table: every term, the total, and whether it fits in --gpu-gb."""
     config = model_config(cfg.plan)
     n = param_counts(config)[0]
-    plan = memory_plan(config, cfg.world, cfg.micro_batch, cfg.max_length, cfg.optimizer)
+    rows = cfg.micro_batch * (2 if cfg.selection == "pair" else 1)           # a pair is 2 sequences
+    plan = memory_plan(config, cfg.world, rows, cfg.max_length, cfg.optimizer)
     total = sum(plan.values())
     print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
-          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} x {cfg.max_length} tokens, "
+          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} "
+          f"{'pairs' if rows > cfg.micro_batch else 'rows'} = {rows} x {cfg.max_length} tokens, "
           f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
     for k, v in plan.items():
         print(f"  {k:<46} {v / 1e9:7.2f} GB")
@@ -629,8 +641,18 @@ def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
                          seed=sppo.sample_seed(cfg.seed, cfg.iteration, i) % 2 ** 31, skip_special_tokens=False)
           for i in indices]
     outs = llm.generate([{"prompt_token_ids": sppo.prompt_ids(tokenizer, p)} for p in prompts], sp)
-    return [{"responses": [c.text for c in o.outputs], "finished": [c.finish_reason == "stop" for c in o.outputs]}
-            for o in outs]
+    from transformers import GenerationConfig
+    gen_cfg = GenerationConfig.from_pretrained(model_dir) if (Path(model_dir) / "generation_config.json").is_file() \
+        else None
+    stop = set(sppo.eos_ids(SimpleNamespace(generation_config=gen_cfg), tokenizer))
+    gens = []
+    for o in outs:                                  # vLLM's token_ids end with the stop token when it stopped on one
+        cut = [c.finish_reason == "stop" and bool(c.token_ids) and c.token_ids[-1] in stop for c in o.outputs]
+        gens.append({"responses": [c.text for c in o.outputs],
+                     "finished": [c.finish_reason == "stop" for c in o.outputs],
+                     "token_ids": [list(c.token_ids[:len(c.token_ids) - e]) for c, e in zip(o.outputs, cut)],
+                     "stop_ids": [c.token_ids[-1] if e else None for c, e in zip(o.outputs, cut)]})
+    return gens
 
 
 def stage_prompts(cfg):
@@ -671,14 +693,15 @@ def stage_rank(cfg, d, out):
     mine = list(range(d.rank, len(gens), d.world))
     oracle = sppo.make_oracle(cfg, d.device)
     xs = sppo.oracle_prompts([prompts[i] for i in mine], cfg, cfg.model)             # --oracle-prompt raw/templated
-    mats = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
+    mats, logits = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
     del oracle
     free_device_memory(d.device)
-    P = gather_to_rank0(dict(zip(mine, mats)), d)
+    P = gather_to_rank0(dict(zip(mine, zip(mats, logits or [None] * len(mats)))), d)
     if d.rank == 0:
-        mats = [P[i] for i in range(len(gens))]
-        sppo.write_preferences(out / "preferences.jsonl", mats)
-        sppo.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg))
+        mats, logits = [P[i][0] for i in range(len(gens))], [P[i][1] for i in range(len(gens))]
+        logits = None if logits[0] is None else logits
+        sppo.write_preferences(out / "preferences.jsonl", mats, logits)
+        sppo.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg, logits))
     d.barrier("ranking")
 
 
@@ -696,20 +719,20 @@ def train(cfg, d):
     tok = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
-    schedule = sppo.batch_schedule(len(rows), cfg.global_batch, cfg.epochs, cfg.seed)
-    run_info = {"model": d.decide(lambda: sppo.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data), "total_steps": len(schedule),
-                **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
+    schedule, total, group = sppo.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
+    run_info = {"model": d.decide(lambda: sppo.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
+                "total_steps": len(schedule), **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
     saved = d.decide(lambda: check_run_info(ckpt, run_info)) if ckpt else None     # before the model is built
-    d.log(f"{data}: {len(rows)} rows; {n_cut} truncated (prompt keeps its last {cfg.max_prompt_length} tokens, "
-          f"response its first max_length - prompt = up to {cfg.max_length}); none skipped")
+    d.log(f"{data}: {len(rows)} rows; {n_cut} truncated ({cfg.truncation} rule, max_length {cfg.max_length}, "
+          f"max_prompt_length {cfg.max_prompt_length}); none skipped")
     model = build_model(cfg, d)                                       # meta -> AC -> fully_shard -> pi_t
-    ref, source = reference_for(model, rows, pairs, pad_id, schedule, cfg, d, data)
+    ref, source = reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data, run_info["model"])
     for r, lp in zip(rows, ref):
         r["ref_logp"] = lp
     sppo.check_dataset(rows, data)
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
     opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
-    sched = sppo.make_scheduler(opt, len(schedule), cfg.warmup_ratio)
+    sched = sppo.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
     state = TrainState(model, opt, sched, d)
     if ckpt:
         load_checkpoint(state, ckpt, saved, d)
@@ -722,8 +745,9 @@ def train(cfg, d):
     if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
         old = sppo.read_jsonl(metrics_path) if metrics_path.is_file() else []
         sppo.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
-    d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps of "
-          f"{cfg.global_batch} = {cfg.micro_batch} x {accumulation} x {d.world}; optimizer {cfg.optimizer}; "
+    d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps (LR schedule "
+          f"{total}) of {cfg.global_batch} {'pairs' if group == 2 else 'rows'} = {cfg.micro_batch} x {accumulation} x "
+          f"{d.world}; optimizer {cfg.optimizer}; "
           f"collective timeout {d.timeout.total_seconds():.0f} s; deterministic algorithms {cfg.deterministic}")
     model.train()
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
@@ -731,7 +755,7 @@ def train(cfg, d):
         tracker = start_memory_tracker(model, opt) if step == measure_at else None
         sync(d.device, reset_peak=True)
         t0 = time.perf_counter()
-        m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, cfg, d,
+        m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, group, cfg, d,
                        tracker.reset_mod_stats if tracker is not None else None)
         sync(d.device)
         dt = time.perf_counter() - t0
@@ -780,7 +804,8 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
     snap = tracker.get_tracker_snapshot("peak")[d.device]
     measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
     if d.rank == 0:
-        plan = memory_plan(config, d.world, cfg.micro_batch, seq_len, cfg.optimizer,
+        plan = memory_plan(config, d.world, cfg.micro_batch * (2 if cfg.selection == "pair" else 1), seq_len,
+                           cfg.optimizer,
                            compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
         (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))
 
@@ -840,7 +865,7 @@ def run(cfg):
         hashes, prompts = sppo.Hashes(out), stage_prompts(cfg)
 
         def key(stage):                                   # on rank 0 only: OUT/hashes.json has one writer
-            oracle_id = {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode} if cfg.pairrm else None
+            oracle_id = sppo.pairrm_id(cfg, hashes) if cfg.pairrm else None
             return sppo.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
 
         def done(stage):                                  # rank 0 reads the files and decides for all ranks

@@ -208,7 +208,7 @@ def test_diverged_loss_stops_and_keeps_weights(tiny):
     rows = [{"prompt_id": 0, "prompt": "play rps", "response": "rock", "finished": True, "win_prob": 0.5,
              "ref_logp": 1e30}]
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, lr=1e-3, progress=False)
+    cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, lr=1e-3, selection="all", progress=False)
     with pytest.raises(sppo.DivergedError, match="not finite"):
         sppo.train_policy(model, tok, rows, cfg)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -252,13 +252,17 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
     for g, p in zip(gens, prefs):                                     # one prompt at a time, as the reference
         want = ranker.preference_matrix(g["prompt"], g["responses"], mode="pairwise").double().numpy()
         np.testing.assert_allclose(np.array(p["P"]), want, atol=1e-6)
+        M = ranker.logit_matrices([g["prompt"]], [g["responses"]])[0].double().numpy()    # kept for selection
+        np.testing.assert_allclose(np.array(p["logits"]), M, atol=1e-5)
     # the next stages run from these files: D_t keeps the winner and loser of each prompt
     assert sppo.main(args[:-3] + ["--stop-after", "dataset", "--no-progress"]) == 0
     rows = sppo.read_jsonl(out / "iter0" / "dataset.jsonl")
     assert [r["role"] for r in rows] == ["winner", "loser"] * 3
-    for r in rows:
-        wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))
-        assert r["win_prob"] == pytest.approx(wp[r["k"]]) and wp.max() == pytest.approx(wp[rows[2 * r["prompt_id"]]["k"]])
+    for r in rows:                                                    # P-hat: Eq. (4.5); the pair: s_PairRM's
+        wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))     # argmax / argmin (Sec. 5.1)
+        s = pairrm.scores_from_logits(torch.tensor(prefs[r["prompt_id"]]["logits"])).numpy()
+        assert r["win_prob"] == pytest.approx(wp[r["k"]])
+        assert s[r["k"]] == (s.max() if r["role"] == "winner" else s.min())
 
 
 
@@ -402,8 +406,13 @@ def test_iteration_prompts_are_disjoint_slices():
 
 def test_readers_refuse_files_of_other_prompts(tmp_path):
     prompts = ["a", "b", "c"]
-    gens = [{"responses": ["x", "y"], "finished": [True, False]}] * 3
+    old = [{"responses": ["x", "y"], "finished": [True, False]}] * 3
     f = tmp_path / "generations.jsonl"
+    sppo.write_generations(f, prompts, old)                          # an older run's file: texts without token ids
+    with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:1: missing field 'token_ids' \(written before "
+                       r"sampled token ids were stored: --restart-from generate\)"):
+        sppo.read_generations(f, prompts, K=2)
+    gens = [dict(g, token_ids=[[5], [6, 7]], stop_ids=[2, None]) for g in old]
     sppo.write_generations(f, prompts, gens)
     assert [g["prompt"] for g in sppo.read_generations(f, prompts, K=2)] == prompts
     with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:2: expected prompt 1"):

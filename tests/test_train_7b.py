@@ -33,7 +33,10 @@ import train_7b
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-TRAIN = dict(global_batch=8, micro_batch=2, lr=1e-4, max_length=48, max_prompt_length=16, optimizer="rmsprop")
+TRAIN = dict(global_batch=4, micro_batch=1, seed=40, lr=1e-4, max_length=48, max_prompt_length=16, optimizer="rmsprop")
+"""seed 40: in step 2 (the one --measure-memory tracks) the long row's pair is rank 0's LAST micro-batch, so the
+peak comes with every gradient shard present and two units in flight, the moment memory_plan accounts for (with
+the pair first, the peak falls inside the first backward, with about half the gradient shards)."""
 LOSS_RTOL, PARAM_ATOL = 1e-6, 0.2 * TRAIN["lr"]
 
 
@@ -184,7 +187,8 @@ def test_memory_plan_matches_measured_tiny(world, llama_run):
     in_flight = measured["Unsharded Param"] + measured["All Gather"]             # root + current + prefetched unit
     assert abs(in_flight - plan["unsharded params: root + 2 units in flight"]) <= 0.02 * in_flight
     kept = plan["activations: layer inputs kept (L B T d)"]
-    assert 0.5 * kept <= measured["Activation"] <= 1.5 * kept
+    saved_logits = plan["logits (2 copies) + fp32 log-softmax saved"]             # autograd keeps these too
+    assert 0.5 * kept <= measured["Activation"] <= kept + saved_logits
     assert measured["Total"] <= sum(plan.values())                              # the plan is an upper bound
 
 
@@ -284,7 +288,7 @@ def test_stage_all_runs_one_iteration(world, tmp_path):
     rm = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm")
     out = tmp_path / "iter0"
     run = flags(stage="all", model=world["llama"], prompts=prompts, pairrm=rm, out=out, K=2, max_new_tokens=4,
-                gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 4})
+                gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 2})
     p = torchrun(*run, "--collective-timeout-s", "77")
     assert "collective timeout 77 s" in p.stdout
     gens = sppo.read_jsonl(out / "generations.jsonl")
@@ -296,7 +300,7 @@ def test_stage_all_runs_one_iteration(world, tmp_path):
     one = tmp_path / "one"
     assert sppo.main(["--model", world["llama"], "--prompts", str(prompts), "--pairrm", rm, "--out", str(one), "--K", "2",
                       "--max-new-tokens", "4", "--gen-batch", "2", "--iterations", "1", "--stop-after", "generate",
-                      "--no-progress"]) == 0
+                      "--seed", str(TRAIN["seed"]), "--no-progress"]) == 0
     assert (one / "iter0" / "generations.jsonl").read_bytes() == (out / "generations.jsonl").read_bytes()
     # generations made with another K are refused at once, named, never reused (and nothing is rewritten)
     before = (out / "generations.jsonl").read_bytes()
@@ -340,7 +344,7 @@ def test_reference_logps_record_how_they_were_computed(llama_run):
     out, log = llama_run
     key = json.loads((out / "ref_logp.json").read_text())["key"]
     assert (key["dtype"], key["device"]) == ("float32", "cpu")
-    assert key["batching"] == {"global_batch": 8, "micro_batch": 2, "seed": 42, "world": 2}
+    assert key["batching"] == {"global_batch": 4, "micro_batch": 1, "seed": 40, "selection": "pair", "world": 2}
     assert "computed with pi_t (float32 on 2 x cpu, in the training micro-batches of epoch 1)" in log
     m = sppo.read_jsonl(out / "metrics.jsonl")[0]
     assert m["mfu"] is None and m["peak_memory_gb"] > 0 and 0 < m["response_tokens"] < m["tokens"]
