@@ -145,7 +145,7 @@ def exact_policy(model, tokenizer, prompt, responses):
 
 def warm_start(model, tokenizer, targets, steps=300, lr=1e-2):
     """Fit pi_0(.|x) to a target distribution over well-formed responses: min -sum_y q(y|x) log pi(y|x)."""
-    prompts, pairs, weights = [], [], []
+    pairs, weights = [], []
     for x, (ys, q) in targets.items():
         for y, w in zip(ys, q):
             pairs.append(sppo.encode_example(tokenizer, x, y, True, 10 ** 6, 10 ** 6)[:2])
