@@ -25,6 +25,7 @@ from transformers.hf_argparser import HfArg
 
 import hedge_toy
 import pairrm
+import runs
 import sppo
 
 
@@ -63,7 +64,7 @@ def arena_responses(model_dirs, prompts, cfg, ranker=None, best_of=1, device="cp
         raise ValueError(f"best_of={best_of} needs a PairRM ranker to pick the best sample")
     out = []
     for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
-        model, tok = sppo.load_policy(d, cfg, device)
+        model, tok = runs.load_policy(d, cfg, device)
         out.append(best_of_n(ranker, prompts, sppo.generate_responses(model, tok, prompts, dataclasses.replace(
             cfg, K=best_of), 0, device)) if best_of > 1 else sppo.answers(model, tok, prompts, cfg, device))
     return out
@@ -112,16 +113,16 @@ class ArenaConfig:
 
 
 def main(argv=None):
-    cfg = sppo.parse_config(ArenaConfig, argv, description=__doc__.split("\n")[0])
-    return sppo.user_errors("arena.py", lambda: arena(cfg))
+    cfg = runs.parse_config(ArenaConfig, argv, description=__doc__.split("\n")[0])
+    return runs.user_errors("arena.py", lambda: arena(cfg))
 
 
 def arena(cfg):
     """The CLI's work: responses from every policy, PairRM's win-rate matrix with s.e., the table and heatmap."""
     if len(cfg.models) < 2 or not cfg.prompts or not cfg.pairrm:
-        raise sppo.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR")
-    device = sppo.resolve_device(cfg.device)
-    prompts = sppo.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
+        raise runs.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR")
+    device = runs.resolve_device(cfg.device)
+    prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
     ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
     gen = sppo.SPPOConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           gen_batch=cfg.gen_batch, seed=cfg.seed, dtype=cfg.dtype, progress=cfg.progress)

@@ -43,6 +43,7 @@ from transformers.hf_argparser import HfArg
 
 import hedge_toy
 import pairrm
+import runs
 import sppo
 import sppo_toy
 import train_7b
@@ -139,7 +140,7 @@ def bench_train(rows=256, hidden=64, layers=2, repeats=3):
     with tempfile.TemporaryDirectory() as tmp:
         d = sppo_toy.build_tiny_policy(f"{tmp}/m", hidden=hidden, layers=layers)
         cfg = sppo.SPPOConfig(global_batch=64, micro_batch=16, epochs=1, lr=1e-4, progress=False)
-        model, tok = sppo.load_policy(d, cfg, "cpu")
+        model, tok = runs.load_policy(d, cfg, "cpu")
         data = [dict(r, ref_logp=-5.0) for r in sppo_toy.synthetic_dataset(rows, seed=0)]
         tokens = sum(len(p) + len(r) for p, r in sppo.encode_rows(tok, data, cfg)[0])
         t = interleaved({"train": lambda: sppo.train_policy(model, tok, data, cfg, "cpu")}, repeats)
@@ -155,7 +156,7 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
     model_dir = sppo_toy.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
     data = work / "data.jsonl"
-    sppo.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1))
+    runs.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1))
     flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
                  max_prompt_length=16, lr=1e-4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -165,11 +166,11 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    fsdp = [m["tokens_per_s"] for m in sppo.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
+    fsdp = [m["tokens_per_s"] for m in runs.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
     cfg = sppo.SPPOConfig(**flags, progress=False)
-    model, tok = sppo.load_policy(model_dir, cfg, "cpu")
+    model, tok = runs.load_policy(model_dir, cfg, "cpu")
     ref = json.loads((work / "fsdp" / "ref_logp.json").read_text())["ref_logp"]    # cached by train_7b.py
-    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(data), ref)]
+    ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(data), ref)]
     single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
     return {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
             "activation_checkpointing": activation_checkpointing, "steps": len(fsdp) + 3,
@@ -199,7 +200,7 @@ def build_sized_policy(out_dir, size, seed=0):
     config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    sppo.save_policy(LlamaForCausalLM(config), tok, out_dir)
+    runs.save_policy(LlamaForCausalLM(config), tok, out_dir)
     return str(out_dir)
 
 
@@ -213,7 +214,7 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_model_"))
     model_dir = build_sized_policy(work / "model", size)
     data = work / "data.jsonl"
-    sppo.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1, words=words))
+    runs.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1, words=words))
     world = torch.cuda.device_count() or 2
     flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=1, max_length=max_length,
                  max_prompt_length=16, lr=1e-6, save_every=10 ** 6)
@@ -229,7 +230,7 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
         return time.perf_counter() - t0
 
     wall = launch(work / "timed", "--measure-memory")
-    steps = sppo.read_jsonl(work / "timed" / "metrics.jsonl")
+    steps = runs.read_jsonl(work / "timed" / "metrics.jsonl")
     summary = json.loads((work / "timed" / "summary.json").read_text())
     memory = json.loads((work / "timed" / "memory.json").read_text())
     launch(work / "det", "--deterministic")
@@ -252,7 +253,7 @@ def fmt(r, unit):
 
 
 def main(argv=None):
-    cfg = sppo.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    cfg = runs.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
     q, reps = cfg.quick, (2 if cfg.quick else cfg.repeats)
     torch.set_num_threads(1)                                       # tiny models: one thread is fastest and stable
     from transformers.utils import logging as hf_logging

@@ -30,6 +30,7 @@ from transformers.hf_argparser import HfArg
 
 import arena
 import hedge_toy
+import runs
 import sppo
 
 
@@ -107,14 +108,14 @@ def build_tiny_policy(out_dir, arch="llama", vocab=DEMO_VOCAB, hidden=32, layers
                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Model(config)
-    sppo.save_policy(model, tokenizer, out_dir)
+    runs.save_policy(model, tokenizer, out_dir)
     return str(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Synthetic D_t over the demo vocabulary, for the tests, bench.py and train_7b checks.
 def synthetic_dataset(n, seed=0, long_rows=0, words=12):
-    """n rows in sppo.DATASET_FIELDS without ref_logp, over the demo's vocabulary (for tests and bench.py). The first
+    """n rows in runs.DATASET_FIELDS without ref_logp, over the demo's vocabulary (for tests and bench.py). The first
     `long_rows` responses are 100 words long, to exercise truncation."""
     g = torch.Generator().manual_seed(seed)
     vocab = ["rock", "paper", "scissors", "big", "sharp", "lizard", "spock"]
@@ -244,7 +245,7 @@ def demo_metrics(cfg, games, model_dirs):
     oracle = GameOracle(games)
     pis = {x: [] for x in games}
     for d in model_dirs:
-        model, tok = sppo.load_policy(d, cfg, "cpu")
+        model, tok = runs.load_policy(d, cfg, "cpu")
         for x, (_, ys) in games.items():
             pis[x].append(exact_policy(model, tok, x, ys))
     avg = lambda p: np.cumsum(p, 0) / np.arange(1, len(p) + 1)[:, None]                 # noqa: E731, pi-bar_t
@@ -302,11 +303,11 @@ def demo(cfg):
     pi0 = out / "pi0"
     if not (pi0 / "config.json").exists():
         build_tiny_policy(out / "pi0.init", seed=cfg.seed)
-        model, tok = sppo.load_policy(out / "pi0.init", cfg, "cpu")
+        model, tok = runs.load_policy(out / "pi0.init", cfg, "cpu")
         warm_start(model, tok, {x: (games[x][1], DEMO_START[x]) for x in games})
-        sppo.save_policy(model, tok, pi0)
+        runs.save_policy(model, tok, pi0)
         shutil.rmtree(out / "pi0.init")
-    sppo.write_jsonl(out / "prompts.jsonl", ({"prompt": x} for x in games for _ in range(cfg.groups)))
+    runs.write_jsonl(out / "prompts.jsonl", ({"prompt": x} for x in games for _ in range(cfg.groups)))
     cfg = dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
     if sppo.run(cfg, oracle=GameOracle(games)) is None:
         return None
@@ -336,11 +337,11 @@ def demo(cfg):
 
 
 def main(argv=None):
-    cfg = sppo.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
+    cfg = runs.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
     t0 = time.perf_counter()
-    metrics = sppo.user_errors("sppo_toy.py", lambda: demo(cfg))
+    metrics = runs.user_errors("sppo_toy.py", lambda: demo(cfg))
     if metrics == 2:
         return 2
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")

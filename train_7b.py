@@ -56,6 +56,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers.hf_argparser import HfArg
 
+import runs
 import sppo
 
 # Published configs (config.json of the hub repos), so --plan needs no download.
@@ -75,7 +76,7 @@ class TrainConfig(sppo.SPPOConfig):
     model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral).")
     out: str = HfArg(default="runs/train_7b", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
                      "model/ (a filesystem every node sees).")
-    data: str | None = HfArg(default=None, help="D_t as JSONL in sppo.DATASET_FIELDS (sppo.py's dataset.jsonl; "
+    data: str | None = HfArg(default=None, help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's dataset.jsonl; "
                              "ref_logp optional). Default: OUT/dataset.jsonl.")
     stage: Literal["generate", "rank", "train", "all"] = HfArg(default="train", help="`all` = one whole Algorithm-1 "
                                                                "iteration; finished stages are skipped.")
@@ -200,8 +201,8 @@ def shutdown():
 # ----------------------------------------------------------------------------------------------------------------
 # Data: sppo.py's schema, with errors that name the file, the record and the field.
 def load_dataset(path, cfg):
-    """Rows of D_t (sppo.read_dataset): ref_logp optional (then computed from pi_t); log_z when --log-z estimate."""
-    return sppo.read_dataset(path, need_ref=False, need_log_z=cfg.log_z == "estimate")
+    """Rows of D_t (runs.read_dataset): ref_logp optional (then computed from pi_t); log_z when --log-z estimate."""
+    return runs.read_dataset(path, need_ref=False, need_log_z=cfg.log_z == "estimate")
 
 
 def check_batch_sizes(cfg, world):
@@ -448,7 +449,7 @@ def check_run_info(path, run_info):
     saved = json.loads((path / "run.json").read_text())
     for k, v in run_info.items():
         if saved.get(k) != v:
-            raise sppo.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
+            raise runs.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
                                      f"resume with the original settings or use a new --out")
     return saved
 
@@ -477,7 +478,7 @@ def export_model(model, tokenizer, src, out, bf16, d):
             hf.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
             if (Path(src) / "generation_config.json").is_file():
                 hf.generation_config = GenerationConfig.from_pretrained(src)
-            sppo.save_policy(hf, tokenizer, out / name)
+            runs.save_policy(hf, tokenizer, out / name)
     del full
     dist.barrier()
     return frac
@@ -621,12 +622,12 @@ def free_device_memory(device):
 def load_replica(path, cfg, device):
     """A full generation replica. On GPU straight onto this rank's device (device_map; needs accelerate, see
     requirements-gpu.txt), so 8 ranks never hold 8 host copies of pi_t at once (~116 GB at 7B). On CPU (or without
-    accelerate) sppo.load_policy: load on the host, then move."""
+    accelerate) runs.load_policy: load on the host, then move."""
     if device.type == "cuda" and importlib.util.find_spec("accelerate"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         return (AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), device_map={"": device}),
                 AutoTokenizer.from_pretrained(path))
-    return sppo.load_policy(path, cfg, device)
+    return runs.load_policy(path, cfg, device)
 
 
 def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
@@ -657,7 +658,7 @@ def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
 
 def stage_prompts(cfg):
     """The prompts of iteration cfg.iteration, sliced as sppo.py slices them."""
-    return sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+    return runs.iteration_prompts(runs.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
 
 
 def stage_generate(cfg, d, out):
@@ -681,7 +682,7 @@ def stage_generate(cfg, d, out):
     free_device_memory(d.device)
     gens = gather_to_rank0(dict(zip(mine, gens)), d)
     if d.rank == 0:
-        sppo.write_generations(out / "generations.jsonl", prompts, [gens[i] for i in range(len(prompts))])
+        runs.write_generations(out / "generations.jsonl", prompts, [gens[i] for i in range(len(prompts))])
     d.barrier("generation")
 
 
@@ -689,7 +690,7 @@ def stage_rank(cfg, d, out):
     """Steps 2-3: each rank fills the K x K matrices of its prompts with the oracle (PairRM, sppo.make_oracle);
     rank 0 writes OUT/preferences.jsonl and D_t = OUT/dataset.jsonl (sppo.build_dataset; ref_logp comes later)."""
     prompts = stage_prompts(cfg)
-    gens = sppo.read_generations(out / "generations.jsonl", prompts, cfg.K)
+    gens = runs.read_generations(out / "generations.jsonl", prompts, cfg.K)
     mine = list(range(d.rank, len(gens), d.world))
     oracle = sppo.make_oracle(cfg, d.device)
     xs = sppo.oracle_prompts([prompts[i] for i in mine], cfg, cfg.model)             # --oracle-prompt raw/templated
@@ -700,8 +701,8 @@ def stage_rank(cfg, d, out):
     if d.rank == 0:
         mats, logits = [P[i][0] for i in range(len(gens))], [P[i][1] for i in range(len(gens))]
         logits = None if logits[0] is None else logits
-        sppo.write_preferences(out / "preferences.jsonl", mats, logits)
-        sppo.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg, logits))
+        runs.write_preferences(out / "preferences.jsonl", mats, logits)
+        runs.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg, logits))
     d.barrier("ranking")
 
 
@@ -714,13 +715,13 @@ def train(cfg, d):
     accumulation = check_batch_sizes(cfg, d.world)
     ckpt = d.decide(lambda: (checkpoints(out) or [None])[-1])         # rank 0 picks the checkpoint for all ranks
     if ckpt and not cfg.resume:
-        raise sppo.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
+        raise runs.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
     rows = load_dataset(data, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = sppo.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
     schedule, total, group = sppo.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
-    run_info = {"model": d.decide(lambda: sppo.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
+    run_info = {"model": d.decide(lambda: runs.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
                 "total_steps": len(schedule), **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
     saved = d.decide(lambda: check_run_info(ckpt, run_info)) if ckpt else None     # before the model is built
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated ({cfg.truncation} rule, max_length {cfg.max_length}, "
@@ -729,7 +730,7 @@ def train(cfg, d):
     ref, source = reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data, run_info["model"])
     for r, lp in zip(rows, ref):
         r["ref_logp"] = lp
-    sppo.check_dataset(rows, data)
+    runs.check_dataset(rows, data)
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
     opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
     sched = sppo.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
@@ -743,8 +744,8 @@ def train(cfg, d):
     peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     metrics_path = out / "metrics.jsonl"
     if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
-        old = sppo.read_jsonl(metrics_path) if metrics_path.is_file() else []
-        sppo.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
+        old = runs.read_jsonl(metrics_path) if metrics_path.is_file() else []
+        runs.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
     d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps (LR schedule "
           f"{total}) of {cfg.global_batch} {'pairs' if group == 2 else 'rows'} = {cfg.micro_batch} x {accumulation} x "
           f"{d.world}; optimizer {cfg.optimizer}; "
@@ -811,9 +812,9 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: sppo.parse_config, the one convention (every TrainConfig field is a flag; --config FILE; choices checked).
+# CLI: runs.parse_config, the one convention (every TrainConfig field is a flag; --config FILE; choices checked).
 def parse_args(argv=None):
-    cfg = sppo.parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
+    cfg = runs.parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
     for name, (default, why) in NOT_HERE.items():
         if getattr(cfg, name) != default:
             raise SystemExit(f"train_7b.py: --{name.replace('_', '-')} {getattr(cfg, name)}: not a setting of this "
@@ -824,26 +825,26 @@ def parse_args(argv=None):
 def validate(cfg):
     """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
     if cfg.model is None:
-        raise sppo.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
+        raise runs.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
     if cfg.gen_engine == "vllm" and cfg.stage != "generate":
-        raise sppo.ConfigError(f"--stage {cfg.stage} --gen-engine vllm: vLLM frees its GPU memory only when its process"
+        raise runs.ConfigError(f"--stage {cfg.stage} --gen-engine vllm: vLLM frees its GPU memory only when its process"
                                f" exits; run --stage generate --gen-engine vllm as its own torchrun call, then --stage "
                                f"rank and --stage train")
     if cfg.gen_engine == "vllm" and not importlib.util.find_spec("vllm"):
-        raise sppo.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
+        raise runs.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:
-            raise sppo.ConfigError(f"--stage {cfg.stage} needs {flag}")
+            raise runs.ConfigError(f"--stage {cfg.stage} needs {flag}")
     if cfg.stage == "train" and not Path(cfg.data or Path(cfg.out) / "dataset.jsonl").is_file():
-        raise sppo.ConfigError(f"--stage train: no dataset at {cfg.data or Path(cfg.out) / 'dataset.jsonl'}")
+        raise runs.ConfigError(f"--stage train: no dataset at {cfg.data or Path(cfg.out) / 'dataset.jsonl'}")
     if cfg.stage in ("generate", "all") and len(stage_prompts(cfg)) == 0:
-        raise sppo.ConfigError(f"--prompts {cfg.prompts}: no prompts for iteration {cfg.iteration}")
+        raise runs.ConfigError(f"--prompts {cfg.prompts}: no prompts for iteration {cfg.iteration}")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     if not os.access(cfg.out, os.W_OK):
-        raise sppo.ConfigError(f"--out {cfg.out}: not writable")
+        raise runs.ConfigError(f"--out {cfg.out}: not writable")
 
 
 def main(argv=None):
@@ -851,40 +852,40 @@ def main(argv=None):
     if cfg.plan:
         print_plan(cfg)
         return 0
-    return sppo.user_errors("train_7b.py", lambda: run(cfg))
+    return runs.user_errors("train_7b.py", lambda: run(cfg))
 
 
 def run(cfg):
     """Validate, then the stages of --stage in order. Generation and ranking (with D_t) are reused only when
-    OUT/manifest.json shows them made with these settings and inputs (sppo.Manifest, as sppo.py's run directory)."""
+    OUT/manifest.json shows them made with these settings and inputs (runs.Manifest, as sppo.py's run directory)."""
     validate(cfg)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     out = Path(cfg.out)
     if cfg.stage != "train":
-        hashes, prompts = sppo.Hashes(out), stage_prompts(cfg)
+        hashes, prompts = runs.Hashes(out), stage_prompts(cfg)
 
         def key(stage):                                   # on rank 0 only: OUT/hashes.json has one writer
             oracle_id = sppo.pairrm_id(cfg, hashes) if cfg.pairrm else None
-            return sppo.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
+            return runs.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
 
         def done(stage):                                  # rank 0 reads the files and decides for all ranks
-            return d.decide(lambda: sppo.Manifest(out).done(stage, key(stage), hashes))
+            return d.decide(lambda: runs.Manifest(out).done(stage, key(stage), hashes))
 
         def commit(*stages):                              # rank 0 records what it wrote, then all ranks meet
             if d.rank == 0:
                 for stage in stages:
-                    sppo.Manifest(out).commit(stage, key(stage), hashes, len(prompts))
+                    runs.Manifest(out).commit(stage, key(stage), hashes, len(prompts))
             d.barrier(f"the {'/'.join(stages)} record")
         if cfg.stage in ("generate", "all") and os.environ.get("RANK", "0") == "0":   # stale files: refused now,
-            sppo.Manifest(out).done("generate", key("generate"), hashes)             # before the process group
+            runs.Manifest(out).done("generate", key("generate"), hashes)             # before the process group
     d = init_distributed(cfg.collective_timeout_s, cfg.deterministic)
     if cfg.stage in ("generate", "all") and not done("generate"):
         stage_generate(cfg, d, out)
         commit("generate")
     if cfg.stage in ("rank", "all"):
         if not done("generate"):
-            raise sppo.ArtifactError(f"{out / 'generations.jsonl'}: not recorded in {out / 'manifest.json'}; "
+            raise runs.ArtifactError(f"{out / 'generations.jsonl'}: not recorded in {out / 'manifest.json'}; "
                                      f"run --stage generate first")
         if not (done("rank") and done("dataset")):
             stage_rank(cfg, d, out)

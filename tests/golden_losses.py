@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runs  # noqa: E402
 import sppo  # noqa: E402
 import sppo_toy  # noqa: E402
 
@@ -33,7 +34,7 @@ def make_world(root):
     """The tiny model and D_t of the golden run under `root`. Returns (model_dir, dataset_path)."""
     model_dir = sppo_toy.build_tiny_policy(Path(root) / "llama", arch="llama", seed=3)
     data = Path(root) / "data" / "dataset.jsonl"
-    sppo.write_jsonl(data, sppo_toy.synthetic_dataset(24, seed=1, long_rows=1))
+    runs.write_jsonl(data, sppo_toy.synthetic_dataset(24, seed=1, long_rows=1))
     return model_dir, data
 
 
@@ -44,8 +45,8 @@ def single_process_losses():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = make_world(tmp)
         cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, progress=False)
-        model, tok = sppo.load_policy(model_dir, cfg, "cpu")
-        rows = sppo.reference_logps(model, tok, sppo.read_dataset(data, need_ref=False), cfg)
+        model, tok = runs.load_policy(model_dir, cfg, "cpu")
+        rows = sppo.reference_logps(model, tok, runs.read_dataset(data, need_ref=False), cfg)
         return [h["loss"] for h in sppo.train_policy(model, tok, rows, cfg, "cpu")]
 
 
@@ -62,7 +63,7 @@ def two_rank_losses():
                str(ROOT / "train_7b.py"), *train_7b_args(model_dir, data, Path(tmp) / "out")]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={"OMP_NUM_THREADS": "1",
                                                                             **__import__("os").environ})
-        return [m["loss"] for m in sppo.read_jsonl(Path(tmp) / "out" / "metrics.jsonl")]
+        return [m["loss"] for m in runs.read_jsonl(Path(tmp) / "out" / "metrics.jsonl")]
 
 
 def main():

@@ -11,6 +11,7 @@ import torch
 
 import arena
 import hedge_toy
+import runs
 import sppo
 import sppo_toy
 
@@ -62,7 +63,7 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     pol = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
     rm = pairrm.save_tiny_random_checkpoint(tmp_path / "rm", seed=1)
     prompts = tmp_path / "p.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
+    runs.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
     cfg = sppo.SPPOConfig(max_new_tokens=3, seed=5, progress=False)
     r1, r2 = arena.arena_responses([pol, pol], ["play rps", "rock paper"], cfg)
     assert r1 == r2 and len(r1) == 2

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pairrm
+import runs
 import sppo
 import sppo_toy
 import train_7b
@@ -52,7 +53,7 @@ def test_estimate_from_the_pair_is_sec_5_3_k2():
     assert lz == pytest.approx(math.log((math.exp(3 * 0.65) + math.exp(3 * 0.35)) / 2))     # Eq. (4.5), K = 2
     keep_all, _ = sppo.kept_rows(P, dataclasses.replace(cfg, estimate_from="all"))
     assert [p for _, _, p in keep_all] == pytest.approx([2.2 / 3, 1.1 / 3])                 # all K = 3
-    with pytest.raises(sppo.ConfigError, match="estimate-from"):
+    with pytest.raises(runs.ConfigError, match="estimate-from"):
         sppo.validate_config(sppo.SPPOConfig(selection="all", estimate_from="pair"))
 
 
@@ -91,7 +92,7 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
             shares = [mb for r in range(world) for mb in train_7b.rank_micro_batches(s, r, world, 2, 2) if mb]
             assert sorted(i for mb in shares for i in mb) == sorted(s)
             assert all(sorted(mb) == sorted({i // 2 * 2 + j for i in mb for j in (0, 1)}) for mb in shares)
-    with pytest.raises(sppo.ArtifactError, match="record 3: --selection pair needs rows in pairs"):
+    with pytest.raises(runs.ArtifactError, match="record 3: --selection pair needs rows in pairs"):
         sppo.train_schedule(rows[:2] + rows[3:], cfg)
 
 
@@ -104,14 +105,14 @@ def test_lr_at_the_end_of_epoch_1_of_an_18_epoch_schedule(tiny_llama):
     assert len(history) == 10
     assert history[-1]["lr"] == pytest.approx(5e-7 * 10 / 18, rel=1e-12)                   # 2.78e-7
     assert history[0]["lr"] == pytest.approx(5e-7 / 18, rel=1e-12)
-    with pytest.raises(sppo.ConfigError, match="schedule-epochs 1: must be >= --epochs 2"):
+    with pytest.raises(runs.ConfigError, match="schedule-epochs 1: must be >= --epochs 2"):
         sppo.validate_config(sppo.SPPOConfig(epochs=2, schedule_epochs=1))
 
 
 @pytest.fixture
 def tiny_llama(tmp_path):
     d = sppo_toy.build_tiny_policy(tmp_path / "llama", seed=0)
-    return sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    return runs.load_policy(d, sppo.SPPOConfig(), "cpu")
 
 
 # ------------------------------------------------------------------------------------------- 6. truncation
@@ -177,8 +178,8 @@ def bpe_policy(tmp_path_factory):
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=64, pad_token_id=0, eos_token_id=[2, 3]))
     d = tmp_path_factory.mktemp("bpe") / "model"
-    sppo.save_policy(model, tok, d)
-    return sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    runs.save_policy(model, tok, d)
+    return runs.load_policy(d, sppo.SPPOConfig(), "cpu")
 
 
 def test_log_probs_are_on_the_sampled_ids_not_the_retokenised_text(bpe_policy):
@@ -229,7 +230,7 @@ def test_recipe_runs_end_to_end(recipe, tmp_path):
     d = sppo_toy.build_tiny_policy(tmp_path / "llama", seed=0)
     rm_dir = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm", layout="PairRM-hf", seed=0)
     prompts = tmp_path / "p.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
+    runs.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
     out = tmp_path / "run"
     args = ["--config", str(ROOT / "recipes" / f"{recipe}.yaml"), "--model", str(d), "--prompts", str(prompts),
             "--pairrm", str(rm_dir), "--iterations", "1", "--K", "3", "--max-new-tokens", "4", "--max-length", "40",
@@ -240,8 +241,8 @@ def test_recipe_runs_end_to_end(recipe, tmp_path):
     assert (cfg["temperature"], cfg["pairrm_mode"], cfg["truncation"]) == (
         (1.0, "pairwise", "ours") if recipe == "paper" else (0.7, "official", "released"))
     assert cfg["schedule_epochs"] == (18 if recipe == "paper" else 1) and cfg["epochs"] == 1
-    prefs = sppo.read_jsonl(out / "iter0" / "preferences.jsonl")
-    rows = sppo.read_jsonl(out / "iter0" / "dataset.jsonl")
+    prefs = runs.read_jsonl(out / "iter0" / "preferences.jsonl")
+    rows = runs.read_jsonl(out / "iter0" / "dataset.jsonl")
     for i, p in enumerate(prefs):
         s = pairrm.scores_from_logits(torch.tensor(p["logits"])).numpy()
         w, l = rows[2 * i]["k"], rows[2 * i + 1]["k"]
@@ -258,14 +259,14 @@ def test_train_7b_recomputes_reference_made_in_another_dtype(tmp_path):
     """train_7b.py (one process, CPU) with --config recipes/released.yaml: a dataset whose ref_logp were made by
     this pi_t in fp32 with this truncation is used as is; one recorded as bf16 (or by another model) is recomputed."""
     d = sppo_toy.build_tiny_policy(tmp_path / "llama", seed=3)
-    model, tok = sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    model, tok = runs.load_policy(d, sppo.SPPOConfig(), "cpu")
     cfg = sppo.SPPOConfig(truncation="released", max_length=48, max_prompt_length=16, micro_batch=4)
     rows = sppo.reference_logps(model, tok, sppo_toy.synthetic_dataset(8, seed=1), cfg,
-                                model_id=sppo.Hashes(tmp_path)(d))
+                                model_id=runs.Hashes(tmp_path)(d))
     logs = {}
     for name, edit in [("same", {}), ("bf16", {"dtype": "bfloat16"})]:
         data = tmp_path / name / "dataset.jsonl"
-        sppo.write_jsonl(data, [dict(r, ref_by={**r["ref_by"], **edit}) for r in rows])
+        runs.write_jsonl(data, [dict(r, ref_by={**r["ref_by"], **edit}) for r in rows])
         p = subprocess.run([sys.executable, str(ROOT / "train_7b.py"), "--config", str(ROOT / "recipes" /
                             "released.yaml"), "--model", str(d), "--data", str(data), "--out", str(tmp_path / name /
                             "out"), "--max-length", "48", "--max-prompt-length", "16", "--global-batch", "2",

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
 import sppo
 import sppo_toy
 
@@ -44,13 +45,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     games = sppo_toy.demo_games()
     for name, seed in [("pi_a", 0), ("pi_b", 1)]:                   # warm-started, so samples are well-formed
-        model, tok = sppo.load_policy(sppo_toy.build_tiny_policy(root / f"{name}.init", seed=seed),
+        model, tok = runs.load_policy(sppo_toy.build_tiny_policy(root / f"{name}.init", seed=seed),
                                       sppo.SPPOConfig(), "cpu")
         sppo_toy.warm_start(model, tok, {x: (games[x][1], sppo_toy.DEMO_START[x]) for x in games}, steps=150)
-        sppo.save_policy(model, tok, root / name)
+        runs.save_policy(model, tok, root / name)
     a, b = str(root / "pi_a"), str(root / "pi_b")
     prompts = root / "prompts.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
+    runs.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
     cfg = sppo_toy.DemoConfig(model=a, prompts=str(prompts), out=str(root / "run"), iterations=2, epochs=1,
                               global_batch=16, micro_batch=16, progress=False)
     assert sppo.run(cfg, oracle=oracle()) is not None
@@ -74,7 +75,7 @@ def test_changed_setting_is_refused_and_nothing_is_touched(world, tmp_path, chan
     name, value = next(iter(change.items()))
     value = world["b"] if value == "b" else value
     before = tree(out)
-    with pytest.raises(sppo.StaleStage) as e:
+    with pytest.raises(runs.StaleStage) as e:
         sppo.run(cfg.__class__(**{**cfg.__dict__, name: value}), oracle=oracle())
     msg = str(e.value)
     assert "iter0" in msg and "--restart-from" in msg and "another --out" in msg
@@ -89,7 +90,7 @@ def test_restart_from_moves_stale_artifacts_aside(world, tmp_path):
     cfg, out = copy_run(world, tmp_path)
     old = tree(out)
     new = cfg.__class__(**{**cfg.__dict__, "eta": 2.0})
-    with pytest.raises(sppo.ConfigError, match="restart from dataset or an earlier stage"):
+    with pytest.raises(runs.ConfigError, match="restart from dataset or an earlier stage"):
         sppo.run(cfg.__class__(**{**new.__dict__, "restart_from": "train"}), oracle=oracle())
     assert sppo.run(cfg.__class__(**{**new.__dict__, "restart_from": "dataset"}), oracle=oracle()) is not None
     stale = next((out / "stale").iterdir())
@@ -108,25 +109,25 @@ def test_edited_artifacts_are_refused(world, tmp_path):
         cfg, out = copy_run(world, tmp_path / name.replace("/", "_"))
         f = out / name
         f.write_text("".join(edit(f.read_text().splitlines(keepends=True))))
-        with pytest.raises(sppo.StaleStage, match=f"{name}: changed since it was written"):
+        with pytest.raises(runs.StaleStage, match=f"{name}: changed since it was written"):
             sppo.run(cfg, oracle=oracle())
 
 
 def test_readers_and_sources_refuse_moved_rows(world, tmp_path):
     """Without the manifest too: the readers and the D_t cross-check refuse short, reordered or foreign rows."""
     d, cfg = Path(world["cfg"].out) / "iter0", world["cfg"]
-    prompts = sppo.iteration_prompts(sppo.load_prompts(world["prompts"]), cfg, 0)
-    gens = sppo.read_generations(d / "generations.jsonl", prompts, cfg.K)
-    mats = sppo.read_preferences(d / "preferences.jsonl", len(prompts), cfg.K)
-    rows = sppo.read_dataset(d / "dataset.jsonl")
+    prompts = runs.iteration_prompts(runs.load_prompts(world["prompts"]), cfg, 0)
+    gens = runs.read_generations(d / "generations.jsonl", prompts, cfg.K)
+    mats = runs.read_preferences(d / "preferences.jsonl", len(prompts), cfg.K)
+    rows = runs.read_dataset(d / "dataset.jsonl")
     sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
     f = tmp_path / "p.jsonl"
     f.write_text("".join((d / "preferences.jsonl").read_text().splitlines(keepends=True)[::-1]))
-    with pytest.raises(sppo.ArtifactError, match=r"p\.jsonl:1: expected prompt 0"):
-        sppo.read_preferences(f, len(prompts), cfg.K)
-    with pytest.raises(sppo.ArtifactError, match="rows for 8 prompts"):
+    with pytest.raises(runs.ArtifactError, match=r"p\.jsonl:1: expected prompt 0"):
+        runs.read_preferences(f, len(prompts), cfg.K)
+    with pytest.raises(runs.ArtifactError, match="rows for 8 prompts"):
         sppo.check_dataset_sources(rows[:-3], gens, mats, cfg, "d")
-    with pytest.raises(sppo.ArtifactError, match="record 1: not prompt 0's generation"):
+    with pytest.raises(runs.ArtifactError, match="record 1: not prompt 0's generation"):
         sppo.check_dataset_sources([rows[5]] + rows[1:5] + [rows[0]] + rows[6:], gens, mats, cfg, "d")
 
 
@@ -139,7 +140,7 @@ def test_model_without_its_record_is_trained_again(world, tmp_path):
     del man["stages"]["train"]
     (out / "iter1" / "manifest.json").write_text(json.dumps(man))
     (out / "iter1" / "metrics.json").unlink()
-    sppo.save_policy(*sppo.load_policy(out / "iter0" / "model", cfg, "cpu"), out / "iter1" / "model")  # = pi_1
+    runs.save_policy(*runs.load_policy(out / "iter0" / "model", cfg, "cpu"), out / "iter1" / "model")  # = pi_1
     assert sppo.run(cfg, oracle=oracle()) is not None
     got = load_file(out / "iter1" / "model" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -161,7 +162,7 @@ def test_bad_settings_fail_before_any_work(world, tmp_path, change, message):
     change = {k: str(tmp_path / v) if v in ("EMPTY", "ONE") else v for k, v in change.items()}
     out = tmp_path / "run"
     cfg = world["cfg"].__class__(**{**world["cfg"].__dict__, "out": str(out), **change})
-    with pytest.raises(sppo.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(runs.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         sppo.run(cfg, oracle=oracle())
     assert not out.exists() or not any(out.iterdir())            # nothing written
 
@@ -179,7 +180,7 @@ def test_one_line_errors_exit_2(world, tmp_path, capsys):
 def test_long_prompts_are_cut_before_generation(world, capsys):
     """A prompt past max_prompt_length (and past the tiny model's 64 positions) is cut by the training rule, the
     END kept, and counted; the samples equal those of the pre-cut prompt."""
-    model, tok = sppo.load_policy(world["a"], world["cfg"], "cpu")
+    model, tok = runs.load_policy(world["a"], world["cfg"], "cpu")
     cfg = sppo.SPPOConfig(K=3, max_new_tokens=3, max_prompt_length=8, max_length=32, seed=1, progress=False)
     long = "rock " * 600 + "play rps"
     got = sppo.generate_responses(model, tok, [long, "play rps"], cfg)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hedge_toy
+import runs
 import sppo
 import sppo_toy
 
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "llama"
     sppo_toy.build_tiny_policy(d, seed=0)
     cfg = sppo.SPPOConfig(progress=False)
-    return d, *sppo.load_policy(d, cfg, "cpu")
+    return d, *runs.load_policy(d, cfg, "cpu")
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -162,7 +163,7 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
 
 def test_sequence_logps_bf16_weights(tiny):
     d, model, tok = tiny
-    m16 = sppo.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
+    m16 = runs.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
     pairs = [sppo.encode_example(tok, "play rps", y, True, 64, 32)[:2] for y in ["rock", "big rock", "paper"]]
     for side in ["right", "left"]:
         with torch.no_grad():
@@ -217,19 +218,19 @@ def test_diverged_loss_stops_and_keeps_weights(tiny):
 def test_bad_prompt_files(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(sppo.ArtifactError, match=r"p\.jsonl:2: missing field 'prompt'"):
-        sppo.load_prompts(f)
+    with pytest.raises(runs.ArtifactError, match=r"p\.jsonl:2: missing field 'prompt'"):
+        runs.load_prompts(f)
     f.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
-    with pytest.raises(sppo.ArtifactError, match=r"p\.jsonl:2: field 'prompt' should be str"):
-        sppo.load_prompts(f)
+    with pytest.raises(runs.ArtifactError, match=r"p\.jsonl:2: field 'prompt' should be str"):
+        runs.load_prompts(f)
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"instruction": ["x", "y"]}), tmp_path / "p.parquet")
-    with pytest.raises(sppo.ArtifactError, match=r"no column 'prompt'; columns are \['instruction'\]"):
-        sppo.load_prompts(tmp_path / "p.parquet")
-    assert sppo.load_prompts(tmp_path / "p.parquet", column="instruction") == ["x", "y"]
-    with pytest.raises(sppo.ArtifactError, match="record 1: field 'win_prob' should be"):
-        sppo.check_dataset([{"prompt_id": 0, "prompt": "x", "response": "y", "finished": True, "win_prob": "1",
+    with pytest.raises(runs.ArtifactError, match=r"no column 'prompt'; columns are \['instruction'\]"):
+        runs.load_prompts(tmp_path / "p.parquet")
+    assert runs.load_prompts(tmp_path / "p.parquet", column="instruction") == ["x", "y"]
+    with pytest.raises(runs.ArtifactError, match="record 1: field 'win_prob' should be"):
+        runs.check_dataset([{"prompt_id": 0, "prompt": "x", "response": "y", "finished": True, "win_prob": "1",
                              "ref_logp": 0.0}], "d.jsonl")
 
 
@@ -239,14 +240,14 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
     d, _, _ = tiny
     rm_dir = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm", layout="PairRM-hf", seed=0)
     prompts = tmp_path / "p.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
+    runs.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps", "rock paper"]])
     out = tmp_path / "run"
     args = ["--model", str(d), "--prompts", str(prompts), "--oracle", "pairrm", "--pairrm", str(rm_dir),
             "--iterations", "1", "--K", "3", "--max-new-tokens", "4", "--out", str(out), "--stop-after", "rank",
             "--no-progress"]
     assert sppo.main(args) == 0
-    gens = sppo.read_jsonl(out / "iter0" / "generations.jsonl")
-    prefs = sppo.read_jsonl(out / "iter0" / "preferences.jsonl")
+    gens = runs.read_jsonl(out / "iter0" / "generations.jsonl")
+    prefs = runs.read_jsonl(out / "iter0" / "preferences.jsonl")
     assert len(prefs) == 3
     ranker = pairrm.PairRM.from_pretrained(rm_dir)
     for g, p in zip(gens, prefs):                                     # one prompt at a time, as the reference
@@ -256,7 +257,7 @@ def test_rank_stage_with_pairrm(tmp_path, tiny):
         np.testing.assert_allclose(np.array(p["logits"]), M, atol=1e-5)
     # the next stages run from these files: D_t keeps the winner and loser of each prompt
     assert sppo.main(args[:-3] + ["--stop-after", "dataset", "--no-progress"]) == 0
-    rows = sppo.read_jsonl(out / "iter0" / "dataset.jsonl")
+    rows = runs.read_jsonl(out / "iter0" / "dataset.jsonl")
     assert [r["role"] for r in rows] == ["winner", "loser"] * 3
     for r in rows:                                                    # P-hat: Eq. (4.5); the pair: s_PairRM's
         wp = sppo.win_rates(np.array(prefs[r["prompt_id"]]["P"]))     # argmax / argmin (Sec. 5.1)
@@ -320,25 +321,25 @@ def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
     """--oracle-prompt templated: the oracle receives exactly rank.py's templated string for each prompt; the rank
     stage of a run made with raw prompts is refused (StaleStage naming the setting)."""
     d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
-    model, tok = sppo.load_policy(d, sppo.SPPOConfig(), "cpu")
+    model, tok = runs.load_policy(d, sppo.SPPOConfig(), "cpu")
     tok.chat_template = CHAT_TEMPLATES["mistral"]
-    sppo.save_policy(model, tok, d)
+    runs.save_policy(model, tok, d)
     prompts = ["play rps", "play weighted rps", "rock paper"]
-    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
     cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=1, K=2,
                           max_new_tokens=2, stop_after="rank", progress=False, oracle="game")
     raw, templated = RecordingOracle(), RecordingOracle()
     sppo.run(cfg, oracle=raw)
     assert raw.seen == prompts
-    with pytest.raises(sppo.StaleStage, match="setting oracle_prompt = 'raw', but this run has oracle_prompt = "
+    with pytest.raises(runs.StaleStage, match="setting oracle_prompt = 'raw', but this run has oracle_prompt = "
                        "'templated'"):
         sppo.run(dataclasses.replace(cfg, oracle_prompt="templated"), oracle=templated)
     sppo.run(dataclasses.replace(cfg, oracle_prompt="templated", out=str(tmp_path / "run2")), oracle=templated)
     assert templated.seen == [rank_py_prompt(tok, x) for x in prompts]
     assert templated.seen[0] == "<s>[INST] play rps [/INST]"
     tok.chat_template = None
-    sppo.save_policy(model, tok, d)
-    with pytest.raises(sppo.ConfigError, match="no chat template; use --oracle-prompt raw"):
+    runs.save_policy(model, tok, d)
+    with pytest.raises(runs.ConfigError, match="no chat template; use --oracle-prompt raw"):
         sppo.validate_config(dataclasses.replace(cfg, oracle_prompt="templated"))
 
 
@@ -346,15 +347,15 @@ def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
     """--eval-prompts: metrics.json of iteration t holds P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) with s.e.; here
     recomputed from the saved policies, one prompt at a time, with the same oracle and the same sampling seeds."""
     d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
-    sppo.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
     held = ["play rps", "rock paper", "play weighted rps", "paper scissors", "big rock", "spock"]
-    sppo.write_jsonl(tmp_path / "held.jsonl", [{"prompt": x} for x in held])
+    runs.write_jsonl(tmp_path / "held.jsonl", [{"prompt": x} for x in held])
     out = tmp_path / "run"
     cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), eval_prompts=str(tmp_path / "held.jsonl"),
                           out=str(out), iterations=2, split_prompts=False, K=2, max_new_tokens=4, optimizer="adamw",
                           lr=3e-2, global_batch=4, micro_batch=4, epochs=2, progress=False, oracle="game")
     sppo.run(cfg, oracle=RecordingOracle())
-    pols = [sppo.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
+    pols = [runs.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
     ys = [sppo.answers(m, tok, held, cfg) for m, tok in pols]
     oracle = RecordingOracle()
     for t in range(2):
@@ -366,7 +367,7 @@ def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
             assert got[f"win_rate_vs_pi_{key}"] == pytest.approx(np.mean(p), abs=1e-12)
             assert got[f"se_vs_pi_{key}"] == pytest.approx(np.std(p, ddof=1) / math.sqrt(len(p)), abs=1e-12)
     assert got["win_rate_vs_pi_t"] != got["win_rate_vs_pi_0"]                   # t = 1: two different baselines
-    assert "eval_prompts" in sppo.STAGE_SETTINGS["train"]
+    assert "eval_prompts" in runs.STAGE_SETTINGS["train"]
 
 
 
@@ -399,34 +400,34 @@ def test_batch_schedule_covers_every_row_once_per_epoch():
 def test_iteration_prompts_are_disjoint_slices():
     prompts = [f"p{i}" for i in range(10)]
     cfg = sppo.SPPOConfig(iterations=3)
-    parts = [sppo.iteration_prompts(prompts, cfg, t) for t in range(3)]
+    parts = [runs.iteration_prompts(prompts, cfg, t) for t in range(3)]
     assert parts == [prompts[0:4], prompts[4:7], prompts[7:10]]                       # in order, all used once
-    assert sppo.iteration_prompts(prompts, dataclasses.replace(cfg, split_prompts=False), 2) == prompts
+    assert runs.iteration_prompts(prompts, dataclasses.replace(cfg, split_prompts=False), 2) == prompts
 
 
 def test_readers_refuse_files_of_other_prompts(tmp_path):
     prompts = ["a", "b", "c"]
     old = [{"responses": ["x", "y"], "finished": [True, False]}] * 3
     f = tmp_path / "generations.jsonl"
-    sppo.write_generations(f, prompts, old)                          # an older run's file: texts without token ids
-    with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:1: missing field 'token_ids' \(written before "
+    runs.write_generations(f, prompts, old)                          # an older run's file: texts without token ids
+    with pytest.raises(runs.ArtifactError, match=r"generations\.jsonl:1: missing field 'token_ids' \(written before "
                        r"sampled token ids were stored: --restart-from generate\)"):
-        sppo.read_generations(f, prompts, K=2)
+        runs.read_generations(f, prompts, K=2)
     gens = [dict(g, token_ids=[[5], [6, 7]], stop_ids=[2, None]) for g in old]
-    sppo.write_generations(f, prompts, gens)
-    assert [g["prompt"] for g in sppo.read_generations(f, prompts, K=2)] == prompts
-    with pytest.raises(sppo.ArtifactError, match=r"generations\.jsonl:2: expected prompt 1"):
-        sppo.read_generations(f, ["a", "z", "c"], K=2)
-    with pytest.raises(sppo.ArtifactError, match="K=3"):
-        sppo.read_generations(f, prompts, K=3)
-    with pytest.raises(sppo.ArtifactError, match="3 records for 4 prompts"):
-        sppo.read_generations(f, prompts + ["d"], K=2)
+    runs.write_generations(f, prompts, gens)
+    assert [g["prompt"] for g in runs.read_generations(f, prompts, K=2)] == prompts
+    with pytest.raises(runs.ArtifactError, match=r"generations\.jsonl:2: expected prompt 1"):
+        runs.read_generations(f, ["a", "z", "c"], K=2)
+    with pytest.raises(runs.ArtifactError, match="K=3"):
+        runs.read_generations(f, prompts, K=3)
+    with pytest.raises(runs.ArtifactError, match="3 records for 4 prompts"):
+        runs.read_generations(f, prompts + ["d"], K=2)
     p = tmp_path / "preferences.jsonl"
-    sppo.write_preferences(p, [np.array([[0.5, 0.9], [0.1, 0.5]])] * 3)
-    assert len(sppo.read_preferences(p, 3, K=2)) == 3
-    sppo.write_jsonl(p, [{"prompt_id": 1, "P": [[0.5, 0.9], [0.1, 0.5]]}])
-    with pytest.raises(sppo.ArtifactError, match=r"preferences\.jsonl:1: expected prompt 0"):
-        sppo.read_preferences(p, 1, K=2)
+    runs.write_preferences(p, [np.array([[0.5, 0.9], [0.1, 0.5]])] * 3)
+    assert len(runs.read_preferences(p, 3, K=2)) == 3
+    runs.write_jsonl(p, [{"prompt_id": 1, "P": [[0.5, 0.9], [0.1, 0.5]]}])
+    with pytest.raises(runs.ArtifactError, match=r"preferences\.jsonl:1: expected prompt 0"):
+        runs.read_preferences(p, 1, K=2)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -455,14 +456,14 @@ def test_sppo_cli_choices_and_config_file(tmp_path):
         assert e.value.code == 2 and not (tmp_path / "never").exists(), bad
     f = tmp_path / "recipe.yaml"
     f.write_text("K: 3\neta: 7.5\nsplit_prompts: false\ntemperature: 0.7\n")
-    cfg = sppo.parse_config(sppo.SPPOConfig, ["--config", str(f), "--eta", "9"])
+    cfg = runs.parse_config(sppo.SPPOConfig, ["--config", str(f), "--eta", "9"])
     assert (cfg.K, cfg.eta, cfg.split_prompts, cfg.temperature) == (3, 9.0, False, 0.7)      # flags override
     f.write_text("K: 3\nkay: 4\n")
     with pytest.raises(SystemExit):
-        sppo.parse_config(sppo.SPPOConfig, ["--config", str(f)])
+        runs.parse_config(sppo.SPPOConfig, ["--config", str(f)])
     f.write_text("selection: best\n")
     with pytest.raises(SystemExit):
-        sppo.parse_config(sppo.SPPOConfig, ["--config", str(f)])
+        runs.parse_config(sppo.SPPOConfig, ["--config", str(f)])
 
 
 # -------------------------------------------------------------------------------------------------- golden losses

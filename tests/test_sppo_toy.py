@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hedge_toy
+import runs
 import sppo
 import sppo_toy
 
@@ -130,4 +131,4 @@ def test_demo_config_help_shows_demo_defaults_and_rejects_bad_choices():
 
 def test_synthetic_dataset_is_valid_d_t():
     rows = [dict(r, ref_logp=-1.0) for r in sppo_toy.synthetic_dataset(10, seed=2, long_rows=1)]
-    assert sppo.check_dataset(rows, "synthetic") == rows and len(rows[0]["response"].split()) == 100
+    assert runs.check_dataset(rows, "synthetic") == rows and len(rows[0]["response"].split()) == 100

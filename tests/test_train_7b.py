@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 import pairrm
+import runs
 import sppo
 import sppo_toy
 import train_7b
@@ -64,7 +65,7 @@ def world(tmp_path_factory):
     w = {arch: sppo_toy.build_tiny_policy(root / arch, arch=arch, seed=3) for arch in ("llama", "mistral")}
     for arch in ("llama", "mistral"):
         (root / f"data_{arch}").mkdir()
-        sppo.write_jsonl(root / f"data_{arch}" / "dataset.jsonl", sppo_toy.synthetic_dataset(24, seed=1, long_rows=1))
+        runs.write_jsonl(root / f"data_{arch}" / "dataset.jsonl", sppo_toy.synthetic_dataset(24, seed=1, long_rows=1))
     w["root"] = root
     return w
 
@@ -96,9 +97,9 @@ def single_process(world, arch, epochs, out, model_dir=None):
     micro-batch 8."""
     d = data(world, arch)
     ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
-    rows = [dict(r, ref_logp=lp) for r, lp in zip(sppo.read_jsonl(d), ref)]
+    rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(d), ref)]
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False)
-    model, tok = sppo.load_policy(model_dir or world[arch], cfg, "cpu")
+    model, tok = runs.load_policy(model_dir or world[arch], cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
     ref_single = sppo.batched_logps(model, pairs, tok.pad_token_id, 8)
     history = sppo.train_policy(model, tok, rows, cfg, "cpu")
@@ -116,7 +117,7 @@ def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs
     ref, ref_single, history, params = single_process(world, arch, epochs, out)
     # pi_ref = pi_t, computed sharded across ranks, equals one process's log-probs
     assert max(abs(a - b) for a, b in zip(ref, ref_single)) < 1e-4
-    steps = sppo.read_jsonl(out / "metrics.jsonl")
+    steps = runs.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in steps] == list(range(len(history)))
     for h, m in zip(history, steps):
         assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
@@ -144,7 +145,7 @@ def test_tied_embeddings_stay_in_one_unit_and_match_single_process(world, tmp_pa
     p = torchrun(*flags(model=tied, data=data(world, "llama"), out=out, epochs=2, **TRAIN))
     assert "FSDP units: 2 layers | root (norm, tied embed_tokens = lm_head)" in p.stdout
     _, _, history, params = single_process(world, "llama", 2, out, model_dir=tied)
-    steps = sppo.read_jsonl(out / "metrics.jsonl")
+    steps = runs.read_jsonl(out / "metrics.jsonl")
     assert len(steps) == len(history) == 6
     for h, m in zip(history, steps):
         assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
@@ -172,7 +173,7 @@ def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
     start = load_file(Path(world["llama"]) / "model.safetensors")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bf16_unchanged_fraction"] == train_7b.bf16_unchanged_fraction(start, exported)
-    loaded, tok = sppo.load_policy(out / "model", sppo.SPPOConfig(), "cpu")   # sppo.py's next --model
+    loaded, tok = runs.load_policy(out / "model", sppo.SPPOConfig(), "cpu")   # sppo.py's next --model
     assert type(loaded).__name__ == "LlamaForCausalLM" and tok.pad_token_id == 0
 
 
@@ -201,7 +202,7 @@ def test_stop_and_resume_is_exact(world, llama_run):
     assert refused.returncode != 0 and "pass --resume" in refused.stdout + refused.stderr
     second = torchrun(*args, "--resume")
     assert "resumed from" in second.stdout and "step_000003" in second.stdout
-    a, b = sppo.read_jsonl(llama_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    a, b = runs.read_jsonl(llama_run[0] / "metrics.jsonl"), runs.read_jsonl(out / "metrics.jsonl")
     assert [(m["loss"], m["grad_norm"], m["lr"]) for m in a] == [(m["loss"], m["grad_norm"], m["lr"]) for m in b]
     assert max_diff(load_file(llama_run[0] / "model" / "model.safetensors"),
                     load_file(out / "model" / "model.safetensors")) == 0.0
@@ -274,7 +275,7 @@ def test_killed_run_resumes_exactly(world, mistral_run):
     assert not (out / "model").exists() and last.name < "step_000060", "the run finished before the kill"
     resumed = torchrun(*args, "--resume")
     assert f"resumed from {last} at step {int(last.name[5:])}" in resumed.stdout
-    a, b = sppo.read_jsonl(mistral_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    a, b = runs.read_jsonl(mistral_run[0] / "metrics.jsonl"), runs.read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(60))
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert max_diff(load_file(mistral_run[0] / "model" / "model.safetensors"),
@@ -284,18 +285,18 @@ def test_killed_run_resumes_exactly(world, mistral_run):
 def test_stage_all_runs_one_iteration(world, tmp_path):
     """generate (K=2, each rank its prompt chunks) -> rank (tiny random PairRM) -> D_t on rank 0 -> FSDP training."""
     prompts = tmp_path / "prompts.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
+    runs.write_jsonl(prompts, [{"prompt": x} for x in ["play rps", "play weighted rps"] * 4])
     rm = pairrm.save_tiny_random_checkpoint(tmp_path / "pairrm")
     out = tmp_path / "iter0"
     run = flags(stage="all", model=world["llama"], prompts=prompts, pairrm=rm, out=out, K=2, max_new_tokens=4,
                 gen_batch=2, iterations=1, **{**TRAIN, "global_batch": 2})
     p = torchrun(*run, "--collective-timeout-s", "77")
     assert "collective timeout 77 s" in p.stdout
-    gens = sppo.read_jsonl(out / "generations.jsonl")
+    gens = runs.read_jsonl(out / "generations.jsonl")
     assert [g["prompt_id"] for g in gens] == list(range(8)) and all(len(g["responses"]) == 2 for g in gens)
-    rows = sppo.read_jsonl(out / "dataset.jsonl")
+    rows = runs.read_jsonl(out / "dataset.jsonl")
     assert len(rows) == 16 and {r["role"] for r in rows} == {"winner", "loser"}
-    assert len(sppo.read_jsonl(out / "metrics.jsonl")) == 4 and (out / "model" / "config.json").is_file()
+    assert len(runs.read_jsonl(out / "metrics.jsonl")) == 4 and (out / "model" / "config.json").is_file()
     # one seeding rule: sppo.py on one process samples exactly what the 2 ranks sampled, byte for byte
     one = tmp_path / "one"
     assert sppo.main(["--model", world["llama"], "--prompts", str(prompts), "--pairrm", rm, "--out", str(one), "--K", "2",
@@ -316,8 +317,8 @@ def test_bad_rows_are_refused_before_the_model_is_built(tmp_path):
                                   ("win_prob", 1.5, "win_prob 1.5 is outside"), ("finished", "yes", "'finished' should be")]:
         rows = sppo_toy.synthetic_dataset(4)
         rows[2][field] = value
-        sppo.write_jsonl(tmp_path / "d.jsonl", rows)
-        with pytest.raises(sppo.ArtifactError, match=message):
+        runs.write_jsonl(tmp_path / "d.jsonl", rows)
+        with pytest.raises(runs.ArtifactError, match=message):
             train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig())
 
 
@@ -327,7 +328,7 @@ def test_golden_losses_two_ranks(llama_run):
     import golden_losses
     assert (golden_losses.TRAIN["epochs"], golden_losses.TRAIN["lr"]) == (2, TRAIN["lr"])
     gold = json.loads((REPO / "tests" / "assets" / "golden_losses.json").read_text())
-    got = [m["loss"] for m in sppo.read_jsonl(llama_run[0] / "metrics.jsonl")]
+    got = [m["loss"] for m in runs.read_jsonl(llama_run[0] / "metrics.jsonl")]
     np.testing.assert_allclose(got, gold["two_ranks"], rtol=gold["rtol"])
     np.testing.assert_allclose(gold["two_ranks"], gold["single_process"], rtol=gold["rtol"])
 
@@ -336,7 +337,7 @@ def test_deterministic_mode_gives_the_same_losses(world, llama_run):
     out = world["root"] / "llama_det"
     p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, **TRAIN), "--deterministic")
     assert "deterministic algorithms True" in p.stdout
-    a, b = sppo.read_jsonl(llama_run[0] / "metrics.jsonl"), sppo.read_jsonl(out / "metrics.jsonl")
+    a, b = runs.read_jsonl(llama_run[0] / "metrics.jsonl"), runs.read_jsonl(out / "metrics.jsonl")
     assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
 
 
@@ -346,7 +347,7 @@ def test_reference_logps_record_how_they_were_computed(llama_run):
     assert (key["dtype"], key["device"]) == ("float32", "cpu")
     assert key["batching"] == {"global_batch": 4, "micro_batch": 1, "seed": 40, "selection": "pair", "world": 2}
     assert "computed with pi_t (float32 on 2 x cpu, in the training micro-batches of epoch 1)" in log
-    m = sppo.read_jsonl(out / "metrics.jsonl")[0]
+    m = runs.read_jsonl(out / "metrics.jsonl")[0]
     assert m["mfu"] is None and m["peak_memory_gb"] > 0 and 0 < m["response_tokens"] < m["tokens"]
 
 
@@ -415,28 +416,28 @@ def test_step_flops_by_hand():
 
 def test_vllm_is_its_own_generate_call(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    sppo.write_jsonl(prompts, [{"prompt": "hi"}])
+    runs.write_jsonl(prompts, [{"prompt": "hi"}])
     kw = dict(model="m", prompts=str(prompts), pairrm="rm", out=str(tmp_path / "o"), gen_engine="vllm")
-    with pytest.raises(sppo.ConfigError, match="--stage all --gen-engine vllm: vLLM frees its GPU memory only when "
+    with pytest.raises(runs.ConfigError, match="--stage all --gen-engine vllm: vLLM frees its GPU memory only when "
                                                "its process exits; run --stage generate --gen-engine vllm as its own"):
         train_7b.validate(train_7b.TrainConfig(stage="all", **kw))
     import importlib.util
     if importlib.util.find_spec("vllm"):
         pytest.skip("vllm is installed here: the not-installed refusal is not reachable")
-    with pytest.raises(sppo.ConfigError, match="vllm is not installed here; install requirements-vllm.txt in an "
+    with pytest.raises(runs.ConfigError, match="vllm is not installed here; install requirements-vllm.txt in an "
                                                "environment of its own"):
         train_7b.validate(train_7b.TrainConfig(stage="generate", **kw))
 def test_missing_field_names_file_line_and_field(tmp_path):
     cfg = train_7b.TrainConfig()
     rows = sppo_toy.synthetic_dataset(4)
     del rows[2]["win_prob"]
-    sppo.write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(sppo.ArtifactError, match=r"d\.jsonl:3: missing field 'win_prob'"):
+    runs.write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(runs.ArtifactError, match=r"d\.jsonl:3: missing field 'win_prob'"):
         train_7b.load_dataset(tmp_path / "d.jsonl", cfg)
     rows = [dict(r, ref_logp=-1.0) for r in sppo_toy.synthetic_dataset(4)]
     del rows[1]["ref_logp"]
-    sppo.write_jsonl(tmp_path / "e.jsonl", rows)
-    with pytest.raises(sppo.ArtifactError, match=r"e\.jsonl: record 2: missing field 'ref_logp'"):
+    runs.write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.raises(runs.ArtifactError, match=r"e\.jsonl: record 2: missing field 'ref_logp'"):
         train_7b.load_dataset(tmp_path / "e.jsonl", cfg)
 
 
@@ -468,7 +469,7 @@ def test_plan_mistral_7b_fits_80gb(capsys):
 def test_log_z_estimate_needs_log_z_in_every_row(tmp_path):
     """--log-z estimate trains on each row's Eq. (4.5) log Z: a row without one is refused with its record."""
     rows = sppo_toy.synthetic_dataset(3)
-    sppo.write_jsonl(tmp_path / "d.jsonl", rows)
+    runs.write_jsonl(tmp_path / "d.jsonl", rows)
     assert train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig()) == rows
-    with pytest.raises(sppo.ArtifactError, match=r"d\.jsonl: record 1: missing field 'log_z'"):
+    with pytest.raises(runs.ArtifactError, match=r"d\.jsonl: record 1: missing field 'log_z'"):
         train_7b.load_dataset(tmp_path / "d.jsonl", train_7b.TrainConfig(log_z="estimate"))
