@@ -204,24 +204,27 @@ def build_sized_policy(out_dir, size, seed=0):
     return str(out_dir)
 
 
-def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, micro_batch=4, stop_at=2,
-                workdir=None):
+def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, micro_batch=4, stop_at=1,
+                det_rows=None, workdir=None):
     """train_7b.py under torchrun (every local GPU, nccl; else 2 gloo ranks) on a random model of MODEL_SIZES[size]:
     one timed run (tokens/s and MFU per step after the first, peak memory, memory.json's plan vs measured, the
-    bf16-unchanged fraction), then three --deterministic runs of the same data: uninterrupted, stopped after step
-    `stop_at`, and resumed; the resumed export must equal the uninterrupted one bit for bit. Returns a dict."""
+    bf16-unchanged fraction), then three --deterministic runs on the first `det_rows` rows (default: all):
+    uninterrupted, stopped after step `stop_at`, and resumed; the resumed export must equal the uninterrupted one
+    bit for bit. Returns a dict."""
     from safetensors.torch import load_file
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_model_"))
     model_dir = build_sized_policy(work / "model", size)
     data = work / "data.jsonl"
     runs.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1, words=words))
+    runs.write_jsonl(work / "det.jsonl", runs.read_jsonl(data)[:det_rows])
     world = torch.cuda.device_count() or 2
     flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=1, max_length=max_length,
                  max_prompt_length=16, lr=1e-6, save_every=10 ** 6)
 
-    def launch(out, *extra):
+    def launch(out, *extra, rows_file=data):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(out),
+               str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(rows_file), "--out",
+               str(out),
                *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress", *extra]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -233,9 +236,10 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
     steps = runs.read_jsonl(work / "timed" / "metrics.jsonl")
     summary = json.loads((work / "timed" / "summary.json").read_text())
     memory = json.loads((work / "timed" / "memory.json").read_text())
-    launch(work / "det", "--deterministic")
-    launch(work / "det_resumed", "--deterministic", "--stop-at-step", str(stop_at))
-    launch(work / "det_resumed", "--deterministic", "--resume")
+    det = dict(rows_file=work / "det.jsonl")
+    launch(work / "det", "--deterministic", **det)
+    launch(work / "det_resumed", "--deterministic", "--stop-at-step", str(stop_at), **det)
+    launch(work / "det_resumed", "--deterministic", "--resume", **det)
     a, b = (load_file(str(work / o / "model" / "model.safetensors")) for o in ("det", "det_resumed"))
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     later = steps[2:] or steps           # the first steps pay for allocation and cuDNN's plan for each new shape
@@ -274,8 +278,8 @@ def main(argv=None):
         rows.append(("train_7b FSDP2, 2 gloo ranks vs one process", bench_fsdp_row(rows=32 if q else 64)))
     if cfg.only == "model":
         big = cfg.size != "tiny"
-        r = bench_model(cfg.size, **(dict(rows=256, words=1000, max_length=1024, global_batch=32, micro_batch=8)
-                                     if big else {}))
+        big_run = dict(rows=512, words=1000, max_length=1024, global_batch=32, micro_batch=8, det_rows=96)
+        r = bench_model(cfg.size, **(big_run if big else {}))       # big: 8 steps of 32 pairs; resume check on 2
         print(json.dumps(r, indent=1))
         mfu = [x for x in r["mfu"] if x is not None]
         rows.append((f"train_7b, {r['params_m']:.0f} M params, {r['world']} x {r['device']}", {

@@ -301,7 +301,8 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     model.eval()
     for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
         for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
-            b = sppo.collate([pairs[i] for i in mb or idx[:1]], pad_id)          # a stand-in keeps ranks in step
+            b = sppo.collate([pairs[i] for i in mb or idx[:1]], pad_id,           # a stand-in keeps ranks in step
+                             multiple=sppo.pad_multiple(d.device))               # as make_batch pads
             out.update(zip(mb or [], sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
     shards = [None] * d.world
