@@ -399,7 +399,7 @@ def _step(x):
     return isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
 
 
-def check_fields(cfg, rules):
+def check_settings(cfg, rules):
     """A ValueError naming the first field of cfg that breaks its rule: rules = ((name, ok, what it must be), ...)."""
     for name, ok, want in rules:
         v = getattr(cfg, name)
@@ -410,7 +410,7 @@ def check_fields(cfg, rules):
 
 def check_config(cfg):
     """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
-    check_fields(cfg, (("t_max", _count(1), "an integer >= 1"), ("trials", _count(1), "an integer >= 1"),
+    check_settings(cfg, (("t_max", _count(1), "an integer >= 1"), ("trials", _count(1), "an integer >= 1"),
                        ("etas", _step, "finite and > 0"), ("ks", _count(2), "integers K >= 2")))
 
 

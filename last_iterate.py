@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hedge_toy import (GAMES, _average, _check_eta_T, _count, _hedge, _log_step, _loop, _normalise, _payoff,
-                       _positive, _step, _validate_policy, check_fields, cli, duality_gap, plot_simplex, print_table,
+                       _positive, _step, _validate_policy, check_settings, cli, duality_gap, plot_simplex, print_table,
                        validate_preference, weighted_rps_equilibrium)
 
 # SPPO deploys its last iterate, and Hedge's cycles (hedge_simplex.png). Each method below is one step (log pi_t, mem)
@@ -188,7 +188,7 @@ class Config:
 
 def check_config(cfg):
     """A ValueError naming the first field of cfg that the sweep cannot take; main calls it before any work."""
-    check_fields(cfg, (("eta", _step, "finite and > 0"), ("t", _count(1), "an integer >= 1"),
+    check_settings(cfg, (("eta", _step, "finite and > 0"), ("t", _count(1), "an integer >= 1"),
                        ("tau", _step, "finite and > 0"), ("taus", _step, "finite and > 0")))
     if cfg.eta * max(cfg.tau, *cfg.taus) > 1:
         raise ValueError(f"nash_md needs eta * tau <= 1 (--eta, --tau, --taus); got "
