@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 from transformers.hf_argparser import HfArg
 
+import committee
 import hedge_toy
 import pairrm
 
@@ -48,11 +49,16 @@ import pairrm
 # Configuration: every knob of Algorithm 1, defaults from the paper (Sec. 5) and the authors' released code.
 @dataclass
 class SPPOConfig:
-    model: str | None = HfArg(default=None, help="Local directory of pi_0 (a causal LM saved with save_pretrained).")
+    model: str | None = HfArg(default=None, help="pi_0: a local directory (save_pretrained) or a .gguf file, converted "
+                              "once to safetensors and cached (gguf_checkpoint).")
     prompts: str | None = HfArg(default=None, help="Prompts: JSONL with a `prompt` field per line, or parquet.")
     prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
+    max_prompts: int = HfArg(default=0, help="Use the first N prompts of the file (0: all), before the split.")
     out: str = HfArg(default="runs/sppo", help="Run directory; iteration t writes OUT/iter{t}/. Re-running resumes.")
-    oracle: Literal["pairrm", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's) or `game` (sppo_toy).")
+    oracle: Literal["pairrm", "committee", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's), `committee` "
+                                                           "(rule judges, committee.py) or `game` (sppo_toy).")
+    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: comma-separated judges, of "
+                        f"{', '.join(committee.JUDGES)}.")
     pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
     pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
                                                          "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
@@ -490,8 +496,10 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 2: the preference oracle, one interface: oracle(prompt, responses) -> P (K, K).
 def make_oracle(cfg, device="cpu"):
-    """PairRM from a local checkpoint, the paper's oracle. (The `game` oracle is sppo_toy.GameOracle, passed to
-    run() as an object: it needs its games.)"""
+    """PairRM from a local checkpoint, the paper's oracle; or the committee of rule judges (committee.py) for real
+    text without PairRM weights. (The `game` oracle is sppo_toy.GameOracle, passed to run() as an object.)"""
+    if cfg.oracle == "committee":
+        return committee.CommitteeOracle(cfg.judges)
     if cfg.oracle != "pairrm":
         raise ValueError(f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle); run sppo_toy.py")
     if not cfg.pairrm:
@@ -501,10 +509,12 @@ def make_oracle(cfg, device="cpu"):
 
 
 def rank(oracle, prompts, generations, progress=False):
-    """Fill one K x K matrix per prompt. Uses the oracle's batched `batch(prompts, candidates)` when it has one."""
+    """Fill one K x K matrix per prompt. Uses the oracle's batched `batch(prompts, candidates)` when it has one; an
+    oracle with `reads_finished` (committee.py) also gets each response's EOS flag."""
     cands = [g["responses"] for g in generations]
+    kw = {"finished": [g["finished"] for g in generations]} if getattr(oracle, "reads_finished", False) else {}
     if hasattr(oracle, "batch"):
-        mats = [np.asarray(m, dtype=np.float64) for m in oracle.batch(prompts, cands)]
+        mats = [np.asarray(m, dtype=np.float64) for m in oracle.batch(prompts, cands, **kw)]
     else:
         mats = [np.asarray(oracle(x, ys), dtype=np.float64)
                 for x, ys in tqdm(list(zip(prompts, cands)), desc="rank", disable=not progress, leave=False)]
@@ -649,7 +659,7 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
                 "train": ("dataset.jsonl",)}
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
-    "rank": ("oracle", "pairrm_mode"),
+    "rank": ("oracle", "pairrm_mode", "judges"),
     "dataset": ("selection", "eta", "max_length", "max_prompt_length", "micro_batch", "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
               "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length", "dtype")}
@@ -679,7 +689,8 @@ def validate_config(cfg):
         if lit and getattr(cfg, f.name) not in allowed:
             raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {allowed}")
     pos = lambda x: math.isfinite(x) and x > 0                                                       # noqa: E731
-    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.K >= 2, "K", ">= 2: a preference "
+    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.max_prompts >= 0,
+                           "max_prompts", ">= 0 (0: all)"), (cfg.K >= 2, "K", ">= 2: a preference "
                            "needs a pair"), (pos(cfg.eta), "eta", "finite and > 0 (eta <= 0 reverses Eq. 4.1)"),
                            (cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (pos(cfg.temperature), "temperature",
                            "finite and > 0"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.gen_batch >= 1,
@@ -691,7 +702,12 @@ def validate_config(cfg):
                            "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
-    for flag, path, need in [("model", cfg.model, "config.json"), ("prompts", cfg.prompts, None),
+    try:
+        committee.parse_judges(cfg.judges)
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
+    gguf = str(cfg.model).endswith(".gguf")
+    for flag, path, need in [("model", cfg.model, None if gguf else "config.json"), ("prompts", cfg.prompts, None),
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
@@ -769,9 +785,57 @@ def resolve_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def load_policy(path, cfg, device):
-    """A causal LM and its tokenizer from a local directory (no hub)."""
+def gguf_cache():
+    """Where converted GGUF checkpoints live: $SPPO_GGUF_CACHE, else ~/.cache/sppo/gguf (XDG_CACHE_HOME honoured)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sppo" / "gguf"
+    return Path(os.environ.get("SPPO_GGUF_CACHE", home))
+
+
+def gguf_checkpoint(path, cache=None):
+    """A .gguf file -> a local checkpoint directory (config, fp32 safetensors, tokenizer, chat template), converted
+    once and cached in cache/<sha256 of the file>/, so a changed file is converted again. Returns the directory.
+
+    transformers de-quantises the GGUF tensors to fp32 on load (needs the `gguf` package: requirements-real.txt) and
+    marks the model GGUF-quantised, which save_pretrained refuses; the marker is cleared before saving. Concurrent
+    callers (ranks) each write a private temporary directory; the first rename wins, the others drop theirs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ArtifactError(f"{path}: not a GGUF file (its first bytes are not 'GGUF')")
+        f.seek(0)
+        dest = Path(cache or gguf_cache()) / hashlib.file_digest(f, "sha256").hexdigest()
+    if (dest / "config.json").is_file():
+        return dest
+    try:
+        import gguf  # noqa: F401   transformers reads GGUF through it
+    except ImportError:
+        raise ConfigError(f"{path}: reading GGUF needs the gguf package: pip install -r requirements-real.txt") from None
+    print(f"{path}: converting GGUF to safetensors in {dest} (once; cached by the file's sha256)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise ArtifactError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    model.config.__dict__.pop("quantization_config", None)           # de-quantised: a plain fp32 checkpoint
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)
+    except OSError:                                                  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_policy(path, cfg, device):
+    """A causal LM and its tokenizer from a local directory (no hub), or from a .gguf file via gguf_checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = gguf_checkpoint(path) if str(path).endswith(".gguf") else path
     if not (Path(path) / "config.json").is_file():
         raise ArtifactError(f"{path}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device)
@@ -856,9 +920,11 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes)
         stats = {"iteration": t, "prompts": len(prompts), "rows": len(rows),
                  "unfinished": sum(not f for g in gens for f in g["finished"]),
                  "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
+                 "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),          # Condorcet cycles in P
                  "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
         write_json(d / "metrics.json", stats)
-        print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}")
+        print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
+              f"{stats['prompts_with_cycle']} of {len(prompts)} prompts' preferences contain a cycle")
     stage("train", train, lambda: len(rows))
     return m_dir
 
@@ -909,7 +975,7 @@ def run(cfg, oracle=None):
     validate_config(cfg)
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
-    prompts = load_prompts(cfg.prompts, cfg.prompt_column)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
     if len(prompts) < (cfg.iterations if cfg.split_prompts else 1):
         raise ConfigError(f"--prompts {cfg.prompts}: {len(prompts)} prompts for {cfg.iterations} disjoint iteration "
                           f"slices" + ("" if prompts else " (the file is empty)"))
@@ -917,6 +983,8 @@ def run(cfg, oracle=None):
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise ConfigError(f"--out {out}: not writable")
+    if oracle is None and cfg.oracle == "committee":
+        oracle = make_oracle(cfg)
     if oracle is None and (cfg.oracle != "pairrm" or not cfg.pairrm):
         raise ConfigError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)" if cfg.oracle == "pairrm"
                           else f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle): run sppo_toy.py")
