@@ -14,6 +14,8 @@ safetensors checkpoint (135 M parameters, tied embeddings, ChatML template, <|im
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import sys
@@ -50,6 +52,19 @@ class ReportConfig:
     progress: bool = HfArg(default=False, help="Show progress bars.")
 
 
+def held_out_samples(model, label, prompts, gen, folder):
+    """One policy's arena samples, cached in OUT/arena/ under a name that holds every setting they depend on (a
+    policy can be sampled while the run still trains the next one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = sppo.gguf_checkpoint(model) if str(model).endswith(".gguf") else model
+    key = hashlib.sha256(json.dumps([str(model), sppo.Hashes(folder)(weights), prompts,
+                                     dataclasses.asdict(gen)]).encode()).hexdigest()[:16]
+    path = folder / f"{label}_{key}.jsonl"
+    if not path.is_file():
+        sppo.write_generations(path, prompts, arena.policy_generations([model], prompts, gen)[0])
+    return sppo.read_generations(path, prompts, gen.K)
+
+
 def mean_words(texts):
     return float(np.mean([len(committee.words(t)) for t in texts]))
 
@@ -64,7 +79,7 @@ def report(cfg):
     gen = sppo.SPPOConfig(K=cfg.samples, temperature=run["temperature"], top_p=run["top_p"], seed=cfg.seed,
                           max_new_tokens=run["max_new_tokens"], gen_batch=cfg.gen_batch, progress=cfg.progress)
     prompts = sppo.load_prompts(cfg.prompts)[:cfg.max_prompts or None]
-    gens = arena.policy_generations(models, prompts, gen)
+    gens = [held_out_samples(m, lab, prompts, gen, Path(cfg.out) / "arena") for m, lab in zip(models, labels)]
     W, SE = arena.arena_oracle(committee.CommitteeOracle(run["judges"]), prompts, gens)
     figs = Path(cfg.figures)
     arena.plot_arena(W, labels, figs / "real_arena.png", se=SE, n_prompts=len(prompts),
