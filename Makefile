@@ -37,7 +37,7 @@ real: $(VENV)/.real
 	OMP_NUM_THREADS=1 $(PY) sppo.py --model $(GGUF) \
 	  --prompts data/prompts_train.jsonl --max-prompts 120 --oracle committee --judges concise,on_topic,well_formed \
 	  --iterations 3 --K 4 --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --gen-batch 8 \
-	  --selection pair --eta 10 --optimizer adamw --lr 2e-5 --epochs 2 --global-batch 16 --micro-batch 8 \
+	  --selection pair --eta 10 --optimizer adamw --lr 5e-6 --epochs 2 --global-batch 16 --micro-batch 8 \
 	  --max-length 256 --max-prompt-length 128 --progress false --out runs/real
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
