@@ -85,3 +85,23 @@ def test_bad_judges_is_a_one_line_error(tmp_path, capsys):
     code = sppo.main(["--oracle", "committee", "--judges", "concise,longest", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "longest" in err and "choose from" in err
+
+
+def test_arena_oracle_averages_sample_pairs_then_prompts():
+    """arena.arena_oracle against a one-pair-at-a-time loop: W[i, j] = mean over prompts of the mean over S x S
+    sample pairs of the committee's P(y > y'), and s.e. = std over prompts / sqrt(N)."""
+    import arena
+    oracle = committee.CommitteeOracle()
+    prompts = [PROMPT, "What is the capital of France?"]
+    gens = [[{"responses": LATIN[:2], "finished": LATIN_FINISHED[:2]}, {"responses": ["Paris.", "Paris"],
+                                                                         "finished": [True, False]}],
+            [{"responses": LATIN[1:], "finished": LATIN_FINISHED[1:]}, {"responses": ["The capital is Paris.",
+                                                                                       "France"], "finished": [True, True]}]]
+    W, SE = arena.arena_oracle(oracle, prompts, gens)
+    per_prompt = [np.mean([oracle(x, [a, b], [fa, fb])[0, 1]
+                           for a, fa in zip(gens[0][n]["responses"], gens[0][n]["finished"])
+                           for b, fb in zip(gens[1][n]["responses"], gens[1][n]["finished"])])
+                  for n, x in enumerate(prompts)]
+    assert W[0, 1] == pytest.approx(np.mean(per_prompt)) and W[1, 0] == pytest.approx(1 - np.mean(per_prompt))
+    assert SE[0, 1] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(2))
+    assert W[0, 0] == W[1, 1] == 0.5
