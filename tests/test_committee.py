@@ -1,0 +1,107 @@
+"""committee.py, the rule-judge oracle, against matrices computed by hand (each judge's score written out below),
+including Condorcet's cycle; has_cycle against hand-drawn relations; sppo.rank passing the EOS flags."""
+import numpy as np
+import pytest
+
+import committee
+import sppo
+
+# "Describe a red apple and a green pear.": content stems {red, apple, green, pear} ('describe', 'and', 'a' are stop
+# words). Scores by hand (concise = -words, on_topic = share of the 4 stems, well_formed = finished + ends a
+# sentence + no repeated 3-gram):
+#   a "Red."                                  finished no  ->  concise -1, on_topic 1/4, well_formed 0+1+1 = 2
+#   b "A red apple and a green pear"          finished no  ->  concise -7, on_topic 4/4, well_formed 0+0+1 = 1
+#   c "It is an apple and a pear, I think."   finished yes ->  concise -9, on_topic 2/4, well_formed 1+1+1 = 3
+# a > b on concise and well_formed (2 of 3), b > c on concise and on_topic, c > a on on_topic and well_formed:
+# a cycle, each link won 2 to 1.
+PROMPT = "Describe a red apple and a green pear."
+LATIN = ["Red.", "A red apple and a green pear", "It is an apple and a pear, I think."]
+LATIN_FINISHED = [False, False, True]
+CYCLE = np.array([[1 / 2, 2 / 3, 1 / 3],
+                  [1 / 3, 1 / 2, 2 / 3],
+                  [2 / 3, 1 / 3, 1 / 2]])
+
+
+def test_judge_scores_by_hand():
+    assert committee.content_stems(PROMPT) == {"red", "apple", "green", "pear"}
+    scores = {n: [committee.JUDGES[n](PROMPT, y, f) for y, f in zip(LATIN, LATIN_FINISHED)]
+              for n in ("concise", "on_topic", "well_formed", "finished", "ends_sentence", "no_repeats")}
+    assert scores == {"concise": [-1, -7, -9], "on_topic": [0.25, 1.0, 0.5], "well_formed": [2, 1, 3],
+                      "finished": [0, 0, 1], "ends_sentence": [1, 0, 1], "no_repeats": [1, 1, 1]}
+    assert committee.no_repeats("", "the cat sat on the cat sat", True) == 0.0      # "the cat sat" twice
+    assert committee.on_topic("How are you?", "Fine.", True) == 1.0                  # no content words: all tie
+
+
+def test_condorcet_cycle():
+    P = committee.preference_matrix(PROMPT, LATIN, LATIN_FINISHED)
+    np.testing.assert_allclose(P, CYCLE, atol=1e-12)
+    assert committee.has_cycle(P)
+    # without the EOS flags every response counts as finished: a's well_formed rises to 3 and ties c's, so c no
+    # longer beats a (1/2: on_topic for c, concise for a, a tie) and the cycle is gone
+    P = committee.preference_matrix(PROMPT, LATIN)
+    np.testing.assert_allclose(P, [[1 / 2, 2 / 3, 1 / 2], [1 / 3, 1 / 2, 2 / 3], [1 / 2, 1 / 3, 1 / 2]], atol=1e-12)
+    assert not committee.has_cycle(P)
+
+
+def test_judge_lists_ties_and_weights():
+    # one judge alone is a score order: transitive, no cycle; P is 1, 0 or 1/2
+    P = committee.preference_matrix(PROMPT, LATIN, LATIN_FINISHED, judges="concise")
+    np.testing.assert_array_equal(P, [[.5, 1, 1], [0, .5, 1], [0, 0, .5]])
+    assert not committee.has_cycle(P)
+    # a repeated judge counts twice: concise, concise, on_topic -> a vs b: 2/3, b vs c: 1, a vs c: 2/3
+    P = committee.preference_matrix(PROMPT, LATIN, LATIN_FINISHED, judges="concise, concise ,on_topic")
+    np.testing.assert_allclose(P[[0, 1, 0], [1, 2, 2]], [2 / 3, 1, 2 / 3])
+    # identical responses tie on every judge
+    np.testing.assert_array_equal(committee.preference_matrix(PROMPT, ["Red."] * 3), np.full((3, 3), 0.5))
+    with pytest.raises(ValueError, match="unknown.*bogus.*choose from concise"):
+        committee.parse_judges("concise,bogus")
+
+
+@pytest.mark.parametrize("edges, cyclic", [
+    ([(0, 1), (1, 2)], False),                        # a chain
+    ([(0, 1), (1, 2), (2, 0)], True),                 # the 3-cycle
+    ([(0, 1), (1, 2), (2, 3), (3, 1)], True),         # a cycle among 1, 2, 3 below a winner
+    ([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], False),   # a strict order
+    ([], False),                                      # all ties
+])
+def test_has_cycle_hand_drawn(edges, cyclic):
+    P = np.full((4, 4), 0.5)
+    for i, j in edges:
+        P[i, j], P[j, i] = 0.8, 0.2
+    assert committee.has_cycle(P) is cyclic
+
+
+def test_rank_passes_eos_flags():
+    """sppo.rank gives the committee each response's `finished`: two identical texts, one cut at the token cap,
+    differ on well_formed only: P = (1/2 + 1/2 + 1) / 3 = 2/3."""
+    oracle = sppo.make_oracle(sppo.SPPOConfig(oracle="committee"))
+    gens = [{"responses": ["Paris is the capital.", "Paris is the capital."], "finished": [True, False]}]
+    (P,), _ = sppo.rank(oracle, ["What is the capital of France?"], gens)
+    np.testing.assert_allclose(P, [[.5, 2 / 3], [1 / 3, .5]])
+    assert oracle.identity() == {"oracle": "committee", "judges": "concise,on_topic,well_formed"}
+
+
+def test_bad_judges_is_a_one_line_error(tmp_path, capsys):
+    code = sppo.main(["--oracle", "committee", "--judges", "concise,longest", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "longest" in err and "choose from" in err
+
+
+def test_arena_oracle_averages_sample_pairs_then_prompts():
+    """arena.arena_oracle against a one-pair-at-a-time loop: W[i, j] = mean over prompts of the mean over S x S
+    sample pairs of the committee's P(y > y'), and s.e. = std over prompts / sqrt(N)."""
+    import arena
+    oracle = committee.CommitteeOracle()
+    prompts = [PROMPT, "What is the capital of France?"]
+    gens = [[{"responses": LATIN[:2], "finished": LATIN_FINISHED[:2]}, {"responses": ["Paris.", "Paris"],
+                                                                         "finished": [True, False]}],
+            [{"responses": LATIN[1:], "finished": LATIN_FINISHED[1:]}, {"responses": ["The capital is Paris.",
+                                                                                       "France"], "finished": [True, True]}]]
+    W, SE = arena.arena_oracle(oracle, prompts, gens)
+    per_prompt = [np.mean([oracle(x, [a, b], [fa, fb])[0, 1]
+                           for a, fa in zip(gens[0][n]["responses"], gens[0][n]["finished"])
+                           for b, fb in zip(gens[1][n]["responses"], gens[1][n]["finished"])])
+                  for n, x in enumerate(prompts)]
+    assert W[0, 1] == pytest.approx(np.mean(per_prompt)) and W[1, 0] == pytest.approx(1 - np.mean(per_prompt))
+    assert SE[0, 1] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(2))
+    assert W[0, 0] == W[1, 1] == 0.5
