@@ -72,8 +72,13 @@ def test_generation_stops_at_im_end(real):
     assert tok.convert_tokens_to_ids("<|endoftext|>") not in sppo.eos_ids(model, tok)
     cfg = sppo.SPPOConfig(K=2, max_new_tokens=16, temperature=0.05, top_p=1.0, progress=False)
     short, long = sppo.generate_responses(model, tok, [PROMPTS[0], "Write a long story about a dragon."], cfg)
-    assert short == {"responses": ["The capital of France is Paris."] * 2, "finished": [True, True]}
+    assert short["responses"] == ["The capital of France is Paris."] * 2 and short["finished"] == [True, True]
     assert long["finished"] == [False, False]                         # 16 tokens: cut, flagged, kept
+    # the sampled ids are stored, with the stop id actually sampled; training scores these, not re-tokenised text
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert short["stop_ids"] == [im_end, im_end] and long["stop_ids"] == [None, None]
+    assert [len(ids) for ids in long["token_ids"]] == [16, 16]
+    assert all(tok.decode(ids) == y for ids, y in zip(short["token_ids"], short["responses"]))
     assert all("<|im_end|>" not in y for y in short["responses"] + long["responses"])
     # through the chat template: y's training tokens are the text's plus <|im_end|> when it finished
     p, r, _ = sppo.encode_example(tok, PROMPTS[0], short["responses"][0], True, 256, 128)
