@@ -626,9 +626,15 @@ def example_losses(model, batch, cfg):
     sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
     them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
     logp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
-    ref, beta = batch["ref_logp"], 1.0 / cfg.eta
     if cfg.loss == "sppo":
-        return sppo_loss(logp, ref, batch["win_prob"], cfg.eta, batch.get("log_z"))
+        return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
+    return pair_losses(logp, batch, cfg).repeat_interleave(2)
+
+
+def pair_losses(logp, batch, cfg):
+    """cfg.loss (one of PAIR_LOSSES) of each pair, rows 2i (winner) and 2i+1 (loser) of logp (B,) and batch's
+    ref_logp (and pair_prob for sppo_pair). Returns (B/2,)."""
+    ref, beta = batch["ref_logp"], 1.0 / cfg.eta
     wl = (logp[0::2], ref[0::2], logp[1::2], ref[1::2])                                    # 4 x (B/2,)
     if cfg.loss == "sppo_pair":
         pair = sppo_pair_loss(*wl, batch["pair_prob"][0::2], cfg.eta)                      # Eq. (4.12)
@@ -641,8 +647,8 @@ def example_losses(model, batch, cfg):
     elif cfg.loss == "kto":                                # KL(pi || pi_ref): the micro-batch's mean log-ratio
         pair = kto_loss(*wl, beta, (logp - ref).detach().mean())                           # Eq. (4.15)
     else:
-        raise ValueError(f"loss must be one of sppo, {', '.join(PAIR_LOSSES)}; got {cfg.loss!r}")
-    return pair.repeat_interleave(2)
+        raise ValueError(f"loss must be one of {', '.join(PAIR_LOSSES)}; got {cfg.loss!r}")
+    return pair
 
 
 def make_batch(pairs, rows, idx, pad, cfg, device):

@@ -11,7 +11,7 @@ computed exactly. sppo.py's Algorithm 1 runs unchanged on it; only the oracle ob
     python sppo_toy.py --help                # every setting with the demo's default
 
 Contents: GameOracle (the oracle slot of sppo.run) -> the demo's games and tiny policy -> exact policies ->
-tabular SPPO (Eq. 4.7 on a softmax table) -> the demo's metrics, plots and CLI.
+tabular self-play with each --loss (SPPO, iterative DPO/IPO, ...) on a softmax table -> the demo's metrics, plots and CLI.
 """
 from __future__ import annotations
 
@@ -175,32 +175,70 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
     policy cannot absorb the difference, so the least-squares fit is another step (App. A: eta/2 is a baseline,
     not an estimate). Finite K also shrinks the step to eta (K-1)/K (the self-term 1/2 of P-hat).
     """
+    return tabular_selfplay(P, "sppo", eta, T, K, groups, pi1, seed, log_z=log_z)
+
+
+def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="half", reference="previous",
+                     ipo_target=0.5):
+    """T iterations of Algorithm 1 with sppo.py's `--loss` on a softmax table; returns pi_1..pi_T, (T, n).
+
+    Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), as --selection
+    all (loss 'sppo': every sample) or pair (the others: each group's winner and loser, sppo.select_pair, with
+    P(y_w > y_l) for sppo_pair), and fits the table to the mean loss by L-BFGS from pi_t (sppo.example_losses'
+    arithmetic). pi_ref = pi_t, or pi_1 with reference='initial'. beta = 1/eta for dpo, ipo and kto.
+    A pair loss whose pairs all point one way (a transitive game) has no finite minimiser: L-BFGS stops at its
+    tolerance or 200 iterations, far along the direction, as iterative DPO trained long on such data does.
+    """
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
         raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
+    if loss not in ("sppo", *sppo.PAIR_LOSSES):
+        raise ValueError(f"loss must be one of sppo, {', '.join(sppo.PAIR_LOSSES)}; got {loss!r}")
     n = P.shape[0]
     rng = np.random.default_rng(seed)
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
     theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
+    log_pi1 = torch.log_softmax(theta, 0).detach()
+    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection="all" if loss == "sppo" else "pair")
     out = []
     for _ in range(T):
         pi = torch.softmax(theta, 0).detach().numpy()
         out.append(pi)
         y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
-        wp = torch.from_numpy(sppo.win_rates(P[y[:, :, None], y[:, None, :]]).ravel())        # (G*K,) Eq. (4.5)
-        idx = torch.from_numpy(y.ravel())
-        ref = torch.log_softmax(theta, 0).detach()[idx]
+        wp = sppo.win_rates(P[y[:, :, None], y[:, None, :]])                              # (G, K) Eq. (4.5)
+        if loss == "sppo":
+            idx, target = y.ravel(), wp.ravel()
+        else:                                                                             # rows 2i, 2i+1: w, l
+            w, l = sppo.select_pair(wp)
+            yw, yl = y[np.arange(groups), w], y[np.arange(groups), l]
+            idx = np.stack([yw, yl], 1).ravel()                                           # (2G,)
+            target = np.stack([wp[np.arange(groups), w], wp[np.arange(groups), l]], 1).ravel()
+            pair_prob = torch.from_numpy(np.stack([P[yw, yl], P[yl, yw]], 1).ravel())
+        idx, target = torch.from_numpy(idx), torch.from_numpy(target)
+        ref = (log_pi1 if reference == "initial" else torch.log_softmax(theta, 0).detach())[idx]
         lz = (None if log_z == "half" else float(hedge_toy.log_partition(P, pi, eta)) if log_z == "exact"
               else float(log_z))                                                          # Eq. (4.6) / (4.2)
         opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = sppo.sppo_loss(torch.log_softmax(theta, 0)[idx], ref, wp, eta, lz).mean()  # Eq. (4.7)
-            loss.backward()
-            return loss
+            logp = torch.log_softmax(theta, 0)[idx]
+            if loss == "sppo":
+                value = sppo.sppo_loss(logp, ref, target, eta, lz).mean()                 # Eq. (4.7)
+            else:
+                batch = {"ref_logp": ref, "win_prob": target, "pair_prob": pair_prob}
+                value = sppo.pair_losses(logp, batch, cfg).mean()
+            value.backward()
+            return value
         opt.step(closure)
     return np.array(out)
+
+
+def selfplay_gaps(P, iterates):
+    """Exact exploitability (hedge_toy.duality_gap) per iteration of the last iterate pi_t and of the average
+    (1/t) sum_{s<=t} pi_s (Thm 4.1's output). iterates (T, n) -> two arrays (T,)."""
+    avg = np.cumsum(iterates, 0) / np.arange(1, len(iterates) + 1)[:, None]
+    return hedge_toy.duality_gap(P, iterates), hedge_toy.duality_gap(P, avg)
 
 
 # ----------------------------------------------------------------------------------------------------------------

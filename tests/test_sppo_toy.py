@@ -19,6 +19,43 @@ import sppo_toy
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def condorcet_winner(P):
+    """The response that beats every other one (P[i, j] > 1/2 for all j != i), found by checking each; or None."""
+    n = len(P)
+    return next((i for i in range(n) if all(P[i, j] > 0.5 for j in range(n) if j != i)), None)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "sppo"])
+def test_tabular_selfplay_reaches_the_condorcet_winner_of_a_transitive_game(loss):
+    P = hedge_toy.ordered_game(4, seed=2)
+    win = condorcet_winner(P)
+    assert win is not None
+    pi = sppo_toy.tabular_selfplay(P, loss, 3.0, T=12, pi1=np.array([0.4, 0.3, 0.2, 0.1])[::-1] if win == 0 else
+                                   None, seed=0)
+    last, avg = sppo_toy.selfplay_gaps(P, pi)
+    assert pi[-1][win] > 0.999                                                  # the pure von Neumann winner...
+    assert last[-1] == pytest.approx(2 * (P @ pi[-1]).max() - 1) and last[-1] < 2e-3   # ...with gap 0 (Eq. 3.3)
+    assert avg[-1] < avg[2] < avg[0]                                            # the average follows it
+
+
+def test_tabular_dpo_on_rock_paper_scissors_collapses_to_a_pure_response_and_stays():
+    """The von Neumann winner of RPS is uniform (gap 2 max(P u) - 1 = 0). Iterative DPO instead fits its first
+    winner/loser pairs to a ranking (Bradley-Terry: one score per response), puts all its mass on the top one, and
+    then samples only that response: every pair is (y, y), the loss is flat, nothing moves. Its last-iterate gap is
+    1 (the worst possible) from iteration 2 on, and the average's gap grows towards 1. SPPO's average heads to 0."""
+    P, pi1 = hedge_toy.rock_paper_scissors(), np.array([0.1, 0.2, 0.7])
+    u = np.full(3, 1 / 3)
+    assert 2 * (P @ u).max() - 1 == pytest.approx(0.0)
+    dpo = sppo_toy.tabular_selfplay(P, "dpo", 3.0, T=12, pi1=pi1, seed=0)
+    last, avg = sppo_toy.selfplay_gaps(P, dpo)
+    pure = int(dpo[1].argmax())
+    assert dpo[1][pure] > 0.999 and np.allclose(dpo[2:], dpo[1], atol=1e-9)        # pure at once, then frozen
+    assert last[1:] == pytest.approx(1.0, abs=2e-3)
+    assert avg[-1] > 0.85 and np.all(np.diff(avg[1:]) > 0)
+    _, avg_sppo = sppo_toy.selfplay_gaps(P, sppo_toy.tabular_selfplay(P, "sppo", 3.0, T=12, pi1=pi1, seed=0))
+    assert avg_sppo[-1] < 0.25 and avg_sppo[-1] < avg_sppo[2] / 2                # SPPO, same eta: towards u
+
+
 def test_tabular_sppo_approaches_hedge_with_many_samples():
     """Finite K shrinks the step to eta (K-1)/K; with K = 40 and many groups SPPO tracks exact Hedge."""
     P, eta = hedge_toy.weighted_rps(), 1.0
