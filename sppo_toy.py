@@ -8,10 +8,12 @@ computed exactly. sppo.py's Algorithm 1 runs unchanged on it; only the oracle ob
 
     python sppo_toy.py                       # the demo: 20 iterations, table + figures/demo_gap.png (~1 min CPU)
     python sppo_toy.py --iterations 2 --out runs/small --figure runs/small/gap.png
+    python sppo_toy.py --compare             # SPPO vs iterative DPO, IPO, sppo_hard: table + figures/compare_*.png
     python sppo_toy.py --help                # every setting with the demo's default
 
 Contents: GameOracle (the oracle slot of sppo.run) -> the demo's games and tiny policy -> exact policies ->
-tabular self-play with each --loss (SPPO, iterative DPO/IPO, ...) on a softmax table -> the demo's metrics, plots and CLI.
+tabular self-play with each --loss on a softmax table -> the demo's metrics, plots and CLI -> --compare: SPPO
+against iterative DPO, IPO and sppo_hard in the same loop.
 """
 from __future__ import annotations
 
@@ -263,6 +265,8 @@ class DemoConfig(_DemoBase):
     """The demo's settings: SPPOConfig for a 16-token world (eta = 3: 20 Hedge steps cut both gaps by ~4x)."""
     groups: int = HfArg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
     figure: str = HfArg(default="figures/demo_gap.png", help="Where to save the gap plot (the arena plot beside it).")
+    compare: bool = HfArg(default=False, help="SPPO against iterative DPO, IPO and sppo_hard (--loss) from the same "
+                          "pi_0, --selection pair: gap table, compare_gap.png and compare_arena.png beside --figure.")
 
 
 def effective_eta(eta, K):
@@ -331,11 +335,9 @@ def plot_demo(metrics, path):
     plt.close(fig)
 
 
-def demo(cfg):
-    """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
-    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
-    figure = cfg.figure
-    games = demo_games()
+def demo_start(cfg, games):
+    """pi_0 (OUT/pi0: the tiny policy warm-started to DEMO_START, made once) and the prompt file (`groups` copies of
+    each game's prompt). Returns cfg with --model and --prompts pointing at them."""
     torch.set_num_threads(1)                     # a 16-token, hidden-32 model: thread sync costs more than it saves
     out = Path(cfg.out)
     pi0 = out / "pi0"
@@ -346,7 +348,15 @@ def demo(cfg):
         runs.save_policy(model, tok, pi0)
         shutil.rmtree(out / "pi0.init")
     runs.write_jsonl(out / "prompts.jsonl", ({"prompt": x} for x in games for _ in range(cfg.groups)))
-    cfg = dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
+    return dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
+
+
+def demo(cfg):
+    """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
+    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
+    figure, games, out = cfg.figure, demo_games(), Path(cfg.out)
+    cfg = demo_start(cfg, games)
+    pi0 = Path(cfg.model)
     if sppo.run(cfg, oracle=GameOracle(games)) is None:
         return None
     dirs = [pi0] + [out / f"iter{t}" / "model" for t in range(cfg.iterations)]
@@ -374,15 +384,79 @@ def demo(cfg):
     return metrics
 
 
+COMPARE_LOSSES = ("sppo", "dpo", "ipo", "sppo_hard")
+"""The methods of --compare: SPPO and the paper's iterative baselines (Table 1), all on the winner/loser pair."""
+
+
+def compare(cfg):
+    """Algorithm 1 once per loss (OUT/compare/<loss>), same pi_0, iterations, samples per iteration and kept-pair
+    rule (--selection pair); per game and iteration the exact gap (hedge_toy.duality_gap on the extended game) of the
+    last iterate and the average; the exact arena (arena_exact) of the final policies, averaged over the games.
+    Prints the table, saves compare_gap.png and compare_arena.png beside cfg.figure. Returns the metrics."""
+    games, oracle = demo_games(), GameOracle(demo_games())
+    cfg = demo_start(dataclasses.replace(cfg, selection="pair"), games)
+    out, pis = Path(cfg.out), {}
+    for loss in COMPARE_LOSSES:
+        c = dataclasses.replace(cfg, loss=loss, out=str(Path(cfg.out) / "compare" / loss))
+        print(f"--loss {loss}: {c.iterations} iterations in {c.out}")
+        if sppo.run(c, oracle=oracle) is None:
+            return None
+        dirs = [cfg.model] + [Path(c.out) / f"iter{t}" / "model" for t in range(c.iterations)]
+        pis[loss] = {x: [] for x in games}
+        for d in dirs:
+            model, tok = runs.load_policy(d, cfg, "cpu")
+            for x, (_, ys) in games.items():
+                pis[loss][x].append(exact_policy(model, tok, x, ys).tolist())
+    metrics = {loss: {x: dict(zip(("last_gap", "gap"), (g.tolist() for g in selfplay_gaps(oracle.extended(x),
+                                                                                          np.array(p[x])))),
+                              policy=p[x]) for x in games} for loss, p in pis.items()}
+    (out / "compare_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print("exact duality gap per iteration: last iterate pi_t / average of pi_0..pi_t, on each game")
+    print(f"{'t':>3} " + " ".join(f"| {x[:17]:>17}: " + " ".join(f"{m:>13}" for m in COMPARE_LOSSES) for x in games))
+    for t in range(cfg.iterations + 1):
+        cell = lambda m, x: f"{metrics[m][x]['last_gap'][t]:6.3f}/{metrics[m][x]['gap'][t]:6.3f}"  # noqa: E731
+        print(f"{t:>3} " + " ".join(f"| {'':>17}  " + " ".join(cell(m, x) for m in COMPARE_LOSSES) for x in games))
+    W = np.mean([arena.arena_exact(np.array([pis[m][x][-1] for m in COMPARE_LOSSES]), oracle.extended(x))
+                 for x in games], 0)                                                     # Fig. 3 between methods
+    print("exact arena of the final policies, P(row beats column), mean over the games:")
+    print(" " * 10 + "".join(f"{m:>10}" for m in COMPARE_LOSSES))
+    for m, row in zip(COMPARE_LOSSES, W):
+        print(f"{m:>10}" + "".join(f"{v:10.3f}" for v in row))
+    gap_png, arena_png = (Path(cfg.figure).with_name(f"compare_{k}.png") for k in ("gap", "arena"))
+    plot_compare(metrics, gap_png)
+    arena.plot_arena(W, [f"{m}_T" for m in COMPARE_LOSSES], arena_png,
+                     title="P(row beats column), exact, final policies")
+    print(f"wrote {gap_png}, {arena_png} and {out / 'compare_metrics.json'}")
+    return metrics
+
+
+def plot_compare(metrics, path):
+    """One panel per game: the exact gap of each method's average (solid) and last iterate (dotted)."""
+    import matplotlib.pyplot as plt
+    games = list(next(iter(metrics.values())))
+    fig, axes = plt.subplots(1, len(games), figsize=(5 * len(games), 3.6), squeeze=False)
+    for ax, x in zip(axes[0], games):
+        for i, (loss, m) in enumerate(metrics.items()):
+            t = np.arange(len(m[x]["gap"]))
+            ax.plot(t, m[x]["gap"], "o-", color=f"C{i}", ms=3, label=f"{loss}: average")
+            ax.plot(t, m[x]["last_gap"], ":", color=f"C{i}", label=f"{loss}: last iterate")
+        ax.set(title=f"prompt: '{x}'", xlabel="iteration t", ylabel="duality gap (exact)", ylim=(0, 1.02))
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     cfg = runs.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
     t0 = time.perf_counter()
-    metrics = runs.user_errors("sppo_toy.py", lambda: demo(cfg))
+    metrics = runs.user_errors("sppo_toy.py", lambda: compare(cfg) if cfg.compare else demo(cfg))
     if metrics == 2:
         return 2
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    print(f"{'comparison' if cfg.compare else 'demo'} finished in {time.perf_counter() - t0:.1f} s")
     return 0 if metrics is not None or cfg.stop_after else 1
 
 

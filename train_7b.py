@@ -439,9 +439,9 @@ def save_checkpoint(state, out, keep, run_info, d):
     dist.barrier()
 
 
-RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs", "schedule_epochs", "selection", "seed", "eta", "log_z",
-                   "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "max_length",
-                   "max_prompt_length", "truncation")
+RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs", "schedule_epochs", "selection",
+                   "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
+                   "max_length", "max_prompt_length", "truncation")
 """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
 setting that changes the result. A changed one is refused, named, before the model is built."""
 

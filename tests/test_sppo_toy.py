@@ -142,6 +142,32 @@ def test_demo_cli_small(tmp_path):
         assert game["gap"][2] < game["gap"][0] and game["eta_eff"] == pytest.approx(3.0 * 4 / 5)
 
 
+@pytest.mark.slow
+def test_compare_cli_small(tmp_path):
+    """--compare at small size in a subprocess: every method starts from the same pi_0 and the same iteration-0
+    samples and kept pairs; the gaps it reports are the exact ones of the policies it stores (recomputed here by
+    hand on the extended game), and it writes both figures."""
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--compare", "--iterations", "2", "--groups", "6",
+                        "--epochs", "2", "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact arena of the final policies" in r.stdout and "comparison finished" in r.stdout
+    assert (out / "compare_gap.png").stat().st_size > 10_000 and (out / "compare_arena.png").stat().st_size > 5_000
+    first = {(out / "compare" / m / "iter0" / "dataset.jsonl").read_text() for m in sppo_toy.COMPARE_LOSSES}
+    assert len(first) == 1                                                   # same samples, pairs, pi_ref
+    m = json.loads((out / "compare_metrics.json").read_text())
+    oracle = sppo_toy.GameOracle(sppo_toy.demo_games())
+    for loss in sppo_toy.COMPARE_LOSSES:
+        for x, g in m[loss].items():
+            Q, pi = oracle.extended(x), np.array(g["policy"])                # (4, 4), (3, 4): pi_0, pi_1, pi_2
+            assert len(g["gap"]) == 3 and pi[0] == pytest.approx(np.array(m["sppo"][x]["policy"][0]))
+            by_hand = [max(sum(Q[i, j] * p[j] for j in range(4)) for i in range(4)) * 2 - 1 for p in pi]
+            assert g["last_gap"] == pytest.approx(by_hand, abs=1e-9)
+            avg = [pi[:t + 1].mean(0) for t in range(3)]
+            assert g["gap"] == pytest.approx([2 * (Q @ a).max() - 1 for a in avg], abs=1e-9)
+
+
 def test_demo_criterion_by_hand():
     """The demo's pass rule (DEMO_CRITERION): gap cut to a third, at most 0.05 above Hedge(eta'), mean TV step
     <= 0.04; each clause fails on its own, and it is judged against Hedge(eta'), not Hedge(eta)."""
