@@ -410,20 +410,23 @@ def compare(cfg):
     metrics = {loss: {x: dict(zip(("last_gap", "gap"), (g.tolist() for g in selfplay_gaps(oracle.extended(x),
                                                                                           np.array(p[x])))),
                               policy=p[x]) for x in games} for loss, p in pis.items()}
-    (out / "compare_metrics.json").write_text(json.dumps(metrics, indent=1))
     print("exact duality gap per iteration: last iterate pi_t / average of pi_0..pi_t, on each game")
     print(f"{'t':>3} " + " ".join(f"| {x[:17]:>17}: " + " ".join(f"{m:>13}" for m in COMPARE_LOSSES) for x in games))
     for t in range(cfg.iterations + 1):
         cell = lambda m, x: f"{metrics[m][x]['last_gap'][t]:6.3f}/{metrics[m][x]['gap'][t]:6.3f}"  # noqa: E731
         print(f"{t:>3} " + " ".join(f"| {'':>17}  " + " ".join(cell(m, x) for m in COMPARE_LOSSES) for x in games))
-    W = np.mean([arena.arena_exact(np.array([pis[m][x][-1] for m in COMPARE_LOSSES]), oracle.extended(x))
-                 for x in games], 0)                                                     # Fig. 3 between methods
-    print("exact arena of the final policies, P(row beats column), mean over the games:")
-    print(" " * 10 + "".join(f"{m:>10}" for m in COMPARE_LOSSES))
-    for m, row in zip(COMPARE_LOSSES, W):
-        print(f"{m:>10}" + "".join(f"{v:10.3f}" for v in row))
+    for what, pick in (("final policies pi_T", lambda p: p[-1]), ("averages of pi_0..pi_T", lambda p: np.mean(p, 0))):
+        W = np.mean([arena.arena_exact(np.array([pick(pis[m][x]) for m in COMPARE_LOSSES]), oracle.extended(x))
+                     for x in games], 0)                                                 # Fig. 3 between methods
+        print(f"exact arena of the {what}, P(row beats column), mean over the games:")
+        print(" " * 10 + "".join(f"{m:>10}" for m in COMPARE_LOSSES))
+        for m, row in zip(COMPARE_LOSSES, W):
+            print(f"{m:>10}" + "".join(f"{v:10.3f}" for v in row))
+        metrics.setdefault("arena", {})[what] = W.tolist()
+    W = np.array(metrics["arena"]["final policies pi_T"])
+    (out / "compare_metrics.json").write_text(json.dumps(metrics, indent=1))
     gap_png, arena_png = (Path(cfg.figure).with_name(f"compare_{k}.png") for k in ("gap", "arena"))
-    plot_compare(metrics, gap_png)
+    plot_compare({m: metrics[m] for m in COMPARE_LOSSES}, gap_png)
     arena.plot_arena(W, [f"{m}_T" for m in COMPARE_LOSSES], arena_png,
                      title="P(row beats column), exact, final policies")
     print(f"wrote {gap_png}, {arena_png} and {out / 'compare_metrics.json'}")

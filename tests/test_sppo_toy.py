@@ -158,6 +158,9 @@ def test_compare_cli_small(tmp_path):
     assert len(first) == 1                                                   # same samples, pairs, pi_ref
     m = json.loads((out / "compare_metrics.json").read_text())
     oracle = sppo_toy.GameOracle(sppo_toy.demo_games())
+    finals = {x: np.array([m[loss][x]["policy"][-1] for loss in sppo_toy.COMPARE_LOSSES]) for x in m["sppo"]}
+    W = np.mean([[[a @ oracle.extended(x) @ b for b in f] for a in f] for x, f in finals.items()], 0)
+    assert np.abs(np.array(m["arena"]["final policies pi_T"]) - W).max() < 1e-9      # P(pi_i > pi_j) by hand
     for loss in sppo_toy.COMPARE_LOSSES:
         for x, g in m[loss].items():
             Q, pi = oracle.extended(x), np.array(g["policy"])                # (4, 4), (3, 4): pi_0, pi_1, pi_2
