@@ -641,9 +641,9 @@ def pair_losses(logp, batch, cfg):
     elif cfg.loss == "dpo":
         pair = dpo_loss(*wl, beta)                                                          # Eq. (4.13)
     elif cfg.loss == "ipo":
-        pair = ipo_loss(*wl, beta, cfg.ipo_target)
+        pair = ipo_loss(*wl, beta, cfg.ipo_target)                                          # Eq. (4.14) family
     elif cfg.loss == "sppo_hard":
-        pair = sppo_hard_loss(*wl, cfg.eta)
+        pair = sppo_hard_loss(*wl, cfg.eta)                                                 # Sec. 4.5, P = 1
     elif cfg.loss == "kto":                                # KL(pi || pi_ref): the micro-batch's mean log-ratio
         pair = kto_loss(*wl, beta, (logp - ref).detach().mean())                           # Eq. (4.15)
     else:
@@ -669,7 +669,8 @@ class DivergedError(RuntimeError):
 def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     """theta_{t+1} = argmin_theta E_{D_t}[...]^2 (Eq. 4.7; or cfg.loss: example_losses), starting from pi_t = `model`.
 
-    rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_t itself, so no second model is held.
+    rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_ref (pi_t, or pi_0 with --reference
+    initial) in the dataset stage, so no second model is held.
     Steps come from train_schedule (pairs stay in one micro-batch). Each optimizer step sums per-row losses over
     micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
     Returns a list of per-step metrics; `lr` is the rate the step used.
