@@ -756,14 +756,16 @@ def validate_config(cfg):
 
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
     """D_t against its sources: per prompt, in order, the rows kept_rows keeps, each carrying that generation's
-    text and token ids and its P-hat from that prompt's matrix."""
+    text and token ids and its P-hat (and pair_prob, when it has one) from that prompt's matrix."""
     per = cfg.K if cfg.selection == "all" else 2
     if len(rows) != per * len(gens):
         raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept; delete it to recompute")
     for n, r in enumerate(rows):
         i, k = n // per, r.get("k")
-        want_k, _, want_p = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0][n % per]
-        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k]
+        keep = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0]
+        want_k, _, want_p = keep[n % per]
+        pair_ok = "pair_prob" not in r or per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]]) < 1e-9
+        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k] and pair_ok
                 and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
             raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
                                 f"from preferences.jsonl; delete it to recompute")

@@ -238,5 +238,14 @@ def test_reference_initial_keeps_pi_0_and_another_loss_is_refused(world, tmp_pat
     assert max(abs(r["ref_logp"] - a) for r, a in zip(rows, lp_0)) < 1e-4
     assert max(abs(r["ref_logp"] - b) for r, b in zip(rows, lp_1)) > 1e-2          # pi_1 moved: not its log-probs
     assert {r["ref_by"]["model"] for r in rows} == {runs.Hashes(tmp_path / "run")(cfg.model)}
+    d, prompts = tmp_path / "run" / "iter1", runs.iteration_prompts(runs.load_prompts(world["prompts"]), cfg, 1)
+    gens, mats = runs.read_generations(d / "generations.jsonl", prompts, cfg.K), runs.read_preferences(
+        d / "preferences.jsonl", len(prompts), cfg.K)
+    w, l = rows[0]["k"], rows[1]["k"]
+    assert [rows[0]["pair_prob"], rows[1]["pair_prob"]] == [mats[0][w][l], mats[0][l][w]]       # P(y_w > y_l), back
+    sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="record 2: not prompt 0's generation"):      # an edited pair_prob
+        sppo.check_dataset_sources([rows[0], dict(rows[1], pair_prob=rows[1]["pair_prob"] + 0.25)] + rows[2:], gens,
+                                   mats, cfg, "d")
     with pytest.raises(runs.StaleStage, match="loss = 'dpo'.*loss = 'ipo'"):
         sppo.run(cfg.__class__(**{**cfg.__dict__, "loss": "ipo"}), oracle=oracle())
