@@ -87,10 +87,12 @@ DATASET_FIELDS = {"prompt_id": int, "prompt": str, "response": str, "finished": 
 """Schema of D_t (dataset.jsonl), one row per kept response; train_7b.py reads the same file.
 prompt_id: index of the prompt in this iteration; prompt: raw prompt text (the chat template is applied at
 tokenisation); response: the sampled text; finished: it ended with EOS (EOS is then part of y); win_prob:
-P-hat(y > pi_t|x) of Eq. (4.5); ref_logp: log pi_t(y|x) summed over response tokens. Optional: log_z
-(Eq. 4.5 estimate, used when present and log_z='estimate'), role ('winner', 'loser' or 'all'), k (sample index),
-response_ids / stop_id (the sampled tokens: sppo.py always writes them; a dataset made elsewhere without them is
-tokenised from its text), ref_by (the model hash, dtype and truncation ref_logp was computed with)."""
+P-hat(y > pi_t|x) of Eq. (4.5); ref_logp: log pi_ref(y|x) summed over response tokens (pi_t, or pi_0 with
+--reference initial). Optional: log_z (Eq. 4.5 estimate, used when present and log_z='estimate'), role ('winner',
+'loser' or 'all'), k (sample index), pair_prob (--selection pair: P(y > the prompt's other kept response | x), for
+--loss sppo_pair's Eq. 4.12), response_ids / stop_id (the sampled tokens: sppo.py always writes them; a dataset
+made elsewhere without them is tokenised from its text), ref_by (the model hash, dtype and truncation ref_logp was
+computed with)."""
 
 
 def check_fields(row, schema: dict, where: str):
@@ -263,11 +265,11 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
     "rank": ("oracle", "pairrm_mode", "oracle_prompt", "judges"),
-    "dataset": ("selection", "estimate_from", "eta", "max_length", "max_prompt_length", "truncation", "micro_batch",
-                "dtype"),
-    "train": ("log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
-              "schedule_epochs", "global_batch", "micro_batch", "seed", "max_length", "max_prompt_length",
-              "truncation", "dtype", "eval_prompts")}
+    "dataset": ("selection", "estimate_from", "reference", "eta", "max_length", "max_prompt_length", "truncation",
+                "micro_batch", "dtype"),
+    "train": ("loss", "ipo_target", "log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay",
+              "max_grad_norm", "epochs", "schedule_epochs", "global_batch", "micro_batch", "seed", "max_length",
+              "max_prompt_length", "truncation", "dtype", "eval_prompts")}
 """The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
 
 
@@ -304,6 +306,8 @@ def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
         key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     if stage == "rank":
         key["oracle_id"] = oracle_id
+    if stage == "dataset" and cfg.reference == "initial":       # ref_logp by pi_0, whatever pi_t is
+        key["reference_model"] = hashes(cfg.model)
     if stage == "train" and cfg.eval_prompts:                   # metrics.json's held-out win rates: the file's hash
         key["eval_prompts"] = hashes(cfg.eval_prompts)
     return key

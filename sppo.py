@@ -75,6 +75,14 @@ class SPPOConfig:
     estimate_from: Literal["all", "pair"] = HfArg(default="all", help="P-hat of the kept rows from all K responses "
                                                   "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; needs "
                                                   "--selection pair).")
+    loss: Literal["sppo", "sppo_pair", "dpo", "ipo", "sppo_hard", "kto"] = HfArg(default="sppo", help="Step 4's "
+        "objective: sppo (Eq. 4.7 per row), or on each (winner, loser) pair (needs --selection pair): sppo_pair "
+        "(Eq. 4.12), dpo (4.13), ipo, sppo_hard (Sec. 4.5), kto (4.15); beta = 1/eta. dpo/ipo = the paper's "
+        "iterative baselines.")
+    reference: Literal["previous", "initial"] = HfArg(default="previous", help="pi_ref of the loss: pi_t (the "
+                                                      "paper's SPPO and iterative DPO/IPO) or pi_0 in every iteration.")
+    ipo_target: float = HfArg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: Azar et al.'s and TRL's "
+                                                "IPO; 1: Eq. 4.14 as printed).")
     max_new_tokens: int = HfArg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
     temperature: float = HfArg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
     top_p: float = HfArg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
@@ -537,6 +545,9 @@ def build_dataset(prompts, generations, matrices, cfg, logits=None):
         rows += [{"prompt_id": i, "prompt": x, "response": g["responses"][k], "finished": g["finished"][k],
                   "response_ids": g["token_ids"][k], "stop_id": g["stop_ids"][k], "win_prob": wp, "log_z": lz,
                   "role": role, "k": k} for k, role, wp in keep]
+        if cfg.selection == "pair":                              # P(this row > the other kept row | x), Eq. (4.12)
+            (w, *_), (l, *_) = keep
+            rows[-2]["pair_prob"], rows[-1]["pair_prob"] = float(P[w][l]), float(P[l][w])
     return rows
 
 
@@ -569,6 +580,12 @@ def group_size(rows, cfg):
     if bad is not None:
         raise ArtifactError(f"dataset: record {bad + 1}: --selection pair needs rows in pairs (a prompt's winner, "
                             f"then its loser), but it has no pair after it; pass --selection all")
+    bad = next((n for n, r in enumerate(rows) if cfg.loss in PAIR_LOSSES and r.get("role", ("winner", "loser")[n % 2])
+                != ("winner", "loser")[n % 2] or cfg.loss == "sppo_pair" and "pair_prob" not in r), None)
+    if bad is not None:
+        raise ArtifactError(f"dataset: record {bad + 1}: --loss {cfg.loss} needs each prompt's winner, then its loser"
+                            + (", with pair_prob (sppo.py writes it)" if cfg.loss == "sppo_pair" else "") +
+                            "; recompute it with --restart-from dataset")
     return 2
 
 
@@ -616,20 +633,50 @@ def make_scheduler(optimizer, total_steps, warmup_ratio):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def example_losses(model, batch, eta):
-    """Eq. (4.7) per example for a collated batch carrying ref_logp, win_prob and optionally log_z.
-    Returns (B,) fp32."""
-    logp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], eta, batch.get("log_z"))
+PAIR_LOSSES = ("sppo_pair", "dpo", "ipo", "sppo_hard", "kto")
+"""The losses of one (winner, loser) pair (Sec. 4.5): they need --selection pair."""
+
+
+def example_losses(model, batch, cfg):
+    """cfg.loss per row of a collated batch carrying ref_logp, win_prob (log_z: --log-z estimate; pair_prob: --loss
+    sppo_pair). Returns (B,) fp32 whose sum over the step's rows / its row count is the step's loss.
+
+    sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
+    them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
+    logp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
+    if cfg.loss == "sppo":
+        return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
+    return pair_losses(logp, batch, cfg).repeat_interleave(2)
+
+
+def pair_losses(logp, batch, cfg):
+    """cfg.loss (one of PAIR_LOSSES) of each pair, rows 2i (winner) and 2i+1 (loser) of logp (B,) and batch's
+    ref_logp (and pair_prob for sppo_pair). Returns (B/2,)."""
+    ref, beta = batch["ref_logp"], 1.0 / cfg.eta
+    wl = (logp[0::2], ref[0::2], logp[1::2], ref[1::2])                                    # 4 x (B/2,)
+    if cfg.loss == "sppo_pair":
+        pair = sppo_pair_loss(*wl, batch["pair_prob"][0::2], cfg.eta)                      # Eq. (4.12)
+    elif cfg.loss == "dpo":
+        pair = dpo_loss(*wl, beta)                                                          # Eq. (4.13)
+    elif cfg.loss == "ipo":
+        pair = ipo_loss(*wl, beta, cfg.ipo_target)                                          # Eq. (4.14) family
+    elif cfg.loss == "sppo_hard":
+        pair = sppo_hard_loss(*wl, cfg.eta)                                                 # Sec. 4.5, P = 1
+    elif cfg.loss == "kto":                                # KL(pi || pi_ref): the micro-batch's mean log-ratio
+        pair = kto_loss(*wl, beta, (logp - ref).detach().mean())                           # Eq. (4.15)
+    else:
+        raise ValueError(f"loss must be one of {', '.join(PAIR_LOSSES)}; got {cfg.loss!r}")
+    return pair
 
 
 def make_batch(pairs, rows, idx, pad, cfg, device):
-    """Collate rows `idx` with their targets: ref_logp, win_prob (and log_z when cfg.log_z == 'estimate')."""
+    """Collate rows `idx` with their targets: ref_logp, win_prob (log_z when cfg.log_z == 'estimate', pair_prob
+    when cfg.loss == 'sppo_pair')."""
     b = collate([pairs[i] for i in idx], pad, multiple=pad_multiple(device))
-    b["ref_logp"] = torch.tensor([rows[i]["ref_logp"] for i in idx], dtype=torch.float32)
-    b["win_prob"] = torch.tensor([rows[i]["win_prob"] for i in idx], dtype=torch.float32)
-    if cfg.log_z == "estimate":
-        b["log_z"] = torch.tensor([rows[i]["log_z"] for i in idx], dtype=torch.float32)
+    for name, need in [("ref_logp", True), ("win_prob", True), ("log_z", cfg.log_z == "estimate"),
+                       ("pair_prob", cfg.loss == "sppo_pair")]:
+        if need:
+            b[name] = torch.tensor([rows[i][name] for i in idx], dtype=torch.float32)
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -638,9 +685,10 @@ class DivergedError(RuntimeError):
 
 
 def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
-    """theta_{t+1} = argmin_theta E_{D_t}[...]^2 (Eq. 4.7), starting from pi_t = `model`.
+    """theta_{t+1} = argmin_theta E_{D_t}[...]^2 (Eq. 4.7; or cfg.loss: example_losses), starting from pi_t = `model`.
 
-    rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_t itself, so no second model is held.
+    rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_ref (pi_t, or pi_0 with --reference
+    initial) in the dataset stage, so no second model is held.
     Steps come from train_schedule (pairs stay in one micro-batch). Each optimizer step sums per-row losses over
     micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
     Returns a list of per-step metrics; `lr` is the rate the step used.
@@ -661,7 +709,7 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         loss_sum = 0.0
         for j in range(0, len(idx), cfg.micro_batch * group):                             # a pair: one micro-batch
             b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch * group], pad_id(tokenizer), cfg, device)
-            losses = example_losses(model, b, cfg.eta)                                     # (micro,)
+            losses = example_losses(model, b, cfg)                                         # (micro,)
             (losses.sum() / len(idx)).backward()
             loss_sum += losses.detach().sum().item()
             n_tok += int(b["attention_mask"].sum())
@@ -704,7 +752,11 @@ def validate_config(cfg):
                            None or cfg.schedule_epochs >= cfg.epochs, "schedule_epochs", f">= --epochs {cfg.epochs} "
                            "(the LR schedule's length; leave it out for --epochs)"), (cfg.estimate_from == "all" or
                            cfg.selection == "pair", "estimate_from", "'all' with --selection all (the pair is only "
-                           "known with --selection pair)"), (cfg.global_batch >= 1,
+                           "known with --selection pair)"), (cfg.loss == "sppo" or cfg.selection == "pair", "loss",
+                           "'sppo' with --selection all (the other losses train on each prompt's winner and loser)"),
+                           (cfg.log_z == "half" or cfg.loss == "sppo", "log_z", "'half' unless --loss sppo (only "
+                           "Eq. 4.4 has a log Z)"), (math.isfinite(cfg.ipo_target), "ipo_target", "finite"),
+                           (cfg.global_batch >= 1,
                            "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
@@ -728,14 +780,16 @@ def validate_config(cfg):
 
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
     """D_t against its sources: per prompt, in order, the rows kept_rows keeps, each carrying that generation's
-    text and token ids and its P-hat from that prompt's matrix."""
+    text and token ids and its P-hat (and pair_prob, when it has one) from that prompt's matrix."""
     per = cfg.K if cfg.selection == "all" else 2
     if len(rows) != per * len(gens):
         raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept; delete it to recompute")
     for n, r in enumerate(rows):
         i, k = n // per, r.get("k")
-        want_k, _, want_p = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0][n % per]
-        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k]
+        keep = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0]
+        want_k, _, want_p = keep[n % per]
+        pair_ok = "pair_prob" not in r or per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]]) < 1e-9
+        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k] and pair_ok
                 and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
             raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
                                 f"from preferences.jsonl; delete it to recompute")
@@ -771,9 +825,11 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
     mats, logits = runs.read_preferences(f_pref, len(prompts), cfg.K, with_logits=True)  # Step 2: P(y_k > y_k' | x)
     if cfg.stop_after == "rank":
         return None
-    stage("dataset", lambda: runs.write_jsonl(f_data, reference_logps(*policy(), build_dataset(
-        prompts, gens, mats, cfg, logits), cfg, device, hashes(model_dir))), lambda: len(runs.read_jsonl(f_data)))
-    rows = runs.read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_t(y|x) as the reference
+    ref_dir = cfg.model if cfg.reference == "initial" else model_dir           # pi_ref: pi_0 or pi_t
+    stage("dataset", lambda: runs.write_jsonl(f_data, reference_logps(
+        *(policy() if ref_dir == model_dir else runs.load_policy(ref_dir, cfg, device)), build_dataset(
+            prompts, gens, mats, cfg, logits), cfg, device, hashes(ref_dir))), lambda: len(runs.read_jsonl(f_data)))
+    rows = runs.read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_ref(y|x) per row
     check_dataset_sources(rows, gens, mats, cfg, f_data, logits)
     if cfg.stop_after == "dataset":
         return None

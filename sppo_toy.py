@@ -8,10 +8,12 @@ computed exactly. sppo.py's Algorithm 1 runs unchanged on it; only the oracle ob
 
     python sppo_toy.py                       # the demo: 20 iterations, table + figures/demo_gap.png (~1 min CPU)
     python sppo_toy.py --iterations 2 --out runs/small --figure runs/small/gap.png
+    python sppo_toy.py --compare             # SPPO vs iterative DPO, IPO, sppo_hard: table + figures/compare_*.png
     python sppo_toy.py --help                # every setting with the demo's default
 
 Contents: GameOracle (the oracle slot of sppo.run) -> the demo's games and tiny policy -> exact policies ->
-tabular SPPO (Eq. 4.7 on a softmax table) -> the demo's metrics, plots and CLI.
+tabular self-play with each --loss on a softmax table -> the demo's metrics, plots and CLI -> --compare: SPPO
+against iterative DPO, IPO and sppo_hard in the same loop.
 """
 from __future__ import annotations
 
@@ -175,32 +177,70 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
     policy cannot absorb the difference, so the least-squares fit is another step (App. A: eta/2 is a baseline,
     not an estimate). Finite K also shrinks the step to eta (K-1)/K (the self-term 1/2 of P-hat).
     """
+    return tabular_selfplay(P, "sppo", eta, T, K, groups, pi1, seed, log_z=log_z)
+
+
+def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="half", reference="previous",
+                     ipo_target=0.5):
+    """T iterations of Algorithm 1 with sppo.py's `--loss` on a softmax table; returns pi_1..pi_T, (T, n).
+
+    Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), as --selection
+    all (loss 'sppo': every sample) or pair (the others: each group's winner and loser, sppo.select_pair, with
+    P(y_w > y_l) for sppo_pair), and fits the table to the mean loss by L-BFGS from pi_t (sppo.example_losses'
+    arithmetic). pi_ref = pi_t, or pi_1 with reference='initial'. beta = 1/eta for dpo, ipo and kto.
+    A pair loss whose pairs all point one way (a transitive game) has no finite minimiser: L-BFGS stops at its
+    tolerance or 200 iterations, far along the direction, as iterative DPO trained long on such data does.
+    """
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
         raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
+    if loss not in ("sppo", *sppo.PAIR_LOSSES):
+        raise ValueError(f"loss must be one of sppo, {', '.join(sppo.PAIR_LOSSES)}; got {loss!r}")
     n = P.shape[0]
     rng = np.random.default_rng(seed)
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
     theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
+    log_pi1 = torch.log_softmax(theta, 0).detach()
+    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection="all" if loss == "sppo" else "pair")
     out = []
     for _ in range(T):
         pi = torch.softmax(theta, 0).detach().numpy()
         out.append(pi)
         y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
-        wp = torch.from_numpy(sppo.win_rates(P[y[:, :, None], y[:, None, :]]).ravel())        # (G*K,) Eq. (4.5)
-        idx = torch.from_numpy(y.ravel())
-        ref = torch.log_softmax(theta, 0).detach()[idx]
+        wp = sppo.win_rates(P[y[:, :, None], y[:, None, :]])                              # (G, K) Eq. (4.5)
+        if loss == "sppo":
+            idx, target = y.ravel(), wp.ravel()
+        else:                                                                             # rows 2i, 2i+1: w, l
+            w, l = sppo.select_pair(wp)
+            yw, yl = y[np.arange(groups), w], y[np.arange(groups), l]
+            idx = np.stack([yw, yl], 1).ravel()                                           # (2G,)
+            target = np.stack([wp[np.arange(groups), w], wp[np.arange(groups), l]], 1).ravel()
+            pair_prob = torch.from_numpy(np.stack([P[yw, yl], P[yl, yw]], 1).ravel())
+        idx, target = torch.from_numpy(idx), torch.from_numpy(target)
+        ref = (log_pi1 if reference == "initial" else torch.log_softmax(theta, 0).detach())[idx]
         lz = (None if log_z == "half" else float(hedge_toy.log_partition(P, pi, eta)) if log_z == "exact"
               else float(log_z))                                                          # Eq. (4.6) / (4.2)
         opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = sppo.sppo_loss(torch.log_softmax(theta, 0)[idx], ref, wp, eta, lz).mean()  # Eq. (4.7)
-            loss.backward()
-            return loss
+            logp = torch.log_softmax(theta, 0)[idx]
+            if loss == "sppo":
+                value = sppo.sppo_loss(logp, ref, target, eta, lz).mean()                 # Eq. (4.7)
+            else:
+                batch = {"ref_logp": ref, "win_prob": target, "pair_prob": pair_prob}
+                value = sppo.pair_losses(logp, batch, cfg).mean()
+            value.backward()
+            return value
         opt.step(closure)
     return np.array(out)
+
+
+def selfplay_gaps(P, iterates):
+    """Exact exploitability (hedge_toy.duality_gap) per iteration of the last iterate pi_t and of the average
+    (1/t) sum_{s<=t} pi_s (Thm 4.1's output). iterates (T, n) -> two arrays (T,)."""
+    avg = np.cumsum(iterates, 0) / np.arange(1, len(iterates) + 1)[:, None]
+    return hedge_toy.duality_gap(P, iterates), hedge_toy.duality_gap(P, avg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,6 +265,8 @@ class DemoConfig(_DemoBase):
     """The demo's settings: SPPOConfig for a 16-token world (eta = 3: 20 Hedge steps cut both gaps by ~4x)."""
     groups: int = HfArg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
     figure: str = HfArg(default="figures/demo_gap.png", help="Where to save the gap plot (the arena plot beside it).")
+    compare: bool = HfArg(default=False, help="SPPO against iterative DPO, IPO and sppo_hard (--loss) from the same "
+                          "pi_0, --selection pair: gap table, compare_gap.png and compare_arena.png beside --figure.")
 
 
 def effective_eta(eta, K):
@@ -293,11 +335,9 @@ def plot_demo(metrics, path):
     plt.close(fig)
 
 
-def demo(cfg):
-    """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
-    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
-    figure = cfg.figure
-    games = demo_games()
+def demo_start(cfg, games):
+    """pi_0 (OUT/pi0: the tiny policy warm-started to DEMO_START, made once) and the prompt file (`groups` copies of
+    each game's prompt). Returns cfg with --model and --prompts pointing at them."""
     torch.set_num_threads(1)                     # a 16-token, hidden-32 model: thread sync costs more than it saves
     out = Path(cfg.out)
     pi0 = out / "pi0"
@@ -308,7 +348,15 @@ def demo(cfg):
         runs.save_policy(model, tok, pi0)
         shutil.rmtree(out / "pi0.init")
     runs.write_jsonl(out / "prompts.jsonl", ({"prompt": x} for x in games for _ in range(cfg.groups)))
-    cfg = dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
+    return dataclasses.replace(cfg, model=str(pi0), prompts=str(out / "prompts.jsonl"))
+
+
+def demo(cfg):
+    """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
+    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
+    figure, games, out = cfg.figure, demo_games(), Path(cfg.out)
+    cfg = demo_start(cfg, games)
+    pi0 = Path(cfg.model)
     if sppo.run(cfg, oracle=GameOracle(games)) is None:
         return None
     dirs = [pi0] + [out / f"iter{t}" / "model" for t in range(cfg.iterations)]
@@ -336,15 +384,82 @@ def demo(cfg):
     return metrics
 
 
+COMPARE_LOSSES = ("sppo", "dpo", "ipo", "sppo_hard")
+"""The methods of --compare: SPPO and the paper's iterative baselines (Table 1), all on the winner/loser pair."""
+
+
+def compare(cfg):
+    """Algorithm 1 once per loss (OUT/compare/<loss>), same pi_0, iterations, samples per iteration and kept-pair
+    rule (--selection pair); per game and iteration the exact gap (hedge_toy.duality_gap on the extended game) of the
+    last iterate and the average; the exact arena (arena_exact) of the final policies, averaged over the games.
+    Prints the table, saves compare_gap.png and compare_arena.png beside cfg.figure. Returns the metrics."""
+    games, oracle = demo_games(), GameOracle(demo_games())
+    cfg = demo_start(dataclasses.replace(cfg, selection="pair"), games)
+    out, pis = Path(cfg.out), {}
+    for loss in COMPARE_LOSSES:
+        c = dataclasses.replace(cfg, loss=loss, out=str(Path(cfg.out) / "compare" / loss))
+        print(f"--loss {loss}: {c.iterations} iterations in {c.out}")
+        if sppo.run(c, oracle=oracle) is None:
+            return None
+        dirs = [cfg.model] + [Path(c.out) / f"iter{t}" / "model" for t in range(c.iterations)]
+        pis[loss] = {x: [] for x in games}
+        for d in dirs:
+            model, tok = runs.load_policy(d, cfg, "cpu")
+            for x, (_, ys) in games.items():
+                pis[loss][x].append(exact_policy(model, tok, x, ys).tolist())
+    metrics = {loss: {x: dict(zip(("last_gap", "gap"), (g.tolist() for g in selfplay_gaps(oracle.extended(x),
+                                                                                          np.array(p[x])))),
+                              policy=p[x]) for x in games} for loss, p in pis.items()}
+    print("exact duality gap per iteration: last iterate pi_t / average of pi_0..pi_t, on each game")
+    print(f"{'t':>3} " + " ".join(f"| {x[:17]:>17}: " + " ".join(f"{m:>13}" for m in COMPARE_LOSSES) for x in games))
+    for t in range(cfg.iterations + 1):
+        cell = lambda m, x: f"{metrics[m][x]['last_gap'][t]:6.3f}/{metrics[m][x]['gap'][t]:6.3f}"  # noqa: E731
+        print(f"{t:>3} " + " ".join(f"| {'':>17}  " + " ".join(cell(m, x) for m in COMPARE_LOSSES) for x in games))
+    for what, pick in (("final policies pi_T", lambda p: p[-1]), ("averages of pi_0..pi_T", lambda p: np.mean(p, 0))):
+        W = np.mean([arena.arena_exact(np.array([pick(pis[m][x]) for m in COMPARE_LOSSES]), oracle.extended(x))
+                     for x in games], 0)                                                 # Fig. 3 between methods
+        print(f"exact arena of the {what}, P(row beats column), mean over the games:")
+        print(" " * 10 + "".join(f"{m:>10}" for m in COMPARE_LOSSES))
+        for m, row in zip(COMPARE_LOSSES, W):
+            print(f"{m:>10}" + "".join(f"{v:10.3f}" for v in row))
+        metrics.setdefault("arena", {})[what] = W.tolist()
+    W = np.array(metrics["arena"]["final policies pi_T"])
+    (out / "compare_metrics.json").write_text(json.dumps(metrics, indent=1))
+    gap_png, arena_png = (Path(cfg.figure).with_name(f"compare_{k}.png") for k in ("gap", "arena"))
+    plot_compare({m: metrics[m] for m in COMPARE_LOSSES}, gap_png)
+    arena.plot_arena(W, [f"{m}_T" for m in COMPARE_LOSSES], arena_png,
+                     title="P(row beats column), exact, final policies")
+    print(f"wrote {gap_png}, {arena_png} and {out / 'compare_metrics.json'}")
+    return metrics
+
+
+def plot_compare(metrics, path):
+    """One panel per game: the exact gap of each method's average (solid) and last iterate (dotted)."""
+    import matplotlib.pyplot as plt
+    games = list(next(iter(metrics.values())))
+    fig, axes = plt.subplots(1, len(games), figsize=(5 * len(games), 3.6), squeeze=False)
+    for ax, x in zip(axes[0], games):
+        for i, (loss, m) in enumerate(metrics.items()):
+            t = np.arange(len(m[x]["gap"]))
+            ax.plot(t, m[x]["gap"], "o-", color=f"C{i}", ms=3, label=f"{loss}: average")
+            ax.plot(t, m[x]["last_gap"], ":", color=f"C{i}", label=f"{loss}: last iterate")
+        ax.set(title=f"prompt: '{x}'", xlabel="iteration t", ylabel="duality gap (exact)", ylim=(0, 1.02))
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     cfg = runs.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
     t0 = time.perf_counter()
-    metrics = runs.user_errors("sppo_toy.py", lambda: demo(cfg))
+    metrics = runs.user_errors("sppo_toy.py", lambda: compare(cfg) if cfg.compare else demo(cfg))
     if metrics == 2:
         return 2
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    print(f"{'comparison' if cfg.compare else 'demo'} finished in {time.perf_counter() - t0:.1f} s")
     return 0 if metrics is not None or cfg.stop_after else 1
 
 

@@ -107,6 +107,7 @@ NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
             "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
             "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out"),
+            "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
             "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}
 """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
@@ -365,7 +366,7 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
         if before_micro:
             before_micro()
         b = sppo.make_batch(pairs, rows, mb or idx[:1], pad_id, cfg, d.device)
-        losses = sppo.example_losses(model, b, cfg.eta)                           # (micro,) Eq. (4.7)
+        losses = sppo.example_losses(model, b, cfg)                               # (micro,) cfg.loss
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:
             lengths = b["attention_mask"].sum(-1).double()                        # (micro,) T_i without padding
@@ -439,9 +440,9 @@ def save_checkpoint(state, out, keep, run_info, d):
     dist.barrier()
 
 
-RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "schedule_epochs", "selection", "seed", "eta", "log_z",
-                   "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "max_length",
-                   "max_prompt_length", "truncation")
+RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs", "schedule_epochs", "selection",
+                   "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
+                   "max_length", "max_prompt_length", "truncation")
 """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
 setting that changes the result. A changed one is refused, named, before the model is built."""
 

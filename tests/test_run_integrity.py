@@ -69,7 +69,8 @@ def copy_run(world, tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(model="b"), dict(seed=1), dict(temperature=0.7), dict(max_new_tokens=2),
-                                    dict(selection="pair"), dict(eta=2.0), dict(lr=1e-3), dict(epochs=2)])
+                                    dict(selection="pair"), dict(eta=2.0), dict(lr=1e-3), dict(epochs=2),
+                                    dict(reference="initial"), dict(ipo_target=1.0)])
 def test_changed_setting_is_refused_and_nothing_is_touched(world, tmp_path, change):
     cfg, out = copy_run(world, tmp_path)
     name, value = next(iter(change.items()))
@@ -220,3 +221,31 @@ def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tmp_path):
     for t in (0, 1):
         x, y = (load_file(o / f"iter{t}" / "model" / "model.safetensors") for o in (full, cut))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_reference_initial_keeps_pi_0_and_another_loss_is_refused(world, tmp_path):
+    """--loss dpo --reference initial for 2 iterations: iteration 1's ref_logp are pi_0's log-probs (recomputed here),
+    not pi_1's; the finished run re-run with --loss ipo is refused at iteration 0's train stage, the loss named."""
+    cfg = world["cfg"].__class__(**{**world["cfg"].__dict__, "out": str(tmp_path / "run"), "selection": "pair",
+                                    "loss": "dpo", "reference": "initial", "global_batch": 4, "micro_batch": 4})
+    assert sppo.run(cfg, oracle=oracle()) is not None
+    rows = runs.read_dataset(tmp_path / "run" / "iter1" / "dataset.jsonl")
+    assert [r["role"] for r in rows[:2]] == ["winner", "loser"]
+    pi_0, tok = runs.load_policy(cfg.model, cfg, "cpu")
+    pi_1, _ = runs.load_policy(tmp_path / "run" / "iter0" / "model", cfg, "cpu")
+    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    lp_0, lp_1 = (sppo.batched_logps(m, pairs, tok.pad_token_id) for m in (pi_0, pi_1))
+    assert max(abs(r["ref_logp"] - a) for r, a in zip(rows, lp_0)) < 1e-4
+    assert max(abs(r["ref_logp"] - b) for r, b in zip(rows, lp_1)) > 1e-2          # pi_1 moved: not its log-probs
+    assert {r["ref_by"]["model"] for r in rows} == {runs.Hashes(tmp_path / "run")(cfg.model)}
+    d, prompts = tmp_path / "run" / "iter1", runs.iteration_prompts(runs.load_prompts(world["prompts"]), cfg, 1)
+    gens, mats = runs.read_generations(d / "generations.jsonl", prompts, cfg.K), runs.read_preferences(
+        d / "preferences.jsonl", len(prompts), cfg.K)
+    w, l = rows[0]["k"], rows[1]["k"]
+    assert [rows[0]["pair_prob"], rows[1]["pair_prob"]] == [mats[0][w][l], mats[0][l][w]]       # P(y_w > y_l), back
+    sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="record 2: not prompt 0's generation"):      # an edited pair_prob
+        sppo.check_dataset_sources([rows[0], dict(rows[1], pair_prob=rows[1]["pair_prob"] + 0.25)] + rows[2:], gens,
+                                   mats, cfg, "d")
+    with pytest.raises(runs.StaleStage, match="loss = 'dpo'.*loss = 'ipo'"):
+        sppo.run(cfg.__class__(**{**cfg.__dict__, "loss": "ipo"}), oracle=oracle())

@@ -475,3 +475,59 @@ def test_golden_losses_single_process():
     got = golden_losses.single_process_losses()
     assert len(got) == len(gold["single_process"])
     np.testing.assert_allclose(got, gold["single_process"], rtol=gold["rtol"])
+
+
+# -------------------------------------------------------------------------------------------------- --loss
+PAIR_LOSS = {  # the loss functions alone, on one pair (w, l): log-probs under pi_theta, pi_ref; P(w > l); beta = 1/eta
+    "sppo_pair": lambda lw, rw, ll, rl, p, kl, eta: sppo.sppo_pair_loss(lw, rw, ll, rl, p, eta),
+    "dpo": lambda lw, rw, ll, rl, p, kl, eta: sppo.dpo_loss(lw, rw, ll, rl, 1 / eta),
+    "ipo": lambda lw, rw, ll, rl, p, kl, eta: sppo.ipo_loss(lw, rw, ll, rl, 1 / eta, target=0.7),
+    "sppo_hard": lambda lw, rw, ll, rl, p, kl, eta: sppo.sppo_hard_loss(lw, rw, ll, rl, eta),
+    "kto": lambda lw, rw, ll, rl, p, kl, eta: sppo.kto_loss(lw, rw, ll, rl, 1 / eta, kl)}
+
+
+@pytest.mark.parametrize("loss", ["sppo", *PAIR_LOSS])
+def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
+    """One optimizer step of train_policy with --loss X against a hand-made step: log-probs of the 4 rows (2 pairs),
+    the loss function of X called on each pair alone, the mean over pairs (sppo: over rows), backward, clip, AdamW."""
+    d, _, tok = tiny
+    rows = sppo_toy.synthetic_dataset(4, seed=5)
+    for n, r in enumerate(rows):
+        r.update(ref_logp=-30.0 + 3 * n, pair_prob=[0.8, 0.2, 0.35, 0.65][n])
+    cfg = sppo.SPPOConfig(loss=loss, eta=4.0, ipo_target=0.7, global_batch=2, micro_batch=1, lr=1e-3,
+                          optimizer="adamw", max_length=48, max_prompt_length=16, progress=False)
+    model, _ = runs.load_policy(d, cfg, "cpu")
+    hand, _ = runs.load_policy(d, cfg, "cpu")
+    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    assert len(history) == 1
+
+    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    lp = [sppo.sequence_logps(hand, **sppo.collate([p], tok.pad_token_id))[0] for p in pairs]     # one at a time
+    ref = [torch.tensor(r["ref_logp"]) for r in rows]
+    if loss == "sppo":
+        terms = [sppo.sppo_loss(lp[i], ref[i], torch.tensor(rows[i]["win_prob"]), cfg.eta) for i in range(4)]
+    else:
+        terms = [PAIR_LOSS[loss](lp[i], ref[i], lp[i + 1], ref[i + 1], torch.tensor(rows[i]["pair_prob"]),
+                                 ((lp[i] - ref[i] + lp[i + 1] - ref[i + 1]) / 2).detach(), cfg.eta)
+                 for i in (0, 2)]
+    total = sum(terms) / len(terms)
+    assert history[0]["loss"] == pytest.approx(total.item(), rel=1e-5)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(hand.parameters(), cfg.max_grad_norm)
+    opt = torch.optim.AdamW(hand.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt.step()
+    start, _ = runs.load_policy(d, cfg, "cpu")
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters()))
+    assert moved > 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), hand.parameters())) < 1e-2 * moved
+
+
+def test_pair_losses_refuse_rows_that_are_not_pairs():
+    with pytest.raises(runs.ConfigError, match="--loss"):
+        sppo.validate_config(sppo.SPPOConfig(loss="dpo", selection="all"))
+    rows = sppo_toy.synthetic_dataset(4)
+    with pytest.raises(runs.ArtifactError, match="record 1: --loss sppo_pair needs .* pair_prob"):
+        sppo.group_size(rows, sppo.SPPOConfig(loss="sppo_pair"))
+    rows[0]["role"], rows[1]["role"] = "loser", "winner"
+    with pytest.raises(runs.ArtifactError, match="record 1: --loss dpo needs each prompt's winner, then its loser"):
+        sppo.group_size(rows, sppo.SPPOConfig(loss="dpo"))

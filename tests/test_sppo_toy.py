@@ -19,6 +19,43 @@ import sppo_toy
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def condorcet_winner(P):
+    """The response that beats every other one (P[i, j] > 1/2 for all j != i), found by checking each; or None."""
+    n = len(P)
+    return next((i for i in range(n) if all(P[i, j] > 0.5 for j in range(n) if j != i)), None)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "sppo"])
+def test_tabular_selfplay_reaches_the_condorcet_winner_of_a_transitive_game(loss):
+    P = hedge_toy.ordered_game(4, seed=2)
+    win = condorcet_winner(P)
+    assert win is not None
+    pi = sppo_toy.tabular_selfplay(P, loss, 3.0, T=12, pi1=np.array([0.4, 0.3, 0.2, 0.1])[::-1] if win == 0 else
+                                   None, seed=0)
+    last, avg = sppo_toy.selfplay_gaps(P, pi)
+    assert pi[-1][win] > 0.999                                                  # the pure von Neumann winner...
+    assert last[-1] == pytest.approx(2 * (P @ pi[-1]).max() - 1) and last[-1] < 2e-3   # ...with gap 0 (Eq. 3.3)
+    assert avg[-1] < avg[2] < avg[0]                                            # the average follows it
+
+
+def test_tabular_dpo_on_rock_paper_scissors_collapses_to_a_pure_response_and_stays():
+    """The von Neumann winner of RPS is uniform (gap 2 max(P u) - 1 = 0). Iterative DPO instead fits its first
+    winner/loser pairs to a ranking (Bradley-Terry: one score per response), puts all its mass on the top one, and
+    then samples only that response: every pair is (y, y), the loss is flat, nothing moves. Its last-iterate gap is
+    1 (the worst possible) from iteration 2 on, and the average's gap grows towards 1. SPPO's average heads to 0."""
+    P, pi1 = hedge_toy.rock_paper_scissors(), np.array([0.1, 0.2, 0.7])
+    u = np.full(3, 1 / 3)
+    assert 2 * (P @ u).max() - 1 == pytest.approx(0.0)
+    dpo = sppo_toy.tabular_selfplay(P, "dpo", 3.0, T=12, pi1=pi1, seed=0)
+    last, avg = sppo_toy.selfplay_gaps(P, dpo)
+    pure = int(dpo[1].argmax())
+    assert dpo[1][pure] > 0.999 and np.allclose(dpo[2:], dpo[1], atol=1e-9)        # pure at once, then frozen
+    assert last[1:] == pytest.approx(1.0, abs=2e-3)
+    assert avg[-1] > 0.85 and np.all(np.diff(avg[1:]) > 0)
+    _, avg_sppo = sppo_toy.selfplay_gaps(P, sppo_toy.tabular_selfplay(P, "sppo", 3.0, T=12, pi1=pi1, seed=0))
+    assert avg_sppo[-1] < 0.25 and avg_sppo[-1] < avg_sppo[2] / 2                # SPPO, same eta: towards u
+
+
 def test_tabular_sppo_approaches_hedge_with_many_samples():
     """Finite K shrinks the step to eta (K-1)/K; with K = 40 and many groups SPPO tracks exact Hedge."""
     P, eta = hedge_toy.weighted_rps(), 1.0
@@ -103,6 +140,35 @@ def test_demo_cli_small(tmp_path):
     for game in m.values():                         # the model's step tracks the Hedge(eta (K-1)/K) step
         assert len(game["gap"]) == len(game["hedge_gap_eta"]) == 3 and max(game["tv"]) < 0.15
         assert game["gap"][2] < game["gap"][0] and game["eta_eff"] == pytest.approx(3.0 * 4 / 5)
+
+
+@pytest.mark.slow
+def test_compare_cli_small(tmp_path):
+    """--compare at small size in a subprocess: every method starts from the same pi_0 and the same iteration-0
+    samples and kept pairs; the gaps it reports are the exact ones of the policies it stores (recomputed here by
+    hand on the extended game), and it writes both figures."""
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--compare", "--iterations", "2", "--groups", "6",
+                        "--epochs", "2", "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact arena of the final policies" in r.stdout and "comparison finished" in r.stdout
+    assert (out / "compare_gap.png").stat().st_size > 10_000 and (out / "compare_arena.png").stat().st_size > 5_000
+    first = {(out / "compare" / m / "iter0" / "dataset.jsonl").read_text() for m in sppo_toy.COMPARE_LOSSES}
+    assert len(first) == 1                                                   # same samples, pairs, pi_ref
+    m = json.loads((out / "compare_metrics.json").read_text())
+    oracle = sppo_toy.GameOracle(sppo_toy.demo_games())
+    finals = {x: np.array([m[loss][x]["policy"][-1] for loss in sppo_toy.COMPARE_LOSSES]) for x in m["sppo"]}
+    W = np.mean([[[a @ oracle.extended(x) @ b for b in f] for a in f] for x, f in finals.items()], 0)
+    assert np.abs(np.array(m["arena"]["final policies pi_T"]) - W).max() < 1e-9      # P(pi_i > pi_j) by hand
+    for loss in sppo_toy.COMPARE_LOSSES:
+        for x, g in m[loss].items():
+            Q, pi = oracle.extended(x), np.array(g["policy"])                # (4, 4), (3, 4): pi_0, pi_1, pi_2
+            assert len(g["gap"]) == 3 and pi[0] == pytest.approx(np.array(m["sppo"][x]["policy"][0]))
+            by_hand = [max(sum(Q[i, j] * p[j] for j in range(4)) for i in range(4)) * 2 - 1 for p in pi]
+            assert g["last_gap"] == pytest.approx(by_hand, abs=1e-9)
+            avg = [pi[:t + 1].mean(0) for t in range(3)]
+            assert g["gap"] == pytest.approx([2 * (Q @ a).max() - 1 for a in avg], abs=1e-9)
 
 
 def test_demo_criterion_by_hand():

@@ -92,13 +92,13 @@ def mistral_run(world):
     return out, p.stdout
 
 
-def single_process(world, arch, epochs, out, model_dir=None):
+def single_process(world, arch, epochs, out, model_dir=None, **extra):
     """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
-    micro-batch 8."""
+    micro-batch 8; `extra`: other settings, as train_7b.py was given them."""
     d = data(world, arch)
     ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
     rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(d), ref)]
-    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False)
+    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False, **extra)
     model, tok = runs.load_policy(model_dir or world[arch], cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
     ref_single = sppo.batched_logps(model, pairs, tok.pad_token_id, 8)
@@ -129,6 +129,20 @@ def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs
     assert max_diff(exported, params) < PARAM_ATOL                    # ...exactly as one process does
     assert "1 truncated" in log and "none skipped" in log
     assert "FSDP units: embed_tokens | 2 layers | lm_head | root (norm)" in log
+
+
+def test_fsdp_matches_single_process_with_dpo(world, tmp_path):
+    """--loss dpo (a pair loss: each pair on one rank, in one micro-batch) gives sppo.py's losses on 2 ranks."""
+    out = tmp_path / "dpo"
+    torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=1, loss="dpo", eta=10, **TRAIN))
+    ref, ref_single, history, params = single_process(world, "llama", 1, out, loss="dpo", eta=10.0)
+    steps = runs.read_jsonl(out / "metrics.jsonl")
+    assert len(steps) == len(history) == 3
+    for h, m in zip(history, steps):
+        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+        assert abs(m["grad_norm"] - h["grad_norm"]) <= 1e-5 * h["grad_norm"]
+    assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)      # pi = pi_ref: -log sigma(0)
+    assert max_diff(load_file(out / "model" / "model.safetensors"), params) < PARAM_ATOL
 
 
 def test_tied_embeddings_stay_in_one_unit_and_match_single_process(world, tmp_path):
