@@ -136,7 +136,7 @@ def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp
     Tolerances as tests/test_train_7b.py (same sums in another order): losses 1e-5 relative, weights 0.2 lr."""
     from transformers import AutoModelForCausalLM
     train = dict(eta=10.0, optimizer="adamw", lr=1e-5, global_batch=2, micro_batch=1, max_length=128,
-                 max_prompt_length=64, epochs=1)
+                 max_prompt_length=64, epochs=2)                   # 2 pairs a step (one per rank): 2 steps
     out = tmp_path / "fsdp"
     args = [a for k, v in train.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
