@@ -259,7 +259,7 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
             "resume_bit_exact": not differing, "resume_differing_tensors": differing[:5]}
 
 
-def bench_real(prompts=4, K=4, max_new_tokens=32, repeats=2):
+def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
     """SmolLM2-135M-Instruct (GGUF -> safetensors): generation tokens/s (sampled tokens, EOS included), committee
     ranking pairs/s on those samples, and training tokens/s with peak RSS, one process vs 2 gloo ranks (bench_fsdp
     on D_t built from the samples). Returns the rows."""
@@ -274,8 +274,7 @@ def bench_real(prompts=4, K=4, max_new_tokens=32, repeats=2):
               zip(g["responses"], g["finished"]))
     oracle = committee.CommitteeOracle()
     r_rank = interleaved({"rank": lambda: sppo.rank(oracle, xs, out["g"])}, repeats * 10)
-    rows = sppo.build_dataset(xs, out["g"], sppo.rank(oracle, xs, out["g"])[0],
-                              dataclasses.replace(cfg, selection="all"))
+    rows = sppo.build_dataset(xs, out["g"], sppo.rank(oracle, xs, out["g"])[0], cfg)   # winner + loser, as trained
     f = bench_fsdp(world=2, rows=len(rows), global_batch=4, micro_batch=1, epochs=3, model_dir=str(d),
                    data_rows=rows, max_length=192)
     what = f"SmolLM2-135M fp32, {prompts} prompts x K={K}"
@@ -284,7 +283,8 @@ def bench_real(prompts=4, K=4, max_new_tokens=32, repeats=2):
             ("SmolLM2 committee ranking", {"setting": f"{what}: {prompts * K * (K - 1)} ordered pairs",
                                            "fast": rate(prompts * K * (K - 1), r_rank["rank"]), "unit": "pairs/s"}),
             ("SmolLM2 training, 2 gloo ranks vs one process", {
-                "setting": f"{len(rows)} rows, batch 4, {f['steps']} steps; peak RSS {f['fsdp_peak_rss_gb']:.2f} GB "
+                "setting": f"{len(rows)} rows, batch 4 pairs, {f['steps']} steps; "
+                           f"peak RSS {f['fsdp_peak_rss_gb']:.2f} GB "
                            f"per rank vs {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (this "
                            f"process, generation included)", "fast": f["fsdp"], "slow": f["single"], "unit": "tokens/s"})]
 

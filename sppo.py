@@ -478,6 +478,7 @@ def oracle_prompts(prompts, cfg, model_dir):
     if cfg.oracle_prompt == "raw":
         return list(prompts)
     from transformers import AutoTokenizer
+    model_dir = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir   # pi_0 a GGUF
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [chat_prompt(tokenizer, x) for x in prompts]
 
@@ -770,6 +771,9 @@ def validate_config(cfg):
                              ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
         if path is not None and not (Path(path) / need if need else Path(path)).exists():
             raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
+    if cfg.oracle_prompt == "templated" and cfg.oracle == "committee":
+        raise ConfigError("--oracle-prompt templated with --oracle committee: the on_topic judge would count the chat "
+                          "template's words as the prompt's; use --oracle-prompt raw")
     if cfg.oracle_prompt == "templated" and cfg.model is not None and not gguf:      # a GGUF's: read at rank
         from transformers import AutoTokenizer
         if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):

@@ -303,7 +303,7 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     model.eval()
     for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
         for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
-            b = sppo.collate([pairs[i] for i in mb or idx[:1]], pad_id,           # a stand-in keeps ranks in step
+            b = sppo.collate([pairs[i] for i in mb or idx[:group]], pad_id,       # a stand-in keeps ranks in step
                              multiple=sppo.pad_multiple(d.device))               # as make_batch pads
             out.update(zip(mb or [], sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
@@ -365,7 +365,7 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
     for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
         if before_micro:
             before_micro()
-        b = sppo.make_batch(pairs, rows, mb or idx[:1], pad_id, cfg, d.device)
+        b = sppo.make_batch(pairs, rows, mb or idx[:group], pad_id, cfg, d.device)   # a stand-in: one whole pair
         losses = sppo.example_losses(model, b, cfg)                               # (micro,) cfg.loss
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:

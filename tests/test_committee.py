@@ -105,3 +105,11 @@ def test_arena_oracle_averages_sample_pairs_then_prompts():
     assert W[0, 1] == pytest.approx(np.mean(per_prompt)) and W[1, 0] == pytest.approx(1 - np.mean(per_prompt))
     assert SE[0, 1] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(2))
     assert W[0, 0] == W[1, 1] == 0.5
+
+
+def test_committee_refuses_the_templated_prompt_before_any_work():
+    """on_topic counts the prompt's content words: with --oracle-prompt templated it would count the chat template's."""
+    import runs
+    with pytest.raises(runs.ConfigError, match="oracle-prompt templated with --oracle committee"):
+        sppo.validate_config(sppo.SPPOConfig(oracle="committee", oracle_prompt="templated"))
+    sppo.validate_config(sppo.SPPOConfig(oracle="committee"))                    # raw: fine
