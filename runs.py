@@ -339,9 +339,7 @@ class Manifest:
     def commit(self, stage, key, hashes, rows):
         """Record a finished stage (its files are already in place): the last write of every stage."""
         self.stages[stage] = {"key": key, "files": {f: hashes(self.d / f) for f in STAGE_FILES[stage]}, "rows": rows}
-        tmp = self.path.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"stages": self.stages})
 
 
 def iteration_prompts(prompts, cfg, t):

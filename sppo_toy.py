@@ -290,15 +290,15 @@ def demo_metrics(cfg, games, model_dirs):
         model, tok = runs.load_policy(d, cfg, "cpu")
         for x, (_, ys) in games.items():
             pis[x].append(exact_policy(model, tok, x, ys))
-    avg = lambda p: np.cumsum(p, 0) / np.arange(1, len(p) + 1)[:, None]                 # noqa: E731, pi-bar_t
     out = {}
     for x in games:
         Q, pi = oracle.extended(x), np.array(pis[x])                                     # (n+1, n+1), (T+1, n+1)
-        out[x] = {"policy": pi.tolist(), "gap": [hedge_toy.duality_gap(Q, p) for p in avg(pi)],
-                  "last_gap": [hedge_toy.duality_gap(Q, p) for p in pi], "eta_eff": effective_eta(cfg.eta, cfg.K)}
+        last, gap = selfplay_gaps(Q, pi)                                                 # pi_t and pi-bar_t
+        out[x] = {"policy": pi.tolist(), "gap": gap.tolist(), "last_gap": last.tolist(),
+                  "eta_eff": effective_eta(cfg.eta, cfg.K)}
         for key, step in (("", effective_eta(cfg.eta, cfg.K)), ("_eta", cfg.eta)):
             hedge = hedge_toy.hedge_trajectory(Q, step, len(pi), pi1=pi[0])              # Eq. (4.1) from pi_0
-            out[x]["hedge_gap" + key] = [hedge_toy.duality_gap(Q, p) for p in avg(hedge)]
+            out[x]["hedge_gap" + key] = selfplay_gaps(Q, hedge)[1].tolist()
             out[x]["tv" + key] = [0.5 * np.abs(pi[t + 1] - hedge_toy.hedge_step(Q, pi[t], step)).sum()
                                   for t in range(len(pi) - 1)]
     return out
