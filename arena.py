@@ -28,6 +28,7 @@ from transformers.hf_argparser import HfArg
 import committee
 import hedge_toy
 import pairrm
+import policy
 import runs
 import sppo
 
@@ -55,7 +56,7 @@ def arena_pairrm(ranker, prompts, responses):
 
 def arena_oracle(oracle, prompts, generations):
     """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py; PairRM pairwise):
-    generations[i][n] = policy i's sppo.generate_responses record for prompt n, S samples each. Per prompt, the m S
+    generations[i][n] = policy i's policy.generate_responses record for prompt n, S samples each. Per prompt, the m S
     answers are judged as one (mS, mS) matrix by sppo.rank, averaged over the S x S sample pairs of each two
     policies; W[i, j] is the mean over prompts, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
     m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
@@ -69,11 +70,11 @@ def arena_oracle(oracle, prompts, generations):
 
 def policy_generations(model_dirs, prompts, cfg, device="cpu"):
     """S = cfg.K samples per prompt from each policy, with their EOS flags, under sppo's seeding rule (the same
-    seeds for every policy). Returns generations[i][n] (sppo.generate_responses records)."""
+    seeds for every policy). Returns generations[i][n] (policy.generate_responses records)."""
     out = []
     for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
         model, tok = runs.load_policy(d, cfg, device)
-        out.append(sppo.generate_responses(model, tok, prompts, cfg, 0, device))
+        out.append(policy.generate_responses(model, tok, prompts, cfg, 0, device))
     return out
 
 
@@ -92,7 +93,7 @@ def arena_responses(model_dirs, prompts, cfg, ranker=None, best_of=1, device="cp
     out = []
     for d in tqdm(model_dirs, desc="arena: generate", disable=not cfg.progress, leave=False):
         model, tok = runs.load_policy(d, cfg, device)
-        out.append(best_of_n(ranker, prompts, sppo.generate_responses(model, tok, prompts, dataclasses.replace(
+        out.append(best_of_n(ranker, prompts, policy.generate_responses(model, tok, prompts, dataclasses.replace(
             cfg, K=best_of), 0, device)) if best_of > 1 else sppo.answers(model, tok, prompts, cfg, device)[0])
     return out
 

@@ -26,7 +26,6 @@ Rows:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -50,6 +49,7 @@ import committee
 import hedge_toy
 import pairrm
 import real_run
+import policy
 import runs
 import sppo
 import sppo_toy
@@ -269,7 +269,7 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
     model, tok = runs.load_policy(d, cfg, "cpu")
     xs = [r["prompt"] for r in runs.read_jsonl(Path(__file__).parent / "data" / "prompts_train.jsonl")][:prompts]
     out = {}
-    t = interleaved({"gen": lambda: out.__setitem__("g", sppo.generate_responses(model, tok, xs, cfg))}, repeats)
+    t = interleaved({"gen": lambda: out.__setitem__("g", policy.generate_responses(model, tok, xs, cfg))}, repeats)
     new = sum(len(tok(y, add_special_tokens=False)["input_ids"]) + f for g in out["g"] for y, f in
               zip(g["responses"], g["finished"]))
     oracle = committee.CommitteeOracle()

@@ -15,10 +15,11 @@ Conventions (stated once, used everywhere in this repository):
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: config -> losses (Sec. 4) -> win rates, pair, log Z (Sec. 4.2, 5.1) -> log pi(y|x) -> tokens
--> Algorithm 1: generate, rank, dataset, train (Eq. 4.7) -> one iteration on the run directory -> run() and the CLI.
-What the run directory holds, its records (one reader and writer per artifact) and its manifests are runs.py; the
-demo's tiny-LM world is sppo_toy.py; win-rate matrices between policies (Fig. 3) are arena.py.
+In the paper's order: losses (Sec. 4) -> win rates, pair, log Z (Sec. 4.2, 5.1) -> Algorithm 1: generate (policy.py),
+rank (the oracle), dataset, train (Eq. 4.7) -> one iteration on the run directory -> run() and the CLI.
+Around it, one file each: every setting and its checks are sppo_config.py; pi as a causal LM (chat template,
+truncation, padding, sampling, log pi(y|x)) is policy.py; the run directory, its records (one reader and writer per
+artifact) and manifests are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
 """
 from __future__ import annotations
 
@@ -27,95 +28,21 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers.hf_argparser import HfArg
 
 import committee
 import hedge_toy
 import pairrm
+import policy
 import runs
 from runs import ArtifactError, ConfigError
+from sppo_config import SPPOConfig, validate_config   # noqa: F401 (sppo.SPPOConfig: the config of this file)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration: every knob of Algorithm 1, defaults from the paper (Sec. 5) and the authors' released code.
-@dataclass
-class SPPOConfig:
-    model: str | None = HfArg(default=None, help="pi_0: a local directory (save_pretrained) or a .gguf file, converted "
-                              "once to safetensors and cached (gguf_checkpoint).")
-    prompts: str | None = HfArg(default=None, help="Prompts: JSONL with a `prompt` field per line, or parquet.")
-    prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
-    max_prompts: int = HfArg(default=0, help="Use the first N prompts of the file (0: all), before the split.")
-    out: str = HfArg(default="runs/sppo", help="Run directory; iteration t writes OUT/iter{t}/. Re-running resumes.")
-    oracle: Literal["pairrm", "committee", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's), `committee` "
-                                                           "(rule judges, committee.py) or `game` (sppo_toy).")
-    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: comma-separated judges, of "
-                        f"{', '.join(committee.JUDGES)}.")
-    pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
-    pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
-                                                         "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
-    oracle_prompt: Literal["raw", "templated"] = HfArg(default="raw", help="What the oracle reads as x: the raw "
-                                                       "prompt, or pi_t's chat-templated prompt (released: rank.py).")
-    iterations: int = HfArg(default=3, help="Self-play iterations T (the paper runs 3).")
-    split_prompts: bool = HfArg(default=True, help="A disjoint slice of the prompts per iteration (paper: 3 x 20k).")
-    K: int = HfArg(default=5, help="Responses sampled per prompt (Sec. 5.1: K = 5; Sec. 5.3 ablates K = 2).")
-    eta: float = HfArg(default=1000.0, help="Hedge step of Eq. (4.1); beta = 1/eta. The paper's runs: 1000.")
-    log_z: Literal["half", "estimate"] = HfArg(default="half", help="log Z: eta/2 (Eq. 4.6, the paper's) or the "
-                                               "K-sample estimate (Eq. 4.5).")
-    selection: Literal["pair", "all"] = HfArg(default="pair", help="Rows of D_t per prompt: winner and loser (the "
-                                              "paper's runs; batches count pairs) or all K (Eq. 4.4; batches count "
-                                              "rows).")
-    estimate_from: Literal["all", "pair"] = HfArg(default="all", help="P-hat of the kept rows from all K responses "
-                                                  "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; needs "
-                                                  "--selection pair).")
-    loss: Literal["sppo", "sppo_pair", "dpo", "ipo", "sppo_hard", "kto"] = HfArg(default="sppo", help="Step 4's "
-        "objective: sppo (Eq. 4.7 per row), or on each (winner, loser) pair (needs --selection pair): sppo_pair "
-        "(Eq. 4.12), dpo (4.13), ipo, sppo_hard (Sec. 4.5), kto (4.15); beta = 1/eta. dpo/ipo = the paper's "
-        "iterative baselines.")
-    reference: Literal["previous", "initial"] = HfArg(default="previous", help="pi_ref of the loss: pi_t (the "
-                                                      "paper's SPPO and iterative DPO/IPO) or pi_0 in every iteration.")
-    ipo_target: float = HfArg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: Azar et al.'s and TRL's "
-                                                "IPO; 1: Eq. 4.14 as printed).")
-    max_new_tokens: int = HfArg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
-    temperature: float = HfArg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
-    top_p: float = HfArg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
-    gen_batch: int = HfArg(default=8, help="Prompts per batched generate() call (each yields K sequences).")
-    max_length: int = HfArg(default=1024, help="Prompt + response tokens kept for training (released code: 1024).")
-    max_prompt_length: int = HfArg(default=512, help="Prompt tokens kept; longer prompts keep their END (512).")
-    truncation: Literal["ours", "released"] = HfArg(default="ours", help="`ours`: the prompt keeps its last "
-                                                    "max_prompt_length tokens, the response the rest, EOS only when it "
-                                                    "finished; `released`: uclaml/SPPO's trainer rule (see truncate).")
-    optimizer: Literal["rmsprop", "adamw"] = HfArg(default="rmsprop", help="RMSprop (the authors' code) or AdamW.")
-    lr: float = HfArg(default=5e-7, help="Peak learning rate (paper: 5e-7).")
-    warmup_ratio: float = HfArg(default=0.1, help="Fraction of steps of linear warm-up, then linear decay to 0.")
-    weight_decay: float = HfArg(default=0.0, help="Weight decay (AdamW only).")
-    max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping threshold on the global L2 norm.")
-    epochs: int = HfArg(default=1, help="Epochs over D_t trained per iteration (released scripts: 1).")
-    schedule_epochs: int | None = HfArg(default=None, help="Length of the LR schedule in epochs (default: "
-                                        "--epochs). Sec. 5.1's 'total epochs 18' is this; the paper keeps the model "
-                                        "after epoch 1.")
-    global_batch: int = HfArg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
-                              "pairs = 8 per device x 8 GPUs).")
-    micro_batch: int = HfArg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
-    seed: int = HfArg(default=42, help="Seed for prompt order, sampling and training order.")
-    dtype: Literal["float32", "bfloat16", "float16"] = HfArg(default="float32", help="Weights dtype (log-probs "
-                                                              "are accumulated in fp32 regardless).")
-    device: str = HfArg(default="auto", help="`auto` = cuda when available, else cpu; or a torch device name.")
-    stop_after: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
-        default=None, help="Stop after this stage of the first unfinished iteration (for debugging).")
-    restart_from: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
-        default=None, help="Move the stale artifacts of the first iteration that does not match this run, from this "
-        "stage on (and all later iterations), to OUT/stale/<time>/ and redo them. Nothing is deleted.")
-    eval_prompts: str | None = HfArg(default=None, help="Held-out prompts (JSONL/parquet): each iteration reports "
-                                     "P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) on them, with s.e., in metrics.json.")
-    progress: bool = HfArg(default=True, help="Show progress bars.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,205 +182,6 @@ def log_z_estimate(win_prob, eta):
     return torch.logsumexp(eta * wp, dim=-1) - math.log(wp.shape[-1])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# log pi(y|x), summed over response tokens.
-def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096):
-    """log pi(y|x) for each row: the sum of token log-probs where response_mask is 1. Returns fp32 (B,).
-
-    input_ids, attention_mask, response_mask: (B, T); left or right padding (position ids are derived from the
-    mask, so both give the same result). Logits are only computed from the first position that predicts a
-    response token (logits_to_keep), only the response positions are gathered (N, V) in the model's dtype,
-    and log-softmax is done in fp32 chunks of `chunk` rows: no fp32 (B, T, V) tensor is built. Under autograd the
-    chunks' fp32 log-softmax (N, V) are kept for backward (~4 N V bytes; train_7b's memory plan counts them).
-    """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # (B, T)
-    T = input_ids.shape[1]
-    first = int(response_mask.float().argmax(-1).min())                                 # earliest response token
-    keep = T - max(first - 1, 0)                                                         # positions first-1 .. T-1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=keep).logits                           # (B, keep, V)
-    pred = logits[:, :-1]                                                                # predicts tokens T-keep+1 ..
-    labels = input_ids[:, T - keep + 1:]                                                 # (B, keep-1)
-    mask = response_mask[:, T - keep + 1:].bool()                                        # (B, keep-1)
-    rows = mask.nonzero(as_tuple=True)[0]                                                # (N,) batch index per token
-    picked, targets = pred[mask], labels[mask]                                           # (N, V), (N,)
-    token_logps = torch.cat([
-        picked[i:i + chunk].float().log_softmax(-1).gather(-1, targets[i:i + chunk, None]).squeeze(-1)
-        for i in range(0, len(targets), chunk)
-    ]) if len(targets) else picked.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)                                           # (B,)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokens: x through the chat template, y with EOS when it finished, batches padded left or right.
-def pad_id(tokenizer):
-    """The padding id: the tokenizer's pad token, else its EOS (models without a pad token)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def chat_prompt(tokenizer, prompt):
-    """The prompt as text through the tokenizer's chat template, up to the assistant's turn (the policy's x)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def prompt_ids(tokenizer, prompt):
-    """Token ids of the prompt, through the tokenizer's chat template when it has one (Algorithm 1: x ~ X)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
-def truncate(group, max_length, max_prompt_length, rule="ours"):
-    """Cut the (prompt_ids, response_ids) of one group - a prompt's winner and loser (selection=pair), or one row -
-    to the training lengths. Returns [(prompt_ids, response_ids, truncated)].
-
-    ours: each prompt keeps its LAST max_prompt_length tokens, each response its first max_length - len(prompt).
-    released (uclaml/SPPO, sppo/trainer.py, SPPOTrainer.tokenize_row, truncation_mode keep_end): with L the longer
-        response of the group, a prompt is cut to its last max_prompt_length tokens only when len(prompt) + L >
-        max_length; then, if len(prompt) + L is still > max_length, EVERY response of the group is cut to its first
-        max_length - max_prompt_length tokens (so a short response can lose its end too, and a sequence may stay
-        shorter than max_length).
-    """
-    if rule not in ("ours", "released"):
-        raise ValueError(f"truncation must be 'ours' or 'released', got {rule!r}")
-    longer, out = max(len(r) for _, r in group), []
-    for p, r in group:
-        if rule == "ours":
-            p_cut = p[-max_prompt_length:]
-            r_cut = r[:max_length - len(p_cut)]
-        else:
-            p_cut = p[-max_prompt_length:] if len(p) + longer > max_length else p
-            r_cut = r[:max_length - max_prompt_length] if len(p_cut) + longer > max_length else r
-        out.append((p_cut, r_cut, len(p_cut) < len(p) or len(r_cut) < len(r)))
-    return out
-
-
-def response_tokens(tokenizer, row, rule="ours"):
-    """y's token ids: the sampled ids (row['response_ids']) when the row has them, else its text tokenised; then the
-    sampled stop id (else the tokenizer's EOS) when it finished. rule='released' appends EOS to unfinished responses
-    too, as the authors' trainer appends it to every response (sppo/trainer.py, tokenize_row)."""
-    ids = row.get("response_ids")
-    ids = list(ids) if ids is not None else tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-    stop = row.get("stop_id") if row["finished"] and row.get("stop_id") is not None else tokenizer.eos_token_id
-    return ids + ([stop] if row["finished"] or rule == "released" else [])
-
-
-def encode_example(tokenizer, prompt, response, finished, max_length, max_prompt_length):
-    """(prompt_ids, response_ids, truncated) of one text response under the `ours` rule (truncate): y's tokens are
-    the response's, plus EOS when it finished. `truncated` says whether either was cut, so callers can count it."""
-    row = {"response": response, "finished": finished}
-    return truncate([(prompt_ids(tokenizer, prompt), response_tokens(tokenizer, row))], max_length,
-                    max_prompt_length)[0]
-
-
-def pad_multiple(device):
-    """Training batches are padded to a multiple of 64 tokens on CUDA, exactly on CPU. cuDNN's attention builds a plan
-    for every new (B, T): on an H200 (1.1 B model, micro-batch 8, lengths 1-1000) steps took 1.2 s with 2.3 s spikes
-    at new lengths, 0.86 s with T rounded up to 64 (README, "train_7b.py on a GPU"). Padding is masked out."""
-    return 64 if torch.device(device).type == "cuda" else 1
-
-
-def collate(pairs, pad, padding_side="right", multiple=1):
-    """Pack (prompt_ids, response_ids) pairs into input_ids, attention_mask, response_mask, each (B, T); T is the
-    longest pair rounded up to `multiple` (pad_multiple)."""
-    T = -(-max(len(p) + len(r) for p, r in pairs) // multiple) * multiple
-    ids = torch.full((len(pairs), T), pad, dtype=torch.long)
-    attn = torch.zeros((len(pairs), T), dtype=torch.long)
-    resp = torch.zeros((len(pairs), T), dtype=torch.long)
-    for i, (p, r) in enumerate(pairs):
-        n = len(p) + len(r)
-        s = 0 if padding_side == "right" else T - n
-        ids[i, s:s + n] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, s:s + n] = 1
-        resp[i, s + len(p):s + n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
-
-
-def encode_rows(tokenizer, rows, cfg):
-    """Encode dataset rows once, truncated group by group (cfg.truncation; groups: group_size). Returns the list of
-    (prompt_ids, response_ids) and the count of truncated rows."""
-    g, pairs, n_cut, cache = group_size(rows, cfg), [], 0, {}
-    for i in range(0, len(rows), g):
-        group = []
-        for row in rows[i:i + g]:
-            if row["prompt"] not in cache:
-                cache[row["prompt"]] = prompt_ids(tokenizer, row["prompt"])
-            group.append((cache[row["prompt"]], response_tokens(tokenizer, row, cfg.truncation)))
-        for p, r, cut in truncate(group, cfg.max_length, cfg.max_prompt_length, cfg.truncation):
-            pairs.append((p, r))
-            n_cut += cut
-    return pairs, n_cut
-
-
-@torch.no_grad()
-def batched_logps(model, pairs, pad, batch_size=16, device="cpu", progress=False, desc="log-probs"):
-    """sequence_logps over many encoded pairs, in batches, no grad. Returns a float64 list (one per pair)."""
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-        b = {k: v.to(device) for k, v in collate(pairs[i:i + batch_size], pad, multiple=pad_multiple(device)).items()}
-        out += sequence_logps(model, **b).double().tolist()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Algorithm 1, step 1: y_1..y_K ~ pi_t(.|x), one batched generate() call per batch of prompts.
-def sample_seed(seed, iteration, index):
-    """THE seeding rule of generation: the prompts of iteration t are cut into batches of gen_batch from index 0,
-    and the batch starting at prompt `index` is sampled under this seed. It depends on nothing else - not on the
-    process, rank or number of GPUs - so sppo.py and train_7b.py draw identical samples for the same settings."""
-    return ((seed * 1_000_003 + iteration) * 1_000_003 + index) % 2 ** 63
-
-
-def eos_ids(model, tokenizer):
-    """Every token id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    return sorted(i for i in ids if i is not None)
-
-
-@torch.no_grad()
-def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu", start=0):
-    """K samples per prompt. Returns one dict per prompt (GENERATION_FIELDS): {"responses": [K str], "finished":
-    [K bool], "token_ids": [K lists of int], "stop_ids": [K int or None]}.
-
-    `prompts` are the iteration's prompts from index `start` on (start: a multiple of cfg.gen_batch); batch by batch
-    they are sampled under sample_seed(cfg.seed, iteration, start + i). Plain ancestral sampling at cfg.temperature
-    / cfg.top_p (top-k off). A response is cut at its first EOS; one that never emits EOS within cfg.max_new_tokens
-    is kept and flagged finished=False. The text (for the oracle and for people) keeps special tokens; training
-    uses the stored ids, since decode -> encode is not the identity for BPE tokenizers.
-    """
-    from transformers import GenerationConfig
-    model.eval()
-    stop = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                               max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.K,
-                               pad_token_id=pad, eos_token_id=stop)
-    out, xs = [], [prompt_ids(tokenizer, p) for p in prompts]
-    if sum(len(x) > cfg.max_prompt_length for x in xs):                # the training rule: keep the prompt's END
-        print(f"generate: {sum(len(x) > cfg.max_prompt_length for x in xs)} of {len(xs)} prompts cut to their last "
-              f"max_prompt_length={cfg.max_prompt_length} tokens, as training cuts them")
-    for i in tqdm(range(0, len(prompts), cfg.gen_batch), desc="generate", disable=not cfg.progress, leave=False):
-        chunk = prompts[i:i + cfg.gen_batch]
-        b = collate([(x[-cfg.max_prompt_length:], []) for x in xs[i:i + cfg.gen_batch]], pad, padding_side="left")
-        torch.manual_seed(sample_seed(cfg.seed, iteration, start + i))
-        seqs = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                              generation_config=gen_cfg)                              # (B*K, T_in + new)
-        new = seqs[:, b["input_ids"].shape[1]:].tolist()
-        for j in range(len(chunk)):
-            g = {"responses": [], "finished": [], "token_ids": [], "stop_ids": []}
-            for ids in new[j * cfg.K:(j + 1) * cfg.K]:
-                end = next((n for n, tok in enumerate(ids) if tok in stop), None)
-                g["token_ids"].append(ids[:end])                                 # what was sampled, for training
-                g["stop_ids"].append(None if end is None else ids[end])          # which stop token (Llama-3 has 2)
-                g["responses"].append(tokenizer.decode(ids[:end], skip_special_tokens=False))
-                g["finished"].append(end is not None)
-            out.append(g)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,7 +208,7 @@ def oracle_prompts(prompts, cfg, model_dir):
     from transformers import AutoTokenizer
     model_dir = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir   # pi_0 a GGUF
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [chat_prompt(tokenizer, x) for x in prompts]
+    return [policy.chat_prompt(tokenizer, x) for x in prompts]
 
 
 def pairrm_id(cfg, hashes):
@@ -515,10 +243,10 @@ def rank(oracle, prompts, generations, progress=False):
 
 
 def answers(model, tokenizer, prompts, cfg, device="cpu"):
-    """One sample per prompt (K = 1) under sample_seed(cfg.seed, 0, .): every policy judged against another is
+    """One sample per prompt (K = 1) under policy.sample_seed(cfg.seed, 0, .): every policy judged against another is
     sampled under the same seeds. The responses arena.py and the held-out win rates compare. Returns (texts,
     finished): the responses and whether each ended with a stop token (committee.py's judges read it)."""
-    gens = generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
+    gens = policy.generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
     return [g["responses"][0] for g in gens], [g["finished"][0] for g in gens]
 
 
@@ -552,12 +280,29 @@ def build_dataset(prompts, generations, matrices, cfg, logits=None):
     return rows
 
 
+def encode_rows(tokenizer, rows, cfg):
+    """Encode dataset rows once, truncated group by group (cfg.truncation; groups: group_size). Returns the list of
+    (prompt_ids, response_ids) and the count of truncated rows."""
+    g, pairs, n_cut, cache = group_size(rows, cfg), [], 0, {}
+    for i in range(0, len(rows), g):
+        group = []
+        for row in rows[i:i + g]:
+            if row["prompt"] not in cache:
+                cache[row["prompt"]] = policy.prompt_ids(tokenizer, row["prompt"])
+            group.append((cache[row["prompt"]], policy.response_tokens(tokenizer, row, cfg.truncation)))
+        for p, r, cut in policy.truncate(group, cfg.max_length, cfg.max_prompt_length, cfg.truncation):
+            pairs.append((p, r))
+            n_cut += cut
+    return pairs, n_cut
+
+
 def reference_logps(model, tokenizer, rows, cfg, device="cpu", model_id=None):
     """ref_logp = log pi_t(y|x) of every row, by pi_t itself (pi_ref = pi_t: no second model is held), and ref_by:
     how (pi_t's hash `model_id`, the weights' dtype, the truncation), so that train_7b.py recomputes them when its
     policy differs (e.g. bf16 there against fp32 here: the initial log-ratio would not be 0)."""
     pairs, _ = encode_rows(tokenizer, rows, cfg)
-    lps = batched_logps(model, pairs, pad_id(tokenizer), cfg.micro_batch, device, cfg.progress, "reference log-probs")
+    lps = policy.batched_logps(model, pairs, policy.pad_id(tokenizer), cfg.micro_batch, device, cfg.progress,
+                               "reference log-probs")
     return [dict(row, ref_logp=lp, ref_by=ref_by(cfg, model_id, cfg.dtype)) for row, lp in zip(rows, lps)]
 
 
@@ -644,7 +389,7 @@ def example_losses(model, batch, cfg):
 
     sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
     them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
-    logp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
+    logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
     if cfg.loss == "sppo":
         return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
     return pair_losses(logp, batch, cfg).repeat_interleave(2)
@@ -673,7 +418,7 @@ def pair_losses(logp, batch, cfg):
 def make_batch(pairs, rows, idx, pad, cfg, device):
     """Collate rows `idx` with their targets: ref_logp, win_prob (log_z when cfg.log_z == 'estimate', pair_prob
     when cfg.loss == 'sppo_pair')."""
-    b = collate([pairs[i] for i in idx], pad, multiple=pad_multiple(device))
+    b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device))
     for name, need in [("ref_logp", True), ("win_prob", True), ("log_z", cfg.log_z == "estimate"),
                        ("pair_prob", cfg.loss == "sppo_pair")]:
         if need:
@@ -709,7 +454,7 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for j in range(0, len(idx), cfg.micro_batch * group):                             # a pair: one micro-batch
-            b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch * group], pad_id(tokenizer), cfg, device)
+            b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch * group], policy.pad_id(tokenizer), cfg, device)
             losses = example_losses(model, b, cfg)                                         # (micro,)
             (losses.sum() / len(idx)).backward()
             loss_sum += losses.detach().sum().item()
@@ -728,58 +473,6 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         if on_step:
             on_step(history[-1])
     return history
-
-
-def validate_config(cfg):
-    """Every setting in range and every choice valid, before any work (the library twin of argparse's checks)."""
-    import typing
-    for f in dataclasses.fields(cfg):
-        hint = typing.get_type_hints(type(cfg))[f.name]                # Literal[...] or Literal[...] | None
-        lit = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal]
-        allowed = (*typing.get_args(lit[0]), *[None] * (type(None) in typing.get_args(hint))) if lit else ()
-        if lit and getattr(cfg, f.name) not in allowed:
-            raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {allowed}")
-    pos = lambda x: math.isfinite(x) and x > 0                                                       # noqa: E731
-    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.max_prompts >= 0,
-                           "max_prompts", ">= 0 (0: all)"), (cfg.K >= 2, "K", ">= 2: a preference "
-                           "needs a pair"), (pos(cfg.eta), "eta", "finite and > 0 (eta <= 0 reverses Eq. 4.1)"),
-                           (cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (pos(cfg.temperature), "temperature",
-                           "finite and > 0"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.gen_batch >= 1,
-                           "gen_batch", ">= 1"), (1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length",
-                           f">= 1 and below --max-length {cfg.max_length}"), (pos(cfg.lr), "lr", "finite and > 0"),
-                           (0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]"), (cfg.weight_decay >= 0,
-                           "weight_decay", ">= 0"), (pos(cfg.max_grad_norm), "max_grad_norm", "finite and > 0"),
-                           (cfg.epochs >= 1, "epochs", ">= 1: with 0 nothing is trained"), (cfg.schedule_epochs is
-                           None or cfg.schedule_epochs >= cfg.epochs, "schedule_epochs", f">= --epochs {cfg.epochs} "
-                           "(the LR schedule's length; leave it out for --epochs)"), (cfg.estimate_from == "all" or
-                           cfg.selection == "pair", "estimate_from", "'all' with --selection all (the pair is only "
-                           "known with --selection pair)"), (cfg.loss == "sppo" or cfg.selection == "pair", "loss",
-                           "'sppo' with --selection all (the other losses train on each prompt's winner and loser)"),
-                           (cfg.log_z == "half" or cfg.loss == "sppo", "log_z", "'half' unless --loss sppo (only "
-                           "Eq. 4.4 has a log Z)"), (math.isfinite(cfg.ipo_target), "ipo_target", "finite"),
-                           (cfg.global_batch >= 1,
-                           "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
-        if not ok:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
-    try:
-        committee.parse_judges(cfg.judges)
-    except ValueError as e:
-        raise ConfigError(f"--{e}") from None
-    gguf = str(cfg.model).endswith(".gguf")
-    for flag, path, need in [("model", cfg.model, None if gguf else "config.json"), ("prompts", cfg.prompts, None),
-                             ("eval-prompts", cfg.eval_prompts, None),
-                             ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
-        if path is not None and not (Path(path) / need if need else Path(path)).exists():
-            raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
-    if cfg.oracle_prompt == "templated" and cfg.oracle == "committee":
-        raise ConfigError("--oracle-prompt templated with --oracle committee: the on_topic judge would count the chat "
-                          "template's words as the prompt's; use --oracle-prompt raw")
-    if cfg.oracle_prompt == "templated" and cfg.model is not None and not gguf:      # a GGUF's: read at rank
-        from transformers import AutoTokenizer
-        if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):
-            raise ConfigError(f"--oracle-prompt templated: the tokenizer of --model {cfg.model} has no chat template; "
-                              f"use --oracle-prompt raw")
-    return cfg
 
 
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
@@ -808,7 +501,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
     f_gen, f_pref, f_data, m_dir = d / "generations.jsonl", d / "preferences.jsonl", d / "dataset.jsonl", d / "model"
     man, cache = runs.Manifest(d), {}
 
-    def policy():                                                # pi_t, loaded once and only when a stage needs it
+    def pi_t():                                                  # pi_t, loaded once and only when a stage needs it
         if "m" not in cache:
             cache["m"] = runs.load_policy(model_dir, cfg, device)
         return cache["m"]
@@ -819,7 +512,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
             work()
             man.commit(name, key, hashes, rows())
 
-    stage("generate", lambda: runs.write_generations(f_gen, prompts, generate_responses(*policy(), prompts, cfg, t,
+    stage("generate", lambda: runs.write_generations(f_gen, prompts, policy.generate_responses(*pi_t(), prompts, cfg, t,
                                                                                     device)), lambda: len(prompts))
     gens = runs.read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
     if cfg.stop_after == "generate":
@@ -831,7 +524,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
         return None
     ref_dir = cfg.model if cfg.reference == "initial" else model_dir           # pi_ref: pi_0 or pi_t
     stage("dataset", lambda: runs.write_jsonl(f_data, reference_logps(
-        *(policy() if ref_dir == model_dir else runs.load_policy(ref_dir, cfg, device)), build_dataset(
+        *(pi_t() if ref_dir == model_dir else runs.load_policy(ref_dir, cfg, device)), build_dataset(
             prompts, gens, mats, cfg, logits), cfg, device, hashes(ref_dir))), lambda: len(runs.read_jsonl(f_data)))
     rows = runs.read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_ref(y|x) per row
     check_dataset_sources(rows, gens, mats, cfg, f_data, logits)
@@ -839,7 +532,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes,
         return None
 
     def train():                                                 # Step 4: Eq. (4.7); model, metrics, then commit
-        model, tok = policy()
+        model, tok = pi_t()
         if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
             old = {"t": answers(model, tok, held_out, cfg, device)}
             old["0"] = old["t"] if t == 0 else answers(*runs.load_policy(cfg.model, cfg, device), held_out, cfg, device)

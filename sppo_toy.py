@@ -32,6 +32,7 @@ from transformers.hf_argparser import HfArg
 
 import arena
 import hedge_toy
+import policy
 import runs
 import sppo
 
@@ -135,9 +136,9 @@ def synthetic_dataset(n, seed=0, long_rows=0, words=12):
 # Exact policies: teacher-forced log-probs of every well-formed response.
 def response_logps(model, tokenizer, prompt, responses):
     """log pi(y|x) of each finished response (EOS included), exactly, by teacher forcing. Returns (n,) float64."""
-    pairs = [sppo.encode_example(tokenizer, prompt, y, True, 10 ** 6, 10 ** 6)[:2] for y in responses]
+    pairs = [policy.encode_example(tokenizer, prompt, y, True, 10 ** 6, 10 ** 6)[:2] for y in responses]
     pad = tokenizer.pad_token_id
-    return np.array(sppo.batched_logps(model, pairs, pad, batch_size=len(pairs), device=model.device))
+    return np.array(policy.batched_logps(model, pairs, pad, batch_size=len(pairs), device=model.device))
 
 
 def exact_policy(model, tokenizer, prompt, responses):
@@ -151,14 +152,14 @@ def warm_start(model, tokenizer, targets, steps=300, lr=1e-2):
     pairs, weights = [], []
     for x, (ys, q) in targets.items():
         for y, w in zip(ys, q):
-            pairs.append(sppo.encode_example(tokenizer, x, y, True, 10 ** 6, 10 ** 6)[:2])
+            pairs.append(policy.encode_example(tokenizer, x, y, True, 10 ** 6, 10 ** 6)[:2])
             weights.append(w)
-    batch, w = sppo.collate(pairs, tokenizer.pad_token_id), torch.tensor(weights)
+    batch, w = policy.collate(pairs, tokenizer.pad_token_id), torch.tensor(weights)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         opt.zero_grad()
-        loss = -(w * sppo.sequence_logps(model, **batch)).sum()
+        loss = -(w * policy.sequence_logps(model, **batch)).sum()
         loss.backward()
         opt.step()
     return model

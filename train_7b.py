@@ -5,9 +5,10 @@ trains pi_{t+1} from pi_t on D_t = {(x, y, P-hat(y > pi_t | x))} by Eq. (4.7):
 
     theta_{t+1} = argmin_theta  E_{D_t} [ log pi_theta(y|x)/pi_t(y|x) - eta (P-hat(y > pi_t|x) - 1/2) ]^2
 
-sppo.py is the single-process reference: the loss, log-probs, dataset schema, optimizer and LR schedule are
-imported from it, never repeated. This file adds the distributed concerns only, one function each, applied in
-torchtitan's fixed order (pytorch/torchtitan, "FSDP2"):
+sppo.py is the single-process reference: the loss, log-probs (policy.py), dataset schema (runs.py), optimizer and LR
+schedule are imported, never repeated. This file adds the distributed concerns only, one function each, applied in
+torchtitan's fixed order (pytorch/torchtitan, "FSDP2"); the process group and DCP checkpoints are distributed.py, the
+FLOPs/MFU and memory plan costs.py:
 
     build on meta -> activation checkpointing -> fully_shard (embeddings, each layer, lm_head, root) -> materialise,
     pi_t's weights broadcast from rank 0 -> reference log-probs (pi_ref = pi_t, sharded, cached beside the data)
@@ -30,15 +31,12 @@ Commands (OUT must be on a filesystem every node sees: checkpoints are written b
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
 import hashlib
 import importlib.util
 import json
 import math
 import os
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,27 +46,16 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers.hf_argparser import HfArg
 
+import costs
+import distributed
+import policy
 import runs
 import sppo
-
-# Published configs (config.json of the hub repos), so --plan needs no download.
-_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-           num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False)
-PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e6, max_position_embeddings=32768,
-                                            sliding_window=None)),
-             "llama-3-8b": ("llama", dict(_7B, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192))}
-"""Mistral-7B-Instruct-v0.2 and Llama-3-8B-Instruct."""
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12)]
-"""Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
 
 
 @dataclass
@@ -110,94 +97,6 @@ NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
             "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}
 """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Process group and mesh; the clean teardown.
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    mesh: object
-    timeout: datetime.timedelta
-
-    def barrier(self, what):
-        """All ranks meet after `what`. On gloo a monitored barrier: a rank that does not arrive within the
-        collective timeout is NAMED in rank 0's error, instead of every rank waiting silently."""
-        if self.device.type == "cpu" and self.world > 1:
-            try:
-                dist.monitored_barrier(timeout=self.timeout)
-            except RuntimeError as e:
-                raise RuntimeError(f"after {what}: {e}") from None
-        else:
-            dist.barrier()
-
-    def log(self, msg):
-        if self.rank == 0:
-            print(msg, flush=True)
-
-    def decide(self, fn):
-        """Rank 0 runs fn() (a filesystem check) and every rank gets its answer, or its exception: ranks that see a
-        shared filesystem (NFS) at different moments cannot take different branches."""
-        try:
-            box = [(fn(), None) if self.rank == 0 else None]
-        except Exception as e:                           # e.g. StaleStage: raised on every rank, not a hang
-            box = [(None, e)]
-        if self.world > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0][1] is not None:
-            raise box[0][1]
-        return box[0][0]
-
-
-def init_distributed(timeout_s=None, deterministic=False) -> Dist:
-    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> nccl on GPUs / gloo on CPU, and an explicit 1-D mesh.
-
-    Without torchrun (`python train_7b.py ...`) this is a 1-rank group, so the same code runs on one device.
-    Collectives time out after timeout_s (default: 5 minutes on CPU/gloo, 3 hours on GPU, where ranks wait for the
-    slowest generation shard); under torchrun each worker also dies with the torchrun agent (no orphans).
-    deterministic: torch.use_deterministic_algorithms(True); on GPU also cuBLAS's fixed workspace (set before the
-    first cuBLAS call) and deterministic cuDNN without autotuning.
-    """
-    if "RANK" in os.environ and sys.platform == "linux":       # PR_SET_PDEATHSIG: SIGKILL when the agent dies
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-        if os.getppid() == 1:                                   # the agent died before prctl took effect
-            os._exit(1)
-    cuda = torch.cuda.is_available()
-    if deterministic:
-        if cuda:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=timeout_s or (3 * 3600 if cuda else 300))
-    kw = dict(backend="nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
-    if "RANK" in os.environ:
-        dist.init_process_group(**kw)
-    else:
-        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return Dist(dist.get_rank(), dist.get_world_size(), device, mesh, timeout)
-
-
-def shutdown():
-    """Clean exit, in this order: collect the FSDP states, DTensors and optimizer state that train() left behind;
-    a barrier (no rank leaves while another still talks to it); destroy_process_group(); flush; os._exit (in
-    __main__). Why the last step: after any functional collective - DTensor.full_tensor, clip_grad_norm_ on
-    DTensors, get_model_state_dict(full_state_dict=True) - torch 2.13 keeps the gloo group's C++ threads
-    (pt_gloo_runloop, gloo_tcp_loop) alive past destroy_process_group; a normal exit then tears them down in C++
-    static destructors after the interpreter is finalised, racing the peer rank's exit: the "terminate called
-    without an active exception" abort of shared/fsdp_notes.md. os._exit skips that teardown; all files are closed."""
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +194,7 @@ def build_model(cfg, d):
 # pi_ref = pi_t: log pi_t(y|x) for the whole dataset, computed once by the policy before step 1, sharded over ranks.
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
-    """sppo.sequence_logps of every pair under the unchanged policy, in the micro-batches that the first epoch's
+    """policy.sequence_logps of every pair under the unchanged policy, in the micro-batches that the first epoch's
     training steps form (rank_micro_batches of schedule): the same rows padded together, the same precision (the
     FSDP policy itself, bf16 on GPU), so at the first visit of a row log pi_theta/pi_ref starts at exactly 0. Later
     epochs batch rows differently: on GPU a row's bf16 log-prob there can differ from pi_ref's by rounding."""
@@ -303,9 +202,10 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     model.eval()
     for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
         for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
-            b = sppo.collate([pairs[i] for i in mb or idx[:group]], pad_id,       # a stand-in keeps ranks in step
-                             multiple=sppo.pad_multiple(d.device))               # as make_batch pads
-            out.update(zip(mb or [], sppo.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()}).tolist()))
+            b = policy.collate([pairs[i] for i in mb or idx[:group]], pad_id,       # a stand-in keeps ranks in step
+                             multiple=policy.pad_multiple(d.device))               # as make_batch pads
+            lps = policy.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()})
+            out.update(zip(mb or [], lps.tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
     shards = [None] * d.world
     dist.all_gather_object(shards, out)
@@ -385,61 +285,6 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
             "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints (torch.distributed.checkpoint) and the export for from_pretrained.
-class TrainState:
-    """What --resume restores (a DCP `Stateful`): model and optimizer shards, LR schedule, the data position (the
-    optimizer step; the batch order is a pure function of the seed) and each rank's RNG states."""
-
-    def __init__(self, model, opt, sched, d):
-        self.model, self.opt, self.sched, self.d, self.step, self.with_rng = model, opt, sched, d, 0, True
-
-    def state_dict(self):
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
-        sd = {"model": model_sd, "optim": optim_sd, "sched": self.sched.state_dict(), "step": self.step}
-        if self.with_rng:
-            rng = {"cpu": torch.get_rng_state()}
-            if self.d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-            sd[f"rng_rank{self.d.rank}"] = rng                      # per-rank key: not deduplicated by DCP
-        return sd
-
-    def load_state_dict(self, sd):
-        set_state_dict(self.model, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        self.sched.load_state_dict(sd["sched"])
-        self.step = sd["step"]
-        rng = sd.get(f"rng_rank{self.d.rank}", {})
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.d.device)
-
-
-def checkpoints(out):
-    """Finished checkpoints, oldest first (a .tmp directory is an interrupted save and never counts)."""
-    root = Path(out) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "run.json").is_file())
-
-
-def save_checkpoint(state, out, keep, run_info, d):
-    """dcp.save into step_N.tmp (every rank writes its shards), then rank 0 renames it: a checkpoint is complete
-    or absent, never half-written, whenever the job is killed."""
-    final = Path(out) / "checkpoints" / f"step_{state.step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if d.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save({"train": state}, checkpoint_id=str(tmp))
-    dist.barrier()
-    if d.rank == 0:
-        (tmp / "run.json").write_text(json.dumps({**run_info, "step": state.step, "world": d.world}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
-
-
 RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs", "schedule_epochs", "selection",
                    "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
                    "max_length", "max_prompt_length", "truncation")
@@ -447,172 +292,8 @@ RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs"
 setting that changes the result. A changed one is refused, named, before the model is built."""
 
 
-def check_run_info(path, run_info):
-    """The checkpoint's run.json, when it belongs to this data, pi_t and settings (else refused, the field named)."""
-    saved = json.loads((path / "run.json").read_text())
-    for k, v in run_info.items():
-        if saved.get(k) != v:
-            raise runs.ArtifactError(f"{path / 'run.json'}: field {k!r} is {saved.get(k)!r} but this run has {v!r}; "
-                                     f"resume with the original settings or use a new --out")
-    return saved
-
-
-def load_checkpoint(state, path, saved, d):
-    """Restore checkpoint `path` (rank 0's choice; `saved` its checked run.json) in place."""
-    state.with_rng = saved["world"] == d.world                      # RNG states are per rank
-    dcp.load({"train": state}, checkpoint_id=str(path))
-    state.with_rng = True
-
-
-def export_model(model, tokenizer, src, out, bf16, d):
-    """pi_{t+1} for AutoModelForCausalLM.from_pretrained: OUT/model in fp32, always (sppo.py's and the next
-    iteration's --model: in bf16 RMSprop's ~lr-sized updates round back to pi_t), and OUT/model_bf16 when `bf16`
-    (serving, evaluation). The full state dict goes to rank 0 (a collective; the others get {}), is loaded into a
-    meta-built model and written with save_pretrained. Returns bf16_unchanged_fraction vs pi_t (None off rank 0)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    full, frac = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), None
-    if d.rank == 0:
-        start = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()    # pi_t
-        frac = bf16_unchanged_fraction(start, full)
-        del start
-        for dtype, name in [(torch.float32, "model")] + [(torch.bfloat16, "model_bf16")] * bf16:
-            with torch.device("meta"):
-                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=dtype)
-            hf.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
-            if (Path(src) / "generation_config.json").is_file():
-                hf.generation_config = GenerationConfig.from_pretrained(src)
-            runs.save_policy(hf, tokenizer, out / name)
-    del full
-    dist.barrier()
-    return frac
-
-
-def bf16_unchanged_fraction(start, new):
-    """Fraction of the weights (floating-point entries of state dicts `new` vs pi_t's `start`) that a bf16 export
-    would leave exactly at pi_t's bf16 value: an update under half a bf16 step (2^-9 |w|: ~4e-5 at |w| ~ 0.02)
-    rounds away, while RMSprop moves each weight by about the LR (5e-7) per step."""
-    same = total = 0
-    for k, w in new.items():
-        if w.is_floating_point():
-            same += (w.to(torch.bfloat16) == start[k].to(torch.bfloat16)).sum().item()
-            total += w.numel()
-    return same / total
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Throughput, MFU and memory: what each step logs.
-def step_flops(config, n_params, tokens, sum_len_sq, response_tokens):
-    """Training FLOPs of one optimizer step (forward + backward; recomputation not counted: MFU, not HFU), summed
-    over the global batch's rows i, each of T_i real tokens (no padding) with R_i response tokens:
-
-        6 N_body sum_i T_i  +  12 L h sum_i T_i^2  +  6 V d sum_i R_i
-
-    N_body = N - V d (tied embeddings) or N - 2 V d: the matmul weights the tokens run through (the embedding is a
-    lookup); the attention scores are PaLM's 12 L h T per token at the row's own length T_i (Chowdhery et al. 2022,
-    App. B; h = heads x head_dim); the lm_head (V x d) runs only on the kept positions, the response tokens
-    (logits_to_keep in sppo.sequence_logps)."""
-    V, d, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
-    h = config.num_attention_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
-    n_body = n_params - V * d * (1 if config.tie_word_embeddings else 2)
-    return 6 * n_body * tokens + 12 * L * h * sum_len_sq + 6 * V * d * response_tokens
-
-
-def peak_flops(device_name):
-    """bf16 dense peak of a GPU (torch.cuda.get_device_name) from PEAK_BF16_FLOPS, or None (unknown: no MFU)."""
-    return next((f for key, f in PEAK_BF16_FLOPS if key in device_name), None)
-
-
-def peak_memory_gb(d):
-    """Peak memory in GB, the max over ranks (all_reduce MAX): {peak_memory_gb: max allocated, peak_reserved_gb:
-    max reserved} by the CUDA caching allocator on GPU; {peak_memory_gb: peak RSS of the process} on CPU."""
-    cuda = d.device.type == "cuda"
-    v = [torch.cuda.max_memory_allocated(d.device), torch.cuda.max_memory_reserved(d.device)] if cuda else \
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
-    v = torch.tensor(v, dtype=torch.float64, device=d.device) / 1e9
-    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-    return dict(zip(["peak_memory_gb", "peak_reserved_gb"], v.tolist()))
-
-
-def sync(device, reset_peak=False):
-    """Wait for the GPU's queued work, so a step's wall time includes it (and restart the peak-memory count)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if reset_peak:
-            torch.cuda.reset_peak_memory_stats(device)
-
-
-def param_counts(config):
-    """(N, params of one decoder layer, params outside the layers) from a model built on the meta device."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(config)
-    n, layer = sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.model.layers[0].parameters())
-    return n, layer, n - config.num_hidden_layers * layer
-
-
-def memory_plan(config, world, micro_batch, seq_len, optimizer="rmsprop", compute_bytes=2, ckpt=True):
-    """Per-GPU bytes of each term of FSDP2 training, for one micro-batch of micro_batch x seq_len tokens.
-
-    compute_bytes: 2 for bf16 compute (GPU), 4 for fp32 (CPU). Activations are the tensors autograd saves in a
-    Llama/Mistral layer (SDPA without the T^2 matrix; GQA keys and values repeated to all heads): per token
-    4d fp32 + c d at each of 2 RMSNorms, c(6d + 4 d_kv) around attention, 4 c I in the SwiGLU MLP.
-    """
-    n, n_layer, n_root = param_counts(config)
-    d, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
-    if not config.tie_word_embeddings:      # apply_fsdp: embed_tokens and lm_head (V d each) are units of their own
-        n_root, n_layer = n_root - 2 * V * d, max(n_layer, V * d)                  # n_layer: the largest unit
-    d_kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
-    c, tok = compute_bytes, micro_batch * seq_len
-    layer_acts = tok * (2 * (4 * d + c * d) + c * (6 * d + 4 * d_kv) + 4 * c * I)
-    return {
-        "sharded fp32 params (4N/W)": 4 * n / world,
-        "sharded fp32 grads (4N/W)": 4 * n / world,
-        f"{optimizer} state ({ {'rmsprop': 4, 'adamw': 8}[optimizer]}N/W)":
-            {"rmsprop": 4, "adamw": 8}[optimizer] * n / world,
-        "unsharded params: root + 2 units in flight": c * (n_root + 2 * n_layer),
-        "unsharded grads in flight (+ fp32 reduce)": (c + 4) * max(n_root, n_layer),
-        "activations: layer inputs kept (L B T d)" if ckpt else "activations: all layers":
-            L * tok * d * c if ckpt else L * layer_acts,
-        "activations: 1 layer recomputed in backward": layer_acts if ckpt else 0,
-        "logits (2 copies) + fp32 log-softmax saved": tok * V * (2 * c + 4) + 2 * 4 * min(tok, 4096) * V,
-    }
-
-
-def model_config(name):
-    """A transformers config: a PUBLISHED name or a local model/config directory."""
-    from transformers import AutoConfig, LlamaConfig, MistralConfig
-    if name in PUBLISHED:
-        arch, kw = PUBLISHED[name]
-        return {"llama": LlamaConfig, "mistral": MistralConfig}[arch](**kw)
-    return AutoConfig.from_pretrained(name)
-
-
-def print_plan(cfg):
-    """The --plan table: every term, the total, and whether it fits in --gpu-gb."""
-    config = model_config(cfg.plan)
-    n = param_counts(config)[0]
-    rows = cfg.micro_batch * (2 if cfg.selection == "pair" else 1)           # a pair is 2 sequences
-    plan = memory_plan(config, cfg.world, rows, cfg.max_length, cfg.optimizer)
-    total = sum(plan.values())
-    print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
-          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} "
-          f"{'pairs' if rows > cfg.micro_batch else 'rows'} = {rows} x {cfg.max_length} tokens, "
-          f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
-    for k, v in plan.items():
-        print(f"  {k:<46} {v / 1e9:7.2f} GB")
-    fits = "yes" if total / 1e9 < cfg.gpu_gb else "NO"
-    print(f"  {'total':<46} {total / 1e9:7.2f} GB   fits in {cfg.gpu_gb:g} GB: {fits} ({cfg.gpu_gb - total / 1e9:.1f} "
-          f"GB left for the CUDA context, NCCL buffers, allocator fragmentation)")
-    return plan
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, steps 1-3 on the node: each rank generates / ranks its shard on a full replica; rank 0 gathers.
-def gather_to_rank0(part, d):
-    """{index: record} from every rank, merged (all ranks get it; only rank 0 writes)."""
-    parts = [None] * d.world
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
 
 
 def free_device_memory(device):
@@ -636,19 +317,19 @@ def load_replica(path, cfg, device):
 def generate_vllm(cfg, model_dir, tokenizer, prompts, indices):
     """Optional engine: vLLM on this rank's GPU (tensor parallel 1), in a --stage generate call of its own (vLLM
     frees its GPU memory only when the process exits; validate() refuses other stages). Same prompt tokens and text
-    convention as sppo.generate_responses; finished = stopped on EOS. Each request is seeded by sppo.sample_seed of
+    convention as policy.generate_responses; finished = stopped on EOS. Each request is seeded by policy.sample_seed of
     its global prompt index, so the samples do not depend on the number of GPUs. Not exercised by the CPU tests."""
     from vllm import LLM, SamplingParams
     llm = LLM(model=model_dir, dtype="bfloat16", seed=cfg.seed, tensor_parallel_size=1,
               distributed_executor_backend="external_launcher")
     sp = [SamplingParams(n=cfg.K, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                         seed=sppo.sample_seed(cfg.seed, cfg.iteration, i) % 2 ** 31, skip_special_tokens=False)
+                         seed=policy.sample_seed(cfg.seed, cfg.iteration, i) % 2 ** 31, skip_special_tokens=False)
           for i in indices]
-    outs = llm.generate([{"prompt_token_ids": sppo.prompt_ids(tokenizer, p)} for p in prompts], sp)
+    outs = llm.generate([{"prompt_token_ids": policy.prompt_ids(tokenizer, p)} for p in prompts], sp)
     from transformers import GenerationConfig
     gen_cfg = GenerationConfig.from_pretrained(model_dir) if (Path(model_dir) / "generation_config.json").is_file() \
         else None
-    stop = set(sppo.eos_ids(SimpleNamespace(generation_config=gen_cfg), tokenizer))
+    stop = set(policy.eos_ids(SimpleNamespace(generation_config=gen_cfg), tokenizer))
     gens = []
     for o in outs:                                  # vLLM's token_ids end with the stop token when it stopped on one
         cut = [c.finish_reason == "stop" and bool(c.token_ids) and c.token_ids[-1] in stop for c in o.outputs]
@@ -667,7 +348,7 @@ def stage_prompts(cfg):
 
 def stage_generate(cfg, d, out):
     """Step 1: y_1..y_K ~ pi_t(.|x). Batches of gen_batch prompts are dealt round-robin to ranks and sampled with
-    sppo.generate_responses under sppo's seeding rule (keyed by the batch's first global prompt index), so the
+    policy.generate_responses under sppo's seeding rule (keyed by the batch's first global prompt index), so the
     samples equal sppo.py's and do not depend on the number of GPUs. Rank 0 writes OUT/generations.jsonl."""
     prompts = stage_prompts(cfg)
     starts = list(range(0, len(prompts), cfg.gen_batch))[d.rank::d.world]
@@ -680,11 +361,11 @@ def stage_generate(cfg, d, out):
                              mine)
     else:
         model, tok = load_replica(cfg.model, gcfg, d.device)                      # a full bf16 replica per GPU
-        gens = [g for s in starts for g in sppo.generate_responses(model, tok, prompts[s:s + cfg.gen_batch], gcfg,
+        gens = [g for s in starts for g in policy.generate_responses(model, tok, prompts[s:s + cfg.gen_batch], gcfg,
                                                                     cfg.iteration, d.device, start=s)]
         del model
     free_device_memory(d.device)
-    gens = gather_to_rank0(dict(zip(mine, gens)), d)
+    gens = distributed.gather_to_rank0(dict(zip(mine, gens)), d)
     if d.rank == 0:
         runs.write_generations(out / "generations.jsonl", prompts, [gens[i] for i in range(len(prompts))])
     d.barrier("generation")
@@ -701,7 +382,7 @@ def stage_rank(cfg, d, out):
     mats, logits = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
     del oracle
     free_device_memory(d.device)
-    P = gather_to_rank0(dict(zip(mine, zip(mats, logits or [None] * len(mats)))), d)
+    P = distributed.gather_to_rank0(dict(zip(mine, zip(mats, logits or [None] * len(mats)))), d)
     if d.rank == 0:
         mats, logits = [P[i][0] for i in range(len(gens))], [P[i][1] for i in range(len(gens))]
         logits = None if logits[0] is None else logits
@@ -717,17 +398,17 @@ def train(cfg, d):
     from transformers import AutoTokenizer
     out, data = Path(cfg.out), Path(cfg.data or Path(cfg.out) / "dataset.jsonl")
     accumulation = check_batch_sizes(cfg, d.world)
-    ckpt = d.decide(lambda: (checkpoints(out) or [None])[-1])         # rank 0 picks the checkpoint for all ranks
+    ckpt = d.decide(lambda: (distributed.checkpoints(out) or [None])[-1])   # rank 0 picks it for all ranks
     if ckpt and not cfg.resume:
         raise runs.ArtifactError(f"{out / 'checkpoints'} has checkpoints: pass --resume, or use a new --out")
     rows = load_dataset(data, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = sppo.pad_id(tok)
+    pad_id = policy.pad_id(tok)
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
     schedule, total, group = sppo.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
     run_info = {"model": d.decide(lambda: runs.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
                 "total_steps": len(schedule), **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
-    saved = d.decide(lambda: check_run_info(ckpt, run_info)) if ckpt else None     # before the model is built
+    saved = d.decide(lambda: distributed.check_run_info(ckpt, run_info)) if ckpt else None   # before the model
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated ({cfg.truncation} rule, max_length {cfg.max_length}, "
           f"max_prompt_length {cfg.max_prompt_length}); none skipped")
     model = build_model(cfg, d)                                       # meta -> AC -> fully_shard -> pi_t
@@ -738,14 +419,14 @@ def train(cfg, d):
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
     opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
     sched = sppo.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
-    state = TrainState(model, opt, sched, d)
+    state = distributed.TrainState(model, opt, sched, d)
     if ckpt:
-        load_checkpoint(state, ckpt, saved, d)
+        distributed.load_checkpoint(state, ckpt, saved, d)
         d.log(f"resumed from {ckpt} at step {state.step}")
     elif cfg.resume:
         d.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")
     n_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+    peak = costs.peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     metrics_path = out / "metrics.jsonl"
     if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
         old = runs.read_jsonl(metrics_path) if metrics_path.is_file() else []
@@ -757,21 +438,21 @@ def train(cfg, d):
     model.train()
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
     for step in range(state.step, len(schedule)):
-        tracker = start_memory_tracker(model, opt) if step == measure_at else None
-        sync(d.device, reset_peak=True)
+        tracker = costs.start_memory_tracker(model, opt) if step == measure_at else None
+        costs.sync(d.device, reset_peak=True)
         t0 = time.perf_counter()
         m = train_step(model, opt, sched, pairs, rows, schedule[step], pad_id, group, cfg, d,
                        tracker.reset_mod_stats if tracker is not None else None)
-        sync(d.device)
+        costs.sync(d.device)
         dt = time.perf_counter() - t0
         if tracker is not None:
             tracker.__exit__(None, None, None)
             seq_len = max(sum(map(len, pairs[i])) for i in schedule[step])
-            write_memory_report(tracker, model.config, cfg, seq_len, d, out)
+            costs.write_memory_report(tracker, model.config, cfg, seq_len, d, out)
         state.step = step + 1
-        tps, flops = m["tokens"] / dt, step_flops(model.config, n_params, m["tokens"], m.pop("sum_len_sq"),
+        tps, flops = m["tokens"] / dt, costs.step_flops(model.config, n_params, m["tokens"], m.pop("sum_len_sq"),
                                                    m["response_tokens"])
-        m.update(step=step, tokens_per_s=tps, tokens_per_s_per_device=tps / d.world, **peak_memory_gb(d),
+        m.update(step=step, tokens_per_s=tps, tokens_per_s_per_device=tps / d.world, **costs.peak_memory_gb(d),
                  mfu=flops / dt / d.world / peak if peak else None)
         if d.rank == 0:
             with open(metrics_path, "a") as f:
@@ -781,12 +462,12 @@ def train(cfg, d):
                   + (f" | MFU {m['mfu']:.1%}" if m["mfu"] is not None else ""), flush=True)
         last = state.step == len(schedule)
         if last or state.step % cfg.save_every == 0 or state.step == cfg.stop_at_step:
-            save_checkpoint(state, out, cfg.keep_checkpoints, run_info, d)
+            distributed.save_checkpoint(state, out, cfg.keep_checkpoints, run_info, d)
         if state.step == cfg.stop_at_step and not last:
             d.log(f"stopped after step {state.step} (--stop-at-step); continue with --resume")
             return {"stopped_at": state.step}
     bf16 = cfg.export_bf16 or d.device.type == "cuda"
-    frac = export_model(model, tok, cfg.model, out, bf16, d)
+    frac = distributed.export_model(model, tok, cfg.model, out, bf16, d)
     summary = {"steps": len(schedule), "truncated": n_cut, "model": str(out / "model"), "model_bf16": str(
                out / "model_bf16") if bf16 else None, "bf16_unchanged_fraction": frac}
     if d.rank == 0:
@@ -794,25 +475,6 @@ def train(cfg, d):
         print(f"pi_(t+1) saved in {out / 'model'} (fp32: the next --model)" + (f" and {out / 'model_bf16'} (bf16)"
               if bf16 else "") + f"; a bf16 export would leave {frac:.2%} of the weights exactly at pi_t", flush=True)
     return summary
-
-
-def start_memory_tracker(model, opt):
-    """FSDPMemTracker (torch.distributed._tools) on this step: peak bytes by category, on CPU and GPU alike."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    tracker = FSDPMemTracker(model, opt)
-    tracker.__enter__()
-    return tracker
-
-
-def write_memory_report(tracker, config, cfg, seq_len, d, out):
-    """OUT/memory.json: rank 0's measured peak by category next to memory_plan for the same shapes."""
-    snap = tracker.get_tracker_snapshot("peak")[d.device]
-    measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
-    if d.rank == 0:
-        plan = memory_plan(config, d.world, cfg.micro_batch * (2 if cfg.selection == "pair" else 1), seq_len,
-                           cfg.optimizer,
-                           compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
-        (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -856,7 +518,7 @@ def validate(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.plan:
-        print_plan(cfg)
+        costs.print_plan(cfg)
         return 0
     return runs.user_errors("train_7b.py", lambda: run(cfg))
 
@@ -885,7 +547,7 @@ def run(cfg):
             d.barrier(f"the {'/'.join(stages)} record")
         if cfg.stage in ("generate", "all") and os.environ.get("RANK", "0") == "0":   # stale files: refused now,
             runs.Manifest(out).done("generate", key("generate"), hashes)             # before the process group
-    d = init_distributed(cfg.collective_timeout_s, cfg.deterministic)
+    d = distributed.init_distributed(cfg.collective_timeout_s, cfg.deterministic)
     if cfg.stage in ("generate", "all") and not done("generate"):
         stage_generate(cfg, d, out)
         commit("generate")
@@ -899,7 +561,7 @@ def run(cfg):
     if cfg.stage in ("train", "all"):
         summary = train(cfg, d)
         d.log(json.dumps(summary))
-    shutdown()                   # reached on success only: after an exception torchrun stops the other ranks
+    distributed.shutdown()       # reached on success only: after an exception torchrun stops the other ranks
     return 0
 
 
@@ -907,4 +569,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)                                  # see shutdown(): no exit-time teardown of the gloo threads
+    os._exit(code)                         # see distributed.shutdown: no exit-time teardown of the gloo threads

@@ -17,6 +17,7 @@ import torch
 
 import committee
 import real_run
+import policy
 import runs
 import sppo
 
@@ -68,10 +69,10 @@ def test_gguf_conversion_reloads_and_equals_the_gguf_tensors(real, monkeypatch, 
 
 def test_generation_stops_at_im_end(real):
     model, tok = real["model"], real["tok"]
-    assert tok.eos_token == "<|im_end|>" and sppo.eos_ids(model, tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
-    assert tok.convert_tokens_to_ids("<|endoftext|>") not in sppo.eos_ids(model, tok)
+    assert tok.eos_token == "<|im_end|>" and policy.eos_ids(model, tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok.convert_tokens_to_ids("<|endoftext|>") not in policy.eos_ids(model, tok)
     cfg = sppo.SPPOConfig(K=2, max_new_tokens=16, temperature=0.05, top_p=1.0, progress=False)
-    short, long = sppo.generate_responses(model, tok, [PROMPTS[0], "Write a long story about a dragon."], cfg)
+    short, long = policy.generate_responses(model, tok, [PROMPTS[0], "Write a long story about a dragon."], cfg)
     assert short["responses"] == ["The capital of France is Paris."] * 2 and short["finished"] == [True, True]
     assert long["finished"] == [False, False]                         # 16 tokens: cut, flagged, kept
     # the sampled ids are stored, with the stop id actually sampled; training scores these, not re-tokenised text
@@ -81,14 +82,14 @@ def test_generation_stops_at_im_end(real):
     assert all(tok.decode(ids) == y for ids, y in zip(short["token_ids"], short["responses"]))
     assert all("<|im_end|>" not in y for y in short["responses"] + long["responses"])
     # through the chat template: y's training tokens are the text's plus <|im_end|> when it finished
-    p, r, _ = sppo.encode_example(tok, PROMPTS[0], short["responses"][0], True, 256, 128)
+    p, r, _ = policy.encode_example(tok, PROMPTS[0], short["responses"][0], True, 256, 128)
     assert tok.decode(p).startswith("<|im_start|>system") and tok.decode(p).endswith("<|im_start|>assistant\n")
     assert r[-1] == tok.eos_token_id and tok.decode(r) == "The capital of France is Paris.<|im_end|>"
 
 
 def test_sequence_logps_equals_a_token_loop_on_bpe_text(real):
     model, tok = real["model"], real["tok"]
-    pairs = [sppo.encode_example(tok, x, y, f, 256, 128)[:2] for x, y, f in [
+    pairs = [policy.encode_example(tok, x, y, f, 256, 128)[:2] for x, y, f in [
         (PROMPTS[0], "Paris, naturally - la Ville Lumière.", True),
         (PROMPTS[1], "Could you please pass the salt? Merci beaucoup, café owner!", False)]]
     assert len(pairs[0][1]) != len(pairs[1][1])                        # padding matters
@@ -99,8 +100,8 @@ def test_sequence_logps_equals_a_token_loop_on_bpe_text(real):
             logp = model(input_ids=ids).logits[0].float().log_softmax(-1)              # (T, V)
             naive.append(sum(logp[t - 1, ids[0, t]].item() for t in range(len(p), len(p) + len(r))))
         for side in ("right", "left"):
-            b = sppo.collate(pairs, sppo.pad_id(tok), padding_side=side)
-            np.testing.assert_allclose(sppo.sequence_logps(model, **b).numpy(), naive, rtol=1e-5, atol=1e-3)
+            b = policy.collate(pairs, policy.pad_id(tok), padding_side=side)
+            np.testing.assert_allclose(policy.sequence_logps(model, **b).numpy(), naive, rtol=1e-5, atol=1e-3)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +121,7 @@ def test_one_micro_iteration_end_to_end(real, micro_run):
         np.testing.assert_array_equal(P, committee.preference_matrix(x, g["responses"], g["finished"]))
     rows = runs.read_dataset(micro_run / "dataset.jsonl")
     pairs, _ = sppo.encode_rows(real["tok"], rows, sppo.SPPOConfig(**MICRO))
-    np.testing.assert_allclose([r["ref_logp"] for r in rows], sppo.batched_logps(real["model"], pairs, 2), atol=1e-3)
+    np.testing.assert_allclose([r["ref_logp"] for r in rows], policy.batched_logps(real["model"], pairs, 2), atol=1e-3)
     metrics = json.loads((micro_run / "metrics.json").read_text())
     # step 1 starts at pi_0, so log pi/pi_t = 0 and the loss is the mean of eta^2 (P-hat - 1/2)^2 (Eq. 4.7)
     by_hand = np.mean([(10.0 * (r["win_prob"] - 0.5)) ** 2 for r in rows])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pairrm
+import policy
 import runs
 import sppo
 import sppo_toy
@@ -73,7 +74,7 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     seen, make_batch = [], sppo.make_batch
     monkeypatch.setattr(sppo, "make_batch", lambda pairs, rows, idx, *a: seen.append(list(idx)) or
                         make_batch(pairs, rows, idx, *a))
-    start = sppo.batched_logps(model, sppo.encode_rows(tok, rows, cfg)[0], tok.pad_token_id)
+    start = policy.batched_logps(model, sppo.encode_rows(tok, rows, cfg)[0], tok.pad_token_id)
     history = sppo.train_policy(model, tok, rows, cfg)
     assert len(history) == math.ceil(n_pairs / 4) * 3 == 9
     for mb in seen:                                                       # whole pairs, at most micro_batch of them
@@ -135,27 +136,27 @@ def test_released_truncation_matches_the_authors_rule():
     L, LP = 12, 5
     # by hand: prompt 4 (<= 5, kept), responses 2 and 10: 4 + 10 > 12, so BOTH are cut to 12 - 5 = 7 tokens
     p, a, b = list(range(100, 104)), [1, 2], list(range(10))
-    got = sppo.truncate([(p, a), (p, b)], L, LP, "released")
+    got = policy.truncate([(p, a), (p, b)], L, LP, "released")
     assert [(len(x), len(y), cut) for x, y, cut in got] == [(4, 2, False), (4, 7, True)]
-    ours = sppo.truncate([(p, a), (p, b)], L, LP, "ours")               # ours: the response fills up to 12
+    ours = policy.truncate([(p, a), (p, b)], L, LP, "ours")               # ours: the response fills up to 12
     assert [(len(x), len(y)) for x, y, _ in ours] == [(4, 2), (4, 8)]
     # by hand: prompt 8 > 5 but 8 + 3 <= 12: the released rule keeps the whole prompt; ours keeps its last 5
-    got = sppo.truncate([(list(range(8)), [1, 2]), (list(range(8)), [1, 2, 3])], L, LP, "released")
-    assert [len(x) for x, _, _ in got] == [8, 8] and sppo.truncate([(list(range(8)), [1])], L, LP)[0][0] == [3, 4, 5,
+    got = policy.truncate([(list(range(8)), [1, 2]), (list(range(8)), [1, 2, 3])], L, LP, "released")
+    assert [len(x) for x, _, _ in got] == [8, 8] and policy.truncate([(list(range(8)), [1])], L, LP)[0][0] == [3, 4, 5,
                                                                                                            6, 7]
     for n_p in (1, 5, 6, 9, 14):                                          # every case against the transcription
         for n_a in (1, 4, 7, 8, 12):
             for n_b in (1, 6, 9):
                 p, a, b = list(range(50, 50 + n_p)), list(range(n_a)), list(range(20, 20 + n_b))
                 want = released_tokenize_row(p, a, b, L, LP)
-                assert [(x, y) for x, y, _ in sppo.truncate([(p, a), (p, b)], L, LP, "released")] == want
+                assert [(x, y) for x, y, _ in policy.truncate([(p, a), (p, b)], L, LP, "released")] == want
 
 
 def test_released_rule_appends_eos_to_unfinished_responses(tiny_llama):
     _, tok = tiny_llama
     row = {"response": "rock paper", "finished": False}
-    assert sppo.response_tokens(tok, row, "released")[-1] == tok.eos_token_id
-    assert tok.eos_token_id not in sppo.response_tokens(tok, row, "ours")
+    assert policy.response_tokens(tok, row, "released")[-1] == tok.eos_token_id
+    assert tok.eos_token_id not in policy.response_tokens(tok, row, "ours")
     rows = [dict(r, finished=False) for r in pair_rows(2)]
     cfg = sppo.SPPOConfig(truncation="released", max_length=48, max_prompt_length=16)
     assert all(r[-1] == tok.eos_token_id for _, r in sppo.encode_rows(tok, rows, cfg)[0])
@@ -199,18 +200,18 @@ def test_log_probs_are_on_the_sampled_ids_not_the_retokenised_text(bpe_policy):
     with torch.no_grad():
         lp = model(ids).logits[0].double().log_softmax(-1)
     want = sum(lp[len(p) + i - 1, r[i]].item() for i in range(len(r)))                        # by hand
-    got = sppo.batched_logps(model, [(p, r)], tok.pad_token_id)[0]
+    got = policy.batched_logps(model, [(p, r)], tok.pad_token_id)[0]
     assert got == pytest.approx(want, abs=1e-4)
     text_only = {k: v for k, v in row.items() if k not in ("response_ids", "stop_id")}      # the old way
-    old = sppo.batched_logps(model, sppo.encode_rows(tok, [text_only], cfg)[0], tok.pad_token_id)[0]
+    old = policy.batched_logps(model, sppo.encode_rows(tok, [text_only], cfg)[0], tok.pad_token_id)[0]
     assert abs(old - got) > 1e-2
 
 
 def test_generations_store_the_sampled_ids_and_stop_id(bpe_policy):
     model, tok = bpe_policy
     cfg = sppo.SPPOConfig(K=8, max_new_tokens=6, max_prompt_length=16, progress=False)
-    gens = sppo.generate_responses(model, tok, ["ab", "ba"], cfg)
-    stops = set(sppo.eos_ids(model, tok))
+    gens = policy.generate_responses(model, tok, ["ab", "ba"], cfg)
+    stops = set(policy.eos_ids(model, tok))
     assert stops == {2, 3}
     for g in gens:
         for text, ids, stop, done in zip(g["responses"], g["token_ids"], g["stop_ids"], g["finished"]):

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import policy
 import runs
 import sppo
 import sppo_toy
@@ -184,10 +185,10 @@ def test_long_prompts_are_cut_before_generation(world, capsys):
     model, tok = runs.load_policy(world["a"], world["cfg"], "cpu")
     cfg = sppo.SPPOConfig(K=3, max_new_tokens=3, max_prompt_length=8, max_length=32, seed=1, progress=False)
     long = "rock " * 600 + "play rps"
-    got = sppo.generate_responses(model, tok, [long, "play rps"], cfg)
+    got = policy.generate_responses(model, tok, [long, "play rps"], cfg)
     assert "1 of 2 prompts cut to their last max_prompt_length=8 tokens" in capsys.readouterr().out
-    ids = sppo.prompt_ids(tok, long)[-8:]
-    assert sppo.encode_example(tok, long, "rock", True, 32, 8)[0] == ids          # the same rule as training
+    ids = policy.prompt_ids(tok, long)[-8:]
+    assert policy.encode_example(tok, long, "rock", True, 32, 8)[0] == ids          # the same rule as training
     assert len(got) == 2 and all(len(g["responses"]) == 3 for g in got)
 
 
@@ -234,7 +235,7 @@ def test_reference_initial_keeps_pi_0_and_another_loss_is_refused(world, tmp_pat
     pi_0, tok = runs.load_policy(cfg.model, cfg, "cpu")
     pi_1, _ = runs.load_policy(tmp_path / "run" / "iter0" / "model", cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
-    lp_0, lp_1 = (sppo.batched_logps(m, pairs, tok.pad_token_id) for m in (pi_0, pi_1))
+    lp_0, lp_1 = (policy.batched_logps(m, pairs, tok.pad_token_id) for m in (pi_0, pi_1))
     assert max(abs(r["ref_logp"] - a) for r, a in zip(rows, lp_0)) < 1e-4
     assert max(abs(r["ref_logp"] - b) for r, b in zip(rows, lp_1)) > 1e-2          # pi_1 moved: not its log-probs
     assert {r["ref_by"]["model"] for r in rows} == {runs.Hashes(tmp_path / "run")(cfg.model)}

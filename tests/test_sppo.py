@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hedge_toy
+import policy
 import runs
 import sppo
 import sppo_toy
@@ -153,10 +154,10 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
     _, model, tok = tiny
     prompts = ["play rps", "play weighted rps", "rock paper rock paper"]
     resps = [("rock", True), ("big rock", True), ("sharp", False)]
-    pairs = [sppo.encode_example(tok, x, y, f, 64, 32)[:2] for x, (y, f) in zip(prompts, resps)]
-    b = sppo.collate(pairs, tok.pad_token_id, padding_side=side)
+    pairs = [policy.encode_example(tok, x, y, f, 64, 32)[:2] for x, (y, f) in zip(prompts, resps)]
+    b = policy.collate(pairs, tok.pad_token_id, padding_side=side)
     with torch.no_grad():
-        got = sppo.sequence_logps(model, **b)
+        got = policy.sequence_logps(model, **b)
     assert got.dtype == torch.float32 and got.shape == (3,)
     np.testing.assert_allclose(got.numpy(), naive_logps(model, pairs), rtol=1e-5, atol=1e-5)
 
@@ -164,10 +165,10 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
 def test_sequence_logps_bf16_weights(tiny):
     d, model, tok = tiny
     m16 = runs.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
-    pairs = [sppo.encode_example(tok, "play rps", y, True, 64, 32)[:2] for y in ["rock", "big rock", "paper"]]
+    pairs = [policy.encode_example(tok, "play rps", y, True, 64, 32)[:2] for y in ["rock", "big rock", "paper"]]
     for side in ["right", "left"]:
         with torch.no_grad():
-            got = sppo.sequence_logps(m16, **sppo.collate(pairs, tok.pad_token_id, side))
+            got = policy.sequence_logps(m16, **policy.collate(pairs, tok.pad_token_id, side))
         assert got.dtype == torch.float32                                                # fp32 accumulation
         np.testing.assert_allclose(got.numpy(), naive_logps(m16, pairs), atol=2e-2)       # bf16 forward noise
     np.testing.assert_allclose(got.numpy(), naive_logps(model, pairs), atol=0.1)
@@ -175,11 +176,11 @@ def test_sequence_logps_bf16_weights(tiny):
 
 def test_encode_example_eos_and_truncation(tiny):
     _, _, tok = tiny
-    p, r, cut = sppo.encode_example(tok, "play rps", "big rock", True, 64, 32)
+    p, r, cut = policy.encode_example(tok, "play rps", "big rock", True, 64, 32)
     assert p == tok.apply_chat_template([{"role": "user", "content": "play rps"}], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     assert r == tok.convert_tokens_to_ids(["big", "rock"]) + [tok.eos_token_id] and not cut
-    p, r, cut = sppo.encode_example(tok, "play rps " * 10, "rock " * 10, False, 12, 5)
+    p, r, cut = policy.encode_example(tok, "play rps " * 10, "rock " * 10, False, 12, 5)
     assert len(p) == 5 and p[-1] == tok.convert_tokens_to_ids("=>") and len(r) == 7 and cut
 
 
@@ -188,9 +189,9 @@ def test_generation_k_per_prompt_and_reproducible(tiny):
     _, model, tok = tiny
     cfg = sppo.SPPOConfig(K=4, max_new_tokens=3, gen_batch=2, progress=False, seed=3)
     prompts = ["play rps", "play weighted rps", "play rps"]
-    a = sppo.generate_responses(model, tok, prompts, cfg)
-    b = sppo.generate_responses(model, tok, prompts, cfg)
-    c = sppo.generate_responses(model, tok, prompts, dataclasses.replace(cfg, seed=4))
+    a = policy.generate_responses(model, tok, prompts, cfg)
+    b = policy.generate_responses(model, tok, prompts, cfg)
+    c = policy.generate_responses(model, tok, prompts, dataclasses.replace(cfg, seed=4))
     assert a == b and a != c
     assert len(a) == 3 and all(len(g["responses"]) == 4 == len(g["finished"]) for g in a)
     for g in a:                                          # a finished response re-tokenises within the cap
@@ -199,8 +200,8 @@ def test_generation_k_per_prompt_and_reproducible(tiny):
             assert n < 3 if done else n == 3
     # the seeding rule is keyed by the batch's global prompt index: generating from batch 1 alone (start = 2)
     # reproduces the third prompt's samples of the full run
-    assert sppo.generate_responses(model, tok, prompts[2:], cfg, start=2) == a[2:]
-    assert sppo.generate_responses(model, tok, prompts[2:], cfg, iteration=1, start=2) != a[2:]
+    assert policy.generate_responses(model, tok, prompts[2:], cfg, start=2) == a[2:]
+    assert policy.generate_responses(model, tok, prompts[2:], cfg, iteration=1, start=2) != a[2:]
 
 
 # -------------------------------------------------------------------------------------------------- run directory
@@ -314,7 +315,7 @@ def test_chat_prompt_is_rank_py_prompt(tiny, template):
     tok = __import__("copy").deepcopy(tok)
     tok.chat_template = CHAT_TEMPLATES[template]
     for x in ["play rps", "  two words, then a line\nbreak  ", "what is 2 + 2?"]:
-        assert sppo.chat_prompt(tok, x) == rank_py_prompt(tok, x)
+        assert policy.chat_prompt(tok, x) == rank_py_prompt(tok, x)
 
 
 def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
@@ -502,7 +503,7 @@ def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
     assert len(history) == 1
 
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
-    lp = [sppo.sequence_logps(hand, **sppo.collate([p], tok.pad_token_id))[0] for p in pairs]     # one at a time
+    lp = [policy.sequence_logps(hand, **policy.collate([p], tok.pad_token_id))[0] for p in pairs]     # one at a time
     ref = [torch.tensor(r["ref_logp"]) for r in rows]
     if loss == "sppo":
         terms = [sppo.sppo_loss(lp[i], ref[i], torch.tensor(rows[i]["win_prob"]), cfg.eta) for i in range(4)]

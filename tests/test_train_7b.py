@@ -26,7 +26,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import costs
+import distributed
 import pairrm
+import policy
 import runs
 import sppo
 import sppo_toy
@@ -101,7 +104,7 @@ def single_process(world, arch, epochs, out, model_dir=None, **extra):
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False, **extra)
     model, tok = runs.load_policy(model_dir or world[arch], cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
-    ref_single = sppo.batched_logps(model, pairs, tok.pad_token_id, 8)
+    ref_single = policy.batched_logps(model, pairs, tok.pad_token_id, 8)
     history = sppo.train_policy(model, tok, rows, cfg, "cpu")
     return ref, ref_single, history, model.state_dict()
 
@@ -172,7 +175,7 @@ def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
     out, _ = llama_run
-    final = train_7b.checkpoints(out)[-1]
+    final = distributed.checkpoints(out)[-1]
     assert final.name == "step_000006"
     dcp_to_torch_save(final, out / "final.pt")                        # the sharded FSDP parameters, gathered offline
     saved = torch.load(out / "final.pt")["train"]
@@ -186,7 +189,7 @@ def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], v.bfloat16()) for k, v in exported.items())
     start = load_file(Path(world["llama"]) / "model.safetensors")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["bf16_unchanged_fraction"] == train_7b.bf16_unchanged_fraction(start, exported)
+    assert summary["bf16_unchanged_fraction"] == distributed.bf16_unchanged_fraction(start, exported)
     loaded, tok = runs.load_policy(out / "model", sppo.SPPOConfig(), "cpu")   # sppo.py's next --model
     assert type(loaded).__name__ == "LlamaForCausalLM" and tok.pad_token_id == 0
 
@@ -276,7 +279,7 @@ def test_killed_run_resumes_exactly(world, mistral_run):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
-        while len(train_7b.checkpoints(out)) < 3 and proc.poll() is None and time.time() < deadline:
+        while len(distributed.checkpoints(out)) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
     finally:                       # a node loss: SIGKILL both ranks (each in its own session) and torchrun itself
         if proc.poll() is None:
@@ -285,7 +288,7 @@ def test_killed_run_resumes_exactly(world, mistral_run):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
     time.sleep(0.5)
-    last = train_7b.checkpoints(out)[-1]
+    last = distributed.checkpoints(out)[-1]
     assert not (out / "model").exists() and last.name < "step_000060", "the run finished before the kill"
     resumed = torchrun(*args, "--resume")
     assert f"resumed from {last} at step {int(last.name[5:])}" in resumed.stdout
@@ -368,18 +371,18 @@ def test_reference_logps_record_how_they_were_computed(llama_run):
 RANKS_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-import torch, train_7b
-d = train_7b.init_distributed()
+import resource, torch, costs, distributed
+d = distributed.init_distributed()
 ballast = torch.ones(100_000_000 if d.rank == 1 else 1)              # 400 MB touched on rank 1 only
-own = train_7b.resource.getrusage(train_7b.resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 decided = d.decide(lambda: os.environ["RANK"])                        # runs on rank 0 only
 try:
     d.decide(lambda: 1 / 0)
     error = None
 except ZeroDivisionError as e:
     error = str(e)
-print(json.dumps(dict(rank=d.rank, decided=decided, error=error, own=own, **train_7b.peak_memory_gb(d))), flush=True)
-train_7b.shutdown()
+print(json.dumps(dict(rank=d.rank, decided=decided, error=error, own=own, **costs.peak_memory_gb(d))), flush=True)
+distributed.shutdown()
 os._exit(0)
 """
 
@@ -403,12 +406,12 @@ def test_bf16_export_rounds_small_updates_back_to_pi_t():
     start = {"w": torch.tensor([0.02, -0.02, 0.5, 1e-3]).bfloat16().float(), "step": torch.tensor([3])}
     new = {"w": start["w"] + torch.tensor([1e-5, 5e-5, 1e-5, 1e-5]), "step": torch.tensor([4])}
     # half a bf16 step is 2^-14 = 6.1e-5 at 0.02, 2^-9 at 0.5, but 2^-18 = 3.8e-6 at 1e-3: only the last survives
-    assert train_7b.bf16_unchanged_fraction(start, new) == 0.75
+    assert distributed.bf16_unchanged_fraction(start, new) == 0.75
     assert (new["w"] != start["w"]).all()                              # fp32 (OUT/model) keeps all four updates
     g = torch.Generator().manual_seed(0)
     w0 = (torch.randn(100_000, generator=g) * 0.02).bfloat16().float()
     w1 = w0 + 5e-7 * torch.randn(300, 100_000, generator=g).sign().sum(0)   # 300 RMSprop steps of lr 5e-7, +-
-    frac = train_7b.bf16_unchanged_fraction({"w": w0}, {"w": w1})
+    frac = distributed.bf16_unchanged_fraction({"w": w0}, {"w": w1})
     assert frac > 0.85 and (w1 != w0).float().mean() > 0.95, frac      # measured: 89.7% lost in bf16, 4.6% in fp32
 
 
@@ -418,14 +421,14 @@ def test_step_flops_by_hand():
                     num_key_value_heads=2, tie_word_embeddings=False)
     layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32    # q k v o, SwiGLU, 2 RMSNorms = 9280
     n = 2 * layer + 32 + 2 * 16 * 32                                         # + final norm, embed_tokens, lm_head
-    assert train_7b.param_counts(c)[0] == n
+    assert costs.param_counts(c)[0] == n
     # two rows of 10 and 20 tokens (4 and 8 in the response): 6 N_body T + 12 L d T^2 + 6 V d R, summed
     flops = 6 * (2 * layer + 32) * 30 + 12 * 2 * 32 * (10 ** 2 + 20 ** 2) + 6 * 16 * 32 * (4 + 8)
-    assert train_7b.step_flops(c, n, tokens=30, sum_len_sq=500, response_tokens=12) == flops == 3_767_424
+    assert costs.step_flops(c, n, tokens=30, sum_len_sq=500, response_tokens=12) == flops == 3_767_424
     c.tie_word_embeddings = True                                          # the shared matrix is counted once in N
-    assert train_7b.step_flops(c, n - 16 * 32, 30, 500, 12) == flops
-    assert [train_7b.peak_flops(f"NVIDIA H100 {x}") for x in ("NVL", "PCIe", "80GB HBM3")] == [835e12, 756e12, 989e12]
-    assert train_7b.peak_flops("NVIDIA GeForce RTX 4090") is None
+    assert costs.step_flops(c, n - 16 * 32, 30, 500, 12) == flops
+    assert [costs.peak_flops(f"NVIDIA H100 {x}") for x in ("NVL", "PCIe", "80GB HBM3")] == [835e12, 756e12, 989e12]
+    assert costs.peak_flops("NVIDIA GeForce RTX 4090") is None
 
 
 def test_vllm_is_its_own_generate_call(tmp_path):
@@ -474,7 +477,7 @@ def test_batch_split_covers_the_global_batch_once():
 
 
 def test_plan_mistral_7b_fits_80gb(capsys):
-    plan = train_7b.print_plan(train_7b.TrainConfig(plan="mistral-7b", world=8, micro_batch=8, max_length=1024))
+    plan = costs.print_plan(train_7b.TrainConfig(plan="mistral-7b", world=8, micro_batch=8, max_length=1024))
     assert "fits in 80 GB: yes" in capsys.readouterr().out
     assert plan["sharded fp32 params (4N/W)"] == pytest.approx(4 * 7.2416e9 / 8, rel=1e-3)   # 7.24 B params
     assert sum(plan.values()) < 80e9

@@ -1,0 +1,159 @@
+"""What one training step costs: FLOPs (for throughput and MFU) and memory (planned per GPU, and measured).
+
+Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675: the paper trains
+Mistral-7B and Llama-3-8B on 8 x A100. train_7b.py logs step_flops / peak_flops as MFU and peak_memory_gb every step;
+`python train_7b.py --plan mistral-7b --world 8 --micro-batch 8 --max-length 1024` prints memory_plan without a GPU;
+--measure-memory writes FSDPMemTracker's measured peak beside the plan (write_memory_report); bench.py reuses them.
+"""
+from __future__ import annotations
+
+import json
+import resource
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models by name: the published configs (config.json of the hub repos), so --plan needs no download.
+_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+           num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+PUBLISHED = {"mistral-7b": ("mistral", dict(_7B, vocab_size=32000, rope_theta=1e6, max_position_embeddings=32768,
+                                            sliding_window=None)),
+             "llama-3-8b": ("llama", dict(_7B, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192))}
+"""Mistral-7B-Instruct-v0.2 and Llama-3-8B-Instruct."""
+
+
+def model_config(name):
+    """A transformers config: a PUBLISHED name or a local model/config directory."""
+    from transformers import AutoConfig, LlamaConfig, MistralConfig
+    if name in PUBLISHED:
+        arch, kw = PUBLISHED[name]
+        return {"llama": LlamaConfig, "mistral": MistralConfig}[arch](**kw)
+    return AutoConfig.from_pretrained(name)
+
+
+def param_counts(config):
+    """(N, params of one decoder layer, params outside the layers) from a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    n, layer = sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.model.layers[0].parameters())
+    return n, layer, n - config.num_hidden_layers * layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs: what a step computes, and the GPU's peak (MFU = achieved / peak).
+def step_flops(config, n_params, tokens, sum_len_sq, response_tokens):
+    """Training FLOPs of one optimizer step (forward + backward; recomputation not counted: MFU, not HFU), summed
+    over the global batch's rows i, each of T_i real tokens (no padding) with R_i response tokens:
+
+        6 N_body sum_i T_i  +  12 L h sum_i T_i^2  +  6 V d sum_i R_i
+
+    N_body = N - V d (tied embeddings) or N - 2 V d: the matmul weights the tokens run through (the embedding is a
+    lookup); the attention scores are PaLM's 12 L h T per token at the row's own length T_i (Chowdhery et al. 2022,
+    App. B; h = heads x head_dim); the lm_head (V x d) runs only on the kept positions, the response tokens
+    (logits_to_keep in policy.sequence_logps)."""
+    V, d, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
+    h = config.num_attention_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    n_body = n_params - V * d * (1 if config.tie_word_embeddings else 2)
+    return 6 * n_body * tokens + 12 * L * h * sum_len_sq + 6 * V * d * response_tokens
+
+
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("A100", 312e12), ("A800", 312e12)]
+"""Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""
+
+
+def peak_flops(device_name):
+    """bf16 dense peak of a GPU (torch.cuda.get_device_name) from PEAK_BF16_FLOPS, or None (unknown: no MFU)."""
+    return next((f for key, f in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: the per-GPU plan of FSDP2 training (--plan) and what a run measures (peak, FSDPMemTracker).
+def memory_plan(config, world, micro_batch, seq_len, optimizer="rmsprop", compute_bytes=2, ckpt=True):
+    """Per-GPU bytes of each term of FSDP2 training, for one micro-batch of micro_batch x seq_len tokens.
+
+    compute_bytes: 2 for bf16 compute (GPU), 4 for fp32 (CPU). Activations are the tensors autograd saves in a
+    Llama/Mistral layer (SDPA without the T^2 matrix; GQA keys and values repeated to all heads): per token
+    4d fp32 + c d at each of 2 RMSNorms, c(6d + 4 d_kv) around attention, 4 c I in the SwiGLU MLP.
+    """
+    n, n_layer, n_root = param_counts(config)
+    d, L, V, I = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    if not config.tie_word_embeddings:      # apply_fsdp: embed_tokens and lm_head (V d each) are units of their own
+        n_root, n_layer = n_root - 2 * V * d, max(n_layer, V * d)                  # n_layer: the largest unit
+    d_kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    c, tok = compute_bytes, micro_batch * seq_len
+    layer_acts = tok * (2 * (4 * d + c * d) + c * (6 * d + 4 * d_kv) + 4 * c * I)
+    return {
+        "sharded fp32 params (4N/W)": 4 * n / world,
+        "sharded fp32 grads (4N/W)": 4 * n / world,
+        f"{optimizer} state ({ {'rmsprop': 4, 'adamw': 8}[optimizer]}N/W)":
+            {"rmsprop": 4, "adamw": 8}[optimizer] * n / world,
+        "unsharded params: root + 2 units in flight": c * (n_root + 2 * n_layer),
+        "unsharded grads in flight (+ fp32 reduce)": (c + 4) * max(n_root, n_layer),
+        "activations: layer inputs kept (L B T d)" if ckpt else "activations: all layers":
+            L * tok * d * c if ckpt else L * layer_acts,
+        "activations: 1 layer recomputed in backward": layer_acts if ckpt else 0,
+        "logits (2 copies) + fp32 log-softmax saved": tok * V * (2 * c + 4) + 2 * 4 * min(tok, 4096) * V,
+    }
+
+
+def print_plan(cfg):
+    """The --plan table: every term, the total, and whether it fits in --gpu-gb."""
+    config = model_config(cfg.plan)
+    n = param_counts(config)[0]
+    rows = cfg.micro_batch * (2 if cfg.selection == "pair" else 1)           # a pair is 2 sequences
+    plan = memory_plan(config, cfg.world, rows, cfg.max_length, cfg.optimizer)
+    total = sum(plan.values())
+    print(f"memory plan per GPU: {cfg.plan} ({n / 1e9:.2f} B params, {config.num_hidden_layers} layers, vocab "
+          f"{config.vocab_size}), {cfg.world} GPUs, micro-batch {cfg.micro_batch} "
+          f"{'pairs' if rows > cfg.micro_batch else 'rows'} = {rows} x {cfg.max_length} tokens, "
+          f"{cfg.optimizer}, bf16 compute / fp32 master weights, activation checkpointing")
+    for k, v in plan.items():
+        print(f"  {k:<46} {v / 1e9:7.2f} GB")
+    fits = "yes" if total / 1e9 < cfg.gpu_gb else "NO"
+    print(f"  {'total':<46} {total / 1e9:7.2f} GB   fits in {cfg.gpu_gb:g} GB: {fits} ({cfg.gpu_gb - total / 1e9:.1f} "
+          f"GB left for the CUDA context, NCCL buffers, allocator fragmentation)")
+    return plan
+
+
+def peak_memory_gb(d):
+    """Peak memory in GB, the max over ranks (all_reduce MAX): {peak_memory_gb: max allocated, peak_reserved_gb:
+    max reserved} by the CUDA caching allocator on GPU; {peak_memory_gb: peak RSS of the process} on CPU."""
+    cuda = d.device.type == "cuda"
+    v = [torch.cuda.max_memory_allocated(d.device), torch.cuda.max_memory_reserved(d.device)] if cuda else \
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+    v = torch.tensor(v, dtype=torch.float64, device=d.device) / 1e9
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return dict(zip(["peak_memory_gb", "peak_reserved_gb"], v.tolist()))
+
+
+def sync(device, reset_peak=False):
+    """Wait for the GPU's queued work, so a step's wall time includes it (and restart the peak-memory count)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def start_memory_tracker(model, opt):
+    """FSDPMemTracker (torch.distributed._tools) on this step: peak bytes by category, on CPU and GPU alike."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    tracker = FSDPMemTracker(model, opt)
+    tracker.__enter__()
+    return tracker
+
+
+def write_memory_report(tracker, config, cfg, seq_len, d, out):
+    """OUT/memory.json: rank 0's measured peak by category next to memory_plan for the same shapes."""
+    snap = tracker.get_tracker_snapshot("peak")[d.device]
+    measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
+    if d.rank == 0:
+        plan = memory_plan(config, d.world, cfg.micro_batch * (2 if cfg.selection == "pair" else 1), seq_len,
+                           cfg.optimizer,
+                           compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
+        (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))
