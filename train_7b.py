@@ -93,6 +93,7 @@ class TrainConfig(sppo.SPPOConfig):
 NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
             "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
             "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
+            "judges": (sppo.SPPOConfig().judges, "the oracle is PairRM; judges are sppo.py --oracle committee's"),
             "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out"),
             "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
             "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}

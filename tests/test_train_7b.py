@@ -460,7 +460,7 @@ def test_missing_field_names_file_line_and_field(tmp_path):
 
 def test_settings_of_sppo_py_only_are_refused():
     for flag, value in [("--device", "cuda"), ("--dtype", "bfloat16"), ("--stop-after", "rank"),
-                        ("--eval-prompts", "held.jsonl")]:
+                        ("--eval-prompts", "held.jsonl"), ("--judges", "concise")]:
         with pytest.raises(SystemExit, match=f"{flag} {value}: not a setting of this program"):
             train_7b.parse_args([flag, value])
     assert train_7b.parse_args(["--stage", "all", "--K", "3"]).K == 3
