@@ -142,6 +142,25 @@ def bench_pairrm_row(cfg, prompts=32, repeats=5):
     return r
 
 
+LENGTH_MIX = {"prompt": (100, 0.9, 20, 600), "response": (300, 0.8, 20, 1500)}
+"""The realistic length mix (length_mix): (median, sigma of log, min, max) tokens of prompts and of responses."""
+
+
+def length_mix(n, seed, vocab=16, first_id=3):
+    """n (prompt, winner, loser) rows of random token ids whose lengths are long-tailed, as in instruction-tuning data:
+    a prompt has round(LogNormal(log 100, 0.9)) tokens clipped to [20, 600]; each response round(LogNormal(log 300,
+    0.8)) clipped to [20, 1500], the winner's and the loser's drawn independently (LENGTH_MIX). Ids are uniform in
+    [first_id, vocab) (the tiny tokenizer's specials 0-2, pad/bos/eos, never drawn). Deterministic in (n, seed).
+    Returns [{"prompt": [ids], "winner": [ids], "loser": [ids]}] * n."""
+    rng = np.random.default_rng(seed)
+
+    def draw(kind):
+        median, sigma, lo, hi = LENGTH_MIX[kind]
+        k = int(np.clip(round(rng.lognormal(np.log(median), sigma)), lo, hi))
+        return rng.integers(first_id, vocab, size=k).tolist()
+    return [{"prompt": draw("prompt"), "winner": draw("response"), "loser": draw("response")} for _ in range(n)]
+
+
 def bench_train(rows=256, hidden=64, layers=2, repeats=3):
     """Tokens/s of sppo.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates, one epoch a repetition."""
     with tempfile.TemporaryDirectory() as tmp:
