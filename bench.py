@@ -26,6 +26,7 @@ Rows:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -376,16 +377,30 @@ def check(what, diff, tol, detail=""):
     return line
 
 
-def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1e-6, tol=1e-4, name="rows"):
+def fp64_logps(model, pairs):
+    """log pi(y|x) of each (prompt_ids, response_ids) row, one row at a time, in float64 on a float64 copy of the
+    model: the independent reference that says how much of the two fp32 paths' difference is rounding."""
+    m = copy.deepcopy(model).double().eval()
+    out = []
+    with torch.no_grad():
+        for p, r in pairs:
+            logits = m(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]          # (len(r), V): predicts r
+            out.append(logits.log_softmax(-1).gather(-1, torch.tensor(r)[:, None]).sum().item())
+    return out
+
+
+def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1e-6, tol=2e-3, name="rows"):
     """Our SPPO step with --loss sppo_hard (sppo.train_policy: sppo.example_losses through one optimizer step) vs
     TRL 1.16 DPOTrainer(loss_type="sppo_hard"), on the same tiny Llama (MODEL_SIZES[size]), the same token rows and
     the same micro-batches in the same order (TRL: train_sampling_strategy="sequential" over our schedule), fp32 on
-    both sides: DPOConfig's defaults (bf16 autocast, gradient checkpointing, fused AdamW) are turned off, RMSprop at
-    the same lr, grad-norm clip 1, reference log-probs precomputed on both sides by a second random Llama (so the
-    log-ratios are not 0). Every step takes all pairs (global batch = len(mix)); step 0 is the warm-up. The steps
-    interleave: train_policy's on_step hands over to one TRL step. Real (non-pad) tokens/s for both.
+    both sides: DPOConfig's defaults (bf16 autocast, gradient checkpointing, fused AdamW) turned off, RMSprop at the
+    same lr, grad-norm clip 1. Reference log-probs are precomputed once, here, by a second random Llama (so the
+    log-ratios are not 0), and both sides train on those numbers (TRL: precompute_ref_log_probs with the columns
+    given). Every step takes all pairs (global batch = len(mix)); step 0 is the warm-up. The steps interleave:
+    train_policy's on_step hands over to one TRL step. Real (non-pad) tokens/s for both.
     Agreement: each pair's loss at the first weights, ours at eta = 1/beta vs TRL's (the same square loss, Sec. 4.5),
-    relative difference <= tol (fp32 sums over up to ~2,100 tokens a row); and the reference log-probs, in nats."""
+    relative difference <= tol; each is also compared with the loss from fp64_logps (fp32 rounding of log-prob sums
+    over up to ~2,100 tokens is ~1e-3 nats). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
     work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     policy_dir, ref_dir = build_sized_policy(work / "policy", size, seed=0), build_sized_policy(work / "ref", size, 1)
     n = len(mix)
@@ -404,18 +419,24 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
         r["ref_logp"] = lp
     steps = sppo.train_schedule(rows, cfg)[0]                     # row indices of each step: winner, loser, ...
     order = [j // 2 for step in steps for j in step[0::2]]        # pair index of TRL's rows, step after step
-    runs.write_jsonl(work / "rows.jsonl", [{"prompt_ids": pairs[2 * i][0], "chosen_ids": pairs[2 * i][1],
-                                            "rejected_ids": pairs[2 * i + 1][1]} for i in order])
+    runs.write_jsonl(work / "rows.jsonl", [
+        {"prompt_ids": pairs[2 * i][0], "chosen_ids": pairs[2 * i][1], "rejected_ids": pairs[2 * i + 1][1],
+         "ref_chosen_logps": rows[2 * i]["ref_logp"], "ref_rejected_logps": rows[2 * i + 1]["ref_logp"]}
+        for i in order])
     peer = Peer(python, "trl", work, dict(rows="rows.jsonl", model=policy_dir, ref_model=ref_dir, beta=beta, lr=lr,
                                           optimizer="rmsprop", micro_batch=micro_batch,
                                           accumulation=-(-n // micro_batch), steps=len(steps), pairs=n, threads=1,
                                           attn_implementation=model.config._attn_implementation))
-    with torch.no_grad():                                          # our loss of each pair, first weights, TRL's order
+    first = order[:n]                                              # the pairs of step 0, in TRL's row order
+    with torch.no_grad():                                          # our loss of each pair, first weights
         ours = [float(sppo.example_losses(model, sppo.make_batch(pairs, rows, [2 * i, 2 * i + 1], pad, cfg, "cpu"),
-                                          cfg)[0]) for i in order[:n]]
+                                          cfg)[0]) for i in first]
+    lp64 = fp64_logps(model, [pairs[j] for i in first for j in (2 * i, 2 * i + 1)])
+    exact = [(lp64[2 * k] - rows[2 * i]["ref_logp"] - cfg.eta / 2) ** 2 +              # Sec. 4.5, P = 1, in fp64
+             (lp64[2 * k + 1] - rows[2 * i + 1]["ref_logp"] + cfg.eta / 2) ** 2 for k, i in enumerate(first)]
     theirs = peer.read()
-    loss_diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(ours, theirs["losses"]))
-    ref_diff = max(abs(rows[2 * i + k]["ref_logp"] - theirs[key][j]) for j, i in enumerate(order[:n])
+    rel = lambda a, b: max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(a, b))       # noqa: E731
+    ref_diff = max(abs(rows[2 * i + k]["ref_logp"] - theirs[key][j]) for j, i in enumerate(first)
                    for k, key in enumerate(("ref_chosen", "ref_rejected")))
     tokens = sum(len(p) + len(r) for p, r in pairs)                # real tokens of one step (all pairs)
     micro = [s[j:j + 2 * micro_batch] for s in steps[1:] for j in range(0, len(s), 2 * micro_batch)]
@@ -427,13 +448,16 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
         times["trl"].append(peer.go()["seconds"])
     sppo.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
     peer.close()
-    setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step, {1 - tokens * len(steps[1:]) / padded:.0%} of "
-               f"padded tokens are pad; hidden {MODEL_SIZES[size]['hidden_size']} x "
-               f"{MODEL_SIZES[size]['num_hidden_layers']} layers, micro-batch {micro_batch} pairs; TRL: "
+    shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"
+    pad_share = 1 - tokens * len(steps[1:]) / padded               # of the padded micro-batches of the timed steps
+    setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step ({pad_share:.0%} of the padded batches is pad); "
+               f"tiny Llama {shape}, micro-batch {micro_batch} pairs; TRL: "
                + ", ".join(f"{k}={v}" for k, v in theirs["settings"].items()))
-    print(f"agreement, TRL {name}, hidden {MODEL_SIZES[size]['hidden_size']}: "
-          + check("per-pair loss ours vs TRL (relative)", loss_diff, tol)
-          + "; " + check("reference log-probs ours vs TRL (nats)", ref_diff, 1e-3), flush=True)
+    loss_diff = rel(ours, theirs["losses"])
+    print(f"agreement, TRL {name}, {shape}: "
+          + check("per-pair loss ours vs TRL (relative)", loss_diff, tol,
+                  f"; vs fp64 one row at a time: ours {rel(ours, exact):.1e}, TRL {rel(theirs['losses'], exact):.1e}")
+          + "; " + check("TRL's reference log-probs vs ours (nats)", ref_diff, 1e-2), flush=True)
     return {"setting": setting, "fast": rate(tokens, times["ours"][1:]), "slow": rate(tokens, times["trl"][1:]),
             "unit": "tokens/s", "max_abs_diff": loss_diff}
 

@@ -35,19 +35,22 @@ def wait_for_go():
 # ----------------------------------------------------------------------------------------------------------------
 # TRL 1.16: DPOTrainer(loss_type="sppo_hard"), fp32, on token rows laid out in bench.py's step order.
 def run_trl(work, s):
-    """s: peer.json. Builds the trainer (precomputing the reference log-probs with s['ref_model']), reports the
-    per-pair losses of the first weights, then trains s['steps'] optimizer steps, one per `go`, timing each from
-    Trainer's on_step_begin to on_step_end (forward + backward of every micro-batch, clipping, optimizer and
-    scheduler step; the micro-batches are collated just before on_step_begin, outside the timing)."""
+    """s: peer.json. Builds the trainer on the rows (their reference log-probs given, as precompute_ref_log_probs
+    would leave them), reports TRL's loss of each of the first s['pairs'] rows at the first weights (one pair a
+    batch) and TRL's own reference log-probs of them (compute_ref_log_probs with s['ref_model']), then trains
+    s['steps'] optimizer steps, one per `go`, each timed from Trainer's on_step_begin to on_step_end (forward and
+    backward of every micro-batch, clipping, optimizer and scheduler step; Trainer collates a step's micro-batches
+    just before on_step_begin, outside the timing)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    rows = [json.loads(line) for line in (work / s["rows"]).read_text().splitlines()]
-
     class TokenRowsDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset                      # the rows arrive as token ids (prompt_ids, chosen_ids, rejected_ids)
+
+        def _precompute_ref_logps(self, dataset, *args, **kwargs):
+            return dataset                      # ... with ref_chosen_logps / ref_rejected_logps already computed
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -57,29 +60,28 @@ def run_trl(work, s):
         def on_step_end(self, args, state, control, **kwargs):
             say(step=state.global_step, seconds=time.perf_counter() - self.t0)
 
+    rows = [json.loads(line) for line in (work / s["rows"]).read_text().splitlines()]
     load = dict(dtype=torch.float32, attn_implementation=s["attn_implementation"])
     model = AutoModelForCausalLM.from_pretrained(s["model"], **load)
-    ref = AutoModelForCausalLM.from_pretrained(s["ref_model"], **load)
     args = DPOConfig(
         output_dir=str(work / "trl_out"), loss_type=["sppo_hard"], beta=s["beta"],
-        bf16=False, fp16=False, gradient_checkpointing=False, optim=s["optimizer"],      # DPOConfig's defaults: bf16
+        bf16=False, fp16=False, gradient_checkpointing=False, optim=s["optimizer"],   # DPOConfig's defaults turned off
         learning_rate=s["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         per_device_train_batch_size=s["micro_batch"], gradient_accumulation_steps=s["accumulation"],
-        max_steps=s["steps"], max_length=None, precompute_ref_log_probs=True, precompute_ref_batch_size=2,
-        train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, report_to="none",
-        logging_steps=10 ** 6, save_strategy="no", disable_tqdm=True, seed=0)
+        max_steps=s["steps"], max_length=None, precompute_ref_log_probs=True, train_sampling_strategy="sequential",
+        use_cpu=True, dataloader_num_workers=0, report_to="none", logging_steps=10 ** 6, save_strategy="no",
+        disable_tqdm=True, seed=0)
+    ref = AutoModelForCausalLM.from_pretrained(s["ref_model"], **load)   # held, unused by the steps (columns given)
     trainer = TokenRowsDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=AutoTokenizer.from_pretrained(s["model"]), callbacks=[Timer()])
-    data = trainer.train_dataset
-    losses = []
-    with torch.no_grad():                            # TRL's own loss of each pair, one pair per batch, first weights
-        for i in range(s["pairs"]):
-            losses.append(float(trainer.compute_loss(trainer.model, trainer.data_collator([data[i]]))))
-    say(losses=losses, ref_chosen=data["ref_chosen_logps"][:s["pairs"]],
-        ref_rejected=data["ref_rejected_logps"][:s["pairs"]],
-        settings={k: getattr(args, k) for k in ("bf16", "fp16", "gradient_checkpointing", "optim", "learning_rate",
+    first, collate = [trainer.train_dataset[i] for i in range(s["pairs"])], trainer.data_collator
+    with torch.no_grad():                       # TRL's loss of each pair and its own reference log-probs
+        losses = [float(trainer.compute_loss(trainer.model, collate([row]))) for row in first]
+        refs = [[float(x) for x in trainer.compute_ref_log_probs(trainer.ref_model, collate([row]))] for row in first]
+    say(losses=losses, ref_chosen=[c for c, _ in refs], ref_rejected=[r for _, r in refs],
+        settings={k: getattr(args, k) for k in ("bf16", "gradient_checkpointing", "optim", "learning_rate",
                                                 "per_device_train_batch_size", "gradient_accumulation_steps",
-                                                "max_grad_norm", "train_sampling_strategy", "padding_free")}
+                                                "train_sampling_strategy", "padding_free")}
         | {"torch_threads": torch.get_num_threads(), "attn": model.config._attn_implementation})
     trainer.train()
 
