@@ -75,6 +75,8 @@ class BenchConfig:
     blender_python: str | None = HfArg(default=None, help="Peer row: the interpreter of an environment with "
                                        "llm-blender 0.0.2 (requirements-bench-blender.txt; `make bench` builds "
                                        ".venv-blender).")
+    peer_pairrm: Literal["h64", "h256"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's size "
+                                                "(bench.PEER_PAIRRM; h256 takes ~10x longer).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,10 +325,13 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
 # ----------------------------------------------------------------------------------------------------------------
 # The peers, in the same run: TRL's sppo_hard step and llm-blender's PairRM, each under its own interpreter (`make
 # bench` builds .venv-trl and .venv-blender). bench_peers.py is their side; nothing here imports a peer.
-PEER_PAIRRM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                   initializer_range=0.5)
-"""The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint): a wide init, so that scores are
-O(0.1-1) and the agreement checks are not trivially met by near-zero outputs."""
+PEER_PAIRRM = {"h64": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                           initializer_range=0.5),
+               "h256": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                            initializer_range=0.5)}
+"""The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint), by --peer-pairrm: h64 (the
+default, seconds a repetition: per-forward overheads weigh) or h256 (closer to compute-bound). A wide init, so that
+scores are O(0.1-1) and the agreement checks are not met by near-zero outputs."""
 
 
 def equal_lengths(n, seed, prompt=32, response=96, vocab=16, first_id=3):
@@ -347,7 +352,8 @@ class Peer:
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf"),
                "TRANSFORMERS_VERBOSITY": "error", "PYTHONNOUSERSITE": "1"}
         self.log = work / "peer.log"
-        self.p = subprocess.Popen([os.path.abspath(python), str(Path(__file__).with_name("bench_peers.py")), kind, str(work)],
+        runner = str(Path(__file__).with_name("bench_peers.py"))
+        self.p = subprocess.Popen([os.path.abspath(python), runner, kind, str(work)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
                                   text=True, env=env, cwd=work)
 
@@ -451,7 +457,7 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
     shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"
     pad_share = 1 - tokens * len(steps[1:]) / padded               # of the padded micro-batches of the timed steps
     setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step ({pad_share:.0%} of the padded batches is pad); "
-               f"tiny Llama {shape}, micro-batch {micro_batch} pairs; TRL: "
+               f"tiny Llama {shape}, micro-batch {micro_batch} pairs, RMSprop; TRL with "
                + ", ".join(f"{k}={v}" for k, v in theirs["settings"].items()))
     loss_diff = rel(ours, theirs["losses"])
     print(f"agreement, TRL {name}, {shape}: "
@@ -462,14 +468,14 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
             "unit": "tokens/s", "max_abs_diff": loss_diff}
 
 
-def blender_checkpoint(out_dir, seed=0):
+def blender_checkpoint(out_dir, shape="h64", seed=0):
     """PairRM's random checkpoint (pairrm.save_tiny_random_checkpoint, layout "PairRM", PEER_PAIRRM) completed into
     the layout llm-blender 0.0.2 loads from a local folder: its config.json's model_name names the backbone folder by
     absolute path, and that folder holds what AutoModel/AutoTokenizer.from_pretrained read there (the backbone's
     weights, without the `pretrained_model.` prefix, and the tokenizer files). Returns out_dir."""
     import shutil
     from safetensors.torch import load_file, save_file
-    out = Path(pairrm.save_tiny_random_checkpoint(out_dir, layout="PairRM", seed=seed, **PEER_PAIRRM))
+    out = Path(pairrm.save_tiny_random_checkpoint(out_dir, layout="PairRM", seed=seed, **PEER_PAIRRM[shape]))
     backbone = out / "backbone"
     weights = load_file(str(out / "model.safetensors"))
     save_file({k.removeprefix("pretrained_model."): v for k, v in weights.items() if k.startswith("pretrained_model.")},
@@ -482,14 +488,14 @@ def blender_checkpoint(out_dir, seed=0):
     return str(out)
 
 
-def bench_pairrm_peer(python, prompts=32, k=5, repeats=3, tol_scores=5e-4, tol_p=1e-4):
+def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_scores=5e-4, tol_p=1e-4):
     """pairrm.preference_matrices (mode "official": P = sigma(s_i - s_j), the released pipeline's) vs llm-blender
     0.0.2 as uclaml/SPPO's scripts/rank.py calls it (Blender.rank(prompts, candidates, return_scores=True,
     batch_size=1), fp32 on CPU) followed by scripts/compute_prob.py's P, on the same random checkpoint
-    (blender_checkpoint) and the same texts (pairrm_inputs). Agreement: the scores within tol_scores, P within
-    tol_p. Pairs/s counts the K(K-1) ordered pairs of every prompt (both paths run all of them)."""
+    (blender_checkpoint, PEER_PAIRRM[shape]) and the same texts (pairrm_inputs). Agreement: the scores within
+    tol_scores, P within tol_p. Pairs/s counts the K(K-1) ordered pairs of every prompt (both paths run all of them)."""
     work = Path(tempfile.mkdtemp(prefix="bench_blender_"))
-    ckpt = blender_checkpoint(work / "pairrm")
+    ckpt = blender_checkpoint(work / "pairrm", shape)
     xs, ys = pairrm_inputs(prompts, k, seed=0)
     (work / "texts.json").write_text(json.dumps({"prompts": xs, "candidates": ys}))
     peer = Peer(python, "blender", work, dict(checkpoint=ckpt, texts="texts.json", batch_size=1, threads=1))
@@ -502,12 +508,13 @@ def bench_pairrm_peer(python, prompts=32, k=5, repeats=3, tol_scores=5e-4, tol_p
     scores = model.scores(xs, ys)                                  # (N, K)
     s_diff = (scores - torch.tensor(theirs[0]["scores"])).abs().max().item()
     p_diff = (out["P"].double() - torch.tensor(theirs[0]["P"])).abs().max().item()
-    print("agreement, PairRM vs llm-blender: " + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
+    print("agreement, PairRM vs llm-blender: "
+          + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
           + "; " + check("P = sigma(s_i - s_j)", p_diff, tol_p), flush=True)
     pairs = prompts * k * (k - 1)
     return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs), random DeBERTa-v2 hidden "
-                       f"{PEER_PAIRRM['hidden_size']} x {PEER_PAIRRM['num_hidden_layers']}; llm-blender batch_size=1, "
-                       f"transformers 4.44.2", "fast": rate(pairs, t["ours"]),
+                       f"{PEER_PAIRRM[shape]['hidden_size']} x {PEER_PAIRRM[shape]['num_hidden_layers']}, fp32; "
+                       "llm-blender rank(batch_size=1) on transformers 4.44.2", "fast": rate(pairs, t["ours"]),
             "slow": rate(pairs, [r["seconds"] for r in theirs[1:]]), "unit": "pairs/s", "max_abs_diff": p_diff}
 
 
@@ -516,13 +523,13 @@ def peer_rows(cfg):
     rows = []
     if cfg.trl_python:
         for size in ("h256", "h512"):
-            rows.append((f"SPPO sppo_hard step vs TRL DPOTrainer, equal lengths",
+            rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, equal lengths",
                          bench_train_peer(cfg.trl_python, size, equal_lengths(8, seed=0), name="equal lengths")))
         rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, realistic length mix",
                      bench_train_peer(cfg.trl_python, "h256", length_mix(8, seed=0), name="length_mix(8, 0)")))
     if cfg.blender_python:
         rows.append(("PairRM preference_matrices vs llm-blender rank",
-                     bench_pairrm_peer(cfg.blender_python, prompts=cfg.prompts, k=cfg.k)))
+                     bench_pairrm_peer(cfg.blender_python, prompts=cfg.prompts, k=cfg.k, shape=cfg.peer_pairrm)))
     return rows
 
 

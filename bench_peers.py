@@ -79,10 +79,9 @@ def run_trl(work, s):
         losses = [float(trainer.compute_loss(trainer.model, collate([row]))) for row in first]
         refs = [[float(x) for x in trainer.compute_ref_log_probs(trainer.ref_model, collate([row]))] for row in first]
     say(losses=losses, ref_chosen=[c for c, _ in refs], ref_rejected=[r for _, r in refs],
-        settings={k: getattr(args, k) for k in ("bf16", "gradient_checkpointing", "optim", "learning_rate",
-                                                "per_device_train_batch_size", "gradient_accumulation_steps",
-                                                "train_sampling_strategy", "padding_free")}
-        | {"torch_threads": torch.get_num_threads(), "attn": model.config._attn_implementation})
+        settings={k: getattr(args, k) for k in ("bf16", "gradient_checkpointing", "optim", "train_sampling_strategy",
+                                                "padding_free")}
+        | {"threads": torch.get_num_threads(), "attn": model.config._attn_implementation})
     trainer.train()
 
 
