@@ -1,6 +1,7 @@
 """bench.py: every benchmark of the repository, one table, one timing rule.
 
     python bench.py                          # ~3 min on 2 CPU cores; prints a Markdown table for the README
+    make bench                               # the same with the peers' rows (TRL, llm-blender), in their own venvs
     python bench.py --quick                  # small sizes, few repetitions (the test suite runs this)
     python bench.py --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
 
@@ -18,6 +19,11 @@ Rows:
   * train_7b.py at a real model's shape (`--only model --size 1b`: TinyLlama-1.1B's config, random weights) under
     torchrun on every local GPU (2 gloo ranks on CPU): tokens/s, MFU (CUDA), peak memory against memory_plan, the
     bf16-unchanged fraction; then the --deterministic resume check (stopped + resumed == uninterrupted, bit for bit).
+  * The peers, when their interpreters are given (--trl-python, --blender-python; `make bench` builds both
+    environments and passes them): our sppo_hard training step vs TRL's DPOTrainer(loss_type="sppo_hard") on equal
+    lengths and on a realistic length mix (length_mix), and pairrm.preference_matrices vs llm-blender's
+    Blender.rank as the authors' scripts/rank.py calls it; each with its agreement check (bench_peers.py is the
+    peers' side: it runs under their interpreters and never imports our modules).
   * --only real (not part of `all`; needs requirements-real.txt): SmolLM2-135M-Instruct from its GGUF, the real
     model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
     on one process and on 2 gloo ranks, and the peak RSS of each.
@@ -34,6 +40,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -454,6 +461,7 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
         times["trl"].append(peer.go()["seconds"])
     sppo.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
     peer.close()
+    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
     shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"
     pad_share = 1 - tokens * len(steps[1:]) / padded               # of the padded micro-batches of the timed steps
     setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step ({pad_share:.0%} of the padded batches is pad); "
@@ -473,7 +481,6 @@ def blender_checkpoint(out_dir, shape="h64", seed=0):
     the layout llm-blender 0.0.2 loads from a local folder: its config.json's model_name names the backbone folder by
     absolute path, and that folder holds what AutoModel/AutoTokenizer.from_pretrained read there (the backbone's
     weights, without the `pretrained_model.` prefix, and the tokenizer files). Returns out_dir."""
-    import shutil
     from safetensors.torch import load_file, save_file
     out = Path(pairrm.save_tiny_random_checkpoint(out_dir, layout="PairRM", seed=seed, **PEER_PAIRRM[shape]))
     backbone = out / "backbone"
@@ -505,6 +512,7 @@ def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_score
     t = interleaved({"ours": lambda: out.__setitem__("P", model.preference_matrices(xs, ys, mode="official")),
                      "blender": lambda: theirs.append(peer.go())}, repeats)
     peer.close()
+    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
     scores = model.scores(xs, ys)                                  # (N, K)
     s_diff = (scores - torch.tensor(theirs[0]["scores"])).abs().max().item()
     p_diff = (out["P"].double() - torch.tensor(theirs[0]["P"])).abs().max().item()
