@@ -30,14 +30,14 @@ def test_length_mix_is_the_stated_long_tailed_mix():
     assert ids.min() == 3 and ids.max() == 15                        # the tiny vocabulary, specials 0-2 never drawn
 
 
-def test_bench_without_peers_says_how_to_get_them():
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only", "peers", *a],  # noqa: E731
-                                    capture_output=True, text=True, cwd=ROOT, timeout=120)
-    r = run()
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "| what |" in r.stdout and "make bench" in r.stdout and "--trl-python" in r.stdout
-    r = run("--trl-python", "/nonexistent/python")           # refused before any work, one line, exit 2
-    assert r.returncode == 2 and "--trl-python /nonexistent/python" in r.stderr and "make bench" in r.stderr
+def test_bench_without_peers_says_how_to_get_them(capsys):
+    assert bench.main(["--only", "peers"]) == 0                     # no peer interpreter: no peer row, and the way
+    out = capsys.readouterr()
+    assert "| what |" in out.out and "make bench" in out.out and "--trl-python" in out.out
+    assert "SPPO sppo_hard" not in out.out
+    assert bench.main(["--only", "peers", "--trl-python", "/nonexistent/python"]) == 2    # refused before any work
+    err = capsys.readouterr().err.strip()
+    assert "--trl-python /nonexistent/python" in err and "make bench" in err and "\n" not in err
 
 
 @pytest.mark.slow
