@@ -414,6 +414,8 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
     Agreement: each pair's loss at the first weights, ours at eta = 1/beta vs TRL's (the same square loss, Sec. 4.5),
     relative difference <= tol; each is also compared with the loss from fp64_logps (fp32 rounding of log-prob sums
     over up to ~2,100 tokens is ~1e-3 nats). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
+    if len(mix) % micro_batch:                # TRL's dataloader would cut micro-batches across our steps otherwise
+        raise ValueError(f"bench_train_peer: {len(mix)} pairs do not split into micro-batches of {micro_batch}")
     work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     policy_dir, ref_dir = build_sized_policy(work / "policy", size, seed=0), build_sized_policy(work / "ref", size, 1)
     n = len(mix)
