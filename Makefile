@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test figures clean real real-deps
+.PHONY: demo test figures clean real real-deps bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,23 @@ real: $(VENV)/.real
 	  --max-length 256 --max-prompt-length 128 --progress false --out runs/real
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
+# bench.py with the peers' rows: TRL's sppo_hard step and llm-blender's PairRM, each in an environment of its own
+# (they need other pins than .venv's: llm-blender needs transformers 4), built here and never imported by our code.
+.venv-trl/.deps: requirements-bench-trl.txt requirements.txt
+	$(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/python -m pip install -q --disable-pip-version-check -r requirements-bench-trl.txt
+	touch $@
+
+.venv-blender/.deps: requirements-bench-blender.txt
+	$(PYTHON) -m venv .venv-blender
+	.venv-blender/bin/python -m pip install -q --disable-pip-version-check -r requirements-bench-blender.txt
+	touch $@
+
+bench: $(VENV)/.runtime .venv-trl/.deps .venv-blender/.deps
+	$(PY) bench.py --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
+
 test: $(VENV)/.test
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .venv-trl .venv-blender .pytest_cache runs
