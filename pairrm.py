@@ -16,6 +16,7 @@ Run (prints the K x K preference matrix and the scores):
     python pairrm.py --model /tmp/pairrm-tiny --make-tiny --prompt "hi" --candidates a b c   # random tiny weights
 """
 import argparse
+import copy
 import json
 import math
 import re
@@ -183,6 +184,15 @@ class FewerPassAttention(DisentangledSelfAttention):
         bias += p2c.gather(-1, (p2c_pos - lo).expand(B, *q.shape[1:3], T)).transpose(-1, -2)  # (B, h, T, T)
         context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / s)
         return context.transpose(1, 2).reshape(B, T, -1), None
+
+
+def transformers_attention(model: "PairRM") -> "PairRM":
+    """A copy of model whose layers run transformers' own DisentangledSelfAttention.forward (same weights): the
+    reference FewerPassAttention is tested and benchmarked against."""
+    ref = copy.deepcopy(model)
+    for layer in ref.pretrained_model.encoder.layer:
+        layer.attention.self.__class__ = DisentangledSelfAttention
+    return ref
 
 
 class PairRM(nn.Module):

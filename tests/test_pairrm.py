@@ -4,7 +4,6 @@ References: ids built by transformers' AutoTokenizer with its own truncation, as
 `tokenize_pair` does (not by pairrm.encode); f computed one row at a time with no padding (not by the batched path);
 the spec's formulas for scores and P. The real checkpoint's published numbers run when PAIRRM_DIR names a local copy.
 """
-import copy
 import json
 import os
 import pickle
@@ -172,9 +171,8 @@ def test_fewer_pass_attention_equals_transformers(model):
     one pair per forward: ragged rows from 9 to ~400 tokens (log-bucketed distances, padded keys), K = 4 and K = 2,
     batch sizes that do not divide the pair count. Logits within 1e-5 (fp32 rounding order), P within 1e-4."""
     assert all(type(layer.attention.self) is pairrm.FewerPassAttention for layer in model.pretrained_model.encoder.layer)
-    ref = copy.deepcopy(model)
-    for layer in ref.pretrained_model.encoder.layer:
-        layer.attention.self.__class__ = DisentangledSelfAttention  # transformers' forward, same weights
+    ref = pairrm.transformers_attention(model)  # transformers' forward, same weights
+    assert all(type(layer.attention.self) is DisentangledSelfAttention for layer in ref.pretrained_model.encoder.layer)
     long = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 12
     cases = [(PROMPTS, CANDIDATES), ([long, "hi"], [["", long[:150]], ["The sea is blue.", long]])]  # K = 4, K = 2
     for prompts, candidates in cases:
