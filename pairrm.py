@@ -9,7 +9,8 @@ a is better. SPPO (Wu et al. 2024, arXiv 2405.00675, Sec. 5.1) uses it as the or
 This file is the network of ../shared/pairrm_spec.md on `DebertaV2Model` (no copy of the encoder), a loader for a
 LOCAL folder in either published layout (llm-blender/PairRM, llm-blender/PairRM-hf; no hub, no pickle, no remote
 code), and a batched evaluator: the K(K-1) ordered pairs of many prompts go through the encoder in length-sorted
-batches of a token budget instead of one forward per pair. It imports nothing else from this repository.
+batches of a token budget instead of one forward per pair, with DeBERTa's attention computed in fewer passes
+(FewerPassAttention; README, "PairRM on CPU"). It imports nothing else from this repository.
 
 Run (prints the K x K preference matrix and the scores):
     python pairrm.py --model /path/to/PairRM --prompt "hello!" --candidates "hi!" "f**k off!" "hey, how are you?"

@@ -169,7 +169,8 @@ def test_batched_matrices_equal_one_pair_at_a_time(model, tok):
 def test_fewer_pass_attention_equals_transformers(model):
     """The batched path (FewerPassAttention, packed length-sorted batches) against transformers' own attention run
     one pair per forward: ragged rows from 9 to ~400 tokens (log-bucketed distances, padded keys), K = 4 and K = 2,
-    batch sizes that do not divide the pair count. Logits within 1e-5 (fp32 rounding order), P within 1e-4."""
+    batch sizes that do not divide the pair count. Logits within 1e-5 (fp32 rounding order), P within 1e-4;
+    in fp64 within 1e-12."""
     assert all(type(layer.attention.self) is pairrm.FewerPassAttention for layer in model.pretrained_model.encoder.layer)
     ref = pairrm.transformers_attention(model)  # transformers' forward, same weights
     assert all(type(layer.attention.self) is DisentangledSelfAttention for layer in ref.pretrained_model.encoder.layer)
@@ -185,6 +186,13 @@ def test_fewer_pass_attention_equals_transformers(model):
             for mode in pairrm.MODES:
                 torch.testing.assert_close(pairrm.preference_from_logits(M, mode),
                                            pairrm.preference_from_logits(M_ref, mode), atol=1e-4, rtol=0)
+    # In fp64 the two are the same sums to rounding: the fp32 gap above is rounding order, not a different formula.
+    m64 = pairrm.transformers_attention(model).double()  # a float64 copy, given FewerPassAttention back below
+    for layer in m64.pretrained_model.encoder.layer:
+        layer.attention.self.__class__ = pairrm.FewerPassAttention
+    torch.testing.assert_close(m64.logit_matrices(*cases[1], batch_tokens=1000),
+                               pairrm.transformers_attention(m64).logit_matrices(*cases[1], batch_tokens=1),
+                               atol=1e-12, rtol=0)
 
 
 def test_padding_and_trimming_do_not_change_f(model, tok):
