@@ -171,7 +171,8 @@ def test_fewer_pass_attention_equals_transformers(model):
     one pair per forward: ragged rows from 9 to ~400 tokens (log-bucketed distances, padded keys), K = 4 and K = 2,
     batch sizes that do not divide the pair count. Logits within 1e-5 (fp32 rounding order), P within 1e-4;
     in fp64 within 1e-12."""
-    assert all(type(layer.attention.self) is pairrm.FewerPassAttention for layer in model.pretrained_model.encoder.layer)
+    layers = model.pretrained_model.encoder.layer
+    assert all(type(layer.attention.self) is pairrm.FewerPassAttention for layer in layers)
     ref = pairrm.transformers_attention(model)  # transformers' forward, same weights
     assert all(type(layer.attention.self) is DisentangledSelfAttention for layer in ref.pretrained_model.encoder.layer)
     long = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 12
