@@ -12,7 +12,8 @@ comparison row also reports the largest difference between the two paths' output
 
 Rows:
   * Hedge (Eq. 4.1) on a 200-action game: many runs as one batched array computation vs one run at a time.
-  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair.
+  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair; and
+    the same batches with pairrm.FewerPassAttention vs transformers' attention (`--profile`: where the time goes).
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
   * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
     repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
@@ -84,6 +85,8 @@ class BenchConfig:
                                        ".venv-blender).")
     peer_pairrm: Literal["h64", "h256"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's size "
                                                 "(bench.PEER_PAIRRM; h256 takes ~10x longer).")
+    profile: bool = HfArg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
+                          "pass (where the time goes).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,14 +151,38 @@ def bench_pairrm(model, prompts, candidates, repeats=5):
             "max_abs_diff": (out["b"] - out["1"]).abs().max().item()}
 
 
-def bench_pairrm_row(cfg, prompts=32, repeats=5):
+def bench_pairrm_attention(model, prompts, candidates, repeats=5):
+    """The batched path with pairrm.FewerPassAttention vs the same batches through transformers' attention
+    (pairrm.transformers_attention), on the same inputs. Returns the row, with max |M_fewer - M_transformers|."""
+    N, K = len(prompts), len(candidates[0])
+    ref, out = pairrm.transformers_attention(model), {}
+    t = interleaved({"fewer": lambda: out.__setitem__("f", model.logit_matrices(prompts, candidates)),
+                     "transformers": lambda: out.__setitem__("t", ref.logit_matrices(prompts, candidates))}, repeats)
+    pairs = N * K * (K - 1)
+    return {"setting": f"{N} prompts x K={K} ({pairs} pairs)", "fast": rate(pairs, t["fewer"]),
+            "slow": rate(pairs, t["transformers"]), "unit": "pairs/s",
+            "max_abs_diff": (out["f"] - out["t"]).abs().max().item()}
+
+
+def bench_pairrm_rows(cfg, prompts=32, repeats=5):
+    """The PairRM rows: packed batches vs one pair per forward, and FewerPassAttention vs transformers' attention
+    (both batched); with cfg.profile, torch.profiler's top operators of one batched pass."""
     with tempfile.TemporaryDirectory() as tmp:
         path = cfg.pairrm or pairrm.save_tiny_random_checkpoint(tmp, seed=0, hidden_size=32, num_hidden_layers=2,
                                                                 num_attention_heads=2, intermediate_size=128)
         model = pairrm.PairRM.from_pretrained(path, device=cfg.device)
-    r = bench_pairrm(model, *pairrm_inputs(prompts, cfg.k, seed=0), repeats=repeats)
-    r["setting"] += f", {cfg.pairrm or 'random DeBERTa-v2 hidden 32'} on {cfg.device}"
-    return r
+    inputs = pairrm_inputs(prompts, cfg.k, seed=0)
+    where = f", {cfg.pairrm or 'random DeBERTa-v2 hidden 32'} on {cfg.device}"
+    rows = [("PairRM, packed batches vs one forward per pair", bench_pairrm(model, *inputs, repeats=repeats)),
+            ("PairRM batches, FewerPassAttention vs transformers' attention",
+             bench_pairrm_attention(model, *inputs, repeats=repeats))]
+    for _, r in rows:
+        r["setting"] += where
+    if cfg.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model.logit_matrices(*inputs)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return rows
 
 
 LENGTH_MIX = {"prompt": (100, 0.9, 20, 600), "response": (300, 0.8, 20, 1500)}
@@ -566,8 +593,7 @@ def main(argv=None):
         rows.append(("Hedge, batched sweep vs one run at a time",
                      bench_hedge(runs=16 if q else 64, T=100 if q else 500, repeats=reps)))
     if want("pairrm"):
-        rows.append(("PairRM, packed batches vs one forward per pair",
-                     bench_pairrm_row(cfg, prompts=4 if q else cfg.prompts, repeats=1 if q else reps)))
+        rows += bench_pairrm_rows(cfg, prompts=4 if q else cfg.prompts, repeats=1 if q else reps)
     if want("train"):
         rows.append(("SPPO training (Eq. 4.7), one process", bench_train(rows=64 if q else 256,
                                                                           repeats=1 if q else 3)))

@@ -9,13 +9,15 @@ a is better. SPPO (Wu et al. 2024, arXiv 2405.00675, Sec. 5.1) uses it as the or
 This file is the network of ../shared/pairrm_spec.md on `DebertaV2Model` (no copy of the encoder), a loader for a
 LOCAL folder in either published layout (llm-blender/PairRM, llm-blender/PairRM-hf; no hub, no pickle, no remote
 code), and a batched evaluator: the K(K-1) ordered pairs of many prompts go through the encoder in length-sorted
-batches of a token budget instead of one forward per pair. It imports nothing else from this repository.
+batches of a token budget instead of one forward per pair, with DeBERTa's attention computed in fewer passes
+(FewerPassAttention; README, "PairRM on CPU"). It imports nothing else from this repository.
 
 Run (prints the K x K preference matrix and the scores):
     python pairrm.py --model /path/to/PairRM --prompt "hello!" --candidates "hi!" "f**k off!" "hey, how are you?"
     python pairrm.py --model /tmp/pairrm-tiny --make-tiny --prompt "hi" --candidates a b c   # random tiny weights
 """
 import argparse
+import copy
 import json
 import math
 import re
@@ -31,6 +33,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import DebertaV2Config, DebertaV2Model
 from transformers.initialization import no_init_weights
+from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
 PREFIX_TOKENS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")  # added tokens, in this order
 SOURCE_MAXLENGTH, CANDIDATE_MAXLENGTH = 1224, 412  # llm-blender/PairRM config.json; a row has <= 1224 + 2 * 412 tokens
@@ -145,6 +148,54 @@ def _length_batches(lengths: torch.Tensor, batch_tokens: int) -> list[torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 # The network (pairrm_spec.md, "Network")
 
+class FewerPassAttention(DisentangledSelfAttention):
+    """DeBERTa's disentangled self-attention (He et al. 2021, arXiv 2006.03654, Eq. 4), the same weights and sums as
+    transformers' DisentangledSelfAttention in fewer passes over the (B, h, T, T) scores, which dominate at PairRM's
+    row lengths on a CPU (README, "PairRM on CPU"). With s = sqrt(3 d) and delta(i, j) the bucketed i - j:
+
+        A[i, j] = q_i.k_j / s + q_i.kr[delta(i, j)] / s + k_j.qr[delta(j, i)] / s    (content, c2p, p2c)
+
+    transformers repeats the relative projections kr, qr once per row and head, divides each (B, h, T, T) term by s
+    and masks and soft-maxes in separate passes. Here q and k are divided by s before their (B, h, T, d) products,
+    kr and qr broadcast and keep only the distances that occur in T tokens, a padded key's p2c row is -inf before
+    the gather (so no separate mask pass), and SDPA adds the content term and soft-maxes in one kernel. Only the
+    order of fp32 roundings differs (tests/test_pairrm.py::test_fewer_pass_attention_equals_transformers).
+    Dropout is not applied (eval only); anything else (training, attention maps) runs transformers' forward."""
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
+                rel_embeddings=None):
+        if (self.training or output_attentions or query_states is not None or relative_pos is None
+                or {"c2p", "p2c"} - set(self.pos_att_type)):
+            return super().forward(hidden_states, attention_mask, output_attentions, query_states, relative_pos,
+                                   rel_embeddings)
+        B, T, _ = hidden_states.shape
+        heads = lambda x: x.view(*x.shape[:-1], self.num_attention_heads, -1).transpose(-3, -2)  # noqa: E731
+        q, k, v = (heads(proj(hidden_states)) for proj in (self.query_proj, self.key_proj, self.value_proj))
+        s = math.sqrt(3 * q.shape[-1])  # (B, h, T, d) each; 3 terms: content, c2p, p2c
+        span = self.pos_ebd_size
+        delta = relative_pos.reshape(T, T)  # bucketed i - j
+        c2p_pos, p2c_pos = (torch.clamp(span + d, 0, 2 * span - 1) for d in (delta, -delta))  # (T, T)
+        lo, hi = int(c2p_pos.min()), int(c2p_pos.max()) + 1  # the relative embeddings T tokens use
+        rel = rel_embeddings[lo:hi]
+        kr, qr = (heads(proj(rel)) for proj in ((self.key_proj, self.query_proj) if self.share_att_key
+                                               else (self.pos_key_proj, self.pos_query_proj)))  # (h, R, d)
+        key_pad = ~attention_mask.diagonal(dim1=-2, dim2=-1).bool()[..., None]  # (B, 1, T, 1): diagonal = key mask
+        bias = torch.matmul(q / s, kr.transpose(-1, -2)).gather(-1, (c2p_pos - lo).expand(B, *q.shape[1:3], T))
+        p2c = torch.matmul(k / s, qr.transpose(-1, -2)).masked_fill_(key_pad, float("-inf"))  # (B, h, T_key, R)
+        bias += p2c.gather(-1, (p2c_pos - lo).expand(B, *q.shape[1:3], T)).transpose(-1, -2)  # (B, h, T, T)
+        context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1 / s)
+        return context.transpose(1, 2).reshape(B, T, -1), None
+
+
+def transformers_attention(model: "PairRM") -> "PairRM":
+    """A copy of model whose layers run transformers' own DisentangledSelfAttention.forward (same weights): the
+    reference FewerPassAttention is tested and benchmarked against."""
+    ref = copy.deepcopy(model)
+    for layer in ref.pretrained_model.encoder.layer:
+        layer.attention.self.__class__ = DisentangledSelfAttention
+    return ref
+
+
 class PairRM(nn.Module):
     """f(x; a, b) = head([h_src ; h_c1]) - head([h_src ; h_c2]) on DeBERTa's last layer; f > 0 prefers a."""
 
@@ -153,6 +204,8 @@ class PairRM(nn.Module):
                  n_tasks=1, drop_out=0.05):
         super().__init__()
         self.pretrained_model = DebertaV2Model(config)  # attribute names give the checkpoint's key prefixes
+        for layer in self.pretrained_model.encoder.layer:  # same parameters, fewer passes (FewerPassAttention)
+            layer.attention.self.__class__ = FewerPassAttention
         H = config.hidden_size
         self.head_layer = nn.Sequential(nn.Dropout(drop_out), nn.Linear(2 * H, H), nn.Tanh(), nn.Dropout(drop_out),
                                         nn.Linear(H, n_tasks))  # weights head_layer.1.*, head_layer.4.*

@@ -47,10 +47,10 @@ def test_bench_quick():
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
-    assert len(rows) == 5, r.stdout                   # our rows only: no peer interpreter given
+    assert len(rows) == 6, r.stdout                   # our rows only: no peer interpreter given
     assert "make bench" in r.stdout                    # and how to get the peers' rows
-    for line in rows[:2]:                              # Hedge and PairRM: same results on both paths
+    for line in rows[:3]:                              # Hedge and the two PairRM rows: same results on both paths
         diff = float(line.rstrip(" |").split("|")[-1])
         assert diff < 1e-5, line
-    for line in rows[:4]:
+    for line in rows[:5]:
         assert re.search(r"\d[\d,]* \[[\d,]+-[\d,]+\] (run-steps|pairs|tokens)/s", line), line

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
+from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
 import pairrm
 from pairrm import PREFIX_TOKENS, PairRM, PairRMOracle
@@ -163,6 +164,36 @@ def test_batched_matrices_equal_one_pair_at_a_time(model, tok):
     torch.testing.assert_close(model.preference_matrix(PROMPTS[1], CANDIDATES[1]), P[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(oracle(PROMPTS[2], CANDIDATES[2]), P_off[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(oracle.batch(PROMPTS, CANDIDATES), P_off, atol=1e-5, rtol=0)
+
+
+def test_fewer_pass_attention_equals_transformers(model):
+    """The batched path (FewerPassAttention, packed length-sorted batches) against transformers' own attention run
+    one pair per forward: ragged rows from 9 to ~400 tokens (log-bucketed distances, padded keys), K = 4 and K = 2,
+    batch sizes that do not divide the pair count. Logits within 1e-5 (fp32 rounding order), P within 1e-4;
+    in fp64 within 1e-12."""
+    layers = model.pretrained_model.encoder.layer
+    assert all(type(layer.attention.self) is pairrm.FewerPassAttention for layer in layers)
+    ref = pairrm.transformers_attention(model)  # transformers' forward, same weights
+    assert all(type(layer.attention.self) is DisentangledSelfAttention for layer in ref.pretrained_model.encoder.layer)
+    long = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 12
+    cases = [(PROMPTS, CANDIDATES), ([long, "hi"], [["", long[:150]], ["The sea is blue.", long]])]  # K = 4, K = 2
+    for prompts, candidates in cases:
+        M_ref = ref.logit_matrices(prompts, candidates, batch_tokens=1)  # one pair per forward
+        K = len(candidates[0])
+        assert (M_ref.flatten(1)[:, ~torch.eye(K, dtype=torch.bool).flatten()].abs() > 1e-4).all()
+        for batch_tokens in (1, 333, 1000, 100_000):  # 1 row; batches of a size not dividing N K (K - 1); one batch
+            M = model.logit_matrices(prompts, candidates, batch_tokens=batch_tokens)
+            torch.testing.assert_close(M, M_ref, atol=1e-5, rtol=0)
+            for mode in pairrm.MODES:
+                torch.testing.assert_close(pairrm.preference_from_logits(M, mode),
+                                           pairrm.preference_from_logits(M_ref, mode), atol=1e-4, rtol=0)
+    # In fp64 the two are the same sums to rounding: the fp32 gap above is rounding order, not a different formula.
+    m64 = pairrm.transformers_attention(model).double()  # a float64 copy, given FewerPassAttention back below
+    for layer in m64.pretrained_model.encoder.layer:
+        layer.attention.self.__class__ = pairrm.FewerPassAttention
+    torch.testing.assert_close(m64.logit_matrices(*cases[1], batch_tokens=1000),
+                               pairrm.transformers_attention(m64).logit_matrices(*cases[1], batch_tokens=1),
+                               atol=1e-12, rtol=0)
 
 
 def test_padding_and_trimming_do_not_change_f(model, tok):
