@@ -88,6 +88,19 @@ def test_changed_setting_is_refused_and_nothing_is_touched(world, tmp_path, chan
     assert tree(out) == before                                   # config.json not rewritten, nothing else either
 
 
+
+def test_generations_from_the_old_sampler_are_refused(world, tmp_path):
+    """A run whose generations came from HF's K-prefill generate (before policy.SAMPLER was keyed) is refused."""
+    cfg, out = copy_run(world, tmp_path)
+    man = json.loads((out / "iter0" / "manifest.json").read_text())
+    assert man["stages"]["generate"]["key"].pop("sampler") == policy.SAMPLER
+    (out / "iter0" / "manifest.json").write_text(json.dumps(man))
+    before = tree(out)
+    with pytest.raises(runs.StaleStage, match=r"iter0/generations.jsonl: made with setting sampler = None, but this "
+                                              r"run has sampler = 'shared-prefill'.*--restart-from generate"):
+        sppo.run(cfg, oracle=oracle())
+    assert tree(out) == before
+
 def test_restart_from_moves_stale_artifacts_aside(world, tmp_path):
     cfg, out = copy_run(world, tmp_path)
     old = tree(out)
