@@ -146,7 +146,7 @@ def batched_logps(model, pairs, pad, batch_size=16, device="cpu", progress=False
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling (Algorithm 1, step 1): y_1..y_K ~ pi_t(.|x), one batched generate() call per batch of prompts.
+# Sampling (Algorithm 1, step 1): y_1..y_K ~ pi_t(.|x), per batch of prompts one prefill, then K samples each.
 def sample_seed(seed, iteration, index):
     """THE seeding rule of generation: the prompts of iteration t are cut into batches of gen_batch from index 0,
     and the batch starting at prompt `index` is sampled under this seed. It depends on nothing else - not on the

@@ -209,12 +209,13 @@ def test_generation_k_per_prompt_and_reproducible(tiny):
 def test_shared_prefill_samples_the_tokens_of_generate(arch, tmp_path):
     """policy.sample_k runs each prompt once and repeats its KV cache K times; the reference, HF generate with
     num_return_sequences=K, runs each prompt K times. Under one seed both sample the same tokens: ragged prompts
-    (left padding), K = 1 and K = 4, rows that stop at EOS while others run on."""
+    (left padding, one prompt of a single token), K = 1 and K = 4, rows that stop at EOS while others run on."""
     from transformers import GenerationConfig
     model, tok = runs.load_policy(sppo_toy.build_tiny_policy(tmp_path / arch, arch=arch, seed=0),
                                   sppo.SPPOConfig(), "cpu")
-    b = policy.collate([(policy.prompt_ids(tok, x), []) for x in ["play rps", "rock", "play weighted rps rock big"]],
-                       tok.pad_token_id, padding_side="left")                              # (3, T), left padded
+    xs = [policy.prompt_ids(tok, x) for x in ["play rps", "play weighted rps rock big"]] + [[tok.bos_token_id]]
+    b = policy.collate([(x, []) for x in xs], tok.pad_token_id, padding_side="left")   # (3, T), left padded; the
+    # one-token prompt is all padding in the shared prefill of T - 1 tokens
     T, shapes, mixed = b["input_ids"].shape[1], [], 0
     model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     for K in (1, 4):
