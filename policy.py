@@ -199,10 +199,11 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
     [K bool], "token_ids": [K lists of int], "stop_ids": [K int or None]}.
 
     `prompts` are the iteration's prompts from index `start` on (start: a multiple of cfg.gen_batch); batch by batch
-    they are sampled under sample_seed(cfg.seed, iteration, start + i). Plain ancestral sampling at cfg.temperature
-    / cfg.top_p (top-k off). A response is cut at its first EOS; one that never emits EOS within cfg.max_new_tokens
-    is kept and flagged finished=False. The text (for the oracle and for people) keeps special tokens; training
-    uses the stored ids, since decode -> encode is not the identity for BPE tokenizers.
+    they are sampled under sample_seed(cfg.seed, iteration, start + i) by sample_k (one prefill per prompt). Plain
+    ancestral sampling at cfg.temperature / cfg.top_p (top-k off). A response is cut at its first EOS; one that
+    never emits EOS within cfg.max_new_tokens is kept and flagged finished=False. The text (for the oracle and for
+    people) keeps special tokens; training uses the stored ids, since decode -> encode is not the identity for BPE
+    tokenizers.
     """
     from transformers import GenerationConfig
     model.eval()

@@ -18,9 +18,10 @@ def test_bench_quick():
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
-    assert len(rows) == 5, r.stdout
+    assert len(rows) == 6, r.stdout
     for line in rows[:2]:                              # Hedge and PairRM: same results on both paths
         diff = float(line.rstrip(" |").split("|")[-1])
         assert diff < 1e-5, line
+    assert "rows that differ: 0 of 4" in rows[2], rows[2]      # generation: the same tokens on both paths
     for line in rows[:4]:
         assert re.search(r"\d[\d,]* \[[\d,]+-[\d,]+\] (run-steps|pairs|tokens)/s", line), line
