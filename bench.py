@@ -1,6 +1,6 @@
 """bench.py: every benchmark of the repository, one table, one timing rule.
 
-    python bench.py                          # ~3 min on 2 CPU cores; prints a Markdown table for the README
+    python bench.py                          # ~5 min on 2 CPU cores; prints a Markdown table for the README
     python bench.py --quick                  # small sizes, few repetitions (the test suite runs this)
     python bench.py --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
 
@@ -384,7 +384,7 @@ def main(argv=None):
         for name in ["tiny"] + (["smollm2"] if cfg.only == "generate" else []):
             rows.append((f"Generation, one prefill per prompt vs HF's K ({name})",
                          bench_generate(name, prompts=2 if q else 8, K=2 if q else 5, max_new_tokens=8 if q else 32,
-                                        repeats=1 if q else 3 if name == "tiny" else 2, quick=q)))
+                                        repeats=1 if q else reps if name == "tiny" else 2, quick=q)))
     if want("train"):
         rows.append(("SPPO training (Eq. 4.7), one process", bench_train(rows=64 if q else 256,
                                                                           repeats=1 if q else 3)))
