@@ -1,6 +1,6 @@
 """bench.py: every benchmark of the repository, one table, one timing rule.
 
-    python bench.py                          # ~3 min on 2 CPU cores; prints a Markdown table for the README
+    python bench.py                          # ~5 min on 2 CPU cores; prints a Markdown table for the README
     make bench                               # the same with the peers' rows (TRL, llm-blender), in their own venvs
     python bench.py --quick                  # small sizes, few repetitions (the test suite runs this)
     python bench.py --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
@@ -14,6 +14,9 @@ Rows:
   * Hedge (Eq. 4.1) on a 200-action game: many runs as one batched array computation vs one run at a time.
   * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair; and
     the same batches with pairrm.FewerPassAttention vs transformers' attention (`--profile`: where the time goes).
+  * Generation: K samples per prompt from one prefill whose KV cache is repeated K times (policy.sample_k) vs HF
+    generate(num_return_sequences=K), which runs each prompt K times; prompts of length_mix's lengths, sampled
+    tokens/s, and how many sampled rows differ (`--only generate` adds SmolLM2-135M; requirements-real.txt).
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
   * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
     repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
@@ -68,9 +71,9 @@ import train_7b
 @dataclass
 class BenchConfig:
     quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
-    only: Literal["all", "hedge", "pairrm", "train", "fsdp", "model", "real", "peers"] = HfArg(
+    only: Literal["all", "hedge", "pairrm", "generate", "train", "fsdp", "model", "real", "peers"] = HfArg(
         default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; neither is in all; "
-        "'peers': the peer rows alone).")
+        "'peers': the peer rows alone; 'generate': also on SmolLM2).")
     size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
                                         "shape, random weights).")
     repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
@@ -203,6 +206,54 @@ def length_mix(n, seed, vocab=16, first_id=3):
         return rng.integers(first_id, vocab, size=k).tolist()
     return [{"prompt": draw("prompt"), "winner": draw("response"), "loser": draw("response")} for _ in range(n)]
 
+
+
+def generation_model(name, quick=False):
+    """(model in eval mode, its description): 'tiny' a random Llama built here (vocab 32000; hidden 256 x 4 layers,
+    64 x 2 with --quick), 'smollm2' SmolLM2-135M-Instruct from its GGUF (requirements-real.txt)."""
+    if name == "smollm2":
+        d = runs.gguf_checkpoint(real_run.smollm2_gguf())
+        return runs.load_policy(d, sppo.SPPOConfig(), "cpu")[0].eval(), "SmolLM2-135M-Instruct fp32"
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hidden, layers = (64, 2) if quick else (256, 4)
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
+                         eos_token_id=2)
+    return LlamaForCausalLM(config).eval(), f"random Llama hidden {hidden} x {layers} layers, vocab 32000"
+
+
+def bench_generate(name="tiny", prompts=8, K=5, max_new_tokens=32, repeats=3, quick=False):
+    """Sampled tokens/s of policy.sample_k: each prompt's prefill run once and its KV cache repeated K times, vs HF
+    generate(num_return_sequences=K), which repeats each prompt K times before the prefill. One left-padded batch
+    of `prompts` random-id prompts with length_mix's prompt lengths (20-600 tokens), temperature 1, top-p 1, the
+    same seed for both; a row's tokens count up to and including its EOS. Also reports how many of the B*K
+    sampled rows differ between the two paths (0: token for token the same)."""
+    from transformers import GenerationConfig
+    model, what = generation_model(name, quick)
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    b = policy.collate([(r["prompt"], []) for r in length_mix(prompts, seed=0, vocab=model.config.vocab_size)],
+                       eos[0], padding_side="left")                                          # (B, T)
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                           num_return_sequences=K, pad_token_id=eos[0], eos_token_id=eos)
+    out = {}
+
+    def path(shared):
+        def sample():
+            torch.manual_seed(0)
+            out[shared] = policy.sample_k(model, b["input_ids"], b["attention_mask"], gen, shared_prefill=shared)
+        return sample
+    t = interleaved({"shared": path(True), "per_sample": path(False)}, repeats)
+    T = b["input_ids"].shape[1]
+    new = [row[T:].tolist() for row in out[True]]
+    tokens = sum(next((n + 1 for n, tok in enumerate(ids) if tok in eos), len(ids)) for ids in new)
+    differ = sum(x != y[T:].tolist() for x, y in zip(new, out[False]))
+    lengths = [int(n) for n in b["attention_mask"].sum(1)]
+    return {"setting": f"{what}, {prompts} prompts of "
+                       f"{min(lengths)}-{max(lengths)} tokens x K={K}, {max_new_tokens} new tokens; rows that "
+                       f"differ: {differ} of {len(new)}",
+            "fast": rate(tokens, t["shared"]), "slow": rate(tokens, t["per_sample"]), "unit": "tokens/s"}
 
 def bench_train(rows=256, hidden=64, layers=2, repeats=3):
     """Tokens/s of sppo.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates, one epoch a repetition."""
@@ -594,6 +645,11 @@ def main(argv=None):
                      bench_hedge(runs=16 if q else 64, T=100 if q else 500, repeats=reps)))
     if want("pairrm"):
         rows += bench_pairrm_rows(cfg, prompts=4 if q else cfg.prompts, repeats=1 if q else reps)
+    if want("generate"):
+        for name in ["tiny"] + (["smollm2"] if cfg.only == "generate" else []):
+            rows.append((f"Generation, one prefill per prompt vs HF's K ({name})",
+                         bench_generate(name, prompts=2 if q else 8, K=2 if q else 5, max_new_tokens=8 if q else 32,
+                                        repeats=1 if q else reps if name == "tiny" else 2, quick=q)))
     if want("train"):
         rows.append(("SPPO training (Eq. 4.7), one process", bench_train(rows=64 if q else 256,
                                                                           repeats=1 if q else 3)))

@@ -9,6 +9,8 @@ tokens of y (the sampled ids, and the sampled stop token when the response ended
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from tqdm import tqdm
 
@@ -144,7 +146,7 @@ def batched_logps(model, pairs, pad, batch_size=16, device="cpu", progress=False
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling (Algorithm 1, step 1): y_1..y_K ~ pi_t(.|x), one batched generate() call per batch of prompts.
+# Sampling (Algorithm 1, step 1): y_1..y_K ~ pi_t(.|x), per batch of prompts one prefill, then K samples each.
 def sample_seed(seed, iteration, index):
     """THE seeding rule of generation: the prompts of iteration t are cut into batches of gen_batch from index 0,
     and the batch starting at prompt `index` is sampled under this seed. It depends on nothing else - not on the
@@ -160,16 +162,48 @@ def eos_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
+SAMPLER = "shared-prefill"
+"""How sample_k draws, recorded in the generate stage's key (runs.stage_key). Generations made before it (HF's
+generate repeating each prompt K times before the prefill) are refused on resume, not mixed in: the two paths draw
+the same tokens in every fp32 CPU comparison (README "Benchmarks"), but their logits can differ by rounding (bf16
+on a GPU), and then so can a sampled token."""
+
+
+@torch.no_grad()
+def sample_k(model, input_ids, attention_mask, gen_cfg, shared_prefill=True):
+    """K = gen_cfg.num_return_sequences continuations of each left-padded prompt: (B*K, T + new) ids, prompt i's
+    samples in rows i*K .. i*K+K-1, the order of HF generate.
+
+    shared_prefill (default): the prompts' first T-1 tokens are run once, B rows, and the KV cache is repeated to
+    B*K rows; generate() then runs the last prompt token of all B*K rows and samples on. HF's generate with
+    num_return_sequences=K repeats each prompt K times BEFORE the prefill, so it runs every prompt K times. Both
+    make the same random draws (one (B*K, V) draw per step); the logits can differ by fp32 rounding only, and no
+    sampled token differed in the comparisons of README "Benchmarks". False: that plain call, kept as the reference.
+    """
+    K, T = gen_cfg.num_return_sequences, input_ids.shape[1]
+    if not shared_prefill or T < 2:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                 # generate's rule: (B, T)
+    cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                  position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1).cache   # (B, T-1) prefill
+    cache.batch_repeat_interleave(K)                                                    # (B*K, T-1), in place
+    one = copy.deepcopy(gen_cfg)
+    one.num_return_sequences = 1
+    return model.generate(input_ids=input_ids.repeat_interleave(K, 0), cache=cache, generation_config=one,
+                          attention_mask=attention_mask.repeat_interleave(K, 0))     # (B*K, T + new)
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu", start=0):
     """K samples per prompt. Returns one dict per prompt (GENERATION_FIELDS): {"responses": [K str], "finished":
     [K bool], "token_ids": [K lists of int], "stop_ids": [K int or None]}.
 
     `prompts` are the iteration's prompts from index `start` on (start: a multiple of cfg.gen_batch); batch by batch
-    they are sampled under sample_seed(cfg.seed, iteration, start + i). Plain ancestral sampling at cfg.temperature
-    / cfg.top_p (top-k off). A response is cut at its first EOS; one that never emits EOS within cfg.max_new_tokens
-    is kept and flagged finished=False. The text (for the oracle and for people) keeps special tokens; training
-    uses the stored ids, since decode -> encode is not the identity for BPE tokenizers.
+    they are sampled under sample_seed(cfg.seed, iteration, start + i) by sample_k (one prefill per prompt). Plain
+    ancestral sampling at cfg.temperature / cfg.top_p (top-k off). A response is cut at its first EOS; one that
+    never emits EOS within cfg.max_new_tokens is kept and flagged finished=False. The text (for the oracle and for
+    people) keeps special tokens; training uses the stored ids, since decode -> encode is not the identity for BPE
+    tokenizers.
     """
     from transformers import GenerationConfig
     model.eval()
@@ -186,8 +220,7 @@ def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu"
         chunk = prompts[i:i + cfg.gen_batch]
         b = collate([(x[-cfg.max_prompt_length:], []) for x in xs[i:i + cfg.gen_batch]], pad, padding_side="left")
         torch.manual_seed(sample_seed(cfg.seed, iteration, start + i))
-        seqs = model.generate(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                              generation_config=gen_cfg)                              # (B*K, T_in + new)
+        seqs = sample_k(model, b["input_ids"].to(device), b["attention_mask"].to(device), gen_cfg)
         new = seqs[:, b["input_ids"].shape[1]:].tolist()
         for j in range(len(chunk)):
             g = {"responses": [], "finished": [], "token_ids": [], "stop_ids": []}

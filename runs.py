@@ -32,6 +32,7 @@ import torch
 from transformers import HfArgumentParser
 
 import hedge_toy
+import policy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,6 +305,7 @@ def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
         key["model"] = hashes(model_dir)
     if stage == "generate":
         key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        key["sampler"] = policy.SAMPLER                         # generations from before it are not reused
     if stage == "rank":
         key["oracle_id"] = oracle_id
     if stage == "dataset" and cfg.reference == "initial":       # ref_logp by pi_0, whatever pi_t is

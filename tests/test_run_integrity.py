@@ -4,7 +4,7 @@ or moves rows, never counts an untrained model as trained, and bad settings fail
 Which test shows each case of the issue (numbers as in its text):
 | case | what went wrong before | test |
 |---|---|---|
-| 1 | resume reused artifacts made with another model/seed/temperature/max-new-tokens/selection/eta, and a finished run re-run with new eta/lr/epochs "trained" nothing | test_changed_setting_is_refused_and_nothing_is_touched, test_restart_from_moves_stale_artifacts_aside |
+| 1 | resume reused artifacts made with another model/seed/temperature/max-new-tokens/selection/eta, and a finished run re-run with new eta/lr/epochs "trained" nothing | test_changed_setting_is_refused_and_nothing_is_touched, test_restart_from_moves_stale_artifacts_aside, test_generations_from_the_old_sampler_are_refused |
 | 2 | truncated, shortened or reordered preferences/dataset files were used | test_edited_artifacts_are_refused, test_readers_and_sources_refuse_moved_rows |
 | 3 | an untrained model counted as trained (epochs 0, empty dataset, a kill before metrics) | test_model_without_its_record_is_trained_again, test_bad_settings_fail_before_any_work |
 | 4 | K < 2, zero batches, max_length 0, eta <= 0, epochs 0, selection typos, empty or short prompt files failed late or not at all; long prompts were generated from in full | test_bad_settings_fail_before_any_work, test_long_prompts_are_cut_before_generation |
@@ -87,6 +87,19 @@ def test_changed_setting_is_refused_and_nothing_is_touched(world, tmp_path, chan
         assert "pi_t model" in msg
     assert tree(out) == before                                   # config.json not rewritten, nothing else either
 
+
+
+def test_generations_from_the_old_sampler_are_refused(world, tmp_path):
+    """A run whose generations came from HF's K-prefill generate (before policy.SAMPLER was keyed) is refused."""
+    cfg, out = copy_run(world, tmp_path)
+    man = json.loads((out / "iter0" / "manifest.json").read_text())
+    assert man["stages"]["generate"]["key"].pop("sampler") == policy.SAMPLER
+    (out / "iter0" / "manifest.json").write_text(json.dumps(man))
+    before = tree(out)
+    with pytest.raises(runs.StaleStage, match=r"iter0/generations.jsonl: made with setting sampler = None, but this "
+                                              r"run has sampler = 'shared-prefill'.*--restart-from generate"):
+        sppo.run(cfg, oracle=oracle())
+    assert tree(out) == before
 
 def test_restart_from_moves_stale_artifacts_aside(world, tmp_path):
     cfg, out = copy_run(world, tmp_path)

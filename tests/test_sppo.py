@@ -204,6 +204,35 @@ def test_generation_k_per_prompt_and_reproducible(tiny):
     assert policy.generate_responses(model, tok, prompts[2:], cfg, iteration=1, start=2) != a[2:]
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_shared_prefill_samples_the_tokens_of_generate(arch, tmp_path):
+    """policy.sample_k runs each prompt once and repeats its KV cache K times; the reference, HF generate with
+    num_return_sequences=K, runs each prompt K times. Under one seed both sample the same tokens: ragged prompts
+    (left padding, one prompt of a single token), K = 1 and K = 4, rows that stop at EOS while others run on."""
+    from transformers import GenerationConfig
+    model, tok = runs.load_policy(sppo_toy.build_tiny_policy(tmp_path / arch, arch=arch, seed=0),
+                                  sppo.SPPOConfig(), "cpu")
+    xs = [policy.prompt_ids(tok, x) for x in ["play rps", "play weighted rps rock big"]] + [[tok.bos_token_id]]
+    b = policy.collate([(x, []) for x in xs], tok.pad_token_id, padding_side="left")   # (3, T), left padded; the
+    # one-token prompt is all padding in the shared prefill of T - 1 tokens
+    T, shapes, mixed = b["input_ids"].shape[1], [], 0
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    for K in (1, 4):
+        gen = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=12, num_return_sequences=K,
+                               pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id])
+        for seed in range(3):
+            torch.manual_seed(seed)
+            ref = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], generation_config=gen)
+            torch.manual_seed(seed)
+            shapes.clear()
+            got = policy.sample_k(model, b["input_ids"], b["attention_mask"], gen)
+            assert torch.equal(got, ref)
+            assert shapes[0] == (3, T - 1) and set(shapes[1:]) == {(3 * K, 1)}              # each prompt ran once
+            ended = (got[:, T:] == tok.eos_token_id).any(1)
+            mixed += bool(ended.any() and not ended.all())
+    assert mixed                                                   # some rows ended at EOS, others ran to the cap
+
 # -------------------------------------------------------------------------------------------------- run directory
 def test_diverged_loss_stops_and_keeps_weights(tiny):
     _, model, tok = tiny
