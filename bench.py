@@ -26,7 +26,7 @@ Rows:
   * The peers, when their interpreters are given (--trl-python, --blender-python; `make bench` builds both
     environments and passes them): our sppo_hard training step vs TRL's DPOTrainer(loss_type="sppo_hard") on equal
     lengths and on a realistic length mix (length_mix), and pairrm.preference_matrices vs llm-blender's
-    Blender.rank as the authors' scripts/rank.py calls it; each with its agreement check (bench_peers.py is the
+    Blender.rank as the authors' scripts/rank.py calls it; each with its agreement check (peer_runner.py is the
     peers' side: it runs under their interpreters and never imports our modules).
   * --only real (not part of `all`; needs requirements-real.txt): SmolLM2-135M-Instruct from its GGUF, the real
     model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
@@ -36,14 +36,10 @@ Rows:
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
-import random
-import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +53,7 @@ import numpy as np
 import torch
 from transformers.hf_argparser import HfArg
 
+import bench_peers
 import committee
 import hedge_toy
 import pairrm
@@ -66,6 +63,7 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
+from workloads import build_sized_policy, fmt, interleaved, length_mix, pairrm_inputs, rate
 
 
 @dataclass
@@ -87,30 +85,9 @@ class BenchConfig:
                                        "llm-blender 0.0.2 (requirements-bench-blender.txt; `make bench` builds "
                                        ".venv-blender).")
     peer_pairrm: Literal["h64", "h256"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's size "
-                                                "(bench.PEER_PAIRRM; h256 takes ~10x longer).")
+                                                "(bench_peers.PEER_PAIRRM; h256 takes ~10x longer).")
     profile: bool = HfArg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
                           "pass (where the time goes).")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The one timing rule.
-def interleaved(paths: dict, repeats: int) -> dict:
-    """{name: fn}: warm up each fn once, then call them in turn `repeats` times. Returns {name: seconds list}."""
-    for fn in paths.values():
-        fn()
-    times = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def rate(work, seconds) -> dict:
-    """work per second: median and min-max over the repetitions' times (or over given per-step rates)."""
-    r = [work / s for s in seconds] if work is not None else list(seconds)
-    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,19 +102,6 @@ def bench_hedge(n=200, runs=64, T=500, repeats=5):
     b = np.stack([hedge_toy.hedge(P[r], eta[r], T)[0] for r in range(runs)])
     return {"setting": f"n={n}, {runs} runs x T={T}", "fast": rate(runs * T, t["batched"]),
             "slow": rate(runs * T, t["looped"]), "unit": "run-steps/s", "max_abs_diff": float(np.abs(a - b).max())}
-
-
-WORDS = sorted(set(re.findall(r"\w+", pairrm._TINY_TEXT)))
-"""Words of PairRM's tiny tokenizer text: about one token per word, as with a real tokenizer on English."""
-
-
-def pairrm_inputs(n, k, seed=0, prompt_words=40, response_words=80):
-    """n prompts of 8..prompt_words words and k responses of 3..response_words words each (random words), so lengths
-    vary as sampled responses do. Returns (prompts, candidates)."""
-    rng = random.Random(seed)
-    text = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."  # noqa: E731
-    return [text(8, prompt_words) + "?" for _ in range(n)], [[text(3, response_words) for _ in range(k)]
-                                                             for _ in range(n)]
 
 
 def bench_pairrm(model, prompts, candidates, repeats=5):
@@ -186,26 +150,6 @@ def bench_pairrm_rows(cfg, prompts=32, repeats=5):
             model.logit_matrices(*inputs)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return rows
-
-
-LENGTH_MIX = {"prompt": (100, 0.9, 20, 600), "response": (300, 0.8, 20, 1500)}
-"""The realistic length mix (length_mix): (median, sigma of log, min, max) tokens of prompts and of responses."""
-
-
-def length_mix(n, seed, vocab=16, first_id=3):
-    """n (prompt, winner, loser) rows of random token ids whose lengths are long-tailed, as in instruction-tuning data:
-    a prompt has round(LogNormal(log 100, 0.9)) tokens clipped to [20, 600]; each response round(LogNormal(log 300,
-    0.8)) clipped to [20, 1500], the winner's and the loser's drawn independently (LENGTH_MIX). Ids are uniform in
-    [first_id, vocab) (the tiny tokenizer's specials 0-2, pad/bos/eos, never drawn). Deterministic in (n, seed).
-    Returns [{"prompt": [ids], "winner": [ids], "loser": [ids]}] * n."""
-    rng = np.random.default_rng(seed)
-
-    def draw(kind):
-        median, sigma, lo, hi = LENGTH_MIX[kind]
-        k = int(np.clip(round(rng.lognormal(np.log(median), sigma)), lo, hi))
-        return rng.integers(first_id, vocab, size=k).tolist()
-    return [{"prompt": draw("prompt"), "winner": draw("response"), "loser": draw("response")} for _ in range(n)]
-
 
 
 def generation_model(name, quick=False):
@@ -305,31 +249,6 @@ def bench_fsdp_row(rows=64):
             "unit": "tokens/s"}
 
 
-# TinyLlama-1.1B's config.json (hidden, MLP, layers, heads, KV heads, vocab): a real shape without a download.
-MODEL_SIZES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2),
-               "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                          num_key_value_heads=4, vocab_size=32000),
-               # the training peer rows' tiny Llamas (hidden x layers, MLP ~2.7 x hidden, head dim 64)
-               "h256": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=4),
-               "h512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                            num_key_value_heads=8)}
-
-
-def build_sized_policy(out_dir, size, seed=0):
-    """A random-init Llama of MODEL_SIZES[size] with the demo's word-level tokenizer (ids past it are never drawn)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    sppo_toy.build_tiny_policy(out_dir, seed=seed)                 # the tokenizer (and a tiny model, replaced below)
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    shape = {"vocab_size": len(tok), **MODEL_SIZES[size]}
-    config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    runs.save_policy(LlamaForCausalLM(config), tok, out_dir)
-    return str(out_dir)
-
-
 def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, micro_batch=4, stop_at=1,
                 det_rows=None, workdir=None):
     """train_7b.py under torchrun (every local GPU, nccl; else 2 gloo ranks) on a random model of MODEL_SIZES[size]:
@@ -408,224 +327,7 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The peers, in the same run: TRL's sppo_hard step and llm-blender's PairRM, each under its own interpreter (`make
-# bench` builds .venv-trl and .venv-blender). bench_peers.py is their side; nothing here imports a peer.
-PEER_PAIRRM = {"h64": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                           initializer_range=0.5),
-               "h256": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                            initializer_range=0.5)}
-"""The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint), by --peer-pairrm: h64 (the
-default, seconds a repetition: per-forward overheads weigh) or h256 (closer to compute-bound). A wide init, so that
-scores are O(0.1-1) and the agreement checks are not met by near-zero outputs."""
-
-
-def equal_lengths(n, seed, prompt=32, response=96, vocab=16, first_id=3):
-    """n rows shaped as length_mix's, every prompt `prompt` tokens and every response `response` tokens (no padding
-    anywhere: the setting of the issue's first measurement)."""
-    rng = np.random.default_rng(seed)
-    ids = lambda k: rng.integers(first_id, vocab, size=k).tolist()                  # noqa: E731
-    return [{"prompt": ids(prompt), "winner": ids(response), "loser": ids(response)} for _ in range(n)]
-
-
-class Peer:
-    """bench_peers.py under a peer's interpreter, driven line by line: read() waits for its next `@peer` answer,
-    go() asks for one timed block and returns its answer. Its stderr goes to WORK/peer.log."""
-
-    def __init__(self, python, kind, work, settings):
-        (work / "peer.json").write_text(json.dumps(settings))
-        env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TQDM_DISABLE": "1",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf"),
-               "TRANSFORMERS_VERBOSITY": "error", "PYTHONNOUSERSITE": "1"}
-        self.log = work / "peer.log"
-        runner = str(Path(__file__).with_name("bench_peers.py"))
-        self.p = subprocess.Popen([os.path.abspath(python), runner, kind, str(work)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-                                  text=True, env=env, cwd=work)
-
-    def read(self):
-        for line in self.p.stdout:
-            if line.startswith("@peer "):
-                return json.loads(line[6:])
-        self.p.wait()
-        raise RuntimeError(f"bench_peers.py stopped (exit {self.p.returncode}); its log, {self.log}:\n"
-                           + self.log.read_text()[-3000:])
-
-    def go(self):
-        self.p.stdin.write("go\n")
-        self.p.stdin.flush()
-        return self.read()
-
-    def close(self):
-        self.p.stdin.close()
-        self.p.wait(timeout=120)
-
-
-def check(what, diff, tol, detail=""):
-    """An agreement check of a peer row: its line (printed by the caller), or AssertionError when it does not hold."""
-    line = f"{what}: max |diff| {diff:.2e} (tolerance {tol:.0e}){detail}"
-    if not diff <= tol:
-        raise AssertionError(f"FAILED {line}")
-    return line
-
-
-def fp64_logps(model, pairs):
-    """log pi(y|x) of each (prompt_ids, response_ids) row, one row at a time, in float64 on a float64 copy of the
-    model: the independent reference that says how much of the two fp32 paths' difference is rounding."""
-    m = copy.deepcopy(model).double().eval()
-    out = []
-    with torch.no_grad():
-        for p, r in pairs:
-            logits = m(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]          # (len(r), V): predicts r
-            out.append(logits.log_softmax(-1).gather(-1, torch.tensor(r)[:, None]).sum().item())
-    return out
-
-
-def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1e-6, tol=2e-3, name="rows"):
-    """Our SPPO step with --loss sppo_hard (sppo.train_policy: sppo.example_losses through one optimizer step) vs
-    TRL 1.16 DPOTrainer(loss_type="sppo_hard"), on the same tiny Llama (MODEL_SIZES[size]), the same token rows and
-    the same micro-batches in the same order (TRL: train_sampling_strategy="sequential" over our schedule), fp32 on
-    both sides: DPOConfig's defaults (bf16 autocast, gradient checkpointing, fused AdamW) turned off, RMSprop at the
-    same lr, grad-norm clip 1. Reference log-probs are precomputed once, here, by a second random Llama (so the
-    log-ratios are not 0), and both sides train on those numbers (TRL: precompute_ref_log_probs with the columns
-    given). Every step takes all pairs (global batch = len(mix)); step 0 is the warm-up. The steps interleave:
-    train_policy's on_step hands over to one TRL step. Real (non-pad) tokens/s for both.
-    Agreement: each pair's loss at the first weights, ours at eta = 1/beta vs TRL's (the same square loss, Sec. 4.5),
-    relative difference <= tol; each is also compared with the loss from fp64_logps (fp32 rounding of log-prob sums
-    over up to ~2,100 tokens is ~1e-3 nats). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
-    if len(mix) % micro_batch:                # TRL's dataloader would cut micro-batches across our steps otherwise
-        raise ValueError(f"bench_train_peer: {len(mix)} pairs do not split into micro-batches of {micro_batch}")
-    work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
-    policy_dir, ref_dir = build_sized_policy(work / "policy", size, seed=0), build_sized_policy(work / "ref", size, 1)
-    n = len(mix)
-    cfg = sppo.SPPOConfig(loss="sppo_hard", eta=1 / beta, optimizer="rmsprop", lr=lr, warmup_ratio=0.0,
-                          global_batch=n, micro_batch=micro_batch, epochs=repeats + 1, max_length=4096,
-                          max_prompt_length=4096, progress=False)
-    model, tok = runs.load_policy(policy_dir, cfg, "cpu")
-    ref_model, _ = runs.load_policy(ref_dir, cfg, "cpu")
-    words, pad = tok.convert_ids_to_tokens(list(range(len(tok)))), policy.pad_id(tok)
-    text = lambda ids: " ".join(words[t] for t in ids)                                 # noqa: E731
-    rows = [{"prompt_id": i, "prompt": text(r["prompt"]), "response": text(r[role]), "response_ids": r[role],
-             "finished": False, "win_prob": float(role == "winner"), "role": role}
-            for i, r in enumerate(mix) for role in ("winner", "loser")]
-    pairs = sppo.encode_rows(tok, rows, cfg)[0]                   # (chat-templated prompt ids, response ids) per row
-    for r, lp in zip(rows, policy.batched_logps(ref_model, pairs, pad, batch_size=2 * micro_batch)):
-        r["ref_logp"] = lp
-    steps = sppo.train_schedule(rows, cfg)[0]                     # row indices of each step: winner, loser, ...
-    order = [j // 2 for step in steps for j in step[0::2]]        # pair index of TRL's rows, step after step
-    runs.write_jsonl(work / "rows.jsonl", [
-        {"prompt_ids": pairs[2 * i][0], "chosen_ids": pairs[2 * i][1], "rejected_ids": pairs[2 * i + 1][1],
-         "ref_chosen_logps": rows[2 * i]["ref_logp"], "ref_rejected_logps": rows[2 * i + 1]["ref_logp"]}
-        for i in order])
-    peer = Peer(python, "trl", work, dict(rows="rows.jsonl", model=policy_dir, ref_model=ref_dir, beta=beta, lr=lr,
-                                          optimizer="rmsprop", micro_batch=micro_batch,
-                                          accumulation=-(-n // micro_batch), steps=len(steps), pairs=n, threads=1,
-                                          attn_implementation=model.config._attn_implementation))
-    first = order[:n]                                              # the pairs of step 0, in TRL's row order
-    with torch.no_grad():                                          # our loss of each pair, first weights
-        ours = [float(sppo.example_losses(model, sppo.make_batch(pairs, rows, [2 * i, 2 * i + 1], pad, cfg, "cpu"),
-                                          cfg)[0]) for i in first]
-    lp64 = fp64_logps(model, [pairs[j] for i in first for j in (2 * i, 2 * i + 1)])
-    exact = [(lp64[2 * k] - rows[2 * i]["ref_logp"] - cfg.eta / 2) ** 2 +              # Sec. 4.5, P = 1, in fp64
-             (lp64[2 * k + 1] - rows[2 * i + 1]["ref_logp"] + cfg.eta / 2) ** 2 for k, i in enumerate(first)]
-    theirs = peer.read()
-    rel = lambda a, b: max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(a, b))       # noqa: E731
-    ref_diff = max(abs(rows[2 * i + k]["ref_logp"] - theirs[key][j]) for j, i in enumerate(first)
-                   for k, key in enumerate(("ref_chosen", "ref_rejected")))
-    tokens = sum(len(p) + len(r) for p, r in pairs)                # real tokens of one step (all pairs)
-    micro = [s[j:j + 2 * micro_batch] for s in steps[1:] for j in range(0, len(s), 2 * micro_batch)]
-    padded = sum(len(b) * max(len(pairs[i][0]) + len(pairs[i][1]) for i in b) for b in micro)   # rows x longest
-    times = {"ours": [], "trl": []}
-
-    def hand_over(h):                                              # after each of our steps, one TRL step
-        times["ours"].append(tokens / h["tokens_per_s"])
-        times["trl"].append(peer.go()["seconds"])
-    sppo.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
-    peer.close()
-    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
-    shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"
-    pad_share = 1 - tokens * len(steps[1:]) / padded               # of the padded micro-batches of the timed steps
-    setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step ({pad_share:.0%} of the padded batches is pad); "
-               f"tiny Llama {shape}, micro-batch {micro_batch} pairs, RMSprop; TRL with "
-               + ", ".join(f"{k}={v}" for k, v in theirs["settings"].items()))
-    loss_diff = rel(ours, theirs["losses"])
-    print(f"agreement, TRL {name}, {shape}: "
-          + check("per-pair loss ours vs TRL (relative)", loss_diff, tol,
-                  f"; vs fp64 one row at a time: ours {rel(ours, exact):.1e}, TRL {rel(theirs['losses'], exact):.1e}")
-          + "; " + check("TRL's reference log-probs vs ours (nats)", ref_diff, 1e-2), flush=True)
-    return {"setting": setting, "fast": rate(tokens, times["ours"][1:]), "slow": rate(tokens, times["trl"][1:]),
-            "unit": "tokens/s", "max_abs_diff": loss_diff}
-
-
-def blender_checkpoint(out_dir, shape="h64", seed=0):
-    """PairRM's random checkpoint (pairrm.save_tiny_random_checkpoint, layout "PairRM", PEER_PAIRRM) completed into
-    the layout llm-blender 0.0.2 loads from a local folder: its config.json's model_name names the backbone folder by
-    absolute path, and that folder holds what AutoModel/AutoTokenizer.from_pretrained read there (the backbone's
-    weights, without the `pretrained_model.` prefix, and the tokenizer files). Returns out_dir."""
-    from safetensors.torch import load_file, save_file
-    out = Path(pairrm.save_tiny_random_checkpoint(out_dir, layout="PairRM", seed=seed, **PEER_PAIRRM[shape]))
-    backbone = out / "backbone"
-    weights = load_file(str(out / "model.safetensors"))
-    save_file({k.removeprefix("pretrained_model."): v for k, v in weights.items() if k.startswith("pretrained_model.")},
-              str(backbone / "model.safetensors"), metadata={"format": "pt"})
-    for f in out.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, backbone / f.name)
-    ranker = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**ranker, "model_name": str(backbone.resolve())}, indent=2))
-    return str(out)
-
-
-def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_scores=5e-4, tol_p=1e-4):
-    """pairrm.preference_matrices (mode "official": P = sigma(s_i - s_j), the released pipeline's) vs llm-blender
-    0.0.2 as uclaml/SPPO's scripts/rank.py calls it (Blender.rank(prompts, candidates, return_scores=True,
-    batch_size=1), fp32 on CPU) followed by scripts/compute_prob.py's P, on the same random checkpoint
-    (blender_checkpoint, PEER_PAIRRM[shape]) and the same texts (pairrm_inputs). Agreement: the scores within
-    tol_scores, P within tol_p. Pairs/s counts the K(K-1) ordered pairs of every prompt (both paths run all of them)."""
-    work = Path(tempfile.mkdtemp(prefix="bench_blender_"))
-    ckpt = blender_checkpoint(work / "pairrm", shape)
-    xs, ys = pairrm_inputs(prompts, k, seed=0)
-    (work / "texts.json").write_text(json.dumps({"prompts": xs, "candidates": ys}))
-    peer = Peer(python, "blender", work, dict(checkpoint=ckpt, texts="texts.json", batch_size=1, threads=1))
-    model = pairrm.PairRM.from_pretrained(ckpt, device="cpu")
-    peer.read()                                                    # loaded
-    out, theirs = {}, []
-    t = interleaved({"ours": lambda: out.__setitem__("P", model.preference_matrices(xs, ys, mode="official")),
-                     "blender": lambda: theirs.append(peer.go())}, repeats)
-    peer.close()
-    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
-    scores = model.scores(xs, ys)                                  # (N, K)
-    s_diff = (scores - torch.tensor(theirs[0]["scores"])).abs().max().item()
-    p_diff = (out["P"].double() - torch.tensor(theirs[0]["P"])).abs().max().item()
-    print("agreement, PairRM vs llm-blender: "
-          + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
-          + "; " + check("P = sigma(s_i - s_j)", p_diff, tol_p), flush=True)
-    pairs = prompts * k * (k - 1)
-    return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs), random DeBERTa-v2 hidden "
-                       f"{PEER_PAIRRM[shape]['hidden_size']} x {PEER_PAIRRM[shape]['num_hidden_layers']}, fp32; "
-                       "llm-blender rank(batch_size=1) on transformers 4.44.2", "fast": rate(pairs, t["ours"]),
-            "slow": rate(pairs, [r["seconds"] for r in theirs[1:]]), "unit": "pairs/s", "max_abs_diff": p_diff}
-
-
-def peer_rows(cfg):
-    """The peer rows that cfg's interpreters allow (--trl-python, --blender-python)."""
-    rows = []
-    if cfg.trl_python:
-        for size in ("h256", "h512"):
-            rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, equal lengths",
-                         bench_train_peer(cfg.trl_python, size, equal_lengths(8, seed=0), name="equal lengths")))
-        rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, realistic length mix",
-                     bench_train_peer(cfg.trl_python, "h256", length_mix(8, seed=0), name="length_mix(8, 0)")))
-    if cfg.blender_python:
-        rows.append(("PairRM preference_matrices vs llm-blender rank",
-                     bench_pairrm_peer(cfg.blender_python, prompts=cfg.prompts, k=cfg.k, shape=cfg.peer_pairrm)))
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-def fmt(r, unit):
-    return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}] {unit}"
-
-
+# The table.
 def main(argv=None):
     cfg = runs.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
     for flag, python in (("--trl-python", cfg.trl_python), ("--blender-python", cfg.blender_python)):
@@ -668,7 +370,7 @@ def main(argv=None):
     if cfg.only == "real":
         rows += bench_real(repeats=1 if q else 2)
     if want("peers"):
-        rows += peer_rows(cfg)
+        rows += bench_peers.peer_rows(cfg)
     if cfg.only == "all":
         rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
                                       "needs CUDA: not measurable on this machine", "unit": "-"}))

@@ -1,125 +1,239 @@
-"""bench_peers.py: the peers' side of bench.py's peer rows, run under a peer's own interpreter.
+"""bench_peers.py: bench.py's rows against the peers, TRL's sppo_hard step and llm-blender's PairRM, in the same run.
 
-    .venv-trl/bin/python bench_peers.py trl DIR          # TRL's DPOTrainer(loss_type="sppo_hard") on DIR's rows
-    .venv-blender/bin/python bench_peers.py blender DIR  # llm-blender 0.0.2's Blender.rank on DIR's texts
+    make bench              # builds .venv-trl and .venv-blender (their own pins), then bench.py with both peers
+    python bench.py --only peers --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
 
-`make bench` builds the two environments and bench.py starts this file as a subprocess: bench.py writes DIR (the
-model via save_pretrained, the token rows as JSONL, PairRM's random checkpoint in the layout llm-blender loads, the
-texts as JSON, the settings as DIR/peer.json), then drives the peer line by line so that the two paths' timed
-blocks alternate (the one timing rule of bench.py): each `go` on stdin runs one timed block here, and every answer
-is one stdout line `@peer {json}` (other lines are the library's own chatter; bench.py skips them). EOF ends it.
-
-This file imports only the peer library, torch, transformers (whatever version the peer's environment pins: TRL
-runs on our transformers 5, llm-blender needs transformers 4) and the standard library: never this repository's
-modules, which need the runtime pins of requirements.txt.
+Each peer runs under its own interpreter (peer_runner.py, a subprocess that imports only the peer library, torch and
+transformers; llm-blender needs transformers 4), driven line by line so that our timed blocks and the peer's
+alternate (workloads.interleaved's rule). Both sides get identical inputs and weights, and every row checks that their
+outputs agree before it reports a speed: per-pair losses (TRL) or scores and P (llm-blender), with stated tolerances.
+Nothing here imports a peer: trl and llm-blender are never runtime dependencies (README, "Against the peers").
 """
+from __future__ import annotations
+
+import copy
 import json
-import sys
-import time
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
-
-def say(**fields):
-    """One answer to bench.py: a `@peer` line of JSON."""
-    print("@peer " + json.dumps(fields), flush=True)
-
-
-def wait_for_go():
-    """Block until bench.py asks for the next timed block; exit quietly when it has closed our stdin."""
-    if not sys.stdin.readline():
-        raise SystemExit(0)
+import pairrm
+import policy
+import runs
+import sppo
+from workloads import MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, pairrm_inputs, rate
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# TRL 1.16: DPOTrainer(loss_type="sppo_hard"), fp32, on token rows laid out in bench.py's step order.
-def run_trl(work, s):
-    """s: peer.json. Builds the trainer on the rows (their reference log-probs given, as precompute_ref_log_probs
-    would leave them), reports TRL's loss of each of the first s['pairs'] rows at the first weights (one pair a
-    batch) and TRL's own reference log-probs of them (compute_ref_log_probs with s['ref_model']), then trains
-    s['steps'] optimizer steps, one per `go`, each timed from Trainer's on_step_begin to on_step_end (forward and
-    backward of every micro-batch, clipping, optimizer and scheduler step; Trainer collates a step's micro-batches
-    just before on_step_begin, outside the timing)."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+# The peer, under its own interpreter, and the agreement check.
+class Peer:
+    """peer_runner.py under a peer's interpreter, driven line by line: read() waits for its next `@peer` answer,
+    go() asks for one timed block and returns its answer. Its stderr goes to WORK/peer.log."""
 
-    class TokenRowsDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset                      # the rows arrive as token ids (prompt_ids, chosen_ids, rejected_ids)
+    def __init__(self, python, kind, work, settings):
+        (work / "peer.json").write_text(json.dumps(settings))
+        env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TQDM_DISABLE": "1",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(work / "hf"),
+               "TRANSFORMERS_VERBOSITY": "error", "PYTHONNOUSERSITE": "1"}
+        self.log = work / "peer.log"
+        runner = str(Path(__file__).with_name("peer_runner.py"))
+        self.p = subprocess.Popen([os.path.abspath(python), runner, kind, str(work)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
+                                  text=True, env=env, cwd=work)
 
-        def _precompute_ref_logps(self, dataset, *args, **kwargs):
-            return dataset                      # ... with ref_chosen_logps / ref_rejected_logps already computed
+    def read(self):
+        for line in self.p.stdout:
+            if line.startswith("@peer "):
+                return json.loads(line[6:])
+        self.p.wait()
+        raise RuntimeError(f"peer_runner.py stopped (exit {self.p.returncode}); its log, {self.log}:\n"
+                           + self.log.read_text()[-3000:])
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            wait_for_go()
-            self.t0 = time.perf_counter()
+    def go(self):
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        return self.read()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            say(step=state.global_step, seconds=time.perf_counter() - self.t0)
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=120)
 
-    rows = [json.loads(line) for line in (work / s["rows"]).read_text().splitlines()]
-    load = dict(dtype=torch.float32, attn_implementation=s["attn_implementation"])
-    model = AutoModelForCausalLM.from_pretrained(s["model"], **load)
-    args = DPOConfig(
-        output_dir=str(work / "trl_out"), loss_type=["sppo_hard"], beta=s["beta"],
-        bf16=False, fp16=False, gradient_checkpointing=False, optim=s["optimizer"],   # DPOConfig's defaults turned off
-        learning_rate=s["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=s["micro_batch"], gradient_accumulation_steps=s["accumulation"],
-        max_steps=s["steps"], max_length=None, precompute_ref_log_probs=True, train_sampling_strategy="sequential",
-        use_cpu=True, dataloader_num_workers=0, report_to="none", logging_steps=10 ** 6, save_strategy="no",
-        disable_tqdm=True, seed=0)
-    ref = AutoModelForCausalLM.from_pretrained(s["ref_model"], **load)   # held, unused by the steps (columns given)
-    trainer = TokenRowsDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=AutoTokenizer.from_pretrained(s["model"]), callbacks=[Timer()])
-    first, collate = [trainer.train_dataset[i] for i in range(s["pairs"])], trainer.data_collator
-    with torch.no_grad():                       # TRL's loss of each pair and its own reference log-probs
-        losses = [float(trainer.compute_loss(trainer.model, collate([row]))) for row in first]
-        refs = [[float(x) for x in trainer.compute_ref_log_probs(trainer.ref_model, collate([row]))] for row in first]
-    say(losses=losses, ref_chosen=[c for c, _ in refs], ref_rejected=[r for _, r in refs],
-        settings={k: getattr(args, k) for k in ("bf16", "gradient_checkpointing", "optim", "train_sampling_strategy",
-                                                "padding_free")}
-        | {"threads": torch.get_num_threads(), "attn": model.config._attn_implementation})
-    trainer.train()
+
+def check(what, diff, tol, detail=""):
+    """An agreement check of a peer row: its line (printed by the caller), or AssertionError when it does not hold."""
+    line = f"{what}: max |diff| {diff:.2e} (tolerance {tol:.0e}){detail}"
+    if not diff <= tol:
+        raise AssertionError(f"FAILED {line}")
+    return line
+
+
+def fp64_logps(model, pairs):
+    """log pi(y|x) of each (prompt_ids, response_ids) row, one row at a time, in float64 on a float64 copy of the
+    model: the independent reference that says how much of the two fp32 paths' difference is rounding."""
+    m = copy.deepcopy(model).double().eval()
+    out = []
+    with torch.no_grad():
+        for p, r in pairs:
+            logits = m(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]          # (len(r), V): predicts r
+            out.append(logits.log_softmax(-1).gather(-1, torch.tensor(r)[:, None]).sum().item())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# llm-blender 0.0.2: Blender.rank as uclaml/SPPO's scripts/rank.py calls it, then compute_prob.py's P.
-def run_blender(work, s):
-    """s: peer.json. Loads the ranker from s['checkpoint'] (fp32 on CPU, as loadranker does), then one rank() call
-    per `go`; the first answer also carries the scores and P_ij = sigma(s_i - s_j) (scripts/compute_prob.py)."""
-    import llm_blender
+# Training: our sppo_hard step vs TRL's DPOTrainer(loss_type="sppo_hard").
+def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1e-6, tol=2e-3, name="rows"):
+    """Our SPPO step with --loss sppo_hard (sppo.train_policy: sppo.example_losses through one optimizer step) vs
+    TRL 1.16 DPOTrainer(loss_type="sppo_hard"), on the same tiny Llama (MODEL_SIZES[size]), the same token rows and
+    the same micro-batches in the same order (TRL: train_sampling_strategy="sequential" over our schedule), fp32 on
+    both sides: DPOConfig's defaults (bf16 autocast, gradient checkpointing, fused AdamW) turned off, RMSprop at the
+    same lr, grad-norm clip 1. Reference log-probs are precomputed once, here, by a second random Llama (so the
+    log-ratios are not 0), and both sides train on those numbers (TRL: precompute_ref_log_probs with the columns
+    given). Every step takes all pairs (global batch = len(mix)); step 0 is the warm-up. The steps interleave:
+    train_policy's on_step hands over to one TRL step. Real (non-pad) tokens/s for both.
+    Agreement: each pair's loss at the first weights, ours at eta = 1/beta vs TRL's (the same square loss, Sec. 4.5),
+    relative difference <= tol; each is also compared with the loss from fp64_logps (fp32 rounding of log-prob sums
+    over up to ~2,100 tokens is ~1e-3 nats). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
+    if len(mix) % micro_batch:                # TRL's dataloader would cut micro-batches across our steps otherwise
+        raise ValueError(f"bench_train_peer: {len(mix)} pairs do not split into micro-batches of {micro_batch}")
+    work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+    policy_dir, ref_dir = build_sized_policy(work / "policy", size, seed=0), build_sized_policy(work / "ref", size, 1)
+    n = len(mix)
+    cfg = sppo.SPPOConfig(loss="sppo_hard", eta=1 / beta, optimizer="rmsprop", lr=lr, warmup_ratio=0.0,
+                          global_batch=n, micro_batch=micro_batch, epochs=repeats + 1, max_length=4096,
+                          max_prompt_length=4096, progress=False)
+    model, tok = runs.load_policy(policy_dir, cfg, "cpu")
+    ref_model, _ = runs.load_policy(ref_dir, cfg, "cpu")
+    words, pad = tok.convert_ids_to_tokens(list(range(len(tok)))), policy.pad_id(tok)
+    text = lambda ids: " ".join(words[t] for t in ids)                                 # noqa: E731
+    rows = [{"prompt_id": i, "prompt": text(r["prompt"]), "response": text(r[role]), "response_ids": r[role],
+             "finished": False, "win_prob": float(role == "winner"), "role": role}
+            for i, r in enumerate(mix) for role in ("winner", "loser")]
+    pairs = sppo.encode_rows(tok, rows, cfg)[0]                   # (chat-templated prompt ids, response ids) per row
+    for r, lp in zip(rows, policy.batched_logps(ref_model, pairs, pad, batch_size=2 * micro_batch)):
+        r["ref_logp"] = lp
+    steps = sppo.train_schedule(rows, cfg)[0]                     # row indices of each step: winner, loser, ...
+    order = [j // 2 for step in steps for j in step[0::2]]        # pair index of TRL's rows, step after step
+    runs.write_jsonl(work / "rows.jsonl", [
+        {"prompt_ids": pairs[2 * i][0], "chosen_ids": pairs[2 * i][1], "rejected_ids": pairs[2 * i + 1][1],
+         "ref_chosen_logps": rows[2 * i]["ref_logp"], "ref_rejected_logps": rows[2 * i + 1]["ref_logp"]}
+        for i in order])
+    peer = Peer(python, "trl", work, dict(rows="rows.jsonl", model=policy_dir, ref_model=ref_dir, beta=beta, lr=lr,
+                                          optimizer="rmsprop", micro_batch=micro_batch,
+                                          accumulation=-(-n // micro_batch), steps=len(steps), pairs=n, threads=1,
+                                          attn_implementation=model.config._attn_implementation))
+    first = order[:n]                                              # the pairs of step 0, in TRL's row order
+    with torch.no_grad():                                          # our loss of each pair, first weights
+        ours = [float(sppo.example_losses(model, sppo.make_batch(pairs, rows, [2 * i, 2 * i + 1], pad, cfg, "cpu"),
+                                          cfg)[0]) for i in first]
+    lp64 = fp64_logps(model, [pairs[j] for i in first for j in (2 * i, 2 * i + 1)])
+    exact = [(lp64[2 * k] - rows[2 * i]["ref_logp"] - cfg.eta / 2) ** 2 +              # Sec. 4.5, P = 1, in fp64
+             (lp64[2 * k + 1] - rows[2 * i + 1]["ref_logp"] + cfg.eta / 2) ** 2 for k, i in enumerate(first)]
+    theirs = peer.read()
+    rel = lambda a, b: max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(a, b))       # noqa: E731
+    ref_diff = max(abs(rows[2 * i + k]["ref_logp"] - theirs[key][j]) for j, i in enumerate(first)
+                   for k, key in enumerate(("ref_chosen", "ref_rejected")))
+    tokens = sum(len(p) + len(r) for p, r in pairs)                # real tokens of one step (all pairs)
+    micro = [s[j:j + 2 * micro_batch] for s in steps[1:] for j in range(0, len(s), 2 * micro_batch)]
+    padded = sum(len(b) * max(len(pairs[i][0]) + len(pairs[i][1]) for i in b) for b in micro)   # rows x longest
+    times = {"ours": [], "trl": []}
 
-    texts = json.loads((work / s["texts"]).read_text())
-    blender = llm_blender.Blender()
-    blender.loadranker(s["checkpoint"], device="cpu")
-    say(ready=True, torch_threads=torch.get_num_threads(), dtype=str(next(blender.ranker.parameters()).dtype))
-    first = True
-    while True:
-        wait_for_go()
-        t0 = time.perf_counter()
-        scores = blender.rank(texts["prompts"], texts["candidates"], return_scores=True,
-                              batch_size=s["batch_size"], disable_tqdm=True)            # (N, K)
-        seconds = time.perf_counter() - t0
-        if first:
-            sc = torch.as_tensor(scores, dtype=torch.float64)
-            P = 1 / (1 + torch.exp(sc[:, None, :] - sc[:, :, None]))                  # P[n, i, j], compute_prob.py
-            say(seconds=seconds, scores=sc.tolist(), P=P.tolist())
-            first = False
-        else:
-            say(seconds=seconds)
+    def hand_over(h):                                              # after each of our steps, one TRL step
+        times["ours"].append(tokens / h["tokens_per_s"])
+        times["trl"].append(peer.go()["seconds"])
+    sppo.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
+    peer.close()
+    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
+    shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"
+    pad_share = 1 - tokens * len(steps[1:]) / padded               # of the padded micro-batches of the timed steps
+    setting = (f"{name}: {n} pairs, {tokens:,} real tokens a step ({pad_share:.0%} of the padded batches is pad); "
+               f"tiny Llama {shape}, micro-batch {micro_batch} pairs, RMSprop; TRL with "
+               + ", ".join(f"{k}={v}" for k, v in theirs["settings"].items()))
+    loss_diff = rel(ours, theirs["losses"])
+    print(f"agreement, TRL {name}, {shape}: "
+          + check("per-pair loss ours vs TRL (relative)", loss_diff, tol,
+                  f"; vs fp64 one row at a time: ours {rel(ours, exact):.1e}, TRL {rel(theirs['losses'], exact):.1e}")
+          + "; " + check("TRL's reference log-probs vs ours (nats)", ref_diff, 1e-2), flush=True)
+    return {"setting": setting, "fast": rate(tokens, times["ours"][1:]), "slow": rate(tokens, times["trl"][1:]),
+            "unit": "tokens/s", "max_abs_diff": loss_diff}
 
 
-def main(argv=None):
-    kind, work = (argv or sys.argv[1:])[:2]
-    work = Path(work)
-    s = json.loads((work / "peer.json").read_text())
-    torch.set_num_threads(s["threads"])
-    {"trl": run_trl, "blender": run_blender}[kind](work, s)
-    say(done=True)
+# ----------------------------------------------------------------------------------------------------------------
+# PairRM: pairrm.preference_matrices vs llm-blender's Blender.rank (uclaml/SPPO's scripts/rank.py).
+PEER_PAIRRM = {"h64": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                           initializer_range=0.5),
+               "h256": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                            initializer_range=0.5)}
+"""The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint), by --peer-pairrm: h64 (the
+default, seconds a repetition: per-forward overheads weigh) or h256 (closer to compute-bound). A wide init, so that
+scores are O(0.1-1) and the agreement checks are not met by near-zero outputs."""
 
 
-if __name__ == "__main__":
-    main()
+def blender_checkpoint(out_dir, shape="h64", seed=0):
+    """PairRM's random checkpoint (pairrm.save_tiny_random_checkpoint, layout "PairRM", PEER_PAIRRM) completed into
+    the layout llm-blender 0.0.2 loads from a local folder: its config.json's model_name names the backbone folder by
+    absolute path, and that folder holds what AutoModel/AutoTokenizer.from_pretrained read there (the backbone's
+    weights, without the `pretrained_model.` prefix, and the tokenizer files). Returns out_dir."""
+    from safetensors.torch import load_file, save_file
+    out = Path(pairrm.save_tiny_random_checkpoint(out_dir, layout="PairRM", seed=seed, **PEER_PAIRRM[shape]))
+    backbone = out / "backbone"
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({k.removeprefix("pretrained_model."): v for k, v in weights.items() if k.startswith("pretrained_model.")},
+              str(backbone / "model.safetensors"), metadata={"format": "pt"})
+    for f in out.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, backbone / f.name)
+    ranker = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**ranker, "model_name": str(backbone.resolve())}, indent=2))
+    return str(out)
+
+
+def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_scores=5e-4, tol_p=1e-4):
+    """pairrm.preference_matrices (mode "official": P = sigma(s_i - s_j), the released pipeline's) vs llm-blender
+    0.0.2 as uclaml/SPPO's scripts/rank.py calls it (Blender.rank(prompts, candidates, return_scores=True,
+    batch_size=1), fp32 on CPU) followed by scripts/compute_prob.py's P, on the same random checkpoint
+    (blender_checkpoint, PEER_PAIRRM[shape]) and the same texts (pairrm_inputs). Agreement: the scores within
+    tol_scores, P within tol_p. Pairs/s counts the K(K-1) ordered pairs of every prompt (both paths run all of them)."""
+    work = Path(tempfile.mkdtemp(prefix="bench_blender_"))
+    ckpt = blender_checkpoint(work / "pairrm", shape)
+    xs, ys = pairrm_inputs(prompts, k, seed=0)
+    (work / "texts.json").write_text(json.dumps({"prompts": xs, "candidates": ys}))
+    peer = Peer(python, "blender", work, dict(checkpoint=ckpt, texts="texts.json", batch_size=1, threads=1))
+    model = pairrm.PairRM.from_pretrained(ckpt, device="cpu")
+    peer.read()                                                    # loaded
+    out, theirs = {}, []
+    t = interleaved({"ours": lambda: out.__setitem__("P", model.preference_matrices(xs, ys, mode="official")),
+                     "blender": lambda: theirs.append(peer.go())}, repeats)
+    peer.close()
+    shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
+    scores = model.scores(xs, ys)                                  # (N, K)
+    s_diff = (scores - torch.tensor(theirs[0]["scores"])).abs().max().item()
+    p_diff = (out["P"].double() - torch.tensor(theirs[0]["P"])).abs().max().item()
+    print("agreement, PairRM vs llm-blender: "
+          + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
+          + "; " + check("P = sigma(s_i - s_j)", p_diff, tol_p), flush=True)
+    pairs = prompts * k * (k - 1)
+    return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs), random DeBERTa-v2 hidden "
+                       f"{PEER_PAIRRM[shape]['hidden_size']} x {PEER_PAIRRM[shape]['num_hidden_layers']}, fp32; "
+                       "llm-blender rank(batch_size=1) on transformers 4.44.2", "fast": rate(pairs, t["ours"]),
+            "slow": rate(pairs, [r["seconds"] for r in theirs[1:]]), "unit": "pairs/s", "max_abs_diff": p_diff}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rows the given interpreters allow.
+def peer_rows(cfg):
+    """The peer rows that cfg's interpreters allow (--trl-python, --blender-python)."""
+    rows = []
+    if cfg.trl_python:
+        for size in ("h256", "h512"):
+            rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, equal lengths",
+                         bench_train_peer(cfg.trl_python, size, equal_lengths(8, seed=0), name="equal lengths")))
+        rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, realistic length mix",
+                     bench_train_peer(cfg.trl_python, "h256", length_mix(8, seed=0), name="length_mix(8, 0)")))
+    if cfg.blender_python:
+        rows.append(("PairRM preference_matrices vs llm-blender rank",
+                     bench_pairrm_peer(cfg.blender_python, prompts=cfg.prompts, k=cfg.k, shape=cfg.peer_pairrm)))
+    return rows

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 import bench
+import workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_length_mix_is_the_stated_long_tailed_mix():
-    mix = bench.length_mix(400, seed=0)
-    assert mix == bench.length_mix(400, seed=0) and mix != bench.length_mix(400, seed=1)    # deterministic in seed
-    assert bench.length_mix(5, seed=0) == mix[:5]                                          # a prefix of a longer mix
+    mix = workloads.length_mix(400, seed=0)
+    assert mix == workloads.length_mix(400, seed=0) and mix != workloads.length_mix(400, seed=1)   # seeded
+    assert workloads.length_mix(5, seed=0) == mix[:5]                                # a prefix of a longer mix
     p = np.array([len(r["prompt"]) for r in mix])
     w, ll = (np.array([len(r[k]) for r in mix]) for k in ("winner", "loser"))
     assert p.min() == 20 and p.max() == 600                  # clipped to the stated bounds, and both bounds reached
