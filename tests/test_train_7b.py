@@ -468,10 +468,37 @@ def test_settings_of_sppo_py_only_are_refused():
 
 def test_batch_split_covers_the_global_batch_once():
     idx = list(range(100, 109))                                     # a short last batch: 9 rows, 4 ranks, micro 2
-    shares = [train_7b.rank_micro_batches(idx, r, 4, 2) for r in range(4)]
-    assert shares[0] == [[100, 101], [102]] and shares[2] == [[106, 107], [108]]
-    assert shares[3] == [None, None]                                # no rows left: two zero-weight stand-ins
-    assert [i for s in shares for mb in s if mb for i in mb] == idx
+    pairs = [([1], [1, 1])] * 109                                   # equal lengths: micro-batches in schedule order
+    plain = train_7b.TrainConfig(micro_batch=2, group_by_length=False)
+    shares = [train_7b.rank_micro_batches(idx, pairs, r, 4, plain) for r in range(4)]
+    assert shares[0] == [[100, 101], [108]] and shares[2] == [[104, 105], None]   # 5 micro-batches, 2 slots each
+    assert [i for s in shares for mb in s if mb for i in mb] == idx[:2] + idx[8:] + idx[2:8]
+
+
+def test_grouped_micro_batches_are_dealt_balanced_and_keep_pairs():
+    """16 pairs of long-tailed lengths over 2 ranks, micro-batch 2 pairs: every row once, each pair in one
+    micro-batch on one rank, micro-batches sorted by length, and the ranks' padded tokens (rows x longest row)
+    within one micro-batch of each other; the plain contiguous cut of the same batch pads more."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(300), 0.8, size=32), 20, 1500).astype(int).tolist()
+    pairs = [([1] * 10, [1] * (n - 10)) for n in lengths]
+    idx = sppo.batch_schedule(32, global_batch=16, epochs=1, seed=0, group=2)[0]
+    cost = lambda mb: len(mb) * max(lengths[i] for i in mb)                              # noqa: E731
+    padded = {}
+    for group_by_length in (True, False):
+        cfg = train_7b.TrainConfig(micro_batch=2, group_by_length=group_by_length)
+        shares = [train_7b.rank_micro_batches(idx, pairs, r, 2, cfg, group=2) for r in range(2)]
+        assert sorted(i for s in shares for mb in s for i in mb) == sorted(idx)
+        assert all(mb[k] % 2 == 0 and mb[k + 1] == mb[k] + 1 for s in shares for mb in s for k in range(0, len(mb), 2))
+        assert [len(s) for s in shares] == [4, 4]
+        assert all([cost(mb) for mb in s] == sorted(map(cost, s), reverse=True) for s in shares)   # longest first
+        loads = [sum(map(cost, s)) for s in shares]
+        assert abs(loads[0] - loads[1]) <= max(cost(mb) for s in shares for mb in s)
+        padded[group_by_length] = sum(loads)
+    assert padded[True] < 0.8 * padded[False]                                   # sorting by length pads less
+
+
+def test_check_batch_sizes_names_the_multiple():
     with pytest.raises(ValueError, match="multiple of --micro-batch 8 x world size 3"):
         train_7b.check_batch_sizes(train_7b.TrainConfig(global_batch=64, micro_batch=8), 3)
 
