@@ -402,7 +402,8 @@ def example_losses(model, batch, cfg):
 
     sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
     them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
-    logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
+    logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                 cu_seq_lens=batch.get("cu_seq_lens"))                                        # (B,)
     if cfg.loss == "sppo":
         return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
     return pair_losses(logp, batch, cfg).repeat_interleave(2)
@@ -429,9 +430,9 @@ def pair_losses(logp, batch, cfg):
 
 
 def make_batch(pairs, rows, idx, pad, cfg, device):
-    """Collate rows `idx` with their targets: ref_logp, win_prob (log_z when cfg.log_z == 'estimate', pair_prob
-    when cfg.loss == 'sppo_pair')."""
-    b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device))
+    """Collate rows `idx` (padded, or packed into one sequence with cfg.pack) with their targets: ref_logp, win_prob
+    (log_z when cfg.log_z == 'estimate', pair_prob when cfg.loss == 'sppo_pair')."""
+    b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device), packed=cfg.pack)
     for name, need in [("ref_logp", True), ("win_prob", True), ("log_z", cfg.log_z == "estimate"),
                        ("pair_prob", cfg.loss == "sppo_pair")]:
         if need:
@@ -449,7 +450,7 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_ref (pi_t, or pi_0 with --reference
     initial) in the dataset stage, so no second model is held.
     Steps come from train_schedule, micro-batches from micro_batches (pairs stay in one; grouped by length with
-    cfg.group_by_length). Each optimizer step sums per-row losses over micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
+    cfg.group_by_length; padding-free with cfg.pack, policy.collate). Each optimizer step sums per-row losses over micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
     Returns a list of per-step metrics; `lr` is the rate the step used.
     """
     pairs, n_cut = encode_rows(tokenizer, rows, cfg)
@@ -457,6 +458,8 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         print(f"train: {n_cut} of {len(rows)} examples truncated to max_length={cfg.max_length} / "
               f"max_prompt_length={cfg.max_prompt_length} ({cfg.truncation} rule)")
     schedule, total, group = train_schedule(rows, cfg)
+    if cfg.pack:
+        policy.use_packed_attention(model)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = make_scheduler(opt, total, cfg.warmup_ratio)
     model.train()

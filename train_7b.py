@@ -189,6 +189,8 @@ def build_model(cfg, d):
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
+    if cfg.pack:
+        d.log(f"packed batches: {policy.use_packed_attention(model)} attention")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     d.log("FSDP units: " + apply_fsdp(model, d.mesh, mixed_precision(d.device)))
@@ -210,7 +212,7 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
         for mb in rank_micro_batches(idx, pairs, d.rank, d.world, cfg, group):
             b = policy.collate([pairs[i] for i in mb or idx[:group]], pad_id,       # a stand-in keeps ranks in step
-                             multiple=policy.pad_multiple(d.device))               # as make_batch pads
+                               multiple=policy.pad_multiple(d.device), packed=cfg.pack)   # as make_batch does
             lps = policy.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()})
             out.update(zip(mb or [], lps.tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
@@ -236,7 +238,7 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
     key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path), "max_length":
            cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
            "device": d.device.type, "dtype": dtype, "batching": {k: getattr(cfg, k) for k in
-           ("global_batch", "micro_batch", "group_by_length", "seed", "selection")} | {"world": d.world}}
+           ("global_batch", "micro_batch", "group_by_length", "pack", "seed", "selection")} | {"world": d.world}}
     how = f"{key['dtype']} on {d.world} x {d.device.type}, in the training micro-batches of epoch 1"
 
     def cached():
@@ -276,7 +278,7 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
         losses = sppo.example_losses(model, b, cfg)                               # (micro,) cfg.loss
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:
-            lengths = b["attention_mask"].sum(-1).double()                        # (micro,) T_i without padding
+            lengths = (b["cu_seq_lens"].diff() if cfg.pack else b["attention_mask"].sum(-1)).double()   # (micro,) T_i
             stats += torch.stack([losses.detach().sum().double(), lengths.sum(), (lengths ** 2).sum(),
                                   b["response_mask"].sum().double()])
     dist.all_reduce(stats)
@@ -292,8 +294,8 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
             "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
-RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "group_by_length", "epochs", "schedule_epochs",
-                   "selection", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
+RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "group_by_length", "pack", "epochs",
+                   "schedule_epochs", "selection", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
                    "max_length", "max_prompt_length", "truncation")
 """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
 setting that changes the result. A changed one is refused, named, before the model is built."""

@@ -162,6 +162,33 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
     np.testing.assert_allclose(got.numpy(), naive_logps(model, pairs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_logps_and_gradients_equal_padded(tmp_path, arch):
+    """Rows packed into one sequence (collate packed=True, use_packed_attention) against the same rows padded: the
+    same log-probs and gradients to fp32 rounding (rtol 1e-5: the rows' matmuls are cut differently); a model not
+    switched to packed attention refuses the packed batch (its rows would attend to each other)."""
+    model, tok = runs.load_policy(sppo_toy.build_tiny_policy(tmp_path / arch, arch=arch, seed=2),
+                                  sppo.SPPOConfig(progress=False), "cpu")
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 16, (int(p),), generator=g).tolist(), torch.randint(3, 16, (int(r),), generator=g)
+              .tolist()) for p, r in [(3, 9), (1, 1), (7, 20), (2, 5), (12, 30)]]
+    with pytest.raises(ValueError, match="use_packed_attention"):
+        policy.sequence_logps(model, **policy.collate(pairs, tok.pad_token_id, packed=True))
+
+    def logps_grads(packed):
+        model.zero_grad()
+        lp = policy.sequence_logps(model, **policy.collate(pairs, tok.pad_token_id, packed=packed))
+        (lp * torch.arange(1.0, 6.0)).sum().backward()                  # a different weight per row
+        return lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    padded = logps_grads(False)
+    assert policy.use_packed_attention(model) == policy.PACKED
+    packed = logps_grads(True)
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[0], torch.tensor(naive_logps(model, pairs), dtype=torch.float32),
+                               rtol=1e-5, atol=1e-5)
+    assert (packed[1] - padded[1]).abs().max() <= 1e-5 * padded[1].abs().max()
+
+
 def test_sequence_logps_bf16_weights(tiny):
     d, model, tok = tiny
     m16 = runs.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
@@ -415,15 +442,17 @@ def test_grouped_micro_batches_keep_pairs_sort_by_length_and_cover_each_row_once
     assert pad(grouped) < pad([idx[:4], idx[4:]])
 
 
-def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny):
-    """Length-grouped micro-batches of 2 pairs (padded, in another order) against each row alone (no padding):
-    the same step loss, gradient and grad norm to fp32 rounding; train_policy's step reports the same loss and norm."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny, pack):
+    """Length-grouped micro-batches of 2 pairs (padded, or packed into one sequence; in another order) against each
+    row alone: the same step loss, gradient and grad norm to fp32 rounding (rel 1e-6 on the loss, 1e-5 of the largest
+    gradient entry); train_policy's step reports the same loss and norm."""
     d, _, tok = tiny
     rows = sppo_toy.synthetic_dataset(8, seed=11)                                      # 1..12 words per response
     for n, r in enumerate(rows):
         r["ref_logp"] = -20.0 + n
     cfg = sppo.SPPOConfig(eta=4.0, global_batch=4, micro_batch=2, max_length=48, max_prompt_length=16,
-                          max_grad_norm=1e9, progress=False)
+                          max_grad_norm=1e9, pack=pack, progress=False)
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
     idx = sppo.train_schedule(rows, cfg)[0][0]                                          # all 8 rows, seeded order
     mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, 2)
@@ -436,6 +465,8 @@ def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny):
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
     model, _ = runs.load_policy(d, cfg, "cpu")
+    if pack:
+        policy.use_packed_attention(model)
     loss_g, g_g = grads(model, mbs)
     loss_1, g_1 = grads(model, [[i] for i in idx])                                     # one row at a time
     assert loss_g == pytest.approx(loss_1, rel=1e-6)
