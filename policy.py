@@ -132,10 +132,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if sliding_window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > sliding_window:
         raise ValueError(f"a packed row is longer than the model's sliding window ({sliding_window}); train this "
                          f"model with --no-pack")
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout if module.training else 0.0,
-        is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-        for a, b in zip(bounds, bounds[1:])], dim=2)                                             # (1, H, T, d_head)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # no cuDNN:
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(       # it plans for every new length
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout if module.training else 0.0,
+            is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+            for a, b in zip(bounds, bounds[1:])], dim=2)                                         # (1, H, T, d_head)
     return out.transpose(1, 2).contiguous(), None
 
 

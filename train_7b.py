@@ -118,12 +118,16 @@ def check_batch_sizes(cfg, world):
 
 def rank_micro_batches(idx, pairs, rank, world, cfg, group=1):
     """This rank's micro-batches of one global batch `idx` (row indices; a unit of `group` rows, a pair, stays on one
-    rank and in one micro-batch): sppo.micro_batches of the whole global batch (sorted by length with
-    cfg.group_by_length), dealt longest-first to the rank with the fewest padded tokens so far (rows x longest row)
-    that still has a free slot, so ranks stay balanced. Every rank gets the same number of micro-batches (None = a
+    rank and in one micro-batch). cfg.group_by_length: sppo.micro_batches of the whole global batch, sorted by
+    length, dealt longest-first to the rank with the fewest padded tokens so far (rows x longest row) that still has
+    a free slot, so ranks stay balanced; else each rank's contiguous share of idx, cut in order. Every rank gets the same number of micro-batches (None = a
     zero-weight stand-in) because every forward and backward runs FSDP collectives; a short last batch of an epoch
     leaves some ranks with less or no data."""
-    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, group, cfg.group_by_length)
+    if not cfg.group_by_length:                          # plain: a contiguous share per rank, in schedule order
+        per = math.ceil(len(idx) / group / world) * group
+        mine = idx[rank * per:(rank + 1) * per]
+        return [mine[j:j + cfg.micro_batch * group] or None for j in range(0, per, cfg.micro_batch * group)]
+    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, group)
     slots, load, dealt = math.ceil(len(mbs) / world), [0] * world, [[] for _ in range(world)]
     cost = lambda mb: len(mb) * max(len(pairs[i][0]) + len(pairs[i][1]) for i in mb)    # noqa: E731 padded tokens
     for mb in sorted(mbs, key=cost, reverse=True):
