@@ -142,8 +142,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def use_packed_attention(model):
-    """Let `model` take packed batches: SDPA and eager models switch to PACKED (the same SDPA on padded batches);
-    flash-attention models read cu_seq_lens themselves (varlen kernels, GPU). Returns the implementation in use."""
+    """Let `model` take packed batches (sequence_logps calls it on the first one; train_7b before sharding): SDPA and
+    eager models switch to PACKED (the same SDPA on padded batches); flash-attention models read cu_seq_lens
+    themselves (varlen kernels, GPU). Returns the implementation in use."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register(PACKED, packed_attention)
@@ -189,8 +190,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096, 
 def _packed_logps(model, input_ids, response_mask, cu_seq_lens, chunk):
     """sequence_logps of a packed batch: positions restart at 0 in each row; logits only where the next token is a
     response token (logits_to_keep as indices). Returns fp32 (B,)."""
-    if model.config._attn_implementation not in (PACKED, "flash_attention_2", "flash_attention_3"):
-        raise ValueError(f"a packed batch needs use_packed_attention(model) first: with "
+    if use_packed_attention(model) not in (PACKED, "flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"a packed batch needs sdpa, eager or flash attention: with "
                          f"{model.config._attn_implementation!r} attention, rows would attend to each other")
     cu = cu_seq_lens.to(input_ids.device)
     lengths = cu.diff()                                                                  # (B,)

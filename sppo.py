@@ -458,8 +458,6 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         print(f"train: {n_cut} of {len(rows)} examples truncated to max_length={cfg.max_length} / "
               f"max_prompt_length={cfg.max_prompt_length} ({cfg.truncation} rule)")
     schedule, total, group = train_schedule(rows, cfg)
-    if cfg.pack:
-        policy.use_packed_attention(model)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = make_scheduler(opt, total, cfg.warmup_ratio)
     model.train()

@@ -165,24 +165,23 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_packed_logps_and_gradients_equal_padded(tmp_path, arch):
     """Rows packed into one sequence (collate packed=True, use_packed_attention) against the same rows padded: the
-    same log-probs and gradients to fp32 rounding (rtol 1e-5: the rows' matmuls are cut differently); a model not
-    switched to packed attention refuses the packed batch (its rows would attend to each other)."""
+    same log-probs and gradients to fp32 rounding (rtol 1e-5: the rows' matmuls are cut differently); the first
+    packed batch switches the model from sdpa to packed attention (else its rows would attend to each other)."""
     model, tok = runs.load_policy(sppo_toy.build_tiny_policy(tmp_path / arch, arch=arch, seed=2),
                                   sppo.SPPOConfig(progress=False), "cpu")
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randint(3, 16, (int(p),), generator=g).tolist(), torch.randint(3, 16, (int(r),), generator=g)
               .tolist()) for p, r in [(3, 9), (1, 1), (7, 20), (2, 5), (12, 30)]]
-    with pytest.raises(ValueError, match="use_packed_attention"):
-        policy.sequence_logps(model, **policy.collate(pairs, tok.pad_token_id, packed=True))
 
     def logps_grads(packed):
         model.zero_grad()
         lp = policy.sequence_logps(model, **policy.collate(pairs, tok.pad_token_id, packed=packed))
         (lp * torch.arange(1.0, 6.0)).sum().backward()                  # a different weight per row
         return lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert model.config._attn_implementation == "sdpa"
     padded = logps_grads(False)
-    assert policy.use_packed_attention(model) == policy.PACKED
     packed = logps_grads(True)
+    assert model.config._attn_implementation == policy.PACKED
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[0], torch.tensor(naive_logps(model, pairs), dtype=torch.float32),
                                rtol=1e-5, atol=1e-5)
@@ -465,8 +464,6 @@ def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny, pac
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
     model, _ = runs.load_policy(d, cfg, "cpu")
-    if pack:
-        policy.use_packed_attention(model)
     loss_g, g_g = grads(model, mbs)
     loss_1, g_1 = grads(model, [[i] for i in idx])                                     # one row at a time
     assert loss_g == pytest.approx(loss_1, rel=1e-6)
