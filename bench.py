@@ -62,7 +62,7 @@ class BenchConfig:
     quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
     only: Literal["all", "hedge", "pairrm", "train", "fsdp", "model", "real", "mix"] = HfArg(
         default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; 'mix': training on "
-        "the realistic length mix against the matmul limit, ~15 min; none of the three is in all).")
+        "the realistic length mix against the matmul limit, ~25 min; none of the three is in all).")
     size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
                                         "shape, random weights).")
     repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
@@ -401,10 +401,11 @@ def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
     return out
 
 
-def mix_rows_table(quick, repeats):
-    """The rows of --only mix: matmul_limit at 1 and 2 threads, and bench_train_mix, for hidden 256 x 4 and 512 x 8."""
+def mix_rows_table(quick, repeats, sizes=("h256", "h512")):
+    """The rows of --only mix: matmul_limit at 1 and 2 threads, and bench_train_mix (16 pairs at hidden 256 x 4, 8 at
+    512 x 8: ~1 and ~4 min per repetition of the three paths on one busy core)."""
     rows = []
-    for size in (["h256"] if quick else ["h256", "h512"]):
+    for size in (["h256"] if quick else sizes):
         m = MODEL_SIZES[size]
         shape = f"hidden {m['hidden_size']} x {m['num_hidden_layers']}"
         for threads in (1, 2):
@@ -413,7 +414,8 @@ def mix_rows_table(quick, repeats):
                 "setting": f"{shape}: one layer's 7 weights x (forward, grad in, grad W) on 4096 tokens; fastest "
                            f"single matmul {lim['best'] / 1e9:.1f} GFLOP/s", "fast": rate(lim["layer"] / 1e9, [1.0]),
                 "unit": "GFLOP/s"}))
-        mix = bench_train_mix(size, pairs=4 if quick else 16, micro_batch=2 if quick else 4, repeats=repeats)
+        mix = bench_train_mix(size, pairs=4 if quick else {"h256": 16, "h512": 8}[size], micro_batch=2 if quick else 4,
+                              repeats=repeats)
         for name in ("grouped", "packed"):
             rows.append((f"training on the length mix: {name} vs plain micro-batches", {
                 **mix[name], "slow": mix["plain"]["fast"],
@@ -459,7 +461,7 @@ def main(argv=None):
     if cfg.only == "real":
         rows += bench_real(repeats=1 if q else 2)
     if cfg.only == "mix":
-        rows += mix_rows_table(q, 1 if q else 3)
+        rows += mix_rows_table(q, 1 if q else min(cfg.repeats, 3))
     if cfg.only == "all":
         rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
                                       "needs CUDA: not measurable on this machine", "unit": "-"}))
