@@ -22,6 +22,10 @@ Rows:
     model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
     on one process and on 2 gloo ranks, and the peak RSS of each.
 
+  * --only mix (not part of `all`): this machine's fp32 matmul limit at the shapes of hidden 256 x 4 and 512 x 8
+    Llamas, and sppo.train_policy on the realistic length mix (length_mix): plain, length-grouped and packed
+    micro-batches, real tokens/s and the fraction of the limit.
+
     python bench.py --only model --size 1b        # on a GPU node (the README's GPU numbers come from this)
 """
 from __future__ import annotations
