@@ -32,6 +32,10 @@ Rows:
     model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
     on one process and on 2 gloo ranks, and the peak RSS of each.
 
+  * --only mix (not part of `all`): this machine's fp32 matmul limit at the shapes of hidden 256 x 4 and 512 x 8
+    Llamas, and sppo.train_policy on the realistic length mix (length_mix): plain, length-grouped and packed
+    micro-batches, real tokens/s and the fraction of the limit.
+
     python bench.py --only model --size 1b        # on a GPU node (the README's GPU numbers come from this)
 """
 from __future__ import annotations
@@ -55,6 +59,7 @@ from transformers.hf_argparser import HfArg
 
 import bench_peers
 import committee
+import costs
 import hedge_toy
 import pairrm
 import policy
@@ -63,15 +68,16 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
-from workloads import build_sized_policy, fmt, interleaved, length_mix, pairrm_inputs, rate
+from workloads import MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, pairrm_inputs, rate
 
 
 @dataclass
 class BenchConfig:
     quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
-    only: Literal["all", "hedge", "pairrm", "generate", "train", "fsdp", "model", "real", "peers"] = HfArg(
-        default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; neither is in all; "
-        "'peers': the peer rows alone; 'generate': also on SmolLM2).")
+    only: Literal["all", "hedge", "pairrm", "generate", "train", "fsdp", "model", "real", "peers", "mix"] = HfArg(
+        default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; 'mix': training on "
+        "the realistic length mix against the matmul limit, ~25 min; none of the three is in all; 'peers': the peer "
+        "rows alone; 'generate': also on SmolLM2).")
     size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
                                         "shape, random weights).")
     repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
@@ -327,6 +333,114 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training on the realistic length mix, against this machine's matmul limit.
+def matmul_limit(size, threads, tokens=4096, repeats=5):
+    """This machine's fp32 matmul rate at the shapes of one decoder layer of MODEL_SIZES[size]: for each weight (d' x
+    d), d' in {d (q, o), d_kv (k, v), intermediate (gate, up)}, and the MLP's down (d x intermediate), the three
+    matmuls training runs on a (tokens x d) input: forward X W^T, input gradient dY W, weight gradient dY^T X. Best of
+    `repeats`. Returns {"layer": FLOP/s of the whole set (its FLOPs / the sum of its times), "best": the fastest
+    single matmul's FLOP/s}."""
+    m = MODEL_SIZES[size]
+    d, inter = m["hidden_size"], m["intermediate_size"]
+    d_kv = m["num_key_value_heads"] * d // m["num_attention_heads"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    flops, seconds, best = 0, 0.0, 0.0
+    try:
+        for n_out, n_in, count in [(d, d, 2), (d_kv, d, 2), (inter, d, 2), (d, inter, 1)]:   # per layer
+            x, w, dy = torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out)
+            for fn in (lambda: x @ w.T, lambda: dy @ w, lambda: dy.T @ x):
+                fn()
+                t = min(timed(fn) for _ in range(repeats))
+                f = 2 * tokens * n_in * n_out
+                flops, seconds, best = flops + count * f, seconds + count * t, max(best, f / t)
+    finally:
+        torch.set_num_threads(old)
+    return {"layer": flops / seconds, "best": best}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def mix_rows(mix, tokenizer):
+    """length_mix's (prompt, winner, loser) ids as D_t rows (runs.DATASET_FIELDS): the prompt as the tiny tokenizer's
+    words (policy.prompt_ids adds its chat template), each response as its sampled ids, unfinished (no EOS), win rates
+    0.7 / 0.3 and ref_logp -100 (any numbers: the loss's arithmetic is the same whatever they are)."""
+    words = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [{"prompt_id": i, "prompt": " ".join(words[t] for t in r["prompt"]), "response": "", "response_ids":
+             r[role], "finished": False, "win_prob": 0.7 if role == "winner" else 0.3, "ref_logp": -100.0,
+             "role": role} for i, r in enumerate(mix) for role in ("winner", "loser")]
+
+
+MIX_PATHS = {"plain": dict(group_by_length=False, pack=False), "grouped": dict(group_by_length=True, pack=False),
+             "packed": dict(group_by_length=True, pack=True)}
+"""The training paths of bench_train_mix: plain micro-batches in the seeded order, padded (before); grouped by
+length, padded; grouped and packed (sppo.py's default)."""
+
+
+def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
+    """sppo.train_policy (Eq. 4.7, one epoch = one optimizer step of all `pairs` pairs of length_mix(pairs, seed=0),
+    no truncation, micro-batches of `micro_batch` pairs) on a random Llama of MODEL_SIZES[size], one thread, each
+    path of MIX_PATHS interleaved. Real (non-pad) tokens/s; the padded share of the tokens each path runs; achieved
+    FLOP/s (costs.step_flops: 6N per real token + attention at each row's own length) against matmul_limit, measured
+    before and after the timed runs (the machine is shared: the faster of the two is taken, the conservative choice).
+    Returns {path: row dict}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok = runs.load_policy(build_sized_policy(f"{tmp}/m", size), sppo.SPPOConfig(progress=False), "cpu")
+    rows = mix_rows(length_mix(pairs, seed=0), tok)
+    cfgs = {name: sppo.SPPOConfig(**kw, global_batch=pairs, micro_batch=micro_batch, epochs=1, lr=1e-7,
+                                  max_length=4096, max_prompt_length=4096, progress=False)
+            for name, kw in MIX_PATHS.items()}
+    enc = sppo.encode_rows(tok, rows, cfgs["plain"])[0]
+    lengths = [len(p) + len(r) for p, r in enc]
+    idx = sppo.train_schedule(rows, cfgs["plain"])[0][0]
+    step = lambda sq: costs.step_flops(model.config, sum(p.numel() for p in model.parameters()), sum(lengths), sq,
+                                       sum(len(r) for _, r in enc))                              # noqa: E731
+    flops, attention = step(sum(n * n for n in lengths)), 1 - step(0) / step(sum(n * n for n in lengths))
+    limit = [matmul_limit(size, 1)["layer"]]
+    t = interleaved({name: lambda c=c: sppo.train_policy(model, tok, rows, c, "cpu") for name, c in cfgs.items()},
+                    repeats)
+    limit.append(matmul_limit(size, 1)["layer"])
+    out, m = {}, MODEL_SIZES[size]
+    for name, c in cfgs.items():
+        mbs = sppo.micro_batches(idx, enc, micro_batch, 2, c.group_by_length)
+        run = sum(lengths) if c.pack else sum(len(mb) * max(lengths[i] for i in mb) for mb in mbs)
+        achieved = flops / statistics.median(t[name])
+        out[name] = {"setting": f"hidden {m['hidden_size']} x {m['num_hidden_layers']}, {pairs} pairs ({sum(lengths):,} "
+                                f"tokens), micro-batch {micro_batch} pairs; pad {1 - sum(lengths) / run:.0%}; "
+                                f"{achieved / 1e9:.1f} GFLOP/s = {achieved / max(limit):.0%} of the matmul limit "
+                                f"({max(limit) / 1e9:.1f} GFLOP/s; attention {attention:.0%} of the FLOPs)",
+                     "fast": rate(sum(lengths), t[name]), "unit": "tokens/s", "achieved": achieved,
+                     "limit": max(limit)}
+    return out
+
+
+def mix_rows_table(quick, repeats, sizes=("h256", "h512")):
+    """The rows of --only mix: matmul_limit at 1 and 2 threads, and bench_train_mix (16 pairs at hidden 256 x 4, 8 at
+    512 x 8: ~1 and ~4 min per repetition of the three paths on one busy core)."""
+    rows = []
+    for size in (["h256"] if quick else sizes):
+        m = MODEL_SIZES[size]
+        shape = f"hidden {m['hidden_size']} x {m['num_hidden_layers']}"
+        for threads in (1, 2):
+            lim = matmul_limit(size, threads)
+            rows.append((f"machine limit: fp32 matmul, {threads} thread{'s' * (threads > 1)}", {
+                "setting": f"{shape}: one layer's 7 weights x (forward, grad in, grad W) on 4096 tokens; fastest "
+                           f"single matmul {lim['best'] / 1e9:.1f} GFLOP/s", "fast": rate(lim["layer"] / 1e9, [1.0]),
+                "unit": "GFLOP/s"}))
+        mix = bench_train_mix(size, pairs=4 if quick else {"h256": 16, "h512": 8}[size], micro_batch=2 if quick else 4,
+                              repeats=repeats)
+        for name in ("grouped", "packed"):
+            rows.append((f"training on the length mix: {name} vs plain micro-batches", {
+                **mix[name], "slow": mix["plain"]["fast"],
+                "setting": mix[name]["setting"] + f"; plain: {mix['plain']['setting'].split('; ')[1]}"}))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The table.
 def main(argv=None):
     cfg = runs.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
@@ -371,6 +485,8 @@ def main(argv=None):
         rows += bench_real(repeats=1 if q else 2)
     if want("peers"):
         rows += bench_peers.peer_rows(cfg)
+    if cfg.only == "mix":
+        rows += mix_rows_table(q, 1 if q else min(cfg.repeats, 3))
     if cfg.only == "all":
         rows.append(("train_7b MFU", {"setting": "see train_7b.py logs" if torch.cuda.is_available() else
                                       "needs CUDA: not measurable on this machine", "unit": "-"}))

@@ -88,9 +88,18 @@ def pad_multiple(device):
     return 64 if torch.device(device).type == "cuda" else 1
 
 
-def collate(pairs, pad, padding_side="right", multiple=1):
+def collate(pairs, pad, padding_side="right", multiple=1, packed=False):
     """Pack (prompt_ids, response_ids) pairs into input_ids, attention_mask, response_mask, each (B, T); T is the
-    longest pair rounded up to `multiple` (pad_multiple)."""
+    longest pair rounded up to `multiple` (pad_multiple).
+
+    packed=True: padding-free, all rows in ONE sequence (1, sum of lengths), with cu_seq_lens (B + 1,), the rows'
+    boundaries (flash-attention's varlen convention); sequence_logps then restarts the position ids at each row and
+    the attention keeps each row to itself (use_packed_attention)."""
+    if packed:
+        ids = torch.tensor([t for p, r in pairs for t in p + r], dtype=torch.long)[None]            # (1, T)
+        resp = torch.tensor([k >= len(p) for p, r in pairs for k in range(len(p) + len(r))], dtype=torch.long)[None]
+        cu = torch.tensor([0] + [len(p) + len(r) for p, r in pairs]).cumsum(0)                     # (B + 1,)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp, "cu_seq_lens": cu}
     T = -(-max(len(p) + len(r) for p, r in pairs) // multiple) * multiple
     ids = torch.full((len(pairs), T), pad, dtype=torch.long)
     attn = torch.zeros((len(pairs), T), dtype=torch.long)
@@ -105,8 +114,51 @@ def collate(pairs, pad, padding_side="right", multiple=1):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Padding-free batches: rows packed into one sequence, each attending to itself only.
+PACKED = "sppo_packed"
+"""The attention implementation of packed batches (use_packed_attention): SDPA, one causal call per row."""
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     sliding_window=None, **kwargs):
+    """Attention for a model set to PACKED. Without cu_seq_lens_q: transformers' SDPA, unchanged. With it (a packed
+    batch, collate(packed=True)): query (1, H, T, d_head), key and value (1, H_kv, T, d_head) hold the rows one after
+    another; each row gets its own causal SDPA call, so no row sees another and no mask or padding is built (on CPU
+    the block-diagonal mask transformers would build is dense: it costs (sum T_i)^2, this costs sum T_i^2 / 2).
+    Returns (1, T, H, d_head), as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    if sliding_window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > sliding_window:
+        raise ValueError(f"a packed row is longer than the model's sliding window ({sliding_window}); train this "
+                         f"model with --no-pack")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # no cuDNN:
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(       # it plans for every new length
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout if module.training else 0.0,
+            is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+            for a, b in zip(bounds, bounds[1:])], dim=2)                                         # (1, H, T, d_head)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model):
+    """Let `model` take packed batches (sequence_logps calls it on the first one; train_7b before sharding): SDPA and
+    eager models switch to PACKED (the same SDPA on padded batches); flash-attention models read cu_seq_lens
+    themselves (varlen kernels, GPU). Returns the implementation in use."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register(PACKED, packed_attention)
+    AttentionMaskInterface.register(PACKED, sdpa_mask)
+    if model.config._attn_implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(PACKED)
+    return model.config._attn_implementation
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # log pi(y|x), summed over response tokens.
-def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096):
+def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096, cu_seq_lens=None):
     """log pi(y|x) for each row: the sum of token log-probs where response_mask is 1. Returns fp32 (B,).
 
     input_ids, attention_mask, response_mask: (B, T); left or right padding (position ids are derived from the
@@ -114,7 +166,10 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096):
     response token (logits_to_keep), only the response positions are gathered (N, V) in the model's dtype,
     and log-softmax is done in fp32 chunks of `chunk` rows: no fp32 (B, T, V) tensor is built. Under autograd the
     chunks' fp32 log-softmax (N, V) are kept for backward (~4 N V bytes; train_7b's memory plan counts them).
+    cu_seq_lens: a packed batch (collate(packed=True)) of B rows in one sequence; same result, no padding.
     """
+    if cu_seq_lens is not None:
+        return _packed_logps(model, input_ids, response_mask, cu_seq_lens, chunk)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # (B, T)
     T = input_ids.shape[1]
     first = int(response_mask.float().argmax(-1).min())                                 # earliest response token
@@ -132,6 +187,30 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096):
     ]) if len(targets) else picked.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
     out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return out.index_add(0, rows, token_logps)                                           # (B,)
+
+
+def _packed_logps(model, input_ids, response_mask, cu_seq_lens, chunk):
+    """sequence_logps of a packed batch: positions restart at 0 in each row; logits only where the next token is a
+    response token (logits_to_keep as indices). Returns fp32 (B,)."""
+    if use_packed_attention(model) not in (PACKED, "flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"a packed batch needs sdpa, eager or flash attention: with "
+                         f"{model.config._attn_implementation!r} attention, rows would attend to each other")
+    cu = cu_seq_lens.to(input_ids.device)
+    lengths = cu.diff()                                                                  # (B,)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)   # (T,) row of each token
+    position_ids = (torch.arange(input_ids.shape[1], device=cu.device) - cu[row])[None]    # (1, T)
+    keep = response_mask[0, 1:].nonzero(as_tuple=True)[0]                               # (N,) predict a response
+    mask = None if model.config._attn_implementation != PACKED else torch.ones_like(input_ids)  # no dense mask built
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(lengths.max()),
+                   max_length_k=int(lengths.max())).logits[0]                           # (N, V)
+    targets = input_ids[0, keep + 1]                                                     # (N,)
+    token_logps = torch.cat([
+        logits[i:i + chunk].float().log_softmax(-1).gather(-1, targets[i:i + chunk, None]).squeeze(-1)
+        for i in range(0, len(targets), chunk)
+    ]) if len(targets) else logits.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
+    return torch.zeros(len(lengths), dtype=torch.float32, device=input_ids.device).index_add(0, row[keep + 1],
+                                                                                           token_logps)
 
 
 @torch.no_grad()

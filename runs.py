@@ -269,8 +269,9 @@ STAGE_SETTINGS = {
     "dataset": ("selection", "estimate_from", "reference", "eta", "max_length", "max_prompt_length", "truncation",
                 "micro_batch", "dtype"),
     "train": ("loss", "ipo_target", "log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay",
-              "max_grad_norm", "epochs", "schedule_epochs", "global_batch", "micro_batch", "seed", "max_length",
-              "max_prompt_length", "truncation", "dtype", "eval_prompts")}
+              "max_grad_norm", "epochs", "schedule_epochs", "global_batch", "micro_batch", "group_by_length", "pack",
+              "seed",
+              "max_length", "max_prompt_length", "truncation", "dtype", "eval_prompts")}
 """The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
 
 

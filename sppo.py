@@ -347,6 +347,19 @@ def batch_schedule(n, global_batch, epochs, seed, group=1):
     return steps
 
 
+def micro_batches(idx, pairs, micro, group=1, by_length=True):
+    """One optimizer step's rows `idx` cut into micro-batches of `micro` units (a unit: `group` rows kept together,
+    a prompt's winner and loser). by_length: the units are first sorted by their longest row (longest first; ties
+    keep the seeded order), so each micro-batch pads little. The step's loss, the sum of per-row losses / len(idx),
+    and its gradient do not depend on the cut (up to fp32 summation order): which rows form the step is unchanged.
+    (--loss kto is the exception: its KL estimate is the micro-batch's mean, so the cut picks the rows it averages.)
+    pairs: the (prompt_ids, response_ids) of every row. Returns [[row index, ...], ...]."""
+    units = [idx[j:j + group] for j in range(0, len(idx), group)]
+    if by_length:
+        units.sort(key=lambda u: -max(len(pairs[i][0]) + len(pairs[i][1]) for i in u))      # stable
+    return [[i for u in units[j:j + micro] for i in u] for j in range(0, len(units), micro)]
+
+
 def train_schedule(rows, cfg):
     """(steps, schedule_length, group): the row indices of each optimizer step trained (cfg.epochs epochs), the LR
     schedule's length in steps (cfg.schedule_epochs, default cfg.epochs: Sec. 5.1 keeps the model after epoch 1 of
@@ -389,7 +402,8 @@ def example_losses(model, batch, cfg):
 
     sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
     them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
-    logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])   # (B,)
+    logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                 cu_seq_lens=batch.get("cu_seq_lens"))                                        # (B,)
     if cfg.loss == "sppo":
         return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
     return pair_losses(logp, batch, cfg).repeat_interleave(2)
@@ -416,9 +430,9 @@ def pair_losses(logp, batch, cfg):
 
 
 def make_batch(pairs, rows, idx, pad, cfg, device):
-    """Collate rows `idx` with their targets: ref_logp, win_prob (log_z when cfg.log_z == 'estimate', pair_prob
-    when cfg.loss == 'sppo_pair')."""
-    b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device))
+    """Collate rows `idx` (padded, or packed into one sequence with cfg.pack) with their targets: ref_logp, win_prob
+    (log_z when cfg.log_z == 'estimate', pair_prob when cfg.loss == 'sppo_pair')."""
+    b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device), packed=cfg.pack)
     for name, need in [("ref_logp", True), ("win_prob", True), ("log_z", cfg.log_z == "estimate"),
                        ("pair_prob", cfg.loss == "sppo_pair")]:
         if need:
@@ -435,8 +449,8 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
 
     rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_ref (pi_t, or pi_0 with --reference
     initial) in the dataset stage, so no second model is held.
-    Steps come from train_schedule (pairs stay in one micro-batch). Each optimizer step sums per-row losses over
-    micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
+    Steps come from train_schedule, micro-batches from micro_batches (pairs stay in one; grouped by length with
+    cfg.group_by_length; padding-free with cfg.pack, policy.collate). Each optimizer step sums per-row losses over micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
     Returns a list of per-step metrics; `lr` is the rate the step used.
     """
     pairs, n_cut = encode_rows(tokenizer, rows, cfg)
@@ -453,8 +467,8 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         t0, n_tok = time.perf_counter(), 0
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for j in range(0, len(idx), cfg.micro_batch * group):                             # a pair: one micro-batch
-            b = make_batch(pairs, rows, idx[j:j + cfg.micro_batch * group], policy.pad_id(tokenizer), cfg, device)
+        for mb in micro_batches(idx, pairs, cfg.micro_batch, group, cfg.group_by_length):    # a pair: one micro-batch
+            b = make_batch(pairs, rows, mb, policy.pad_id(tokenizer), cfg, device)
             losses = example_losses(model, b, cfg)                                         # (micro,)
             (losses.sum() / len(idx)).backward()
             loss_sum += losses.detach().sum().item()

@@ -81,6 +81,11 @@ class SPPOConfig:
     global_batch: int = HfArg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
                               "pairs = 8 per device x 8 GPUs).")
     micro_batch: int = HfArg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
+    group_by_length: bool = HfArg(default=True, help="Cut each optimizer step's pairs (or rows) into micro-batches "
+                                  "sorted by length, so they pad little; the step's rows and loss are unchanged "
+                                  "(sppo.micro_batches).")
+    pack: bool = HfArg(default=True, help="Padding-free micro-batches: the rows packed into one sequence, each row "
+                       "attending to itself only (policy.collate, packed=True); same log-probs, no pad tokens.")
     seed: int = HfArg(default=42, help="Seed for prompt order, sampling and training order.")
     dtype: Literal["float32", "bfloat16", "float16"] = HfArg(default="float32", help="Weights dtype (log-probs "
                                                               "are accumulated in fp32 regardless).")

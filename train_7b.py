@@ -117,14 +117,25 @@ def check_batch_sizes(cfg, world):
     return cfg.global_batch // (cfg.micro_batch * world)
 
 
-def rank_micro_batches(idx, rank, world, micro, group=1):
-    """This rank's contiguous share of one global batch `idx` (row indices, in units of `group` rows: a pair stays
-    on one rank and in one micro-batch of `micro` units), cut into micro-batches. Every rank gets the same number
-    of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP collectives; a
-    short last batch of an epoch leaves some ranks with less or no data."""
-    per = math.ceil(len(idx) / group / world) * group
-    mine = idx[rank * per:(rank + 1) * per]
-    return [mine[j:j + micro * group] or None for j in range(0, per, micro * group)]
+def rank_micro_batches(idx, pairs, rank, world, cfg, group=1):
+    """This rank's micro-batches of one global batch `idx` (row indices; a unit of `group` rows, a pair, stays on one
+    rank and in one micro-batch). cfg.group_by_length: sppo.micro_batches of the whole global batch, sorted by
+    length, dealt longest-first to the rank with the fewest padded tokens so far (rows x longest row) that still has
+    a free slot, so ranks stay balanced; else each rank's contiguous share of idx, cut in order. Every rank gets the same number of micro-batches (None = a
+    zero-weight stand-in) because every forward and backward runs FSDP collectives; a short last batch of an epoch
+    leaves some ranks with less or no data."""
+    if not cfg.group_by_length:                          # plain: a contiguous share per rank, in schedule order
+        per = math.ceil(len(idx) / group / world) * group
+        mine = idx[rank * per:(rank + 1) * per]
+        return [mine[j:j + cfg.micro_batch * group] or None for j in range(0, per, cfg.micro_batch * group)]
+    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, group)
+    slots, load, dealt = math.ceil(len(mbs) / world), [0] * world, [[] for _ in range(world)]
+    cost = lambda mb: len(mb) * max(len(pairs[i][0]) + len(pairs[i][1]) for i in mb)    # noqa: E731 padded tokens
+    for mb in sorted(mbs, key=cost, reverse=True):
+        r = min((r for r in range(world) if len(dealt[r]) < slots), key=lambda r: load[r])
+        dealt[r].append(mb)
+        load[r] += cost(mb)
+    return dealt[rank] + [None] * (slots - len(dealt[rank]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +194,8 @@ def build_model(cfg, d):
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
+    if cfg.pack:
+        d.log(f"packed batches: {policy.use_packed_attention(model)} attention")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     d.log("FSDP units: " + apply_fsdp(model, d.mesh, mixed_precision(d.device)))
@@ -202,9 +215,9 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
     out = {}
     model.eval()
     for idx in schedule[:math.ceil(len(pairs) // group / cfg.global_batch)]:      # epoch 1 covers every row once
-        for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
+        for mb in rank_micro_batches(idx, pairs, d.rank, d.world, cfg, group):
             b = policy.collate([pairs[i] for i in mb or idx[:group]], pad_id,       # a stand-in keeps ranks in step
-                             multiple=policy.pad_multiple(d.device))               # as make_batch pads
+                               multiple=policy.pad_multiple(d.device), packed=cfg.pack)   # as make_batch does
             lps = policy.sequence_logps(model, **{k: v.to(d.device) for k, v in b.items()})
             out.update(zip(mb or [], lps.tolist()))
     model.reshard()                                       # the root stays unsharded after a no_grad forward
@@ -230,7 +243,7 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
     key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path), "max_length":
            cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
            "device": d.device.type, "dtype": dtype, "batching": {k: getattr(cfg, k) for k in
-           ("global_batch", "micro_batch", "seed", "selection")} | {"world": d.world}}
+           ("global_batch", "micro_batch", "group_by_length", "pack", "seed", "selection")} | {"world": d.world}}
     how = f"{key['dtype']} on {d.world} x {d.device.type}, in the training micro-batches of epoch 1"
 
     def cached():
@@ -263,14 +276,14 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
     before_micro: called before each micro-batch (--measure-memory resets the tracker's per-module stats)."""
     opt.zero_grad(set_to_none=True)
     stats = torch.zeros(4, dtype=torch.float64, device=d.device)   # [sum of losses, tokens, sum T_i^2, responses]
-    for mb in rank_micro_batches(idx, d.rank, d.world, cfg.micro_batch, group):
+    for mb in rank_micro_batches(idx, pairs, d.rank, d.world, cfg, group):
         if before_micro:
             before_micro()
         b = sppo.make_batch(pairs, rows, mb or idx[:group], pad_id, cfg, d.device)   # a stand-in: one whole pair
         losses = sppo.example_losses(model, b, cfg)                               # (micro,) cfg.loss
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:
-            lengths = b["attention_mask"].sum(-1).double()                        # (micro,) T_i without padding
+            lengths = (b["cu_seq_lens"].diff() if cfg.pack else b["attention_mask"].sum(-1)).double()   # (micro,) T_i
             stats += torch.stack([losses.detach().sum().double(), lengths.sum(), (lengths ** 2).sum(),
                                   b["response_mask"].sum().double()])
     dist.all_reduce(stats)
@@ -286,8 +299,8 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
             "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
-RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "epochs", "schedule_epochs", "selection",
-                   "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
+RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "group_by_length", "pack", "epochs",
+                   "schedule_epochs", "selection", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
                    "max_length", "max_prompt_length", "truncation")
 """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
 setting that changes the result. A changed one is refused, named, before the model is built."""

@@ -88,9 +88,10 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     want = sppo.sppo_pair_loss(t(w), t(w, "ref_logp"), t(l), t(l, "ref_logp"), t(w, "win_prob"), cfg.eta,
                                prob_l=t(l, "win_prob"), form="released").mean()
     assert history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
+    pairs = sppo.encode_rows(tok, rows, cfg)[0]
     for world in (2, 3):                                                  # train_7b: a pair never crosses ranks
         for s in steps:
-            shares = [mb for r in range(world) for mb in train_7b.rank_micro_batches(s, r, world, 2, 2) if mb]
+            shares = [mb for r in range(world) for mb in train_7b.rank_micro_batches(s, pairs, r, world, cfg, 2) if mb]
             assert sorted(i for mb in shares for i in mb) == sorted(s)
             assert all(sorted(mb) == sorted({i // 2 * 2 + j for i in mb for j in (0, 1)}) for mb in shares)
     with pytest.raises(runs.ArtifactError, match="record 3: --selection pair needs rows in pairs"):

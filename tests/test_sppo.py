@@ -162,6 +162,32 @@ def test_sequence_logps_matches_naive_loop(tiny, side):
     np.testing.assert_allclose(got.numpy(), naive_logps(model, pairs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_packed_logps_and_gradients_equal_padded(tmp_path, arch):
+    """Rows packed into one sequence (collate packed=True, use_packed_attention) against the same rows padded: the
+    same log-probs and gradients to fp32 rounding (rtol 1e-5: the rows' matmuls are cut differently); the first
+    packed batch switches the model from sdpa to packed attention (else its rows would attend to each other)."""
+    model, tok = runs.load_policy(sppo_toy.build_tiny_policy(tmp_path / arch, arch=arch, seed=2),
+                                  sppo.SPPOConfig(progress=False), "cpu")
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(3, 16, (int(p),), generator=g).tolist(), torch.randint(3, 16, (int(r),), generator=g)
+              .tolist()) for p, r in [(3, 9), (1, 1), (7, 20), (2, 5), (12, 30)]]
+
+    def logps_grads(packed):
+        model.zero_grad()
+        lp = policy.sequence_logps(model, **policy.collate(pairs, tok.pad_token_id, packed=packed))
+        (lp * torch.arange(1.0, 6.0)).sum().backward()                  # a different weight per row
+        return lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert model.config._attn_implementation == "sdpa"
+    padded = logps_grads(False)
+    packed = logps_grads(True)
+    assert model.config._attn_implementation == policy.PACKED
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[0], torch.tensor(naive_logps(model, pairs), dtype=torch.float32),
+                               rtol=1e-5, atol=1e-5)
+    assert (packed[1] - padded[1]).abs().max() <= 1e-5 * padded[1].abs().max()
+
+
 def test_sequence_logps_bf16_weights(tiny):
     d, model, tok = tiny
     m16 = runs.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
@@ -425,6 +451,55 @@ def test_batch_schedule_covers_every_row_once_per_epoch():
         assert sorted(i for s in steps[3 * e:3 * e + 3] for i in s) == list(range(10))
     assert steps == sppo.batch_schedule(10, 4, 3, seed=7) and steps != sppo.batch_schedule(10, 4, 3, seed=8)
     assert steps[:3] != steps[3:6]                                                      # reshuffled each epoch
+
+
+def test_grouped_micro_batches_keep_pairs_sort_by_length_and_cover_each_row_once():
+    lengths = [5, 9, 30, 2, 7, 7, 1, 40, 12, 3, 6, 6]                           # 6 pairs: rows 2i, 2i+1
+    pairs = [([0] * 2, [0] * (n - 2)) if n > 2 else ([0] * n, []) for n in lengths]
+    steps = sppo.batch_schedule(len(pairs), global_batch=4, epochs=2, seed=3, group=2)
+    for e in range(2):
+        epoch = [mb for s in steps[2 * e:2 * e + 2] for mb in sppo.micro_batches(s, pairs, 2, group=2)]
+        assert sorted(i for mb in epoch for i in mb) == list(range(12))                 # every row once per epoch
+        assert all(mb[k] % 2 == 0 and mb[k + 1] == mb[k] + 1 for mb in epoch for k in range(0, len(mb), 2))
+    idx = steps[0]
+    grouped = sppo.micro_batches(idx, pairs, 2, group=2)
+    longest = [max(lengths[i], lengths[i ^ 1]) for mb in grouped for i in mb[::2]]
+    assert longest == sorted(longest, reverse=True)                                     # longest pair first
+    assert sppo.micro_batches(idx, pairs, 2, group=2, by_length=False) == [idx[:4], idx[4:]]   # the plain cut
+    pad = lambda mbs: sum(len(mb) * max(lengths[i] for i in mb) - sum(lengths[i] for i in mb) for mb in mbs)  # noqa
+    assert pad(grouped) < pad([idx[:4], idx[4:]])
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny, pack):
+    """Length-grouped micro-batches of 2 pairs (padded, or packed into one sequence; in another order) against each
+    row alone: the same step loss, gradient and grad norm to fp32 rounding (rel 1e-6 on the loss, 1e-5 of the largest
+    gradient entry); train_policy's step reports the same loss and norm."""
+    d, _, tok = tiny
+    rows = sppo_toy.synthetic_dataset(8, seed=11)                                      # 1..12 words per response
+    for n, r in enumerate(rows):
+        r["ref_logp"] = -20.0 + n
+    cfg = sppo.SPPOConfig(eta=4.0, global_batch=4, micro_batch=2, max_length=48, max_prompt_length=16,
+                          max_grad_norm=1e9, pack=pack, progress=False)
+    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    idx = sppo.train_schedule(rows, cfg)[0][0]                                          # all 8 rows, seeded order
+    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, 2)
+    assert mbs != [idx[:4], idx[4:]]                                                    # grouping changed the cut
+
+    def grads(model, batches):
+        model.zero_grad()
+        loss = sum(sppo.example_losses(model, sppo.make_batch(pairs, rows, b, tok.pad_token_id, cfg, "cpu"),
+                                       cfg).sum() for b in batches) / len(idx)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    model, _ = runs.load_policy(d, cfg, "cpu")
+    loss_g, g_g = grads(model, mbs)
+    loss_1, g_1 = grads(model, [[i] for i in idx])                                     # one row at a time
+    assert loss_g == pytest.approx(loss_1, rel=1e-6)
+    assert (g_g - g_1).abs().max().item() <= 1e-5 * g_1.abs().max().item()
+    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    assert history[0]["loss"] == pytest.approx(loss_1, rel=1e-6)
+    assert history[0]["grad_norm"] == pytest.approx(g_1.norm().item(), rel=1e-5)
 
 
 def test_iteration_prompts_are_disjoint_slices():

@@ -42,6 +42,9 @@ TRAIN = dict(global_batch=4, micro_batch=1, seed=40, lr=1e-4, max_length=48, max
 peak comes with every gradient shard present and two units in flight, the moment memory_plan accounts for (with
 the pair first, the peak falls inside the first backward, with about half the gradient shards)."""
 LOSS_RTOL, PARAM_ATOL = 1e-6, 0.2 * TRAIN["lr"]
+PLAIN = dict(TRAIN, group_by_length=False)
+"""llama_run's settings: micro-batches cut in schedule order (the seed-40 scenario above); the other runs group them
+by length (the default), so the FSDP = one process checks cover both."""
 
 
 def flags(**kw):
@@ -82,7 +85,7 @@ def llama_run(world):
     """Uninterrupted 2-rank run (6 steps), with FSDPMemTracker on its second step (optimizer state exists), and
     the bf16 copy of the export that GPUs write by default."""
     out = world["root"] / "llama_A"
-    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN),
+    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **PLAIN),
                  "--measure-memory", "--export-bf16")
     return out, p.stdout
 
@@ -212,7 +215,7 @@ def test_memory_plan_matches_measured_tiny(world, llama_run):
 
 def test_stop_and_resume_is_exact(world, llama_run):
     out = world["root"] / "llama_B"
-    args = flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **TRAIN)
+    args = flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **PLAIN)
     first = torchrun(*args, "--stop-at-step", "3")
     assert "stopped after step 3" in first.stdout and not (out / "model").exists()
     refused = torchrun(*args, check=False)
@@ -233,7 +236,8 @@ def test_resume_refuses_changed_settings(world, llama_run):
     torchrun(*args, "--stop-at-step", "2")
     for flag, value, field in [("--warmup-ratio", "0.2", "'warmup_ratio' is 0.1 but this run has 0.2"),
                                ("--optimizer", "adamw", "'optimizer' is 'rmsprop' but this run has 'adamw'"),
-                               ("--max-length", "40", "'max_length' is 48 but this run has 40")]:
+                               ("--max-length", "40", "'max_length' is 48 but this run has 40"),
+                               ("--pack", "false", "'pack' is True but this run has False")]:
         p = torchrun(*args, flag, value, "--resume", check=False)             # the last flag wins
         line = next((x for x in p.stderr.splitlines() if x.startswith("train_7b.py: error: ")), "")
         assert p.returncode != 0 and field in line, p.stderr[-2000:]      # one line (torchrun adds its own report)
@@ -352,7 +356,7 @@ def test_golden_losses_two_ranks(llama_run):
 
 def test_deterministic_mode_gives_the_same_losses(world, llama_run):
     out = world["root"] / "llama_det"
-    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, **TRAIN), "--deterministic")
+    p = torchrun(*flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, **PLAIN), "--deterministic")
     assert "deterministic algorithms True" in p.stdout
     a, b = runs.read_jsonl(llama_run[0] / "metrics.jsonl"), runs.read_jsonl(out / "metrics.jsonl")
     assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
@@ -362,7 +366,8 @@ def test_reference_logps_record_how_they_were_computed(llama_run):
     out, log = llama_run
     key = json.loads((out / "ref_logp.json").read_text())["key"]
     assert (key["dtype"], key["device"]) == ("float32", "cpu")
-    assert key["batching"] == {"global_batch": 4, "micro_batch": 1, "seed": 40, "selection": "pair", "world": 2}
+    assert key["batching"] == {"global_batch": 4, "micro_batch": 1, "group_by_length": False, "pack": True,
+                               "seed": 40, "selection": "pair", "world": 2}
     assert "computed with pi_t (float32 on 2 x cpu, in the training micro-batches of epoch 1)" in log
     m = runs.read_jsonl(out / "metrics.jsonl")[0]
     assert m["mfu"] is None and m["peak_memory_gb"] > 0 and 0 < m["response_tokens"] < m["tokens"]
@@ -468,10 +473,38 @@ def test_settings_of_sppo_py_only_are_refused():
 
 def test_batch_split_covers_the_global_batch_once():
     idx = list(range(100, 109))                                     # a short last batch: 9 rows, 4 ranks, micro 2
-    shares = [train_7b.rank_micro_batches(idx, r, 4, 2) for r in range(4)]
+    plain = train_7b.TrainConfig(micro_batch=2, group_by_length=False)
+    shares = [train_7b.rank_micro_batches(idx, None, r, 4, plain) for r in range(4)]
     assert shares[0] == [[100, 101], [102]] and shares[2] == [[106, 107], [108]]
     assert shares[3] == [None, None]                                # no rows left: two zero-weight stand-ins
     assert [i for s in shares for mb in s if mb for i in mb] == idx
+
+
+def test_grouped_micro_batches_are_dealt_balanced_and_keep_pairs():
+    """16 pairs of long-tailed lengths over 2 ranks, micro-batch 2 pairs: every row once, each pair in one
+    micro-batch on one rank; grouped: micro-batches sorted by length and the ranks' padded tokens (rows x longest
+    row) within one micro-batch of each other; the plain contiguous cut of the same batch pads more."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(300), 0.8, size=32), 20, 1500).astype(int).tolist()
+    pairs = [([1] * 10, [1] * (n - 10)) for n in lengths]
+    idx = sppo.batch_schedule(32, global_batch=16, epochs=1, seed=0, group=2)[0]
+    cost = lambda mb: len(mb) * max(lengths[i] for i in mb)                              # noqa: E731
+    padded = {}
+    for group_by_length in (True, False):
+        cfg = train_7b.TrainConfig(micro_batch=2, group_by_length=group_by_length)
+        shares = [train_7b.rank_micro_batches(idx, pairs, r, 2, cfg, group=2) for r in range(2)]
+        assert sorted(i for s in shares for mb in s for i in mb) == sorted(idx)
+        assert all(mb[k] % 2 == 0 and mb[k + 1] == mb[k] + 1 for s in shares for mb in s for k in range(0, len(mb), 2))
+        assert [len(s) for s in shares] == [4, 4]
+        loads = [sum(map(cost, s)) for s in shares]
+        if group_by_length:                                                     # longest first, balanced
+            assert all([cost(mb) for mb in s] == sorted(map(cost, s), reverse=True) for s in shares)
+            assert abs(loads[0] - loads[1]) <= max(cost(mb) for s in shares for mb in s)
+        padded[group_by_length] = sum(loads)
+    assert padded[True] < 0.8 * padded[False]                                   # sorting by length pads less
+
+
+def test_check_batch_sizes_names_the_multiple():
     with pytest.raises(ValueError, match="multiple of --micro-batch 8 x world size 3"):
         train_7b.check_batch_sizes(train_7b.TrainConfig(global_batch=64, micro_batch=8), 3)
 
