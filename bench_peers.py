@@ -231,8 +231,9 @@ def peer_rows(cfg):
         for size in ("h256", "h512"):
             rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, equal lengths",
                          bench_train_peer(cfg.trl_python, size, equal_lengths(8, seed=0), name="equal lengths")))
-        rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, realistic length mix",
-                     bench_train_peer(cfg.trl_python, "h256", length_mix(8, seed=0), name="length_mix(8, 0)")))
+        for size in ("h256", "h512"):
+            rows.append(("SPPO sppo_hard step vs TRL DPOTrainer, realistic length mix",
+                         bench_train_peer(cfg.trl_python, size, length_mix(8, seed=0), name="length_mix(8, 0)")))
     if cfg.blender_python:
         rows.append(("PairRM preference_matrices vs llm-blender rank",
                      bench_pairrm_peer(cfg.blender_python, prompts=cfg.prompts, k=cfg.k, shape=cfg.peer_pairrm)))
