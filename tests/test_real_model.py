@@ -134,7 +134,7 @@ def test_one_micro_iteration_end_to_end(real, micro_run):
 
 def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp_path):
     """train_7b.py, 2 gloo ranks, --model the GGUF itself: 2 steps on the micro-run's D_t equal sppo.train_policy.
-    Tolerances as tests/test_train_7b.py (same sums in another order): losses 1e-5 relative, weights 0.2 lr."""
+    Losses 1e-5 relative; weights: see the comment at the end (same sums in another order)."""
     from transformers import AutoModelForCausalLM
     train = dict(eta=10.0, optimizer="adamw", lr=1e-5, global_batch=2, micro_batch=1, max_length=128,
                  max_prompt_length=64, epochs=2)                   # 2 pairs a step (one per rank): 2 steps
@@ -148,7 +148,8 @@ def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp
     assert "root (norm, tied embed_tokens = lm_head)" in p.stdout               # tied: one parameter, in the root
     rows = runs.read_dataset(micro_run / "dataset.jsonl")
     model, tok = runs.load_policy(real["dir"], sppo.SPPOConfig(), "cpu")
-    history = sppo.train_policy(model, tok, rows, sppo.SPPOConfig(**{**train, "micro_batch": 2}, progress=False))
+    history = sppo.train_policy(model, tok, rows, sppo.SPPOConfig(**train, progress=False))   # 1 pair a micro-batch,
+    #   as each rank: packed micro-batches of the same shapes, so the two differ only in where the gradients are summed
     steps = runs.read_jsonl(out / "metrics.jsonl")
     assert len(steps) == len(history) == 2
     for h, m in zip(history, steps):
@@ -156,4 +157,10 @@ def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp
     exported = AutoModelForCausalLM.from_pretrained(out / "model")                # the export reloads, still tied
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     diff = max((a - b).abs().max().item() for a, b in zip(exported.state_dict().values(), model.state_dict().values()))
-    assert diff < 0.2 * train["lr"]
+    # AdamW's first steps move a weight by ~lr * g / (|g| + eps): where |g| is near eps, rounding of g moves it by a
+    # fraction of lr. Grouped + packed micro-batches sum in another order than 2 ranks do: measured, 39 of 163 M
+    # weights differ by > 0.05 lr (max 0.25 lr), the mean by 6e-6 lr. A wrong gradient would move millions by ~lr.
+    d = torch.cat([(a - b).abs().flatten() for a, b in zip(exported.state_dict().values(),
+                                                            model.state_dict().values())])
+    assert diff < 0.5 * train["lr"] and d.mean() < 1e-4 * train["lr"]
+    assert (d > 0.05 * train["lr"]).float().mean() < 1e-6
