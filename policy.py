@@ -180,13 +180,17 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, chunk=4096, 
     labels = input_ids[:, T - keep + 1:]                                                 # (B, keep-1)
     mask = response_mask[:, T - keep + 1:].bool()                                        # (B, keep-1)
     rows = mask.nonzero(as_tuple=True)[0]                                                # (N,) batch index per token
-    picked, targets = pred[mask], labels[mask]                                           # (N, V), (N,)
+    return _summed_logps(pred[mask], labels[mask], rows, input_ids.shape[0], chunk)       # (B,)
+
+
+def _summed_logps(logits, targets, rows, n_rows, chunk):
+    """Per-row sums of log softmax(logits)[target]: logits (N, V) in the model's dtype, log-softmax in fp32 chunks of
+    `chunk` positions, rows (N,) the row of each position. Returns fp32 (n_rows,)."""
     token_logps = torch.cat([
-        picked[i:i + chunk].float().log_softmax(-1).gather(-1, targets[i:i + chunk, None]).squeeze(-1)
+        logits[i:i + chunk].float().log_softmax(-1).gather(-1, targets[i:i + chunk, None]).squeeze(-1)
         for i in range(0, len(targets), chunk)
-    ]) if len(targets) else picked.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)                                           # (B,)
+    ]) if len(targets) else logits.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
+    return torch.zeros(n_rows, dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
 
 
 def _packed_logps(model, input_ids, response_mask, cu_seq_lens, chunk):
@@ -204,13 +208,7 @@ def _packed_logps(model, input_ids, response_mask, cu_seq_lens, chunk):
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(lengths.max()),
                    max_length_k=int(lengths.max())).logits[0]                           # (N, V)
-    targets = input_ids[0, keep + 1]                                                     # (N,)
-    token_logps = torch.cat([
-        logits[i:i + chunk].float().log_softmax(-1).gather(-1, targets[i:i + chunk, None]).squeeze(-1)
-        for i in range(0, len(targets), chunk)
-    ]) if len(targets) else logits.new_zeros(0, dtype=torch.float32)                    # (N,) fp32
-    return torch.zeros(len(lengths), dtype=torch.float32, device=input_ids.device).index_add(0, row[keep + 1],
-                                                                                           token_logps)
+    return _summed_logps(logits, input_ids[0, keep + 1], row[keep + 1], len(lengths), chunk)
 
 
 @torch.no_grad()
