@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -537,6 +538,16 @@ def main(argv=None):
     return runs.user_errors("train_7b.py", lambda: run(cfg))
 
 
+def stage_key(cfg, stage, prompts, hashes):
+    """runs.stage_key of OUT's stage, with the engine that samples: --gen-engine hf is sppo.py's sampler (its
+    generations are reused by either script), vLLM's samples are other draws and are recorded as such."""
+    oracle_id = sppo.pairrm_id(cfg, hashes) if cfg.pairrm else None
+    key = runs.stage_key(cfg, stage, Path(cfg.out), cfg.model, prompts, oracle_id, hashes)
+    if stage == "generate" and cfg.gen_engine != "hf":
+        key["sampler"] = f"{cfg.gen_engine} {importlib.metadata.version(cfg.gen_engine)}, seeded per prompt"
+    return key
+
+
 def run(cfg):
     """Validate, then the stages of --stage in order. Generation and ranking (with D_t) are reused only when
     OUT/manifest.json shows them made with these settings and inputs (runs.Manifest, as sppo.py's run directory)."""
@@ -548,8 +559,7 @@ def run(cfg):
         hashes, prompts = runs.Hashes(out), stage_prompts(cfg)
 
         def key(stage):                                   # on rank 0 only: OUT/hashes.json has one writer
-            oracle_id = sppo.pairrm_id(cfg, hashes) if cfg.pairrm else None
-            return runs.stage_key(cfg, stage, out, cfg.model, prompts, oracle_id, hashes)
+            return stage_key(cfg, stage, prompts, hashes)
 
         def done(stage):                                  # rank 0 reads the files and decides for all ranks
             return d.decide(lambda: runs.Manifest(out).done(stage, key(stage), hashes))

@@ -449,6 +449,29 @@ def test_vllm_is_its_own_generate_call(tmp_path):
     with pytest.raises(runs.ConfigError, match="vllm is not installed here; install requirements-vllm.txt in an "
                                                "environment of its own"):
         train_7b.validate(train_7b.TrainConfig(stage="generate", **kw))
+def test_generations_record_their_engine(tmp_path, monkeypatch):
+    """generations.jsonl sampled by vLLM is not reused by an --gen-engine hf run (nor the other way): the generate
+    key names the engine; hf's key is sppo.py's, so either script reuses the other's HF samples."""
+    out, prompts, model = tmp_path / "o", tmp_path / "p.jsonl", tmp_path / "m"
+    out.mkdir()
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    runs.write_jsonl(prompts, [{"prompt": "hi"}])
+    kw = dict(model=str(model), prompts=str(prompts), out=str(out), oracle="committee")
+    hashes, hf = runs.Hashes(out), train_7b.TrainConfig(**kw)
+    assert train_7b.stage_key(hf, "generate", ["hi"], hashes) == runs.stage_key(hf, "generate", out, hf.model, ["hi"],
+                                                                                None, hashes)
+    monkeypatch.setattr(train_7b.importlib.metadata, "version", lambda name: "0.99")
+    vllm = train_7b.stage_key(train_7b.TrainConfig(**kw, gen_engine="vllm"), "generate", ["hi"], hashes)
+    assert vllm["sampler"] == "vllm 0.99, seeded per prompt"
+    runs.write_generations(out / "generations.jsonl", ["hi"], [{"responses": ["a"], "finished": [True],
+                                                                 "token_ids": [[5]], "stop_ids": [2]}])
+    runs.Manifest(out).commit("generate", vllm, hashes, 1)
+    with pytest.raises(runs.StaleStage, match="made with setting sampler = 'vllm 0.99, seeded per prompt', but this "
+                                              "run has sampler = "):
+        runs.Manifest(out).done("generate", train_7b.stage_key(hf, "generate", ["hi"], hashes), hashes)
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     cfg = train_7b.TrainConfig()
     rows = sppo_toy.synthetic_dataset(4)
