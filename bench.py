@@ -68,7 +68,8 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
-from workloads import MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, pairrm_inputs, rate
+from workloads import (MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, matmul_limit, mix_rows,
+                       of_limit, pairrm_inputs, pairrm_work, rate)
 
 
 @dataclass
@@ -90,8 +91,10 @@ class BenchConfig:
     blender_python: str | None = HfArg(default=None, help="Peer row: the interpreter of an environment with "
                                        "llm-blender 0.0.2 (requirements-bench-blender.txt; `make bench` builds "
                                        ".venv-blender).")
-    peer_pairrm: Literal["h64", "h256"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's size "
-                                                "(bench_peers.PEER_PAIRRM; h256 takes ~10x longer).")
+    peer_pairrm: Literal["h64", "h256", "real"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's "
+                                                        "size (bench_peers.PEER_PAIRRM; h256 takes ~10x longer; real, "
+                                                        "PairRM's own shape at ~250-token rows, ~2 s a pair: use "
+                                                        "--prompts 2).")
     profile: bool = HfArg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
                           "pass (where the time goes).")
 
@@ -120,7 +123,7 @@ def bench_pairrm(model, prompts, candidates, repeats=5):
                                                                                     batch_tokens=1))}, repeats)
     pairs = N * K * (K - 1)
     return {"setting": f"{N} prompts x K={K} ({pairs} pairs)", "fast": rate(pairs, t["batched"]),
-            "slow": rate(pairs, t["per_pair"]), "unit": "pairs/s",
+            "slow": rate(pairs, t["per_pair"]), "unit": "pairs/s", "times": t,
             "max_abs_diff": (out["b"] - out["1"]).abs().max().item()}
 
 
@@ -151,6 +154,7 @@ def bench_pairrm_rows(cfg, prompts=32, repeats=5):
              bench_pairrm_attention(model, *inputs, repeats=repeats))]
     for _, r in rows:
         r["setting"] += where
+    rows.append(("PairRM against the matmul limit", pairrm_limit_row(model, inputs, rows[0][1]["times"])))
     if cfg.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model.logit_matrices(*inputs)
@@ -333,48 +337,21 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def pairrm_limit_row(model, inputs, t):
+    """The FLOP/s of the PairRM passes timed in t ({"batched", "per_pair"}: seconds) against this machine's matmul
+    limit at the encoder's layer shapes (forward only, 1 thread; workloads.matmul_limit), measured after them."""
+    flops, attention, lengths = pairrm_work(model, *inputs)
+    c = model.pretrained_model.config
+    limit = matmul_limit(c.to_dict(), 1, backward=False)["layer"]
+    return {"setting": f"hidden {c.hidden_size} x {c.num_hidden_layers}, {len(lengths)} rows of {min(lengths)}-"
+                       f"{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), attention {attention:.0%} of the "
+                       f"FLOPs (costs.encoder_flops); limit {limit / 1e9:.1f} GFLOP/s (forward matmuls at the layer's "
+                       f"shapes, 4096 tokens); batched: {of_limit(flops, t['batched'], limit)}; one pair per forward: "
+                       f"{of_limit(flops, t['per_pair'], limit)}",
+            "fast": rate(flops / 1e9, t["batched"]), "slow": rate(flops / 1e9, t["per_pair"]), "unit": "GFLOP/s"}
+
+
 # Training on the realistic length mix, against this machine's matmul limit.
-def matmul_limit(size, threads, tokens=4096, repeats=5):
-    """This machine's fp32 matmul rate at the shapes of one decoder layer of MODEL_SIZES[size]: for each weight (d' x
-    d), d' in {d (q, o), d_kv (k, v), intermediate (gate, up)}, and the MLP's down (d x intermediate), the three
-    matmuls training runs on a (tokens x d) input: forward X W^T, input gradient dY W, weight gradient dY^T X. Best of
-    `repeats`. Returns {"layer": FLOP/s of the whole set (its FLOPs / the sum of its times), "best": the fastest
-    single matmul's FLOP/s}."""
-    m = MODEL_SIZES[size]
-    d, inter = m["hidden_size"], m["intermediate_size"]
-    d_kv = m["num_key_value_heads"] * d // m["num_attention_heads"]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    flops, seconds, best = 0, 0.0, 0.0
-    try:
-        for n_out, n_in, count in [(d, d, 2), (d_kv, d, 2), (inter, d, 2), (d, inter, 1)]:   # per layer
-            x, w, dy = torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out)
-            for fn in (lambda: x @ w.T, lambda: dy @ w, lambda: dy.T @ x):
-                fn()
-                t = min(timed(fn) for _ in range(repeats))
-                f = 2 * tokens * n_in * n_out
-                flops, seconds, best = flops + count * f, seconds + count * t, max(best, f / t)
-    finally:
-        torch.set_num_threads(old)
-    return {"layer": flops / seconds, "best": best}
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def mix_rows(mix, tokenizer):
-    """length_mix's (prompt, winner, loser) ids as D_t rows (runs.DATASET_FIELDS): the prompt as the tiny tokenizer's
-    words (policy.prompt_ids adds its chat template), each response as its sampled ids, unfinished (no EOS), win rates
-    0.7 / 0.3 and ref_logp -100 (any numbers: the loss's arithmetic is the same whatever they are)."""
-    words = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [{"prompt_id": i, "prompt": " ".join(words[t] for t in r["prompt"]), "response": "", "response_ids":
-             r[role], "finished": False, "win_prob": 0.7 if role == "winner" else 0.3, "ref_logp": -100.0,
-             "role": role} for i, r in enumerate(mix) for role in ("winner", "loser")]
-
-
 MIX_PATHS = {"plain": dict(group_by_length=False, pack=False), "grouped": dict(group_by_length=True, pack=False),
              "packed": dict(group_by_length=True, pack=True)}
 """The training paths of bench_train_mix: plain micro-batches in the seeded order, padded (before); grouped by
@@ -400,10 +377,10 @@ def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
     step = lambda sq: costs.step_flops(model.config, sum(p.numel() for p in model.parameters()), sum(lengths), sq,
                                        sum(len(r) for _, r in enc))                              # noqa: E731
     flops, attention = step(sum(n * n for n in lengths)), 1 - step(0) / step(sum(n * n for n in lengths))
-    limit = [matmul_limit(size, 1)["layer"]]
+    limit = [matmul_limit(MODEL_SIZES[size], 1)["layer"]]
     t = interleaved({name: lambda c=c: sppo.train_policy(model, tok, rows, c, "cpu") for name, c in cfgs.items()},
                     repeats)
-    limit.append(matmul_limit(size, 1)["layer"])
+    limit.append(matmul_limit(MODEL_SIZES[size], 1)["layer"])
     out, m = {}, MODEL_SIZES[size]
     for name, c in cfgs.items():
         mbs = sppo.micro_batches(idx, enc, micro_batch, 2, c.group_by_length)
@@ -411,7 +388,7 @@ def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
         achieved = flops / statistics.median(t[name])
         out[name] = {"setting": f"hidden {m['hidden_size']} x {m['num_hidden_layers']}, {pairs} pairs ({sum(lengths):,} "
                                 f"tokens), micro-batch {micro_batch} pairs; pad {1 - sum(lengths) / run:.0%}; "
-                                f"{achieved / 1e9:.1f} GFLOP/s = {achieved / max(limit):.0%} of the matmul limit "
+                                f"{of_limit(flops, t[name], max(limit))} "
                                 f"({max(limit) / 1e9:.1f} GFLOP/s; attention {attention:.0%} of the FLOPs)",
                      "fast": rate(sum(lengths), t[name]), "unit": "tokens/s", "achieved": achieved,
                      "limit": max(limit)}
@@ -426,7 +403,7 @@ def mix_rows_table(quick, repeats, sizes=("h256", "h512")):
         m = MODEL_SIZES[size]
         shape = f"hidden {m['hidden_size']} x {m['num_hidden_layers']}"
         for threads in (1, 2):
-            lim = matmul_limit(size, threads)
+            lim = matmul_limit(m, threads)
             rows.append((f"machine limit: fp32 matmul, {threads} thread{'s' * (threads > 1)}", {
                 "setting": f"{shape}: one layer's 7 weights x (forward, grad in, grad W) on 4096 tokens; fastest "
                            f"single matmul {lim['best'] / 1e9:.1f} GFLOP/s", "fast": rate(lim["layer"] / 1e9, [1.0]),

@@ -25,7 +25,8 @@ import pairrm
 import policy
 import runs
 import sppo
-from workloads import MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, pairrm_inputs, rate
+from workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, matmul_limit,
+                       mix_rows, of_limit, pairrm_inputs, pairrm_work, rate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,11 +108,7 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
                           max_prompt_length=4096, progress=False)
     model, tok = runs.load_policy(policy_dir, cfg, "cpu")
     ref_model, _ = runs.load_policy(ref_dir, cfg, "cpu")
-    words, pad = tok.convert_ids_to_tokens(list(range(len(tok)))), policy.pad_id(tok)
-    text = lambda ids: " ".join(words[t] for t in ids)                                 # noqa: E731
-    rows = [{"prompt_id": i, "prompt": text(r["prompt"]), "response": text(r[role]), "response_ids": r[role],
-             "finished": False, "win_prob": float(role == "winner"), "role": role}
-            for i, r in enumerate(mix) for role in ("winner", "loser")]
+    pad, rows = policy.pad_id(tok), mix_rows(mix, tok, win_prob=(1.0, 0.0))      # ref_logp: set below
     pairs = sppo.encode_rows(tok, rows, cfg)[0]                   # (chat-templated prompt ids, response ids) per row
     for r, lp in zip(rows, policy.batched_logps(ref_model, pairs, pad, batch_size=2 * micro_batch)):
         r["ref_logp"] = lp
@@ -166,10 +163,18 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
 PEER_PAIRRM = {"h64": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                            initializer_range=0.5),
                "h256": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                            initializer_range=0.5)}
+                            initializer_range=0.1),
+               "real": dict({k: pairrm.DEBERTA_V3_LARGE[k] for k in ("hidden_size", "num_hidden_layers",
+                                                                     "num_attention_heads", "intermediate_size",
+                                                                     "position_buckets")}, initializer_range=0.05)}
 """The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint), by --peer-pairrm: h64 (the
-default, seconds a repetition: per-forward overheads weigh) or h256 (closer to compute-bound). A wide init, so that
-scores are O(0.1-1) and the agreement checks are not met by near-zero outputs."""
+default, seconds a repetition: per-forward overheads weigh), h256 (closer to compute-bound) or real (the shape of
+PairRM's DeBERTa-v3-large backbone: hidden 1024 x 24 layers, 16 heads, MLP 4096, 256 position buckets; ~2 s a pair
+on one thread). Inits wide enough that scores are O(0.1-1) and the agreement checks are not met by near-zero
+outputs, and no wider (fp32 rounding grows with the weights: P at init 0.5 and hidden 256 was 2.5e-4 off)."""
+PEER_WORDS = {"h64": (40, 80), "h256": (40, 80), "real": (100, 190)}
+"""pairrm_inputs' (prompt_words, response_words) by shape: rows of 55-198 tokens (mean ~127); real: ~250 tokens, the
+issue's setting for PairRM's real shape."""
 
 
 def blender_checkpoint(out_dir, shape="h64", seed=0):
@@ -199,7 +204,8 @@ def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_score
     tol_scores, P within tol_p. Pairs/s counts the K(K-1) ordered pairs of every prompt (both paths run all of them)."""
     work = Path(tempfile.mkdtemp(prefix="bench_blender_"))
     ckpt = blender_checkpoint(work / "pairrm", shape)
-    xs, ys = pairrm_inputs(prompts, k, seed=0)
+    words = PEER_WORDS[shape]
+    xs, ys = pairrm_inputs(prompts, k, seed=0, prompt_words=words[0], response_words=words[1])
     (work / "texts.json").write_text(json.dumps({"prompts": xs, "candidates": ys}))
     peer = Peer(python, "blender", work, dict(checkpoint=ckpt, texts="texts.json", batch_size=1, threads=1))
     model = pairrm.PairRM.from_pretrained(ckpt, device="cpu")
@@ -215,11 +221,17 @@ def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_score
     print("agreement, PairRM vs llm-blender: "
           + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
           + "; " + check("P = sigma(s_i - s_j)", p_diff, tol_p), flush=True)
-    pairs = prompts * k * (k - 1)
-    return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs), random DeBERTa-v2 hidden "
+    pairs, blender_t = prompts * k * (k - 1), [r["seconds"] for r in theirs[1:]]
+    flops, attention, lengths = pairrm_work(model, xs, ys)
+    limit = matmul_limit(model.pretrained_model.config.to_dict(), 1, backward=False)["layer"]
+    return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs, rows of {min(lengths)}-{max(lengths)} tokens, mean "
+                       f"{sum(lengths) / len(lengths):.0f}), random DeBERTa-v2 hidden "
                        f"{PEER_PAIRRM[shape]['hidden_size']} x {PEER_PAIRRM[shape]['num_hidden_layers']}, fp32; "
-                       "llm-blender rank(batch_size=1) on transformers 4.44.2", "fast": rate(pairs, t["ours"]),
-            "slow": rate(pairs, [r["seconds"] for r in theirs[1:]]), "unit": "pairs/s", "max_abs_diff": p_diff}
+                       "llm-blender rank(batch_size=1) on transformers 4.44.2; ours "
+                       f"{of_limit(flops, t['ours'], limit)}, llm-blender's {of_limit(flops, blender_t, limit)} "
+                       f"({limit / 1e9:.1f} GFLOP/s: forward matmuls at the layer's shapes; attention {attention:.0%} "
+                       "of the FLOPs)",
+            "fast": rate(pairs, t["ours"]), "slow": rate(pairs, blender_t), "unit": "pairs/s", "max_abs_diff": p_diff}
 
 
 # ----------------------------------------------------------------------------------------------------------------

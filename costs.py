@@ -62,6 +62,22 @@ def step_flops(config, n_params, tokens, sum_len_sq, response_tokens):
     return 6 * n_body * tokens + 12 * L * h * sum_len_sq + 6 * V * d * response_tokens
 
 
+def encoder_flops(config, lengths, attention=True):
+    """Forward FLOPs of a DeBERTa encoder (PairRM's backbone, He et al. 2021, arXiv 2006.03654) over rows of T_i real
+    tokens each (no padding), counted as MFU counts: the model's work, not an implementation's:
+
+        sum_i  2 L T_i (4 d^2 + 2 d I)  +  8 L d T_i^2
+
+    The linears q, k, v, o (d x d) and the MLP (d x I, I x d) per token; attention 2 d T^2 for each of the content
+    scores q.k, the c2p and p2c terms (one d-long product per (i, j), as q.k) and probs.v. Not counted: the
+    projections of the relative position embeddings (per layer, shared by every row of a batch: the redundant work a
+    one-row-at-a-time caller repeats), embeddings, layer norms and PairRM's head (2 d^2 per row, < 0.1%).
+    attention=False: the linears alone."""
+    d, inter, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens, sq = sum(int(t) for t in lengths), sum(int(t) ** 2 for t in lengths)
+    return 2 * L * tokens * (4 * d * d + 2 * d * inter) + (8 * L * d * sq if attention else 0)
+
+
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                    ("H800", 989e12), ("A100", 312e12), ("A800", 312e12)]
 """Dense bf16 tensor-core peak by device-name substring (first match wins), from NVIDIA's data sheets."""

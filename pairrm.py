@@ -134,6 +134,12 @@ class EncodedPairs:
         return ids, (t < start[:, None]).long(), torch.stack(positions, 1)
 
 
+def _ordered_pairs(N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt n, i, j) (R,) each for the R = N K(K-1) ordered pairs i != j of N prompts, prompt by prompt."""
+    i, j = (~torch.eye(K, dtype=torch.bool)).nonzero().unbind(1)  # (K(K-1),) each
+    return torch.arange(N).repeat_interleave(len(i)), i.repeat(N), j.repeat(N)
+
+
 def _length_batches(lengths: torch.Tensor, batch_tokens: int) -> list[torch.Tensor]:
     """Row indices sorted longest first, cut so that rows x longest row <= batch_tokens (at least one row each)."""
     order = torch.argsort(lengths, descending=True, stable=True)
@@ -291,17 +297,21 @@ class PairRM(nn.Module):
                        progress: bool = False) -> torch.Tensor:
         """M (N, K, K) float32 on CPU: M[n, i, j] = f(x_n; y_i, y_j) for all K(K-1) ordered pairs, diagonal 0."""
         K = _check_candidates(prompts, candidates)
-        i, j = (~torch.eye(K, dtype=torch.bool)).nonzero().unbind(1)  # (K(K-1),) each: the ordered pairs i != j
         M = torch.zeros(len(prompts), K, K)
-        with tqdm(total=len(prompts) * len(i), desc="PairRM pairs", disable=not progress) as bar:
+        with tqdm(total=len(prompts) * K * (K - 1), desc="PairRM pairs", disable=not progress) as bar:
             for s in range(0, len(prompts), PROMPTS_PER_CHUNK):
                 chunk = prompts[s : s + PROMPTS_PER_CHUNK]
-                n = torch.arange(len(chunk)).repeat_interleave(len(i))  # (R,) prompt of each row
-                ii, jj = i.repeat(len(chunk)), j.repeat(len(chunk))  # (R,)
+                n, ii, jj = _ordered_pairs(len(chunk), K)  # (R,) each
                 rows = torch.stack([n, n * K + ii, n * K + jj], 1)  # (R, 3)
                 enc = self.encode(chunk, candidates[s : s + PROMPTS_PER_CHUNK], rows)
                 M[s + n, ii, jj] = self._run(enc, batch_tokens, bar)
         return M
+
+    def pair_lengths(self, prompts: list[str], candidates: list[list[str]]) -> torch.Tensor:
+        """Tokens in each row logit_matrices runs (R,) = (N K(K-1),): the work a FLOP count needs (bench.py)."""
+        K = _check_candidates(prompts, candidates)
+        n, i, j = _ordered_pairs(len(prompts), K)
+        return self.encode(prompts, candidates, torch.stack([n, n * K + i, n * K + j], 1)).lengths()
 
     def preference_matrices(self, prompts: list[str], candidates: list[list[str]], mode: str = "pairwise",
                             batch_tokens: int | None = None, progress: bool = False) -> torch.Tensor:

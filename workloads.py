@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+import costs
 import pairrm
 import runs
 import sppo_toy
@@ -43,7 +44,64 @@ def rate(work, seconds) -> dict:
 
 
 def fmt(r, unit):
-    return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}] {unit}"
+    """'median [min-max] unit', to 3 significant digits or more."""
+    f = ",.0f" if r["median"] >= 100 else ".1f" if r["median"] >= 10 else ".2f"
+    return f"{r['median']:{f}} [{r['min']:{f}}-{r['max']:{f}}] {unit}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine's limit: its fp32 matmul rate at a model's shapes, and the FLOPs a PairRM pass does.
+def layer_weights(shape):
+    """One layer's matmul weights (out, in, count) from a config dict: a Llama's (MODEL_SIZES: q, o (d x d), k, v
+    (d_kv x d), gate, up (I x d), down (d x I)) or, without num_key_value_heads, a DeBERTa's (q, k, v, o, MLP in,
+    MLP out)."""
+    d, inter = shape["hidden_size"], shape["intermediate_size"]
+    if "num_key_value_heads" not in shape:
+        return [(d, d, 4), (inter, d, 1), (d, inter, 1)]
+    d_kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    return [(d, d, 2), (d_kv, d, 2), (inter, d, 2), (d, inter, 1)]
+
+
+def matmul_limit(shape, threads, tokens=4096, repeats=5, backward=True):
+    """This machine's fp32 matmul rate at the shapes of one layer (layer_weights(shape)): for each weight W the
+    matmuls a (tokens x d) input runs through it: forward X W^T and, if backward (training), the input gradient dY W
+    and the weight gradient dY^T X. Best of `repeats` each. Returns {"layer": FLOP/s of the whole set (its FLOPs /
+    the sum of its times), "best": the fastest single matmul's FLOP/s}."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    flops, seconds, best = 0, 0.0, 0.0
+    try:
+        for n_out, n_in, count in layer_weights(shape):
+            x, w, dy = torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out)
+            for fn in (lambda: x @ w.T, lambda: dy @ w, lambda: dy.T @ x)[: 3 if backward else 1]:
+                fn()
+                t = min(timed(fn) for _ in range(repeats))
+                f = 2 * tokens * n_in * n_out
+                flops, seconds, best = flops + count * f, seconds + count * t, max(best, f / t)
+    finally:
+        torch.set_num_threads(old)
+    return {"layer": flops / seconds, "best": best}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pairrm_work(model, prompts, candidates):
+    """FLOPs of one model.logit_matrices pass over every ordered pair (costs.encoder_flops at each row's own length)
+    and the share of them that is attention (the T^2 terms). Returns (flops, attention share, row lengths (R,))."""
+    lengths = model.pair_lengths(prompts, candidates).tolist()
+    config = model.pretrained_model.config
+    flops = costs.encoder_flops(config, lengths)
+    return flops, 1 - costs.encoder_flops(config, lengths, attention=False) / flops, lengths
+
+
+def of_limit(flops, seconds, limit) -> str:
+    """'A GFLOP/s = x% of the matmul limit' for flops done in the median of `seconds`."""
+    achieved = flops / statistics.median(seconds)
+    return f"{achieved / 1e9:.1f} GFLOP/s = {achieved / limit:.0%} of the matmul limit"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,6 +160,18 @@ MODEL_SIZES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_la
                             num_key_value_heads=4),
                "h512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=8)}
+
+
+def mix_rows(mix, tokenizer, win_prob=(0.7, 0.3), ref_logp=-100.0):
+    """length_mix's (or equal_lengths') (prompt, winner, loser) ids as D_t rows (runs.DATASET_FIELDS), winner then
+    loser: the prompt as the tokenizer's words (policy.prompt_ids adds its chat template), each response as its ids,
+    unfinished (no EOS); win rates win_prob (winner, loser) and ref_logp (any numbers: the loss's arithmetic is the
+    same whatever they are)."""
+    words = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    text = lambda ids: " ".join(words[t] for t in ids)                                 # noqa: E731
+    return [{"prompt_id": i, "prompt": text(r["prompt"]), "response": text(r[role]), "response_ids": r[role],
+             "finished": False, "win_prob": p, "ref_logp": ref_logp, "role": role}
+            for i, r in enumerate(mix) for role, p in zip(("winner", "loser"), win_prob)]
 
 
 def build_sized_policy(out_dir, size, seed=0):

@@ -48,11 +48,12 @@ def test_bench_quick():
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
-    assert len(rows) == 7, r.stdout                   # our rows only: no peer interpreter given
+    assert len(rows) == 8, r.stdout                   # our rows only: no peer interpreter given
     assert "make bench" in r.stdout                    # and how to get the peers' rows
     for line in rows[:3]:                              # Hedge and the two PairRM rows: same results on both paths
         diff = float(line.rstrip(" |").split("|")[-1])
         assert diff < 1e-5, line
-    assert "rows that differ: 0 of 4" in rows[3], rows[3]      # generation: the same tokens on both paths
-    for line in rows[:5]:
-        assert re.search(r"\d[\d,]* \[[\d,]+-[\d,]+\] (run-steps|pairs|tokens)/s", line), line
+    assert re.search(r"batched: [\d.]+ GFLOP/s = \d+% of the matmul limit", rows[3]), rows[3]   # PairRM's FLOP/s
+    assert "rows that differ: 0 of 4" in rows[4], rows[4]      # generation: the same tokens on both paths
+    for line in rows[:6]:
+        assert re.search(r"\d[\d,.]* \[[\d,.]+-[\d,.]+\] (run-steps|pairs|tokens|GFLOP)/s", line), line

@@ -196,6 +196,25 @@ def test_fewer_pass_attention_equals_transformers(model):
                                atol=1e-12, rtol=0)
 
 
+def test_encoder_flops_match_torch_flop_counter(model):
+    """costs.encoder_flops (bench's PairRM FLOP/s) against torch's FlopCounterMode on transformers' own attention, one
+    row of T = 2 S tokens (S = position buckets, so the c2p and p2c products against the 2 S relative embeddings cost
+    what the formula's T^2 terms count): the counter sees exactly the formula plus the relative projections it leaves
+    out, 2 x 2 (2 S) d^2 a layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import costs
+    ref, c = pairrm.transformers_attention(model), model.pretrained_model.config
+    S, d, L, T = c.position_buckets, c.hidden_size, c.num_hidden_layers, 2 * c.position_buckets
+    with FlopCounterMode(display=False) as counter:
+        ref.pretrained_model(input_ids=torch.randint(5, 50, (1, T)), attention_mask=torch.ones(1, T, dtype=torch.long))
+    assert counter.get_total_flops() == costs.encoder_flops(c, [T]) + L * 8 * S * d * d
+    # By hand at these sizes (hidden 32, MLP 64, 2 layers, T = 64): linears 2 L T (4 d^2 + 2 d I), attention 8 L d T^2.
+    assert costs.encoder_flops(c, [T]) == 2 * 2 * 64 * (4 * 32 * 32 + 2 * 32 * 64) + 8 * 2 * 32 * 64 * 64 == 4_194_304
+    assert costs.encoder_flops(c, [T, 3]) - costs.encoder_flops(c, [T], attention=False) == (
+        costs.encoder_flops(c, [3]) + 8 * L * d * T * T)
+
+
 def test_padding_and_trimming_do_not_change_f(model, tok):
     ids, pos = reference_row(tok, "hello!", "hi!", "Please go away.")
     long_ids, long_pos = reference_row(tok, PROMPTS[1], CANDIDATES[1][1], CANDIDATES[1][0])
