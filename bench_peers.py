@@ -96,8 +96,8 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
     given). Every step takes all pairs (global batch = len(mix)); step 0 is the warm-up. The steps interleave:
     train_policy's on_step hands over to one TRL step. Real (non-pad) tokens/s for both.
     Agreement: each pair's loss at the first weights, ours at eta = 1/beta vs TRL's (the same square loss, Sec. 4.5),
-    relative difference <= tol; each is also compared with the loss from fp64_logps (fp32 rounding of log-prob sums
-    over up to ~2,100 tokens is ~1e-3 nats). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
+    relative difference <= tol; each is also compared with the loss from fp64_logps (what fp32 rounding over rows of
+    up to ~2,100 tokens costs each side). And TRL's own reference log-probs (compute_ref_log_probs) vs ours."""
     if len(mix) % micro_batch:                # TRL's dataloader would cut micro-batches across our steps otherwise
         raise ValueError(f"bench_train_peer: {len(mix)} pairs do not split into micro-batches of {micro_batch}")
     work = Path(tempfile.mkdtemp(prefix="bench_trl_"))

@@ -188,6 +188,20 @@ def test_packed_logps_and_gradients_equal_padded(tmp_path, arch):
     assert (packed[1] - padded[1]).abs().max() <= 1e-5 * padded[1].abs().max()
 
 
+def test_long_rows_sum_to_the_correctly_rounded_total():
+    """policy._summed_logps (both log-prob paths add a row's token log-probs with it): over 1,500-token rows the
+    fp32 result is the exact sum of the fp32 token log-probs (math.fsum), rounded once. An fp32 accumulator that adds
+    one token at a time (index_add) drifts ~1e-3 nats over such a row, several fp32 steps at its magnitude."""
+    import math
+    g = torch.Generator().manual_seed(0)
+    logits, targets = 3 * torch.randn(3000, 50, generator=g), torch.randint(0, 50, (3000,), generator=g)
+    rows = torch.arange(3000) % 2                                          # two rows, interleaved as a batch's mask
+    got = policy._summed_logps(logits, targets, rows, 2, chunk=512)
+    token = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)          # the same fp32 token values
+    exact = [math.fsum(token[rows == k].double().tolist()) for k in range(2)]
+    assert got.dtype == torch.float32 and got.tolist() == torch.tensor(exact, dtype=torch.float32).tolist()
+
+
 def test_sequence_logps_bf16_weights(tiny):
     d, model, tok = tiny
     m16 = runs.load_policy(d, sppo.SPPOConfig(dtype="bfloat16"), "cpu")[0]
