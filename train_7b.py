@@ -231,8 +231,8 @@ def reference_logps(model, pairs, pad_id, schedule, group, cfg, d):
 def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path, model_id):
     """ref_logp per row: the dataset's own (--ref-logp auto on CPU only, and only when every row's ref_by shows it
     was computed by this pi_t (`model_id`, its hash), in this dtype, with this truncation: sppo.py records it), or
-    OUT/ref_logp.json when it was made for this model, data, truncation and computation (dtype, device, batching:
-    rank 0 decides), or computed and cached there by rank 0, so a restart does not recompute them."""
+    OUT/ref_logp.json when it was made for this model (by hash: a re-export to the same path is another model), data,
+    truncation and computation (dtype, device, batching: rank 0 decides), or computed and cached there by rank 0, so a restart does not recompute them."""
     dtype = str(mixed_precision(d.device).param_dtype or torch.float32).removeprefix("torch.")
     mine = sppo.ref_by(cfg, model_id, dtype)
     if cfg.ref_logp == "auto" and d.device.type == "cpu" and all("ref_logp" in r for r in rows):
@@ -241,7 +241,7 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
         d.log(f"{data_path}: ref_logp made by {next(r.get('ref_by') for r in rows if r.get('ref_by') != mine)}, not "
               f"by this policy ({mine}); recomputing")
     cache = Path(cfg.out) / "ref_logp.json"
-    key = {"model": str(Path(cfg.model).resolve()), "data_sha256": file_sha256(data_path), "max_length":
+    key = {"model": model_id, "data_sha256": file_sha256(data_path), "max_length":
            cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
            "device": d.device.type, "dtype": dtype, "batching": {k: getattr(cfg, k) for k in
            ("global_batch", "micro_batch", "group_by_length", "pack", "seed", "selection")} | {"world": d.world}}

@@ -362,9 +362,10 @@ def test_deterministic_mode_gives_the_same_losses(world, llama_run):
     assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
 
 
-def test_reference_logps_record_how_they_were_computed(llama_run):
+def test_reference_logps_record_how_they_were_computed(world, llama_run):
     out, log = llama_run
     key = json.loads((out / "ref_logp.json").read_text())["key"]
+    assert key["model"] == runs.Hashes(out)(world["llama"])          # pi_t by content, not by path
     assert (key["dtype"], key["device"]) == ("float32", "cpu")
     assert key["batching"] == {"global_batch": 4, "micro_batch": 1, "group_by_length": False, "pack": True,
                                "seed": 40, "selection": "pair", "world": 2}
