@@ -93,8 +93,8 @@ class BenchConfig:
                                        ".venv-blender).")
     peer_pairrm: Literal["h64", "h256", "real"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's "
                                                         "size (bench_peers.PEER_PAIRRM; h256 takes ~10x longer; real, "
-                                                        "PairRM's own shape at ~250-token rows, ~2 s a pair: use "
-                                                        "--prompts 2).")
+                                                        "PairRM's own shape at rows of mean ~250 tokens, ~3 s a pair: "
+                                                        "use --prompts 2).")
     profile: bool = HfArg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
                           "pass (where the time goes).")
 

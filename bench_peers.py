@@ -169,12 +169,12 @@ PEER_PAIRRM = {"h64": dict(hidden_size=64, num_hidden_layers=2, num_attention_he
                                                                      "position_buckets")}, initializer_range=0.05)}
 """The PairRM peer row's random DeBERTa-v2 (pairrm.save_tiny_random_checkpoint), by --peer-pairrm: h64 (the
 default, seconds a repetition: per-forward overheads weigh), h256 (closer to compute-bound) or real (the shape of
-PairRM's DeBERTa-v3-large backbone: hidden 1024 x 24 layers, 16 heads, MLP 4096, 256 position buckets; ~2 s a pair
+PairRM's DeBERTa-v3-large backbone: hidden 1024 x 24 layers, 16 heads, MLP 4096, 256 position buckets; ~3 s a pair
 on one thread). Inits wide enough that scores are O(0.1-1) and the agreement checks are not met by near-zero
 outputs, and no wider (fp32 rounding grows with the weights: P at init 0.5 and hidden 256 was 2.5e-4 off)."""
 PEER_WORDS = {"h64": (40, 80), "h256": (40, 80), "real": (100, 190)}
-"""pairrm_inputs' (prompt_words, response_words) by shape: rows of 55-198 tokens (mean ~127); real: ~250 tokens, the
-issue's setting for PairRM's real shape."""
+"""pairrm_inputs' (prompt_words, response_words) by shape: rows of 55-198 tokens (mean 127 at 32 prompts); real: 78-437
+tokens, mean 250 at 32 prompts (204 at 2), the ~250-token rows of PairRM's real setting."""
 
 
 def blender_checkpoint(out_dir, shape="h64", seed=0):

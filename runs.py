@@ -323,14 +323,15 @@ class Manifest:
         self.d, self.path = Path(d), Path(d) / "manifest.json"
         self.stages = json.loads(self.path.read_text())["stages"] if self.path.is_file() else {}
 
-    def done(self, stage, key, hashes):
-        """True: finished with exactly `key`, files unchanged. False: not finished (no record, or its files were
-        deleted to recompute it; a file without a record is an interrupted write). StaleStage otherwise."""
+    def done(self, stage, key, hashes, ignore=()):
+        """True: finished with exactly `key` (its fields in `ignore` aside), files unchanged. False: not finished (no
+        record, or its files were deleted to recompute it; a file without a record is an interrupted write).
+        StaleStage otherwise."""
         rec, files = self.stages.get(stage), [self.d / f for f in STAGE_FILES[stage]]
         if rec is None or not all(f.exists() for f in files):
             return False
         for k in sorted(set(rec["key"]) | set(key)):
-            if rec["key"].get(k) != key.get(k):
+            if k not in ignore and rec["key"].get(k) != key.get(k):
                 what = "input file" if k.endswith(".jsonl") else "pi_t" if k == "model" else "setting"
                 raise StaleStage(stage, files[0], f"made with {what} {k} = {rec['key'].get(k)!r}, but this run has "
                                  f"{k} = {key.get(k)!r}")

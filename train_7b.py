@@ -232,7 +232,8 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
     """ref_logp per row: the dataset's own (--ref-logp auto on CPU only, and only when every row's ref_by shows it
     was computed by this pi_t (`model_id`, its hash), in this dtype, with this truncation: sppo.py records it), or
     OUT/ref_logp.json when it was made for this model (by hash: a re-export to the same path is another model), data,
-    truncation and computation (dtype, device, batching: rank 0 decides), or computed and cached there by rank 0, so a restart does not recompute them."""
+    truncation and computation (dtype, device, batching: rank 0 decides), or computed and cached there by rank 0, so
+    a restart does not recompute them."""
     dtype = str(mixed_precision(d.device).param_dtype or torch.float32).removeprefix("torch.")
     mine = sppo.ref_by(cfg, model_id, dtype)
     if cfg.ref_logp == "auto" and d.device.type == "cpu" and all("ref_logp" in r for r in rows):
@@ -252,7 +253,8 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
         if saved and saved["key"] == key and len(saved["ref_logp"]) == len(rows):
             return saved["ref_logp"]
         if saved:
-            d.log(f"{cache}: made for another model, data, truncation or computation; recomputing")
+            d.log(f"{cache}: made for another model, data, truncation or computation (or keyed by an older version "
+                  f"of this script); recomputing")
     ref = d.decide(cached)
     if ref is not None:
         return ref, f"cache {cache} ({how})"
@@ -548,6 +550,14 @@ def stage_key(cfg, stage, prompts, hashes):
     return key
 
 
+def generations_recorded(cfg, prompts, hashes, reader):
+    """OUT's generations are recorded with this run's generate key (runs.Manifest.done). reader=True, for the rank
+    stage that reads them: made by either engine (the sampler is recorded, not required: the samples of a --stage
+    generate --gen-engine vllm call are ranked by a later --stage rank, which runs with the default engine)."""
+    return runs.Manifest(cfg.out).done("generate", stage_key(cfg, "generate", prompts, hashes), hashes,
+                                       ignore=("sampler",) if reader else ())
+
+
 def run(cfg):
     """Validate, then the stages of --stage in order. Generation and ranking (with D_t) are reused only when
     OUT/manifest.json shows them made with these settings and inputs (runs.Manifest, as sppo.py's run directory)."""
@@ -576,7 +586,7 @@ def run(cfg):
         stage_generate(cfg, d, out)
         commit("generate")
     if cfg.stage in ("rank", "all"):
-        if not done("generate"):
+        if not d.decide(lambda: generations_recorded(cfg, prompts, hashes, reader=True)):
             raise runs.ArtifactError(f"{out / 'generations.jsonl'}: not recorded in {out / 'manifest.json'}; "
                                      f"run --stage generate first")
         if not (done("rank") and done("dataset")):

@@ -470,7 +470,11 @@ def test_generations_record_their_engine(tmp_path, monkeypatch):
     runs.Manifest(out).commit("generate", vllm, hashes, 1)
     with pytest.raises(runs.StaleStage, match="made with setting sampler = 'vllm 0.99, seeded per prompt', but this "
                                               "run has sampler = "):
-        runs.Manifest(out).done("generate", train_7b.stage_key(hf, "generate", ["hi"], hashes), hashes)
+        train_7b.generations_recorded(hf, ["hi"], hashes, reader=False)          # --stage generate / all: regenerate?
+    # --stage rank (always the default engine: validate refuses vllm there) ranks vLLM's samples, as the README says
+    assert train_7b.generations_recorded(train_7b.TrainConfig(**kw, stage="rank"), ["hi"], hashes, reader=True)
+    with pytest.raises(runs.StaleStage, match="made with setting prompts = "):           # any other field counts
+        train_7b.generations_recorded(hf, ["hello"], hashes, reader=True)
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
