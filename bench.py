@@ -12,8 +12,9 @@ comparison row also reports the largest difference between the two paths' output
 
 Rows:
   * Hedge (Eq. 4.1) on a 200-action game: many runs as one batched array computation vs one run at a time.
-  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair; and
-    the same batches with pairrm.FewerPassAttention vs transformers' attention (`--profile`: where the time goes).
+  * PairRM: all K(K-1) ordered pairs of many prompts packed in length-sorted batches vs one forward per pair; the
+    same batches with pairrm.FewerPassAttention vs transformers' attention (`--profile`: where the time goes); and
+    both paths' FLOP/s (costs.encoder_flops) against this machine's fp32 matmul limit at the layer's shapes.
   * Generation: K samples per prompt from one prefill whose KV cache is repeated K times (policy.sample_k) vs HF
     generate(num_return_sequences=K), which runs each prompt K times; prompts of length_mix's lengths, sampled
     tokens/s, and how many sampled rows differ (`--only generate` adds SmolLM2-135M; requirements-real.txt).
@@ -26,8 +27,9 @@ Rows:
   * The peers, when their interpreters are given (--trl-python, --blender-python; `make bench` builds both
     environments and passes them): our sppo_hard training step vs TRL's DPOTrainer(loss_type="sppo_hard") on equal
     lengths and on a realistic length mix (length_mix), and pairrm.preference_matrices vs llm-blender's
-    Blender.rank as the authors' scripts/rank.py calls it; each with its agreement check (peer_runner.py is the
-    peers' side: it runs under their interpreters and never imports our modules).
+    Blender.rank as the authors' scripts/rank.py calls it (--peer-pairrm real: at PairRM's own shape), with both
+    sides' FLOP/s against the matmul limit; each with its agreement check (peer_runner.py is the peers' side: it
+    runs under their interpreters and never imports our modules).
   * --only real (not part of `all`; needs requirements-real.txt): SmolLM2-135M-Instruct from its GGUF, the real
     model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
     on one process and on 2 gloo ranks, and the peak RSS of each.
