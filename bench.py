@@ -342,9 +342,8 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
 def pairrm_limit_row(model, inputs, t):
     """The FLOP/s of the PairRM passes timed in t ({"batched", "per_pair"}: seconds) against this machine's matmul
     limit at the encoder's layer shapes (forward only, 1 thread; workloads.matmul_limit), measured after them."""
-    flops, attention, lengths = pairrm_work(model, *inputs)
+    flops, attention, lengths, limit = pairrm_work(model, *inputs)
     c = model.pretrained_model.config
-    limit = matmul_limit(c.to_dict(), 1, backward=False)["layer"]
     return {"setting": f"hidden {c.hidden_size} x {c.num_hidden_layers}, {len(lengths)} rows of {min(lengths)}-"
                        f"{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), attention {attention:.0%} of the "
                        f"FLOPs (costs.encoder_flops); limit {limit / 1e9:.1f} GFLOP/s (forward matmuls at the layer's "

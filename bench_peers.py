@@ -25,8 +25,8 @@ import pairrm
 import policy
 import runs
 import sppo
-from workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, matmul_limit,
-                       mix_rows, of_limit, pairrm_inputs, pairrm_work, rate)
+from workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, mix_rows, of_limit,
+                       pairrm_inputs, pairrm_work, rate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,8 +222,7 @@ def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_score
           + check("scores", s_diff, tol_scores, f" (scores up to {scores.abs().max():.2f})")
           + "; " + check("P = sigma(s_i - s_j)", p_diff, tol_p), flush=True)
     pairs, blender_t = prompts * k * (k - 1), [r["seconds"] for r in theirs[1:]]
-    flops, attention, lengths = pairrm_work(model, xs, ys)
-    limit = matmul_limit(model.pretrained_model.config.to_dict(), 1, backward=False)["layer"]
+    flops, attention, lengths, limit = pairrm_work(model, xs, ys)
     return {"setting": f"{prompts} prompts x K={k} ({pairs} pairs, rows of {min(lengths)}-{max(lengths)} tokens, mean "
                        f"{sum(lengths) / len(lengths):.0f}), random DeBERTa-v2 hidden "
                        f"{PEER_PAIRRM[shape]['hidden_size']} x {PEER_PAIRRM[shape]['num_hidden_layers']}, fp32; "

@@ -134,10 +134,12 @@ class EncodedPairs:
         return ids, (t < start[:, None]).long(), torch.stack(positions, 1)
 
 
-def _ordered_pairs(N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt n, i, j) (R,) each for the R = N K(K-1) ordered pairs i != j of N prompts, prompt by prompt."""
+def _ordered_pairs(N: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The R = N K(K-1) ordered pairs i != j of N prompts with K candidates each, prompt by prompt: (prompt n, i, j)
+    (R,) each, and the rows (R, 3) = (n, flat index of y_i, flat index of y_j) that PairRM.encode takes."""
     i, j = (~torch.eye(K, dtype=torch.bool)).nonzero().unbind(1)  # (K(K-1),) each
-    return torch.arange(N).repeat_interleave(len(i)), i.repeat(N), j.repeat(N)
+    n, i, j = torch.arange(N).repeat_interleave(len(i)), i.repeat(N), j.repeat(N)
+    return n, i, j, torch.stack([n, n * K + i, n * K + j], 1)
 
 
 def _length_batches(lengths: torch.Tensor, batch_tokens: int) -> list[torch.Tensor]:
@@ -301,8 +303,7 @@ class PairRM(nn.Module):
         with tqdm(total=len(prompts) * K * (K - 1), desc="PairRM pairs", disable=not progress) as bar:
             for s in range(0, len(prompts), PROMPTS_PER_CHUNK):
                 chunk = prompts[s : s + PROMPTS_PER_CHUNK]
-                n, ii, jj = _ordered_pairs(len(chunk), K)  # (R,) each
-                rows = torch.stack([n, n * K + ii, n * K + jj], 1)  # (R, 3)
+                n, ii, jj, rows = _ordered_pairs(len(chunk), K)  # (R,) each, (R, 3)
                 enc = self.encode(chunk, candidates[s : s + PROMPTS_PER_CHUNK], rows)
                 M[s + n, ii, jj] = self._run(enc, batch_tokens, bar)
         return M
@@ -310,8 +311,7 @@ class PairRM(nn.Module):
     def pair_lengths(self, prompts: list[str], candidates: list[list[str]]) -> torch.Tensor:
         """Tokens in each row logit_matrices runs (R,) = (N K(K-1),): the work a FLOP count needs (bench.py)."""
         K = _check_candidates(prompts, candidates)
-        n, i, j = _ordered_pairs(len(prompts), K)
-        return self.encode(prompts, candidates, torch.stack([n, n * K + i, n * K + j], 1)).lengths()
+        return self.encode(prompts, candidates, _ordered_pairs(len(prompts), K)[3]).lengths()
 
     def preference_matrices(self, prompts: list[str], candidates: list[list[str]], mode: str = "pairwise",
                             batch_tokens: int | None = None, progress: bool = False) -> torch.Tensor:

@@ -90,12 +90,14 @@ def timed(fn):
 
 
 def pairrm_work(model, prompts, candidates):
-    """FLOPs of one model.logit_matrices pass over every ordered pair (costs.encoder_flops at each row's own length)
-    and the share of them that is attention (the T^2 terms). Returns (flops, attention share, row lengths (R,))."""
+    """FLOPs of one model.logit_matrices pass over every ordered pair (costs.encoder_flops at each row's own length),
+    the share of them that is attention (the T^2 terms), and the limit they run against: matmul_limit at the
+    encoder's layer shapes, forward only, 1 thread. Returns (flops, attention share, row lengths (R,), limit FLOP/s)."""
     lengths = model.pair_lengths(prompts, candidates).tolist()
     config = model.pretrained_model.config
     flops = costs.encoder_flops(config, lengths)
-    return flops, 1 - costs.encoder_flops(config, lengths, attention=False) / flops, lengths
+    limit = matmul_limit(config.to_dict(), 1, backward=False)["layer"]
+    return flops, 1 - costs.encoder_flops(config, lengths, attention=False) / flops, lengths, limit
 
 
 def of_limit(flops, seconds, limit) -> str:
