@@ -386,13 +386,11 @@ def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
     for name, c in cfgs.items():
         mbs = sppo.micro_batches(idx, enc, micro_batch, 2, c.group_by_length)
         run = sum(lengths) if c.pack else sum(len(mb) * max(lengths[i] for i in mb) for mb in mbs)
-        achieved = flops / statistics.median(t[name])
         out[name] = {"setting": f"hidden {m['hidden_size']} x {m['num_hidden_layers']}, {pairs} pairs ({sum(lengths):,} "
                                 f"tokens), micro-batch {micro_batch} pairs; pad {1 - sum(lengths) / run:.0%}; "
                                 f"{of_limit(flops, t[name], max(limit))} "
                                 f"({max(limit) / 1e9:.1f} GFLOP/s; attention {attention:.0%} of the FLOPs)",
-                     "fast": rate(sum(lengths), t[name]), "unit": "tokens/s", "achieved": achieved,
-                     "limit": max(limit)}
+                     "fast": rate(sum(lengths), t[name]), "unit": "tokens/s"}
     return out
 
 
