@@ -197,7 +197,7 @@ def blender_checkpoint(out_dir, shape="h64", seed=0):
 
 
 def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_scores=5e-4, tol_p=1e-4):
-    """pairrm.preference_matrices (mode "official": P = sigma(s_i - s_j), the released pipeline's) vs llm-blender
+    """pairrm's preference matrices (mode "official": P = sigma(s_i - s_j), the released pipeline's) vs llm-blender
     0.0.2 as uclaml/SPPO's scripts/rank.py calls it (Blender.rank(prompts, candidates, return_scores=True,
     batch_size=1), fp32 on CPU) followed by scripts/compute_prob.py's P, on the same random checkpoint
     (blender_checkpoint, PEER_PAIRRM[shape]) and the same texts (pairrm_inputs). Agreement: the scores within
@@ -211,11 +211,14 @@ def bench_pairrm_peer(python, prompts=32, k=5, shape="h64", repeats=3, tol_score
     model = pairrm.PairRM.from_pretrained(ckpt, device="cpu")
     peer.read()                                                    # loaded
     out, theirs = {}, []
-    t = interleaved({"ours": lambda: out.__setitem__("P", model.preference_matrices(xs, ys, mode="official")),
-                     "blender": lambda: theirs.append(peer.go())}, repeats)
+
+    def ours():                                                    # preference_matrices, keeping its logits
+        out["M"] = model.logit_matrices(xs, ys)
+        out["P"] = pairrm.preference_from_logits(out["M"], "official")
+    t = interleaved({"ours": ours, "blender": lambda: theirs.append(peer.go())}, repeats)
     peer.close()
     shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
-    scores = model.scores(xs, ys)                                  # (N, K)
+    scores = pairrm.scores_from_logits(out["M"])                   # (N, K), from the timed pass: no extra one
     s_diff = (scores - torch.tensor(theirs[0]["scores"])).abs().max().item()
     p_diff = (out["P"].double() - torch.tensor(theirs[0]["P"])).abs().max().item()
     print("agreement, PairRM vs llm-blender: "
