@@ -18,6 +18,7 @@ Run (prints the K x K preference matrix and the scores):
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import re
@@ -374,10 +375,28 @@ class PairRMOracle:
     """SPPO's oracle slot: oracle(prompt, responses) -> P (K, K) with P[i, j] = P(y_i > y_j | x);
     oracle.batch(prompts, candidates) -> (N, K, K) packs the pairs of all prompts into the same batches."""
 
-    def __init__(self, model: PairRM, mode: str = "pairwise", batch_tokens: int | None = None, progress=False):
+    def __init__(self, model: PairRM, mode: str = "pairwise", batch_tokens: int | None = None, progress=False,
+                 checkpoint_id: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.mode, self.batch_tokens, self.progress = model, mode, batch_tokens, progress
+        self.checkpoint_id = checkpoint_id
+
+    def identity(self) -> dict:
+        """What a run manifest records of this oracle (sppo.Oracle): the checkpoint's hash (checkpoint_id, as the
+        caller hashed its folder; else a sha256 of the weights in memory) and the mode."""
+        if self.checkpoint_id is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(name.encode() + t.detach().cpu().float().numpy().tobytes())
+            self.checkpoint_id = h.hexdigest()
+        return self.identity_of(self.checkpoint_id, self.mode)
+
+    @staticmethod
+    def identity_of(checkpoint_id, mode):
+        """The identity of a PairRM oracle from its checkpoint's hash and mode, known before the weights are loaded
+        (train_7b.py checks its run directory before the process group)."""
+        return {"pairrm": checkpoint_id, "mode": mode}
 
     def __call__(self, prompt: str, responses: list[str]) -> torch.Tensor:
         return self.model.preference_matrix(prompt, responses, self.mode, self.batch_tokens)

@@ -2,51 +2,45 @@
 
 sppo.py runs Algorithm 1 (generate -> rank -> dataset -> train); this file holds what every stage of it shares
 with the others and with train_7b.py, so that each exists once:
-  * errors the user can fix (a CLI prints them as one line and exits 2);
   * records: prompts in; generations, preferences and D_t out, as JSONL written atomically, one reader and one
     writer per artifact, one field check whose errors name the file, the line and the field;
   * the run directory's integrity: OUT/iter{t}/manifest.json records each finished stage with the settings and
     inputs it depends on (STAGE_SETTINGS, sha256 of pi_t and of its input files) and what it wrote; a stage is
     reused only when all of that matches, otherwise the run stops before any work (or --restart-from moves the
     stale artifacts aside, deleting nothing);
-  * policies on disk (a save_pretrained directory, written atomically), and the one CLI convention.
+  * the stage runner (Iteration.step): resuming, applied to each step of Algorithm 1 from outside it;
+  * one run per run directory (OUT/.lock), and policies on disk (a save_pretrained directory, written atomically).
 
-    OUT/config.json, OUT/hashes.json, OUT/iter{t}/{generations,preferences,dataset}.jsonl, model/, metrics.json,
-    manifest.json; OUT/stale/<time>/ for what --restart-from moved aside.
+    OUT/config.json, OUT/hashes.json, OUT/.lock, OUT/iter{t}/{generations,preferences,dataset}.jsonl, model/,
+    metrics.json, manifest.json; OUT/stale/<time>/ for what --restart-from moved aside.
 """
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
-import sys
+import struct
 import time
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import pyarrow                     # parquet prompt sets: UltraFeedback's splits, as the SPPO authors ship them
+import pyarrow.parquet as pq
 import torch
-from transformers import HfArgumentParser
 
+import cli
 import hedge_toy
 import policy
+from cli import ArtifactError, ConfigError  # noqa: F401 (runs.ConfigError: raised by the run functions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors the user can fix: a CLI prints them as one line and exits 2.
-
-
-class ArtifactError(ValueError):
-    """A prompt file or run artifact that cannot be used; the message names the file and line."""
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work, found before any work starts; the CLIs print it as one line and exit 2."""
-
-
+# Errors the user can fix (cli.py's: a CLI prints them as one line and exits 2).
 class StaleStage(ArtifactError):
     """A finished stage whose artifacts were made with other settings or inputs, or changed since."""
 
@@ -54,15 +48,6 @@ class StaleStage(ArtifactError):
         self.stage, self.path = stage, path
         super().__init__(f"{path}: {why}; ways out: another --out, or --restart-from {stage} (moves it and every "
                          f"later artifact aside to OUT/stale/, deleting nothing)")
-
-
-def user_errors(prog, fn):
-    """Run fn(); a ConfigError or ArtifactError (the user's to fix) becomes one line on stderr and exit code 2."""
-    try:
-        return fn()
-    except (ConfigError, ArtifactError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,21 +96,27 @@ def check_fields(row, schema: dict, where: str):
     return row
 
 
-def read_jsonl(path, required: dict | None = None):
-    """Read a JSONL file; every line must be a JSON object with the `required` fields of the given types."""
+def read_jsonl(path, required: dict | None = None, artifact=True):
+    """Read a JSONL file; every line must be a JSON object with the `required` fields of the given types. Errors
+    name the file and line; artifact=False for a user's own file (prompts): never advise deleting it."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file")
+    way_out = "; a truncated or corrupt artifact: --restart-from its stage, or another --out" if artifact else ""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ArtifactError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                                    f"{way_out}") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ArtifactError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    f"a truncated or corrupt file - delete it to recompute") from None
+                raise ArtifactError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}){way_out}") from None
             rows.append(check_fields(row, required or {}, f"{path}:{n}"))
     return rows
 
@@ -150,17 +141,21 @@ def write_json(path, obj):
 
 
 def load_prompts(path, column="prompt"):
-    """Prompts from JSONL (one object per line with a string `column`) or parquet (a string column)."""
+    """Prompts from JSONL (one object per line with a string `column`) or parquet (a string column). Errors name
+    the file, the line (or record) and the field."""
     path = Path(path)
     if path.suffix != ".parquet":
-        prompts = [row[column] for row in read_jsonl(path, required={column: str})]
+        prompts = [row[column] for row in read_jsonl(path, required={column: str}, artifact=False)]
     elif not path.is_file():
         raise ArtifactError(f"{path}: no such file")
     else:
-        import pyarrow.parquet as pq                 # UltraFeedback's splits, as the SPPO authors ship them
-        if column not in pq.read_schema(path).names:
-            raise ArtifactError(f"{path}: no column {column!r}; columns are {pq.read_schema(path).names}")
-        prompts = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        try:
+            names = pq.read_schema(path).names
+            if column not in names:
+                raise ArtifactError(f"{path}: no column {column!r}; columns are {names}")
+            prompts = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ArtifactError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     for n, p in enumerate(prompts, 1):
         if not isinstance(p, str) or not p.strip():
             raise ArtifactError(f"{path}: record {n}: field {column!r} should be a non-empty string, got {p!r}")
@@ -173,10 +168,10 @@ def _per_prompt(path, schema, n_prompts, fits, expected):
     recs = read_jsonl(path, schema)
     for n, r in enumerate(recs):
         if r["prompt_id"] != n or n >= n_prompts or not fits(n, r):
-            raise ArtifactError(f"{path}:{n + 1}: expected {expected(n)}; the file belongs to another run or "
-                                f"config - delete it to recompute")
+            raise ArtifactError(f"{path}:{n + 1}: expected {expected(n)}; the file belongs to another run: "
+                                f"--restart-from its stage, or another --out")
     if len(recs) != n_prompts:
-        raise ArtifactError(f"{path}: {len(recs)} records for {n_prompts} prompts; delete it to recompute")
+        raise ArtifactError(f"{path}: {len(recs)} records for {n_prompts} prompts: --restart-from its stage")
     return recs
 
 
@@ -186,14 +181,9 @@ def write_generations(path, prompts, generations):
 
 def read_generations(path, prompts, K):
     """generations.jsonl for exactly these prompts, in order, K responses each with their token ids."""
-    try:
-        return _per_prompt(path, GENERATION_FIELDS, len(prompts), lambda n, g: g["prompt"] == prompts[n] and
-                           len(g["responses"]) == K == len(g["finished"]) == len(g["token_ids"]) == len(g["stop_ids"]),
-                           lambda n: f"prompt {n} with K={K} responses and their token ids")
-    except ArtifactError as e:
-        if "missing field 'token_ids'" not in str(e) and "missing field 'stop_ids'" not in str(e):
-            raise
-        raise ArtifactError(f"{e} (written before sampled token ids were stored: --restart-from generate)") from None
+    return _per_prompt(path, GENERATION_FIELDS, len(prompts), lambda n, g: g["prompt"] == prompts[n] and
+                       len(g["responses"]) == K == len(g["finished"]) == len(g["token_ids"]) == len(g["stop_ids"]),
+                       lambda n: f"prompt {n} with K={K} responses and their token ids")
 
 
 def write_preferences(path, matrices, logits=None):
@@ -207,7 +197,7 @@ def read_preferences(path, n_prompts, K, with_logits=False):
     recs = _per_prompt(path, PREFERENCE_FIELDS, n_prompts, lambda n, r: np.shape(r["P"]) == (K, K) and np.shape(
                        r.get("logits", r["P"])) == (K, K), lambda n: f"prompt {n}'s {K} x {K} matrix")
     if len({"logits" in r for r in recs}) > 1:
-        raise ArtifactError(f"{path}: some records have 'logits' and some do not; delete it to recompute")
+        raise ArtifactError(f"{path}: some records have 'logits' and some do not: --restart-from rank")
     try:
         mats = [hedge_toy.validate_preference(r["P"]) for r in recs]
     except ValueError as e:
@@ -263,16 +253,24 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
                 "train": ("dataset.jsonl",)}
 
 
+TRAIN_SETTINGS = ("loss", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
+                  "schedule_epochs", "global_batch", "micro_batch", "group_by_length", "pack", "seed", "selection",
+                  "max_length", "max_prompt_length", "truncation", "dtype")
+"""The settings that change pi_{t+1} given D_t and pi_t, besides the loss's own (sppo.LOSSES[...].settings): the train
+stage's key here, and what train_7b.py --resume must find unchanged in its checkpoint."""
+
 STAGE_SETTINGS = {
     "generate": ("K", "seed", "temperature", "top_p", "max_new_tokens", "gen_batch", "max_prompt_length", "dtype"),
-    "rank": ("oracle", "pairrm_mode", "oracle_prompt", "judges"),
+    "rank": ("oracle", "pairrm_mode", "oracle_prompt"),
     "dataset": ("selection", "estimate_from", "reference", "eta", "max_length", "max_prompt_length", "truncation",
                 "micro_batch", "dtype"),
-    "train": ("loss", "ipo_target", "log_z", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay",
-              "max_grad_norm", "epochs", "schedule_epochs", "global_batch", "micro_batch", "group_by_length", "pack",
-              "seed",
-              "max_length", "max_prompt_length", "truncation", "dtype", "eval_prompts")}
-"""The settings each stage's artifacts depend on (its input files and pi_t are recorded by hash besides)."""
+    "train": TRAIN_SETTINGS + ("eval_prompts",)}
+"""The settings each stage's artifacts depend on (its input files, pi_t and the oracle's identity are recorded by hash
+besides; the train stage adds the loss's own settings)."""
+
+FORMAT = 3
+"""The run directory's layout version, in every manifest.json. A directory made by another version of this code is
+refused (one line, the way out), never read with guesses."""
 
 
 class Hashes:
@@ -298,15 +296,15 @@ class Hashes:
         return self.known[key][2]
 
 
-def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes):
-    """Everything stage's artifacts in folder d depend on: its settings, pi_t, the prompts, the oracle, inputs."""
-    key = {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}
+def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes, extra_settings=()):
+    """Everything stage's artifacts in folder d depend on: its settings (STAGE_SETTINGS, and extra_settings: the
+    loss's own for the train stage), pi_t, the prompts, the oracle's identity, the hashes of its input files."""
+    key = {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage] + tuple(extra_settings)}
     key.update({f: hashes(Path(d) / f) for f in STAGE_INPUTS.get(stage, ())})
     if stage != "rank":
         key["model"] = hashes(model_dir)
     if stage == "generate":
         key["prompts"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-        key["sampler"] = policy.SAMPLER                         # generations from before it are not reused
     if stage == "rank":
         key["oracle_id"] = oracle_id
     if stage == "dataset" and cfg.reference == "initial":       # ref_logp by pi_0, whatever pi_t is
@@ -321,7 +319,12 @@ class Manifest:
 
     def __init__(self, d):
         self.d, self.path = Path(d), Path(d) / "manifest.json"
-        self.stages = json.loads(self.path.read_text())["stages"] if self.path.is_file() else {}
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {"format": FORMAT, "stages": {}}
+        if saved.get("format") != FORMAT:
+            raise ArtifactError(f"{self.path}: written by another version of this code (layout "
+                                f"{saved.get('format', 'before 3')}, this one reads {FORMAT}); use another --out, or "
+                                f"move {self.d.parent} away")
+        self.stages = saved["stages"]
 
     def done(self, stage, key, hashes, ignore=()):
         """True: finished with exactly `key` (its fields in `ignore` aside), files unchanged. False: not finished (no
@@ -330,7 +333,7 @@ class Manifest:
         rec, files = self.stages.get(stage), [self.d / f for f in STAGE_FILES[stage]]
         if rec is None or not all(f.exists() for f in files):
             return False
-        for k in sorted(set(rec["key"]) | set(key)):
+        for k in sorted(set(rec["key"]) | set(key), key=lambda k: (k not in rec["key"] or k not in key, k)):
             if k not in ignore and rec["key"].get(k) != key.get(k):
                 what = "input file" if k.endswith(".jsonl") else "pi_t" if k == "model" else "setting"
                 raise StaleStage(stage, files[0], f"made with {what} {k} = {rec['key'].get(k)!r}, but this run has "
@@ -343,7 +346,10 @@ class Manifest:
     def commit(self, stage, key, hashes, rows):
         """Record a finished stage (its files are already in place): the last write of every stage."""
         self.stages[stage] = {"key": key, "files": {f: hashes(self.d / f) for f in STAGE_FILES[stage]}, "rows": rows}
-        write_json(self.path, {"stages": self.stages})
+        self.save()
+
+    def save(self):
+        write_json(self.path, {"format": FORMAT, "stages": self.stages})
 
 
 def iteration_prompts(prompts, cfg, t):
@@ -354,7 +360,72 @@ def iteration_prompts(prompts, cfg, t):
     return [prompts[i] for i in parts[t]]
 
 
-def check_run(cfg, prompts, oracle_id, hashes):
+# ----------------------------------------------------------------------------------------------------------------
+# The stage runner: how each step of Algorithm 1 becomes resumable, applied from outside the algorithm.
+class Stopped(Exception):
+    """--stop-after: the named stage has finished; the run stops there (re-run the command to resume)."""
+
+
+ARTIFACTS = {
+    # stage      save the step's result into OUT/iter{t}/                 read it back (checked)
+    "generate": (lambda it, gens: write_generations(it.path("generations.jsonl"), it.prompts, gens),
+                 lambda it: read_generations(it.path("generations.jsonl"), it.prompts, it.cfg.K)),
+    "rank":     (lambda it, res: write_preferences(it.path("preferences.jsonl"), *res),
+                 lambda it: read_preferences(it.path("preferences.jsonl"), len(it.prompts), it.cfg.K, True)),
+    "dataset":  (lambda it, rows: write_jsonl(it.path("dataset.jsonl"), rows),
+                 lambda it: read_dataset(it.path("dataset.jsonl"), need_log_z=it.cfg.log_z == "estimate")),
+    "train":    (lambda it, res: (save_policy(res[0], res[1], it.path("model")), write_json(it.path("metrics.json"),
+                                                                                          res[2])),
+                 lambda it: it.path("model")),
+}
+"""One writer and one reader per stage's artifact: the stage runner saves a step's result with the first, and
+returns what the second reads back, whether the step ran now or in an earlier, interrupted run."""
+
+
+class Iteration:
+    """OUT/iter{t}/, one iteration of Algorithm 1 on disk. The algorithm calls each step through step(); that is
+    where resuming lives: a step whose manifest record matches this run (its settings, pi_t, the oracle, its input
+    files, the files it wrote) is not run again; otherwise it runs, its result is saved, read back and recorded.
+    Either way step() returns the artifact as read from disk."""
+
+    def __init__(self, cfg, t, prompts, model_dir, oracle_id, hashes, device, loss_settings=()):
+        self.cfg, self.t, self.prompts, self.model_dir, self.device = cfg, t, prompts, model_dir, device
+        self.oracle_id, self.hashes, self.loss_settings = oracle_id, hashes, tuple(loss_settings)
+        self.dir = Path(cfg.out) / f"iter{t}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest, self._pi_t = Manifest(self.dir), None
+
+    def path(self, name):
+        return self.dir / name
+
+    def pi_t(self):
+        """(model, tokenizer) of pi_t, loaded once, and only when a step runs that needs it."""
+        if self._pi_t is None:
+            self._pi_t = load_policy(self.model_dir, self.cfg, self.device)
+        return self._pi_t
+
+    def key(self, stage):
+        return stage_key(self.cfg, stage, self.dir, self.model_dir, self.prompts, self.oracle_id, self.hashes,
+                         self.loss_settings if stage == "train" else ())
+
+    def step(self, stage, work, *args):
+        """work(*args) -> the stage's result, unless the manifest shows the stage finished as asked; then the
+        artifact read back from disk. Raises Stopped after the stage --stop-after names."""
+        key = self.key(stage)
+        save, load = ARTIFACTS[stage]
+        if not self.manifest.done(stage, key, self.hashes):
+            save(self, work(*args))
+            result = load(self)                              # what was written reads back and passes its checks
+            self.manifest.commit(stage, key, self.hashes, len(result) if isinstance(result, list) else
+                                 len(self.prompts))
+        else:
+            result = load(self)
+        if self.cfg.stop_after == stage:
+            raise Stopped(f"stopped after stage {stage!r} of iteration {self.t}; re-run the command to resume")
+        return result
+
+
+def check_run(cfg, prompts, oracle_id, hashes, loss_settings=()):
     """Walk every finished stage without doing any work. Returns (t, StaleStage) for the first stage whose
     artifacts do not match this run, or None when everything that exists does."""
     model_dir = cfg.model
@@ -362,8 +433,9 @@ def check_run(cfg, prompts, oracle_id, hashes):
         d = Path(cfg.out) / f"iter{t}"
         man, p = Manifest(d), iteration_prompts(prompts, cfg, t)
         for name in STAGES:
+            key = stage_key(cfg, name, d, model_dir, p, oracle_id, hashes, loss_settings if name == "train" else ())
             try:
-                if not man.done(name, stage_key(cfg, name, d, model_dir, p, oracle_id, hashes), hashes):
+                if not man.done(name, key, hashes):
                     return None
             except StaleStage as e:
                 return t, e
@@ -372,19 +444,58 @@ def check_run(cfg, prompts, oracle_id, hashes):
 
 
 def move_aside(out, t, stage):
-    """--restart-from: move iteration t's artifacts of `stage` and later stages, and every later iteration, into
-    OUT/stale/<UTC time>/ (nothing is deleted), and drop their manifest records."""
-    dest = Path(out) / "stale" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    d, later = Path(out) / f"iter{t}", STAGES[STAGES.index(stage):]
+    """--restart-from: move iteration t's artifacts of `stage` and later stages, and every later iteration folder
+    (iter{n}, n > t: only folders this code names), into OUT/stale/<UTC time>/ (nothing is deleted), and drop their
+    manifest records. Every move is decided and checked before the first one is made."""
+    out, dest = Path(out), Path(out) / "stale" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    d, later = out / f"iter{t}", STAGES[STAGES.index(stage):]
     man = Manifest(d)
-    for f in [d / f for s in later for f in STAGE_FILES[s]] + sorted(Path(out).glob("iter*")):
-        if f.exists() and (f.parent == d or int(f.name[4:] or -1) > t):
-            (dest / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(f), dest / f.relative_to(out))
+    moves = [d / f for s in later for f in STAGE_FILES[s] if (d / f).exists()]
+    moves += sorted(p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"iter\d+", p.name) and int(p.name[4:]) > t)
+    if dest.exists():
+        raise ConfigError(f"--restart-from {stage}: {dest} exists already; wait a second and run again")
+    for f in moves:
+        (dest / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), dest / f.relative_to(out))
     for s in later:
         man.stages.pop(s, None)
-    write_json(man.path, {"stages": man.stages})
+    man.save()
     print(f"--restart-from {stage}: moved iteration {t}'s {'/'.join(later)} artifacts and later iterations to {dest}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run per run directory: an exclusive lock on OUT/.lock, released by the OS when the process ends.
+_LOCKS = {}
+
+
+def lock_run_dir(out):
+    """Take OUT/.lock for this process (fcntl.flock, non-blocking), or refuse at once naming the holder's PID. The
+    OS releases it when the process exits or is killed, so a crashed run never blocks the next one."""
+    out = Path(out).resolve()
+    if out in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"--out {out}: another run is using it (PID {holder}, {out / '.lock'}); wait for it to end, "
+                          f"or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[out] = f
+
+
+def unlock_run_dir(out):
+    """Release OUT/.lock before the process ends (tests run several runs in one process)."""
+    f = _LOCKS.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +504,21 @@ def move_aside(out, t, stage):
 
 def resolve_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def device_available(name):
+    """--device: `auto`, or a torch device name this machine has (cuda:1 needs two GPUs)."""
+    if name == "auto":
+        return True
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    if dev.type == "mps":
+        return torch.backends.mps.is_available()
+    return dev.type == "cpu"
 
 
 def gguf_cache():
@@ -428,8 +554,9 @@ def gguf_checkpoint(path, cache=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError) as e:
-        raise ArtifactError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, OSError, EOFError, IndexError, struct.error) as e:    # a truncated file: struct
+        raise ArtifactError(f"{path}: transformers cannot load this GGUF file, truncated or not a model "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
     model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
     model.config.__dict__.pop("quantization_config", None)           # de-quantised: a plain fp32 checkpoint
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
@@ -447,8 +574,8 @@ def load_policy(path, cfg, device):
     """A causal LM and its tokenizer from a local directory (no hub), or from a .gguf file via gguf_checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = gguf_checkpoint(path) if str(path).endswith(".gguf") else path
-    if not (Path(path) / "config.json").is_file():
-        raise ArtifactError(f"{path}: not a model directory (no config.json)")
+    if cli.model_dir_problem(path):
+        raise ArtifactError(f"{path}: {cli.model_dir_problem(path)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -463,35 +590,3 @@ def save_policy(model, tokenizer, path):
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI: the one convention of every script here (transformers.HfArgumentParser, as TRL's users know it).
-
-
-def parse_config(cls, argv=None, description=None):
-    """A `cls` instance from the command line: one flag per field (--field_name or --field-name), its help the
-    field's, its true default shown, Literal fields listing their choices and rejecting anything else at once
-    (exit 2). `--config FILE.yaml|.json` gives field values first; flags on the command line override them."""
-    parser = HfArgumentParser(cls, description=description)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of `field: value` lines; flags override")
-    given = parser.parse_known_args(argv)[0].config
-    file_args = []
-    if given:
-        import yaml
-        path = Path(given)
-        try:
-            values = yaml.safe_load(path.read_text()) if path.is_file() else None
-        except yaml.YAMLError as e:
-            parser.error(f"--config {path}: not valid YAML/JSON ({e})")
-        if not isinstance(values, dict):
-            parser.error(f"--config {path}: expected a file of `field: value` lines")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k, v in values.items():
-            if k not in names:
-                parser.error(f"--config {path}: unknown setting {k!r}")
-            if v is not None:
-                file_args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    args = vars(parser.parse_args(file_args + list(sys.argv[1:] if argv is None else argv)))
-    args.pop("config")
-    return cls(**args)

@@ -25,23 +25,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+import cli
 import committee
 import hedge_toy
 import pairrm
 import policy
 import runs
-from runs import ArtifactError, ConfigError
-from sppo_config import SPPOConfig, validate_config   # noqa: F401 (sppo.SPPOConfig: the config of this file)
+from cli import ArtifactError, ConfigError
+from sppo_config import LOSSES, ORACLES, SPPOConfig, validate_config   # sppo.SPPOConfig: this file's settings
 
 
 
@@ -118,6 +122,41 @@ def sppo_hard_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, eta):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The losses' table (--loss): one entry per objective. A new loss is its function above and one line here.
+@dataclass(frozen=True)
+class Loss:
+    """One --loss. fn(logp, batch, cfg): logp (B,) summed log-probs under pi_theta of a collated batch (ref_logp,
+    win_prob and `columns`) -> (B,) per row (kind 'row') or (B/2,) per (winner, loser) pair (kind 'pair': rows 2i,
+    2i+1; needs --selection pair). settings: the config fields it reads beyond eta (the train stage's key records
+    them)."""
+    fn: Callable
+    kind: Literal["row", "pair"]
+    settings: tuple = ()
+    columns: tuple = ()
+
+
+def pair(logp, batch):
+    """(log pi(y_w), log pi_ref(y_w), log pi(y_l), log pi_ref(y_l)), each (B/2,): rows 2i and 2i+1 of the batch."""
+    ref = batch["ref_logp"]
+    return logp[0::2], ref[0::2], logp[1::2], ref[1::2]
+
+
+LOSSES.update({
+    # name                  the loss of a batch                                                     kind, settings
+    "sppo":      Loss(lambda lp, b, c: sppo_loss(lp, b["ref_logp"], b["win_prob"], c.eta, b.get("log_z")),
+                      "row", ("log_z",)),                                                           # Eq. (4.7)
+    "sppo_pair": Loss(lambda lp, b, c: sppo_pair_loss(*pair(lp, b), b["pair_prob"][0::2], c.eta),
+                      "pair", columns=("pair_prob",)),                                              # Eq. (4.12)
+    "dpo":       Loss(lambda lp, b, c: dpo_loss(*pair(lp, b), 1 / c.eta), "pair"),                  # Eq. (4.13)
+    "ipo":       Loss(lambda lp, b, c: ipo_loss(*pair(lp, b), 1 / c.eta, c.ipo_target), "pair",
+                      ("ipo_target",)),                                                             # Eq. (4.14)
+    "sppo_hard": Loss(lambda lp, b, c: sppo_hard_loss(*pair(lp, b), c.eta), "pair"),                # Sec. 4.5
+    "kto":       Loss(lambda lp, b, c: kto_loss(*pair(lp, b), 1 / c.eta, (lp - b["ref_logp"]).detach().mean()),
+                      "pair"),                        # Eq. (4.15); KL(pi || pi_ref): the micro-batch's mean log-ratio
+})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Win rates, the kept pair and log Z (Sec. 4.2, 5.1).
 def win_rates(P):
     """P-hat(y_i > pi_t | x) = (1/K) sum_k P[i, k], the self-term 1/2 included (Sec. 5.1, Eq. 4.5).
@@ -185,18 +224,43 @@ def log_z_estimate(win_prob, eta):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Algorithm 1, step 2: the preference oracle, one interface: oracle(prompt, responses) -> P (K, K).
-def make_oracle(cfg, device="cpu"):
-    """PairRM from a local checkpoint, the paper's oracle; or the committee of rule judges (committee.py) for real
-    text without PairRM weights. (The `game` oracle is sppo_toy.GameOracle, passed to run() as an object.)"""
-    if cfg.oracle == "committee":
-        return committee.CommitteeOracle(cfg.judges)
-    if cfg.oracle != "pairrm":
-        raise ValueError(f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle); run sppo_toy.py")
+# Algorithm 1, step 2: the preference oracle, one interface (Oracle) and one table of the ones the CLI builds.
+class Oracle(Protocol):
+    """Step 2's oracle: oracle(x, [y_1..y_K]) -> P (K, K), P[i, j] = P(y_i > y_j | x), P + P^T = 1.
+
+    identity() is what the run manifest records of it, and must change whenever its preferences would (a hash of
+    its games, its judges, its checkpoint): a run resumed with another oracle is then refused, not silently fed
+    stale preferences. Optional: batch(prompts, candidates) -> [P]; batch_with_logits(...) -> ([P], [logits]);
+    reads_finished = True (batch then gets each response's stop flag, `finished=`)."""
+
+    def __call__(self, prompt: str, responses: list[str]) -> np.ndarray: ...
+
+    def identity(self) -> object: ...
+
+
+def make_pairrm(cfg, device, hashes):
+    """PairRM from a local checkpoint (the paper's oracle); its identity: the checkpoint's hash and the mode."""
     if not cfg.pairrm:
-        raise ValueError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)")
-    ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
-    return pairrm.PairRMOracle(ranker, mode=cfg.pairrm_mode, progress=cfg.progress)
+        raise ConfigError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)")
+    return pairrm.PairRMOracle(pairrm.PairRM.from_pretrained(cfg.pairrm, device=device), mode=cfg.pairrm_mode,
+                               progress=cfg.progress, checkpoint_id=hashes(cfg.pairrm))
+
+
+def make_committee(cfg, device, hashes):
+    """The committee of rule judges (committee.py): real text without PairRM weights."""
+    return committee.CommitteeOracle(cfg.judges)
+
+
+def needs_an_object(cfg, device, hashes):
+    raise ConfigError(f"--oracle {cfg.oracle}: the game oracle is sppo_toy.GameOracle, passed to sppo.run(cfg, "
+                      f"oracle=...); run sppo_toy.py")
+
+
+ORACLES.update({                 # --oracle NAME -> make(cfg, device, hashes) -> Oracle
+    "pairrm": make_pairrm,
+    "committee": make_committee,
+    "game": needs_an_object,
+})
 
 
 def oracle_prompts(prompts, cfg, model_dir):
@@ -205,16 +269,9 @@ def oracle_prompts(prompts, cfg, model_dir):
     Mistral, Llama-3 and Gemma-2 templates is this text, except that a prompt containing "None" is cut there too)."""
     if cfg.oracle_prompt == "raw":
         return list(prompts)
-    from transformers import AutoTokenizer
     model_dir = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir   # pi_0 a GGUF
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [policy.chat_prompt(tokenizer, x) for x in prompts]
-
-
-def pairrm_id(cfg, hashes):
-    """What the run manifest records of the PairRM oracle: its checkpoint's hash, the mode, and that the rank stage
-    keeps its logits (preferences.jsonl of older runs, without them, are then refused as stale)."""
-    return {"pairrm": hashes(cfg.pairrm), "mode": cfg.pairrm_mode, "logits": True}
 
 
 def rank(oracle, prompts, generations, progress=False):
@@ -326,11 +383,12 @@ def group_size(rows, cfg):
     if bad is not None:
         raise ArtifactError(f"dataset: record {bad + 1}: --selection pair needs rows in pairs (a prompt's winner, "
                             f"then its loser), but it has no pair after it; pass --selection all")
-    bad = next((n for n, r in enumerate(rows) if cfg.loss in PAIR_LOSSES and r.get("role", ("winner", "loser")[n % 2])
-                != ("winner", "loser")[n % 2] or cfg.loss == "sppo_pair" and "pair_prob" not in r), None)
+    loss, role = LOSSES[cfg.loss], lambda n, r: r.get("role", ("winner", "loser")[n % 2])     # noqa: E731
+    bad = next((n for n, r in enumerate(rows) if (loss.kind == "pair" and role(n, r) != ("winner", "loser")[n % 2])
+                or any(c not in r for c in loss.columns)), None)
     if bad is not None:
         raise ArtifactError(f"dataset: record {bad + 1}: --loss {cfg.loss} needs each prompt's winner, then its loser"
-                            + (", with pair_prob (sppo.py writes it)" if cfg.loss == "sppo_pair" else "") +
+                            + (f", with {', '.join(loss.columns)} (sppo.py writes it)" if loss.columns else "") +
                             "; recompute it with --restart-from dataset")
     return 2
 
@@ -392,51 +450,25 @@ def make_scheduler(optimizer, total_steps, warmup_ratio):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-PAIR_LOSSES = ("sppo_pair", "dpo", "ipo", "sppo_hard", "kto")
-"""The losses of one (winner, loser) pair (Sec. 4.5): they need --selection pair."""
-
-
 def example_losses(model, batch, cfg):
-    """cfg.loss per row of a collated batch carrying ref_logp, win_prob (log_z: --log-z estimate; pair_prob: --loss
-    sppo_pair). Returns (B,) fp32 whose sum over the step's rows / its row count is the step's loss.
+    """cfg.loss (LOSSES) per row of a collated batch carrying ref_logp, win_prob (and the loss's columns; log_z with
+    --log-z estimate). Returns (B,) fp32 whose sum over the step's rows / its row count is the step's loss.
 
-    sppo: Eq. (4.7) per row. A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps
-    them in one micro-batch) and gives both rows the pair's loss, so sum / rows = the mean over pairs."""
+    A pair loss reads rows 2i, 2i+1 as one prompt's winner and loser (group_size keeps them in one micro-batch) and
+    gives both rows the pair's loss, so sum / rows = the mean over pairs."""
     logp = policy.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
                                  cu_seq_lens=batch.get("cu_seq_lens"))                                        # (B,)
-    if cfg.loss == "sppo":
-        return sppo_loss(logp, batch["ref_logp"], batch["win_prob"], cfg.eta, batch.get("log_z"))
-    return pair_losses(logp, batch, cfg).repeat_interleave(2)
-
-
-def pair_losses(logp, batch, cfg):
-    """cfg.loss (one of PAIR_LOSSES) of each pair, rows 2i (winner) and 2i+1 (loser) of logp (B,) and batch's
-    ref_logp (and pair_prob for sppo_pair). Returns (B/2,)."""
-    ref, beta = batch["ref_logp"], 1.0 / cfg.eta
-    wl = (logp[0::2], ref[0::2], logp[1::2], ref[1::2])                                    # 4 x (B/2,)
-    if cfg.loss == "sppo_pair":
-        pair = sppo_pair_loss(*wl, batch["pair_prob"][0::2], cfg.eta)                      # Eq. (4.12)
-    elif cfg.loss == "dpo":
-        pair = dpo_loss(*wl, beta)                                                          # Eq. (4.13)
-    elif cfg.loss == "ipo":
-        pair = ipo_loss(*wl, beta, cfg.ipo_target)                                          # Eq. (4.14) family
-    elif cfg.loss == "sppo_hard":
-        pair = sppo_hard_loss(*wl, cfg.eta)                                                 # Sec. 4.5, P = 1
-    elif cfg.loss == "kto":                                # KL(pi || pi_ref): the micro-batch's mean log-ratio
-        pair = kto_loss(*wl, beta, (logp - ref).detach().mean())                           # Eq. (4.15)
-    else:
-        raise ValueError(f"loss must be one of {', '.join(PAIR_LOSSES)}; got {cfg.loss!r}")
-    return pair
+    loss = LOSSES[cfg.loss]
+    values = loss.fn(logp, batch, cfg)                                          # (B,) row loss, (B/2,) pair loss
+    return values if loss.kind == "row" else values.repeat_interleave(2)
 
 
 def make_batch(pairs, rows, idx, pad, cfg, device):
     """Collate rows `idx` (padded, or packed into one sequence with cfg.pack) with their targets: ref_logp, win_prob
-    (log_z when cfg.log_z == 'estimate', pair_prob when cfg.loss == 'sppo_pair')."""
+    (log_z when cfg.log_z == 'estimate', and the loss's own columns: pair_prob for sppo_pair)."""
     b = policy.collate([pairs[i] for i in idx], pad, multiple=policy.pad_multiple(device), packed=cfg.pack)
-    for name, need in [("ref_logp", True), ("win_prob", True), ("log_z", cfg.log_z == "estimate"),
-                       ("pair_prob", cfg.loss == "sppo_pair")]:
-        if need:
-            b[name] = torch.tensor([rows[i][name] for i in idx], dtype=torch.float32)
+    for name in ("ref_logp", "win_prob", *("log_z",) * (cfg.log_z == "estimate"), *LOSSES[cfg.loss].columns):
+        b[name] = torch.tensor([rows[i][name] for i in idx], dtype=torch.float32)
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -494,91 +526,93 @@ def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
     text and token ids and its P-hat (and pair_prob, when it has one) from that prompt's matrix."""
     per = cfg.K if cfg.selection == "all" else 2
     if len(rows) != per * len(gens):
-        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept; delete it to recompute")
+        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept: --restart-from dataset")
     for n, r in enumerate(rows):
         i, k = n // per, r.get("k")
         keep = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0]
         want_k, _, want_p = keep[n % per]
-        pair_ok = "pair_prob" not in r or per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]]) < 1e-9
+        pair_ok = "pair_prob" not in r or (per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]])
+                                           < 1e-9)
         if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k] and pair_ok
                 and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
             raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
-                                f"from preferences.jsonl; delete it to recompute")
+                                f"from preferences.jsonl: --restart-from dataset")
 
 
-def run_iteration(cfg, t, prompts, model_dir, oracle, oracle_id, device, hashes, held_out=None):
-    """One iteration of Algorithm 1: pi_t (model_dir) -> pi_{t+1} (OUT/iter{t}/model). Returns the new model dir,
-    or None when cfg.stop_after stopped it. Each stage runs unless the manifest shows it finished as asked.
-    held_out: the --eval-prompts, on which pi_{t+1} meets pi_t and pi_0 (win_rate) before metrics.json is written."""
-    d = Path(cfg.out) / f"iter{t}"
-    d.mkdir(parents=True, exist_ok=True)
-    f_gen, f_pref, f_data, m_dir = d / "generations.jsonl", d / "preferences.jsonl", d / "dataset.jsonl", d / "model"
-    man, cache = runs.Manifest(d), {}
+# ----------------------------------------------------------------------------------------------------------------
+# The four steps as run_iteration calls them: each takes the iteration (runs.Iteration: pi_t loaded on first use,
+# the device, the prompts) and returns what its artifact holds; the stage runner saves, reloads and records it.
+def generate(it):
+    """Step 1: y_1..y_K ~ pi_t(.|x) for every prompt (policy.generate_responses, seeded by policy.sample_seed)."""
+    return policy.generate_responses(*it.pi_t(), it.prompts, it.cfg, it.t, it.device)
 
-    def pi_t():                                                  # pi_t, loaded once and only when a stage needs it
-        if "m" not in cache:
-            cache["m"] = runs.load_policy(model_dir, cfg, device)
-        return cache["m"]
 
-    def stage(name, work, rows):                                 # run `work` unless finished; then commit it
-        key = runs.stage_key(cfg, name, d, model_dir, prompts, oracle_id, hashes)
-        if not man.done(name, key, hashes):
-            work()
-            man.commit(name, key, hashes, rows())
+def make_dataset(it, gens, mats, logits):
+    """Step 3: D_t = the kept rows (build_dataset) with log pi_ref(y|x) of each, pi_ref = pi_t (or pi_0 with
+    --reference initial), computed here once so that training holds no second model."""
+    cfg = it.cfg
+    ref_dir = cfg.model if cfg.reference == "initial" else it.model_dir                      # pi_ref: pi_0 or pi_t
+    pi_ref = it.pi_t() if ref_dir == it.model_dir else runs.load_policy(ref_dir, cfg, it.device)
+    rows = build_dataset(it.prompts, gens, mats, cfg, logits)
+    return reference_logps(*pi_ref, rows, cfg, it.device, it.hashes(ref_dir))
 
-    stage("generate", lambda: runs.write_generations(f_gen, prompts, policy.generate_responses(*pi_t(), prompts, cfg, t,
-                                                                                    device)), lambda: len(prompts))
-    gens = runs.read_generations(f_gen, prompts, cfg.K)               # Step 1: y_1..y_K ~ pi_t(.|x)
-    if cfg.stop_after == "generate":
-        return None
-    stage("rank", lambda: runs.write_preferences(f_pref, *rank(oracle, oracle_prompts(prompts, cfg, model_dir), gens,
-                                                          progress=cfg.progress)), lambda: len(prompts))
-    mats, logits = runs.read_preferences(f_pref, len(prompts), cfg.K, with_logits=True)  # Step 2: P(y_k > y_k' | x)
-    if cfg.stop_after == "rank":
-        return None
-    ref_dir = cfg.model if cfg.reference == "initial" else model_dir           # pi_ref: pi_0 or pi_t
-    stage("dataset", lambda: runs.write_jsonl(f_data, reference_logps(
-        *(pi_t() if ref_dir == model_dir else runs.load_policy(ref_dir, cfg, device)), build_dataset(
-            prompts, gens, mats, cfg, logits), cfg, device, hashes(ref_dir))), lambda: len(runs.read_jsonl(f_data)))
-    rows = runs.read_dataset(f_data, need_log_z=cfg.log_z == "estimate")  # Step 3: D_t, log pi_ref(y|x) per row
-    check_dataset_sources(rows, gens, mats, cfg, f_data, logits)
-    if cfg.stop_after == "dataset":
-        return None
 
-    def train():                                                 # Step 4: Eq. (4.7); model, metrics, then commit
-        model, tok = pi_t()
-        if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
-            old = {"t": answers(model, tok, held_out, cfg, device)}
-            old["0"] = old["t"] if t == 0 else answers(*runs.load_policy(cfg.model, cfg, device), held_out, cfg, device)
-        torch.manual_seed(cfg.seed + t)
-        history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), device)
-        runs.save_policy(model, tok, m_dir)
-        stats = {"iteration": t, "prompts": len(prompts), "rows": len(rows),
-                 "unfinished": sum(not f for g in gens for f in g["finished"]),
-                 "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
-                 "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),          # Condorcet cycles in P
-                 "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
-        if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
-            xs, new = oracle_prompts(held_out, cfg, model_dir), answers(model, tok, held_out, cfg, device)
-            (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
-            stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
-                                 "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
-            print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
-                  f"+- {se_0:.3f} ({len(held_out)} prompts)")
-        runs.write_json(d / "metrics.json", stats)
-        print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
-              f"{stats['prompts_with_cycle']} of {len(prompts)} prompts' preferences contain a cycle")
-    stage("train", train, lambda: len(rows))
-    return m_dir
+def train(it, rows, gens, mats, oracle, held_out=None):
+    """Step 4: pi_{t+1} = argmin of Eq. (4.7) (or --loss) on D_t from pi_t (train_policy). Returns (model, tokenizer,
+    metrics); held_out: pi_{t+1} meets pi_t and pi_0 on these prompts (win_rate, Sec. 5) for metrics.json."""
+    cfg, t = it.cfg, it.t
+    model, tok = it.pi_t()
+    if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
+        old = {"t": answers(model, tok, held_out, cfg, it.device)}
+        old["0"] = old["t"] if t == 0 else answers(*runs.load_policy(cfg.model, cfg, it.device), held_out, cfg,
+                                                   it.device)
+    torch.manual_seed(cfg.seed + t)
+    history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), it.device)
+    stats = {"iteration": t, "prompts": len(it.prompts), "rows": len(rows),
+             "unfinished": sum(not f for g in gens for f in g["finished"]),
+             "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
+             "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),              # Condorcet cycles in P
+             "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
+    if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
+        xs, new = oracle_prompts(held_out, cfg, it.model_dir), answers(model, tok, held_out, cfg, it.device)
+        (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
+        stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
+                             "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
+        print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
+              f"+- {se_0:.3f} ({len(held_out)} prompts)")
+    print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
+          f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle")
+    return model, tok, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1.
+def run_iteration(cfg, t, prompts, model_dir, oracle, hashes, device, held_out=None):
+    """One iteration of Algorithm 1: pi_t (model_dir) -> pi_{t+1}, the paper's four steps in order. Returns
+    pi_{t+1}'s directory, OUT/iter{t}/model.
+
+    Each step runs through it.step (runs.Iteration, the stage runner): it is skipped when OUT/iter{t}/manifest.json
+    shows it finished with this run's settings and inputs, and either way its artifact comes back as read from disk
+    (generations.jsonl, preferences.jsonl, dataset.jsonl, model/ + metrics.json). held_out: the --eval-prompts."""
+    it = runs.Iteration(cfg, t, prompts, model_dir, oracle.identity(), hashes, device, LOSSES[cfg.loss].settings)
+    gens = it.step("generate", generate, it)                          # Step 1: y_1..y_K ~ pi_t(.|x)
+    xs = oracle_prompts(prompts, cfg, model_dir)                      # x as the oracle reads it
+    mats, logits = it.step("rank", rank, oracle, xs, gens, cfg.progress)        # Step 2: P(y_k > y_k' | x)
+    rows = it.step("dataset", make_dataset, it, gens, mats, logits)   # Step 3: D_t, with log pi_ref(y|x) per row
+    check_dataset_sources(rows, gens, mats, cfg, it.path("dataset.jsonl"), logits)
+    return it.step("train", train, it, rows, gens, mats, oracle, held_out)      # Step 4: Eq. (4.7) -> pi_{t+1}
 
 
 def run(cfg, oracle=None):
-    """Algorithm 1: for t = 0..T-1, pi_{t+1} = SPPO-step(pi_t). Resumes from whatever OUT holds that matches.
-    oracle: any callable oracle(prompt, responses) -> P (K, K) (with .identity() for the manifest); default:
-    make_oracle(cfg) (PairRM)."""
+    """Algorithm 1: for t = 0..T-1, pi_{t+1} = SPPO-step(pi_t). Resumes from whatever OUT holds that matches; one
+    run per OUT at a time (OUT/.lock). oracle: any Oracle (an object with identity()); default: ORACLES[cfg.oracle].
+    Returns pi_T's directory, or None when --stop-after stopped the run."""
     validate_config(cfg)
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
+    if oracle is not None and not callable(getattr(oracle, "identity", None)):
+        raise ConfigError(f"oracle {type(oracle).__name__} has no identity(): the run manifest must record what "
+                          f"makes its preferences (sppo.Oracle); give it one")
     prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
     held_out = runs.load_prompts(cfg.eval_prompts, cfg.prompt_column) if cfg.eval_prompts else None
     if held_out is not None and len(held_out) < 2:
@@ -586,19 +620,11 @@ def run(cfg, oracle=None):
     if len(prompts) < (cfg.iterations if cfg.split_prompts else 1):
         raise ConfigError(f"--prompts {cfg.prompts}: {len(prompts)} prompts for {cfg.iterations} disjoint iteration "
                           f"slices" + ("" if prompts else " (the file is empty)"))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {out}: not writable")
-    if oracle is None and cfg.oracle == "committee":
-        oracle = make_oracle(cfg)
-    if oracle is None and (cfg.oracle != "pairrm" or not cfg.pairrm):
-        raise ConfigError("--oracle pairrm needs --pairrm DIR (a local PairRM checkpoint)" if cfg.oracle == "pairrm"
-                          else f"--oracle {cfg.oracle} needs an oracle object (sppo_toy.GameOracle): run sppo_toy.py")
+    runs.lock_run_dir(cfg.out)                                          # the first write: OUT/.lock
+    out, device = Path(cfg.out), runs.resolve_device(cfg.device)
     hashes = runs.Hashes(out)
-    oracle_id = (oracle.identity() if hasattr(oracle, "identity") else type(oracle).__name__) if oracle else \
-        pairrm_id(cfg, hashes)
-    stale = runs.check_run(cfg, prompts, oracle_id, hashes)
+    oracle = oracle or ORACLES[cfg.oracle](cfg, device, hashes)
+    stale = runs.check_run(cfg, prompts, oracle.identity(), hashes, LOSSES[cfg.loss].settings)
     if stale and cfg.restart_from is None:
         raise stale[1]
     if stale and runs.STAGES.index(cfg.restart_from) > runs.STAGES.index(stale[1].stage):
@@ -609,28 +635,26 @@ def run(cfg, oracle=None):
     elif cfg.restart_from:
         print(f"--restart-from {cfg.restart_from}: every finished stage matches this run; nothing moved")
     runs.write_json(out / "config.json", dataclasses.asdict(cfg))        # only once the artifacts are known to match
-    oracle = oracle or make_oracle(cfg, runs.resolve_device(cfg.device))
     model_dir = cfg.model
-    for t in range(cfg.iterations):
-        model_dir = run_iteration(cfg, t, runs.iteration_prompts(prompts, cfg, t), model_dir, oracle, oracle_id,
-                                  runs.resolve_device(cfg.device), hashes, held_out)
-        if model_dir is None:
-            print(f"stopped after stage {cfg.stop_after!r} of iteration {t}; re-run the command to resume")
-            return None
+    try:
+        for t in range(cfg.iterations):
+            model_dir = run_iteration(cfg, t, runs.iteration_prompts(prompts, cfg, t), model_dir, oracle, hashes,
+                                      device, held_out)
+    except runs.Stopped as e:
+        print(e)
+        return None
     return model_dir
 
 
 def main(argv=None):
-    cfg = runs.parse_config(SPPOConfig, argv, description=__doc__.split("\n")[0])
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
 
-    def go():
+    def go(cfg):
         final = run(cfg)
         if final is not None:
             print(f"pi_{cfg.iterations} saved in {final}")
         return 0
-    return runs.user_errors("sppo.py", go)
+    return cli.main("sppo.py", SPPOConfig, go, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

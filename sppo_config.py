@@ -2,151 +2,180 @@
 
 Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675. Defaults are the
 paper's (Sec. 5) unless a help text says otherwise; recipes/paper.yaml and recipes/released.yaml set the paper's text
-and the authors' released scripts side by side. One field = one flag of `python sppo.py` (runs.parse_config, through
-transformers.HfArgumentParser; `--config FILE.yaml` too); `python sppo.py --help` prints them all with their defaults
-and choices. validate_config checks every setting before any work starts: its errors name the flag and the way out.
+and the authors' released scripts side by side. One field = one flag of `python sppo.py` (cli.py's convention;
+`--config FILE.yaml` too); `python sppo.py --help` prints them all with their defaults and choices. RULES is the
+table every run checks before any work (cli.check); its errors name the flag, the value and the way out.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from transformers.hf_argparser import HfArg
+from transformers import AutoTokenizer
 
+import cli
 import committee
-from runs import ConfigError
+import runs
+from cli import ConfigError, arg
+
+
+LOSSES: dict = {}
+"""--loss: name -> sppo.Loss (the function, its kind, the settings and dataset columns it reads). The table is
+sppo.py's, next to the losses; the config reads it for --loss's choices and checks."""
+
+ORACLES: dict = {}
+"""--oracle: name -> sppo.OracleEntry (its identity for the manifest, and how to build it). The table is sppo.py's."""
+
+
+def finite(x):
+    return math.isfinite(x)
+
+
+def positive(x):
+    return math.isfinite(x) and x > 0
+
+
+def judges_ok(cfg):
+    try:
+        committee.parse_judges(cfg.judges)
+    except ValueError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: every knob of Algorithm 1, defaults from the paper (Sec. 5) and the authors' released code.
 @dataclass
 class SPPOConfig:
-    model: str | None = HfArg(default=None, help="pi_0: a local directory (save_pretrained) or a .gguf file, converted "
+    model: str | None = arg(default=None, path="model", help="pi_0: a local directory (save_pretrained) or a .gguf "
+                            "file, converted "
                               "once to safetensors and cached (gguf_checkpoint).")
-    prompts: str | None = HfArg(default=None, help="Prompts: JSONL with a `prompt` field per line, or parquet.")
-    prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
-    max_prompts: int = HfArg(default=0, help="Use the first N prompts of the file (0: all), before the split.")
-    out: str = HfArg(default="runs/sppo", help="Run directory; iteration t writes OUT/iter{t}/. Re-running resumes.")
-    oracle: Literal["pairrm", "committee", "game"] = HfArg(default="pairrm", help="`pairrm` (the paper's), `committee` "
-                                                           "(rule judges, committee.py) or `game` (sppo_toy).")
-    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: comma-separated judges, of "
+    prompts: str | None = arg(default=None, path="file", help="Prompts: JSONL with a `prompt` field per line, or "
+                              "parquet.")
+    prompt_column: str = arg(default="prompt", help="Field / column that holds the prompt text.")
+    max_prompts: int = arg(default=0, help="Use the first N prompts of the file (0: all), before the split.")
+    out: str = arg(default="runs/sppo", path="out_dir", help="Run directory; iteration t writes OUT/iter{t}/. "
+                   "Re-running resumes; one run at a time (OUT/.lock).")
+    oracle: str = arg(default="pairrm", choices=ORACLES, help="Step 2's oracle (sppo.ORACLES): `pairrm` (the "
+                      "paper's), `committee` (rule judges, committee.py) or `game` (sppo_toy.py passes its games).")
+    judges: str = arg(default=committee.DEFAULT_JUDGES, help="--oracle committee: comma-separated judges, of "
                         f"{', '.join(committee.JUDGES)}.")
-    pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory (either published layout).")
-    pairrm_mode: Literal["pairwise", "official"] = HfArg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
+    pairrm: str | None = arg(default=None, path="dir", help="Local PairRM checkpoint directory (either published "
+                             "layout).")
+    pairrm_mode: Literal["pairwise", "official"] = arg(default="pairwise", help="P_ij = sigma(s(y_i, y_j)) as "
                                                          "in Sec. 5.1, or sigma(s_i - s_j) as the released code.")
-    oracle_prompt: Literal["raw", "templated"] = HfArg(default="raw", help="What the oracle reads as x: the raw "
+    oracle_prompt: Literal["raw", "templated"] = arg(default="raw", help="What the oracle reads as x: the raw "
                                                        "prompt, or pi_t's chat-templated prompt (released: rank.py).")
-    iterations: int = HfArg(default=3, help="Self-play iterations T (the paper runs 3).")
-    split_prompts: bool = HfArg(default=True, help="A disjoint slice of the prompts per iteration (paper: 3 x 20k).")
-    K: int = HfArg(default=5, help="Responses sampled per prompt (Sec. 5.1: K = 5; Sec. 5.3 ablates K = 2).")
-    eta: float = HfArg(default=1000.0, help="Hedge step of Eq. (4.1); beta = 1/eta. The paper's runs: 1000.")
-    log_z: Literal["half", "estimate"] = HfArg(default="half", help="log Z: eta/2 (Eq. 4.6, the paper's) or the "
+    iterations: int = arg(default=3, help="Self-play iterations T (the paper runs 3).")
+    split_prompts: bool = arg(default=True, help="A disjoint slice of the prompts per iteration (paper: 3 x 20k).")
+    K: int = arg(default=5, help="Responses sampled per prompt (Sec. 5.1: K = 5; Sec. 5.3 ablates K = 2).")
+    eta: float = arg(default=1000.0, help="Hedge step of Eq. (4.1); beta = 1/eta. The paper's runs: 1000.")
+    log_z: Literal["half", "estimate"] = arg(default="half", help="log Z: eta/2 (Eq. 4.6, the paper's) or the "
                                                "K-sample estimate (Eq. 4.5).")
-    selection: Literal["pair", "all"] = HfArg(default="pair", help="Rows of D_t per prompt: winner and loser (the "
+    selection: Literal["pair", "all"] = arg(default="pair", help="Rows of D_t per prompt: winner and loser (the "
                                               "paper's runs; batches count pairs) or all K (Eq. 4.4; batches count "
                                               "rows).")
-    estimate_from: Literal["all", "pair"] = HfArg(default="all", help="P-hat of the kept rows from all K responses "
+    estimate_from: Literal["all", "pair"] = arg(default="all", help="P-hat of the kept rows from all K responses "
                                                   "(Sec. 5.1) or from the pair alone (Sec. 5.3's K = 2; needs "
                                                   "--selection pair).")
-    loss: Literal["sppo", "sppo_pair", "dpo", "ipo", "sppo_hard", "kto"] = HfArg(default="sppo", help="Step 4's "
-        "objective: sppo (Eq. 4.7 per row), or on each (winner, loser) pair (needs --selection pair): sppo_pair "
+    loss: str = arg(default="sppo", choices=LOSSES, help="Step 4's objective (sppo.LOSSES): sppo (Eq. 4.7 per "
+        "row), or on each (winner, loser) pair (needs --selection pair): sppo_pair "
         "(Eq. 4.12), dpo (4.13), ipo, sppo_hard (Sec. 4.5), kto (4.15); beta = 1/eta. dpo/ipo = the paper's "
         "iterative baselines.")
-    reference: Literal["previous", "initial"] = HfArg(default="previous", help="pi_ref of the loss: pi_t (the "
+    reference: Literal["previous", "initial"] = arg(default="previous", help="pi_ref of the loss: pi_t (the "
                                                       "paper's SPPO and iterative DPO/IPO) or pi_0 in every iteration.")
-    ipo_target: float = HfArg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: Azar et al.'s and TRL's "
+    ipo_target: float = arg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: Azar et al.'s and TRL's "
                                                 "IPO; 1: Eq. 4.14 as printed).")
-    max_new_tokens: int = HfArg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
-    temperature: float = HfArg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
-    top_p: float = HfArg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
-    gen_batch: int = HfArg(default=8, help="Prompts per batched generate() call (each yields K sequences).")
-    max_length: int = HfArg(default=1024, help="Prompt + response tokens kept for training (released code: 1024).")
-    max_prompt_length: int = HfArg(default=512, help="Prompt tokens kept; longer prompts keep their END (512).")
-    truncation: Literal["ours", "released"] = HfArg(default="ours", help="`ours`: the prompt keeps its last "
+    max_new_tokens: int = arg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
+    temperature: float = arg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
+    top_p: float = arg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
+    gen_batch: int = arg(default=8, help="Prompts per batched generate() call (each yields K sequences).")
+    max_length: int = arg(default=1024, help="Prompt + response tokens kept for training (released code: 1024).")
+    max_prompt_length: int = arg(default=512, help="Prompt tokens kept; longer prompts keep their END (512).")
+    truncation: Literal["ours", "released"] = arg(default="ours", help="`ours`: the prompt keeps its last "
                                                     "max_prompt_length tokens, the response the rest, EOS only when it "
                                                     "finished; `released`: uclaml/SPPO's trainer rule (see truncate).")
-    optimizer: Literal["rmsprop", "adamw"] = HfArg(default="rmsprop", help="RMSprop (the authors' code) or AdamW.")
-    lr: float = HfArg(default=5e-7, help="Peak learning rate (paper: 5e-7).")
-    warmup_ratio: float = HfArg(default=0.1, help="Fraction of steps of linear warm-up, then linear decay to 0.")
-    weight_decay: float = HfArg(default=0.0, help="Weight decay (AdamW only).")
-    max_grad_norm: float = HfArg(default=1.0, help="Gradient clipping threshold on the global L2 norm.")
-    epochs: int = HfArg(default=1, help="Epochs over D_t trained per iteration (released scripts: 1).")
-    schedule_epochs: int | None = HfArg(default=None, help="Length of the LR schedule in epochs (default: "
+    optimizer: Literal["rmsprop", "adamw"] = arg(default="rmsprop", help="RMSprop (the authors' code) or AdamW.")
+    lr: float = arg(default=5e-7, help="Peak learning rate (paper: 5e-7).")
+    warmup_ratio: float = arg(default=0.1, help="Fraction of steps of linear warm-up, then linear decay to 0.")
+    weight_decay: float = arg(default=0.0, help="Weight decay (AdamW only).")
+    max_grad_norm: float = arg(default=1.0, help="Gradient clipping threshold on the global L2 norm.")
+    epochs: int = arg(default=1, help="Epochs over D_t trained per iteration (released scripts: 1).")
+    schedule_epochs: int | None = arg(default=None, help="Length of the LR schedule in epochs (default: "
                                         "--epochs). Sec. 5.1's 'total epochs 18' is this; the paper keeps the model "
                                         "after epoch 1.")
-    global_batch: int = HfArg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
+    global_batch: int = arg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
                               "pairs = 8 per device x 8 GPUs).")
-    micro_batch: int = HfArg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
-    group_by_length: bool = HfArg(default=True, help="Cut each optimizer step's pairs (or rows) into micro-batches "
+    micro_batch: int = arg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
+    group_by_length: bool = arg(default=True, help="Cut each optimizer step's pairs (or rows) into micro-batches "
                                   "sorted by length, so they pad little; the step's rows and loss are unchanged "
                                   "(sppo.micro_batches).")
-    pack: bool = HfArg(default=True, help="Padding-free micro-batches: the rows packed into one sequence, each row "
+    pack: bool = arg(default=True, help="Padding-free micro-batches: the rows packed into one sequence, each row "
                        "attending to itself only (policy.collate, packed=True); same log-probs, no pad tokens.")
-    seed: int = HfArg(default=42, help="Seed for prompt order, sampling and training order.")
-    dtype: Literal["float32", "bfloat16", "float16"] = HfArg(default="float32", help="Weights dtype (log-probs "
+    seed: int = arg(default=42, help="Seed for prompt order, sampling and training order.")
+    dtype: Literal["float32", "bfloat16", "float16"] = arg(default="float32", help="Weights dtype (log-probs "
                                                               "are accumulated in fp32 regardless).")
-    device: str = HfArg(default="auto", help="`auto` = cuda when available, else cpu; or a torch device name.")
-    stop_after: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
+    device: str = arg(default="auto", help="`auto` = cuda when available, else cpu; or a torch device name.")
+    stop_after: Literal["generate", "rank", "dataset", "train"] | None = arg(
         default=None, help="Stop after this stage of the first unfinished iteration (for debugging).")
-    restart_from: Literal["generate", "rank", "dataset", "train"] | None = HfArg(
+    restart_from: Literal["generate", "rank", "dataset", "train"] | None = arg(
         default=None, help="Move the stale artifacts of the first iteration that does not match this run, from this "
         "stage on (and all later iterations), to OUT/stale/<time>/ and redo them. Nothing is deleted.")
-    eval_prompts: str | None = HfArg(default=None, help="Held-out prompts (JSONL/parquet): each iteration reports "
+    eval_prompts: str | None = arg(default=None, path="file", help="Held-out prompts (JSONL/parquet): each "
+                                   "iteration reports "
                                      "P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) on them, with s.e., in metrics.json.")
-    progress: bool = HfArg(default=True, help="Show progress bars.")
+    progress: bool = arg(default=True, help="Show progress bars.")
+
+    RULES = (
+        # field             the test                                             what it must be
+        ("iterations",      lambda c: c.iterations >= 1,                         ">= 1"),
+        ("max_prompts",     lambda c: c.max_prompts >= 0,                        ">= 0 (0: all)"),
+        ("K",               lambda c: c.K >= 2,                                  ">= 2: a preference needs a pair"),
+        ("eta",             lambda c: positive(c.eta),                           "finite and > 0 (eta <= 0 reverses "
+                                                                                 "Eq. 4.1)"),
+        ("max_new_tokens",  lambda c: c.max_new_tokens >= 1,                     ">= 1"),
+        ("temperature",     lambda c: positive(c.temperature),                   "finite and > 0"),
+        ("top_p",           lambda c: 0 < c.top_p <= 1,                          "in (0, 1]"),
+        ("gen_batch",       lambda c: c.gen_batch >= 1,                          ">= 1"),
+        ("max_length",      lambda c: c.max_length >= 2,                         ">= 2"),
+        ("max_prompt_length", lambda c: 1 <= c.max_prompt_length < c.max_length, ">= 1 and below --max-length"),
+        ("lr",              lambda c: positive(c.lr),                            "finite and > 0"),
+        ("warmup_ratio",    lambda c: 0 <= c.warmup_ratio <= 1,                  "in [0, 1]"),
+        ("weight_decay",    lambda c: c.weight_decay >= 0,                       ">= 0"),
+        ("max_grad_norm",   lambda c: positive(c.max_grad_norm),                 "finite and > 0"),
+        ("epochs",          lambda c: c.epochs >= 1,                             ">= 1: with 0 nothing is trained"),
+        ("schedule_epochs", lambda c: c.schedule_epochs is None or c.schedule_epochs >= c.epochs,
+                                                                                 ">= --epochs (the LR schedule's "
+                                                                                 "length; leave it out for --epochs)"),
+        ("global_batch",    lambda c: c.global_batch >= 1,                       ">= 1"),
+        ("micro_batch",     lambda c: c.micro_batch >= 1,                        ">= 1"),
+        ("ipo_target",      lambda c: finite(c.ipo_target),                      "finite"),
+        ("estimate_from",   lambda c: c.estimate_from == "all" or c.selection == "pair",
+                                                                                 "'all' with --selection all (the "
+                                                                                 "pair is only known with pairs)"),
+        ("loss",            lambda c: LOSSES[c.loss].kind == "row" or c.selection == "pair",
+                                                                                 "a row loss (sppo) with --selection "
+                                                                                 "all: the others train on pairs"),
+        ("log_z",           lambda c: c.log_z == "half" or "log_z" in LOSSES[c.loss].settings,
+                                                                                 "'half' unless --loss sppo (only "
+                                                                                 "Eq. 4.4 has a log Z)"),
+        ("judges",          judges_ok,                                           f"comma-separated judges of "
+                                                                                 f"{', '.join(committee.JUDGES)}"),
+        ("oracle_prompt",   lambda c: c.oracle_prompt == "raw" or c.oracle != "committee",
+                                                                                 "raw with --oracle committee (its "
+                                                                                 "on_topic judge would count the chat "
+                                                                                 "template's words)"),
+        ("device",          lambda c: runs.device_available(c.device),           "auto, cpu, or a torch device this "
+                                                                                 "machine has (cuda needs a GPU)"),
+    )
+    """Every setting's rule, checked by cli.check before any work (sppo.run, train_7b.py, sppo_toy.py)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Validation: every setting in range and every choice valid, before any work.
 def validate_config(cfg):
-    """Every setting in range and every choice valid, before any work (the library twin of argparse's checks)."""
-    for f in dataclasses.fields(cfg):
-        hint = typing.get_type_hints(type(cfg))[f.name]                # Literal[...] or Literal[...] | None
-        lit = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal]
-        allowed = (*typing.get_args(lit[0]), *[None] * (type(None) in typing.get_args(hint))) if lit else ()
-        if lit and getattr(cfg, f.name) not in allowed:
-            raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose from {allowed}")
-    pos = lambda x: math.isfinite(x) and x > 0                                                       # noqa: E731
-    for ok, name, want in [(cfg.iterations >= 1, "iterations", ">= 1"), (cfg.max_prompts >= 0,
-                           "max_prompts", ">= 0 (0: all)"), (cfg.K >= 2, "K", ">= 2: a preference "
-                           "needs a pair"), (pos(cfg.eta), "eta", "finite and > 0 (eta <= 0 reverses Eq. 4.1)"),
-                           (cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (pos(cfg.temperature), "temperature",
-                           "finite and > 0"), (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.gen_batch >= 1,
-                           "gen_batch", ">= 1"), (1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length",
-                           f">= 1 and below --max-length {cfg.max_length}"), (pos(cfg.lr), "lr", "finite and > 0"),
-                           (0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]"), (cfg.weight_decay >= 0,
-                           "weight_decay", ">= 0"), (pos(cfg.max_grad_norm), "max_grad_norm", "finite and > 0"),
-                           (cfg.epochs >= 1, "epochs", ">= 1: with 0 nothing is trained"), (cfg.schedule_epochs is
-                           None or cfg.schedule_epochs >= cfg.epochs, "schedule_epochs", f">= --epochs {cfg.epochs} "
-                           "(the LR schedule's length; leave it out for --epochs)"), (cfg.estimate_from == "all" or
-                           cfg.selection == "pair", "estimate_from", "'all' with --selection all (the pair is only "
-                           "known with --selection pair)"), (cfg.loss == "sppo" or cfg.selection == "pair", "loss",
-                           "'sppo' with --selection all (the other losses train on each prompt's winner and loser)"),
-                           (cfg.log_z == "half" or cfg.loss == "sppo", "log_z", "'half' unless --loss sppo (only "
-                           "Eq. 4.4 has a log Z)"), (math.isfinite(cfg.ipo_target), "ipo_target", "finite"),
-                           (cfg.global_batch >= 1,
-                           "global_batch", ">= 1"), (cfg.micro_batch >= 1, "micro_batch", ">= 1")]:
-        if not ok:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {want}")
-    try:
-        committee.parse_judges(cfg.judges)
-    except ValueError as e:
-        raise ConfigError(f"--{e}") from None
-    gguf = str(cfg.model).endswith(".gguf")
-    for flag, path, need in [("model", cfg.model, None if gguf else "config.json"), ("prompts", cfg.prompts, None),
-                             ("eval-prompts", cfg.eval_prompts, None),
-                             ("pairrm", cfg.pairrm if cfg.oracle == "pairrm" else None, "config.json")]:
-        if path is not None and not (Path(path) / need if need else Path(path)).exists():
-            raise ConfigError(f"--{flag} {path}: " + (f"no {need} there" if need else "no such file"))
-    if cfg.oracle_prompt == "templated" and cfg.oracle == "committee":
-        raise ConfigError("--oracle-prompt templated with --oracle committee: the on_topic judge would count the chat "
-                          "template's words as the prompt's; use --oracle-prompt raw")
-    if cfg.oracle_prompt == "templated" and cfg.model is not None and not gguf:      # a GGUF's: read at rank
-        from transformers import AutoTokenizer
+    """cli.check(cfg) (choices, RULES, paths), and that --oracle-prompt templated has pi_0's chat template to use."""
+    cli.check(cfg)
+    if cfg.oracle_prompt == "templated" and cfg.model and not str(cfg.model).endswith(".gguf"):  # GGUF: at rank
         if not getattr(AutoTokenizer.from_pretrained(cfg.model), "chat_template", None):
             raise ConfigError(f"--oracle-prompt templated: the tokenizer of --model {cfg.model} has no chat template; "
                               f"use --oracle-prompt raw")

@@ -50,55 +50,84 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers.hf_argparser import HfArg
-
+from transformers.utils import logging as hf_logging
+import cli
 import costs
 import distributed
+import pairrm
 import policy
+import committee
 import runs
 import sppo
+import sppo_config
+from cli import arg
 
 
 @dataclass
 class TrainConfig(sppo.SPPOConfig):
-    model: str | None = HfArg(default=None, help="pi_t: a local save_pretrained directory (Llama or Mistral), or a "
+    model: str | None = arg(default=None, path="model", help="pi_t: a local save_pretrained directory (Llama or "
+                            "Mistral), or a "
                               ".gguf file (converted once by runs.gguf_checkpoint, before the process group).")
-    out: str = HfArg(default="runs/train_7b", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
+    out: str = arg(default="runs/train_7b", path="out_dir", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
                      "model/ (a filesystem every node sees).")
-    data: str | None = HfArg(default=None, help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's dataset.jsonl; "
+    data: str | None = arg(default=None, path="file", help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's dataset.jsonl; "
                              "ref_logp optional). Default: OUT/dataset.jsonl.")
-    stage: Literal["generate", "rank", "train", "all"] = HfArg(default="train", help="`all` = one whole Algorithm-1 "
+    stage: Literal["generate", "rank", "train", "all"] = arg(default="train", help="`all` = one whole Algorithm-1 "
                                                                "iteration; finished stages are skipped.")
-    iteration: int = HfArg(default=0, help="t of Algorithm 1 for --stage generate/all: the prompt slice and seeds.")
-    gen_engine: Literal["hf", "vllm"] = HfArg(default="hf", help="transformers generate, or vLLM (requirements-vllm"
+    iteration: int = arg(default=0, help="t of Algorithm 1 for --stage generate/all: the prompt slice and seeds.")
+    gen_engine: Literal["hf", "vllm"] = arg(default="hf", help="transformers generate, or vLLM (requirements-vllm"
                                               ".txt, its own environment; --stage generate only: its own torchrun).")
-    ref_logp: Literal["auto", "recompute"] = HfArg(default="auto", help="`auto`: on GPU computed like `recompute`; on "
+    ref_logp: Literal["auto", "recompute"] = arg(default="auto", help="`auto`: on GPU computed like `recompute`; on "
                                                    "CPU the dataset's ref_logp when every row has one, else computed; "
                                                    "`recompute`: computed by pi_t in the training micro-batches.")
-    export_bf16: bool = HfArg(default=False, help="Also write OUT/model_bf16 (for serving) on CPU; always on GPU.")
-    deterministic: bool = HfArg(default=False, help="torch.use_deterministic_algorithms(True) (+ cuBLAS/cuDNN flags).")
-    activation_checkpointing: bool = HfArg(default=True, help="Recompute each decoder layer in backward.")
-    save_every: int = HfArg(default=100, help="DCP checkpoint every N optimizer steps (and always at the end).")
-    keep_checkpoints: int = HfArg(default=2, help="Newest checkpoints kept under OUT/checkpoints.")
-    resume: bool = HfArg(default=False, help="Continue exactly from the newest checkpoint in OUT/checkpoints.")
-    collective_timeout_s: float | None = HfArg(default=None, help="Seconds before a collective gives up (a stalled "
+    export_bf16: bool = arg(default=False, help="Also write OUT/model_bf16 (for serving) on CPU; always on GPU.")
+    deterministic: bool = arg(default=False, help="torch.use_deterministic_algorithms(True) (+ cuBLAS/cuDNN flags).")
+    activation_checkpointing: bool = arg(default=True, help="Recompute each decoder layer in backward.")
+    save_every: int = arg(default=100, help="DCP checkpoint every N optimizer steps (and always at the end).")
+    keep_checkpoints: int = arg(default=2, help="Newest checkpoints kept under OUT/checkpoints.")
+    resume: bool = arg(default=False, help="Continue exactly from the newest checkpoint in OUT/checkpoints.")
+    collective_timeout_s: float | None = arg(default=None, help="Seconds before a collective gives up (a stalled "
                                                "rank is named on CPU/gloo); default 300 on CPU, 10800 on GPU.")
-    stop_at_step: int | None = HfArg(default=None, help="Exit after this step and its checkpoint (tests --resume).")
-    measure_memory: bool = HfArg(default=False, help="FSDPMemTracker on the second step; writes OUT/memory.json.")
-    plan: str | None = HfArg(default=None, help="Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a "
+    stop_at_step: int | None = arg(default=None, help="Exit after this step and its checkpoint (tests --resume).")
+    measure_memory: bool = arg(default=False, help="FSDPMemTracker on the second step; writes OUT/memory.json.")
+    plan: str | None = arg(default=None, help="Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a "
                              "config dir, and exit (no GPU needed).")
-    world: int = HfArg(default=8, help="--plan only: GPUs the model is sharded over.")
-    gpu_gb: float = HfArg(default=80.0, help="--plan only: GPU memory (GB) the plan must fit in.")
+    world: int = arg(default=8, help="--plan only: GPUs the model is sharded over.")
+    gpu_gb: float = arg(default=80.0, help="--plan only: GPU memory (GB) the plan must fit in.")
+
+    NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
+                "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
+                "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
+                "judges": (committee.DEFAULT_JUDGES, "the oracle is PairRM; judges are sppo.py --oracle committee's"),
+                "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new "
+                                       "--out"),
+                "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
+                "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py")}
+    """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
+
+    RULES = sppo.SPPOConfig.RULES + tuple(
+        (name, lambda c, n=name, v=value: getattr(c, n) == v, f"left out: not a setting of this program ({why})")
+        for name, (value, why) in NOT_HERE.items()) + (
+        # field               the test                                                 what it must be
+        ("iteration",         lambda c: 0 <= c.iteration < c.iterations,               "in [0, --iterations)"),
+        ("global_batch",      lambda c: c.global_batch % (c.micro_batch * world_size()) == 0,
+                                                                                       "a multiple of --micro-batch x "
+                                                                                       "the world size (torchrun's)"),
+        ("save_every",        lambda c: c.save_every >= 1,                             ">= 1"),
+        ("keep_checkpoints",  lambda c: c.keep_checkpoints >= 1,                       ">= 1"),
+        ("stop_at_step",      lambda c: c.stop_at_step is None or c.stop_at_step >= 1, ">= 1"),
+        ("collective_timeout_s", lambda c: c.collective_timeout_s is None or sppo_config.positive(
+                                 c.collective_timeout_s),                              "finite and > 0"),
+        ("world",             lambda c: c.world >= 1,                                  ">= 1"),
+        ("gpu_gb",            lambda c: sppo_config.positive(c.gpu_gb),                "finite and > 0"),
+    )
 
 
-NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
-            "dtype": ("float32", "compute is bf16 on GPU over fp32 master weights, fp32 on CPU"),
-            "stop_after": (None, "--stage picks the stages"), "oracle": ("pairrm", "the oracle is PairRM"),
-            "judges": (sppo.SPPOConfig().judges, "the oracle is PairRM; judges are sppo.py --oracle committee's"),
-            "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new --out"),
-            "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
-            "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge these models with arena.py")}
-"""SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
+def world_size():
+    """The number of ranks torchrun starts (WORLD_SIZE), 1 outside torchrun: known before the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,6 +135,13 @@ NOT_HERE = {"device": ("auto", "devices come from torchrun (LOCAL_RANK)"),
 def load_dataset(path, cfg):
     """Rows of D_t (runs.read_dataset): ref_logp optional (then computed from pi_t); log_z when --log-z estimate."""
     return runs.read_dataset(path, need_ref=False, need_log_z=cfg.log_z == "estimate")
+
+
+def resume_settings(cfg):
+    """What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): the train
+    stage's settings (runs.TRAIN_SETTINGS) and the loss's own (sppo.LOSSES). A changed one is refused, named, before
+    the model is built."""
+    return runs.TRAIN_SETTINGS + sppo.LOSSES[cfg.loss].settings
 
 
 def check_batch_sizes(cfg, world):
@@ -302,13 +338,6 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
             "sum_len_sq": int(stats[2]), "response_tokens": int(stats[3])}
 
 
-RESUME_SETTINGS = ("loss", "ipo_target", "global_batch", "micro_batch", "group_by_length", "pack", "epochs",
-                   "schedule_epochs", "selection", "seed", "eta", "log_z", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm",
-                   "max_length", "max_prompt_length", "truncation")
-"""What --resume must find unchanged in the checkpoint's run.json (with pi_t's and the data's sha256): every
-setting that changes the result. A changed one is refused, named, before the model is built."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, steps 1-3 on the node: each rank generates / ranks its shard on a full replica; rank 0 gathers.
 
@@ -394,7 +423,7 @@ def stage_rank(cfg, d, out):
     prompts = stage_prompts(cfg)
     gens = runs.read_generations(out / "generations.jsonl", prompts, cfg.K)
     mine = list(range(d.rank, len(gens), d.world))
-    oracle = sppo.make_oracle(cfg, d.device)
+    oracle = sppo.ORACLES[cfg.oracle](cfg, d.device, runs.Hashes(out))
     xs = sppo.oracle_prompts([prompts[i] for i in mine], cfg, cfg.model)             # --oracle-prompt raw/templated
     mats, logits = sppo.rank(oracle, xs, [gens[i] for i in mine], progress=False)
     del oracle
@@ -424,7 +453,7 @@ def train(cfg, d):
     pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
     schedule, total, group = sppo.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
     run_info = {"model": d.decide(lambda: runs.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
-                "total_steps": len(schedule), **{k: getattr(cfg, k) for k in RESUME_SETTINGS}}
+                "total_steps": len(schedule), **{k: getattr(cfg, k) for k in resume_settings(cfg)}}
     saved = d.decide(lambda: distributed.check_run_info(ckpt, run_info)) if ckpt else None   # before the model
     d.log(f"{data}: {len(rows)} rows; {n_cut} truncated ({cfg.truncation} rule, max_length {cfg.max_length}, "
           f"max_prompt_length {cfg.max_prompt_length}); none skipped")
@@ -495,16 +524,7 @@ def train(cfg, d):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: runs.parse_config, the one convention (every TrainConfig field is a flag; --config FILE; choices checked).
-def parse_args(argv=None):
-    cfg = runs.parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
-    for name, (default, why) in NOT_HERE.items():
-        if getattr(cfg, name) != default:
-            raise SystemExit(f"train_7b.py: --{name.replace('_', '-')} {getattr(cfg, name)}: not a setting of this "
-                             f"program ({why}); leave it out")
-    return cfg
-
-
+# CLI: cli.main, the one convention (every TrainConfig field is a flag; --config FILE; RULES checked before work).
 def validate(cfg):
     """Before any work (and before the process group): sppo's checks, the stage's inputs, a writable OUT."""
     if cfg.model is None:
@@ -533,17 +553,18 @@ def validate(cfg):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.plan:
-        costs.print_plan(cfg)
-        return 0
-    return runs.user_errors("train_7b.py", lambda: run(cfg))
+    def work(cfg):
+        if cfg.plan:
+            costs.print_plan(cfg)
+            return 0
+        return run(cfg)
+    return cli.main("train_7b.py", TrainConfig, work, argv, description=__doc__.split("\n")[0])
 
 
 def stage_key(cfg, stage, prompts, hashes):
     """runs.stage_key of OUT's stage, with the engine that samples: --gen-engine hf is sppo.py's sampler (its
     generations are reused by either script), vLLM's samples are other draws and are recorded as such."""
-    oracle_id = sppo.pairrm_id(cfg, hashes) if cfg.pairrm else None
+    oracle_id = pairrm.PairRMOracle.identity_of(hashes(cfg.pairrm), cfg.pairrm_mode) if cfg.pairrm else None
     key = runs.stage_key(cfg, stage, Path(cfg.out), cfg.model, prompts, oracle_id, hashes)
     if stage == "generate" and cfg.gen_engine != "hf":
         key["sampler"] = f"{cfg.gen_engine} {importlib.metadata.version(cfg.gen_engine)}, seeded per prompt"
@@ -562,7 +583,8 @@ def run(cfg):
     """Validate, then the stages of --stage in order. Generation and ranking (with D_t) are reused only when
     OUT/manifest.json shows them made with these settings and inputs (runs.Manifest, as sppo.py's run directory)."""
     validate(cfg)
-    from transformers.utils import logging as hf_logging
+    if os.environ.get("RANK", "0") == "0":             # one run per OUT: rank 0 holds OUT/.lock until it exits
+        runs.lock_run_dir(cfg.out)
     hf_logging.disable_progress_bar()
     out = Path(cfg.out)
     if cfg.stage != "train":
