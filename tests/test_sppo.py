@@ -612,7 +612,7 @@ PAIR_LOSS = {  # the loss functions alone, on one pair (w, l): log-probs under p
     "kto": lambda lw, rw, ll, rl, p, kl, eta: sppo.kto_loss(lw, rw, ll, rl, 1 / eta, kl)}
 
 
-@pytest.mark.parametrize("loss", ["sppo", *PAIR_LOSS])
+@pytest.mark.parametrize("loss", list(sppo.LOSSES))            # every entry of the table: a new loss needs its line
 def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
     """One optimizer step of train_policy with --loss X against a hand-made step: log-probs of the 4 rows (2 pairs),
     the loss function of X called on each pair alone, the mean over pairs (sppo: over rows), backward, clip, AdamW."""
