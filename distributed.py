@@ -2,7 +2,7 @@
 
 Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675; the paper trains on
 8 x A100 (train_7b.py). What is here is plumbing, no SPPO: torchrun's environment -> nccl on GPUs / gloo on CPU
-(init_distributed, Dist), an exit that does not hang or abort (shutdown; shared/fsdp_notes.md), gathers to rank 0, and
+(init_distributed, Dist), an exit that does not hang or abort (shutdown; docs/train_7b.md), gathers to rank 0, and
 torch.distributed.checkpoint (DCP) checkpoints that are complete or absent whenever a job is killed, resumed only
 into the run they belong to, and the final export for AutoModelForCausalLM.from_pretrained.
 """
@@ -107,7 +107,7 @@ def shutdown():
     DTensors, get_model_state_dict(full_state_dict=True) - torch 2.13 keeps the gloo group's C++ threads
     (pt_gloo_runloop, gloo_tcp_loop) alive past destroy_process_group; a normal exit then tears them down in C++
     static destructors after the interpreter is finalised, racing the peer rank's exit: the "terminate called
-    without an active exception" abort of shared/fsdp_notes.md. os._exit skips that teardown; all files are closed."""
+    without an active exception" abort of docs/train_7b.md. os._exit skips that teardown; all files are closed."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -6,7 +6,7 @@ a is better. SPPO (Wu et al. 2024, arXiv 2405.00675, Sec. 5.1) uses it as the or
 
     P(y > y' | x) = sigma(s(y, y'; x)),        s_PairRM(y_i; x) = (1/K) sum_k s(y_i, y_k; x).
 
-This file is the network of ../shared/pairrm_spec.md on `DebertaV2Model` (no copy of the encoder), a loader for a
+This file is the network of docs/pairrm.md on `DebertaV2Model` (no copy of the encoder), a loader for a
 LOCAL folder in either published layout (llm-blender/PairRM, llm-blender/PairRM-hf; no hub, no pickle, no remote
 code), and a batched evaluator: the K(K-1) ordered pairs of many prompts go through the encoder in length-sorted
 batches of a token budget instead of one forward per pair, with DeBERTa's attention computed in fewer passes
@@ -155,7 +155,7 @@ def _length_batches(lengths: torch.Tensor, batch_tokens: int) -> list[torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The network (pairrm_spec.md, "Network")
+# The network (docs/pairrm.md, "The network")
 
 class FewerPassAttention(DisentangledSelfAttention):
     """DeBERTa's disentangled self-attention (He et al. 2021, arXiv 2006.03654, Eq. 4), the same weights and sums as
@@ -246,7 +246,7 @@ class PairRM(nn.Module):
         right = self.head_layer(torch.cat([h_src, h_c2], -1))  # (B, n_tasks)
         return (left - right).mean(-1)
 
-    # ---- tokenisation (pairrm_spec.md, "Tokens and layout") ----
+    # ---- tokenisation (docs/pairrm.md, "Tokens and row layout") ----
     def _segments(self, texts: list[str], prefix: str, max_lens: list[int]) -> list[list[int]]:
         """[CLS] prefix text [SEP] per text; a literal [SEP] in the text becomes a space; the text is cut to
         max_lens[k] tokens in all, keeping its beginning (the tokenizer's own truncation of prefix + text)."""
@@ -337,7 +337,7 @@ class PairRM(nn.Module):
         """Index of the best candidate of each prompt by s_PairRM (the best-of-16 rows of SPPO's Table 1)."""
         return self.scores(prompts, candidates, batch_tokens).argmax(-1).tolist()
 
-    # ---- loading (pairrm_spec.md, "Checkpoint layouts") ----
+    # ---- loading (docs/pairrm.md, "Checkpoint layouts") ----
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "PairRM":
         """Load a LOCAL folder in the llm-blender/PairRM or llm-blender/PairRM-hf layout, strictly.

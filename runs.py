@@ -531,7 +531,7 @@ def gguf_checkpoint(path, cache=None):
     """A .gguf file -> a local checkpoint directory (config, fp32 safetensors, tokenizer, chat template), converted
     once and cached in cache/<sha256 of the file>/, so a changed file is converted again. Returns the directory.
 
-    transformers de-quantises the GGUF tensors to fp32 on load (needs the `gguf` package: requirements-real.txt) and
+    transformers de-quantises the GGUF tensors to fp32 on load (needs the `gguf` package: requirements/real.txt) and
     marks the model GGUF-quantised, which save_pretrained refuses; the marker is cleared before saving. Concurrent
     callers (ranks) each write a private temporary directory; the first rename wins, the others drop theirs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -548,7 +548,7 @@ def gguf_checkpoint(path, cache=None):
     try:
         import gguf  # noqa: F401   transformers reads GGUF through it
     except ImportError:
-        raise ConfigError(f"{path}: reading GGUF needs the gguf package: pip install -r requirements-real.txt") \
+        raise ConfigError(f"{path}: reading GGUF needs the gguf package: pip install -r requirements/real.txt") \
             from None
     print(f"{path}: converting GGUF to safetensors in {dest} (once; cached by the file's sha256)")
     try:

@@ -22,7 +22,7 @@ Commands (OUT must be on a filesystem every node sees: checkpoints are written b
       --pairrm PAIRRM_DIR --iteration 0 --out runs/7b/iter0
   # multi-node: the same command on every node, torchrun does the rendezvous
   torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id sppo \
-      train_7b.py --model PI_T --data D_T.jsonl --out /shared/runs/7b/iter0
+      train_7b.py --model PI_T --data D_T.jsonl --out /scratch/runs/7b/iter0
   # after a crash: the same command plus --resume.    Memory plan without a GPU:
   python train_7b.py --plan mistral-7b --world 8 --micro-batch 8 --max-length 1024
   # CPU check, 2 gloo ranks:  torchrun --standalone --nproc_per_node 2 train_7b.py --model TINY --data D.jsonl \
@@ -68,14 +68,14 @@ class TrainConfig(sppo.SPPOConfig):
     model: str | None = arg(default=None, path="model", help="pi_t: a local save_pretrained directory (Llama or "
                             "Mistral), or a "
                               ".gguf file (converted once by runs.gguf_checkpoint, before the process group).")
-    out: str = arg(default="runs/train_7b", path="out_dir", help="This iteration's directory: dataset, checkpoints/, metrics.jsonl, "
-                     "model/ (a filesystem every node sees).")
-    data: str | None = arg(default=None, path="file", help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's dataset.jsonl; "
-                             "ref_logp optional). Default: OUT/dataset.jsonl.")
+    out: str = arg(default="runs/train_7b", path="out_dir", help="This iteration's directory: dataset, "
+                   "checkpoints/, metrics.jsonl, model/ (a filesystem every node sees).")
+    data: str | None = arg(default=None, path="file", help="D_t as JSONL in runs.DATASET_FIELDS (sppo.py's "
+                           "dataset.jsonl; ref_logp optional). Default: OUT/dataset.jsonl.")
     stage: Literal["generate", "rank", "train", "all"] = arg(default="train", help="`all` = one whole Algorithm-1 "
                                                                "iteration; finished stages are skipped.")
     iteration: int = arg(default=0, help="t of Algorithm 1 for --stage generate/all: the prompt slice and seeds.")
-    gen_engine: Literal["hf", "vllm"] = arg(default="hf", help="transformers generate, or vLLM (requirements-vllm"
+    gen_engine: Literal["hf", "vllm"] = arg(default="hf", help="transformers generate, or vLLM (requirements/vllm"
                                               ".txt, its own environment; --stage generate only: its own torchrun).")
     ref_logp: Literal["auto", "recompute"] = arg(default="auto", help="`auto`: on GPU computed like `recompute`; on "
                                                    "CPU the dataset's ref_logp when every row has one, else computed; "
@@ -351,7 +351,7 @@ def free_device_memory(device):
 
 def load_replica(path, cfg, device):
     """A full generation replica. On GPU straight onto this rank's device (device_map; needs accelerate, see
-    requirements-gpu.txt), so 8 ranks never hold 8 host copies of pi_t at once (~116 GB at 7B). On CPU (or without
+    requirements/gpu.txt), so 8 ranks never hold 8 host copies of pi_t at once (~116 GB at 7B). On CPU (or without
     accelerate) runs.load_policy: load on the host, then move."""
     if device.type == "cuda" and importlib.util.find_spec("accelerate"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -534,7 +534,7 @@ def validate(cfg):
                                f" exits; run --stage generate --gen-engine vllm as its own torchrun call, then --stage "
                                f"rank and --stage train")
     if cfg.gen_engine == "vllm" and not importlib.util.find_spec("vllm"):
-        raise runs.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements-vllm.txt in an "
+        raise runs.ConfigError("--gen-engine vllm: vllm is not installed here; install requirements/vllm.txt in an "
                                "environment of its own (it may replace the pinned torch and transformers)")
     sppo.validate_config(cfg)
     if str(cfg.model).endswith(".gguf"):              # every rank converts or finds the cache; the first rename wins

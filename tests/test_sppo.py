@@ -552,16 +552,18 @@ def test_readers_refuse_files_of_other_prompts(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["sppo.py", "sppo_toy.py", "arena.py", "train_7b.py", "bench.py", "hedge_toy.py",
-                                    "last_iterate.py"])
+@pytest.mark.parametrize("script", ["sppo.py", "sppo_toy.py", "arena.py", "train_7b.py", "bench/bench.py",
+                                    "hedge_toy.py", "last_iterate.py"])
 def test_help_shows_defaults_and_unknown_flags_exit_at_once(script):
     """Every script parses its config dataclass the same way: --help lists true defaults; an unknown flag exits 2
-    before any work starts."""
-    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    before any work starts. bench/ is a package: its script runs as `python -m bench.bench`."""
+    module = script[:-3].replace("/", ".")
+    cmd = [sys.executable, "-m", module] if "/" in script else [sys.executable, str(ROOT / script)]
+    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "(default: " in r.stdout, r.stderr[-2000:]
     assert "--config" in r.stdout                                                   # cli.py's, for every script
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(script[:-3]).main(["--no-such-flag", "1"])
+        importlib.import_module(module).main(["--no-such-flag", "1"])
     assert e.value.code == 2
 
 

@@ -10,7 +10,7 @@ dg changes the update by up to lr |dg| / eps; we allow 0.2 lr = 2e-5 absolute on
 (observed: 2.6e-6 on one element of the tiny Llama after 6 steps, all others <= 1e-6; 4.3e-7 on Mistral after 60).
 Resume is checked for EXACT equality: DCP restores model, optimizer, schedule and data position bit for bit.
 
-Every launch also asserts a clean exit: no 'terminate called' (the teardown flake of ../shared/fsdp_notes.md).
+Every launch also asserts a clean exit: no 'terminate called' (the teardown flake of docs/train_7b.md).
 """
 import json
 import os
@@ -447,7 +447,7 @@ def test_vllm_is_its_own_generate_call(tmp_path):
     import importlib.util
     if importlib.util.find_spec("vllm"):
         pytest.skip("vllm is installed here: the not-installed refusal is not reachable")
-    with pytest.raises(runs.ConfigError, match="vllm is not installed here; install requirements-vllm.txt in an "
+    with pytest.raises(runs.ConfigError, match="vllm is not installed here; install requirements/vllm.txt in an "
                                                "environment of its own"):
         train_7b.validate(train_7b.TrainConfig(stage="generate", **kw))
 def test_generations_record_their_engine(tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
-"""bench.py: every benchmark of the repository, one table, one timing rule.
+"""bench/bench.py: every benchmark of the repository, one table, one timing rule. Run from the repository root:
 
-    python bench.py                          # ~5 min on 2 CPU cores; prints a Markdown table for the README
+    python -m bench.bench                    # ~5 min on 2 CPU cores; prints a Markdown table (docs/benchmarks.md)
     make bench                               # the same with the peers' rows (TRL, llm-blender), in their own venvs
-    python bench.py --quick                  # small sizes, few repetitions (the test suite runs this)
-    python bench.py --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
+    python -m bench.bench --quick            # small sizes, few repetitions (the test suite runs this)
+    python -m bench.bench --only pairrm --pairrm DIR --device cuda --prompts 8     # PairRM alone, real weights
 
 The timing rule, for every row: each path is warmed up once, then the paths being compared are run in turn,
 interleaved, `repeats` times (other load on the machine hits both alike); the table shows the median and, in
@@ -17,7 +17,7 @@ Rows:
     both paths' FLOP/s (costs.encoder_flops) against this machine's fp32 matmul limit at the layer's shapes.
   * Generation: K samples per prompt from one prefill whose KV cache is repeated K times (policy.sample_k) vs HF
     generate(num_return_sequences=K), which runs each prompt K times; prompts of length_mix's lengths, sampled
-    tokens/s, and how many sampled rows differ (`--only generate` adds SmolLM2-135M; requirements-real.txt).
+    tokens/s, and how many sampled rows differ (`--only generate` adds SmolLM2-135M; requirements/real.txt).
   * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
   * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
     repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
@@ -30,15 +30,15 @@ Rows:
     Blender.rank as the authors' scripts/rank.py calls it (--peer-pairrm real: at PairRM's own shape), with both
     sides' FLOP/s against the matmul limit; each with its agreement check (peer_runner.py is the peers' side: it
     runs under their interpreters and never imports our modules).
-  * --only real (not part of `all`; needs requirements-real.txt): SmolLM2-135M-Instruct from its GGUF, the real
-    model of README "A real model on a laptop CPU": generation tokens/s, committee ranking pairs/s, training tokens/s
+  * --only real (not part of `all`; needs requirements/real.txt): SmolLM2-135M-Instruct from its GGUF, the real
+    model of docs/real_model.md: generation tokens/s, committee ranking pairs/s, training tokens/s
     on one process and on 2 gloo ranks, and the peak RSS of each.
 
   * --only mix (not part of `all`): this machine's fp32 matmul limit at the shapes of hidden 256 x 4 and 512 x 8
     Llamas, and sppo.train_policy on the realistic length mix (length_mix): plain, length-grouped and packed
     micro-batches, real tokens/s and the fraction of the limit.
 
-    python bench.py --only model --size 1b        # on a GPU node (the README's GPU numbers come from this)
+    python -m bench.bench --only model --size 1b  # on a GPU node (docs/train_7b.md's GPU numbers come from this)
 """
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ import numpy as np
 import torch
 from transformers.hf_argparser import HfArg
 
-import bench_peers
 import committee
 import costs
 import hedge_toy
@@ -70,8 +69,9 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
-from workloads import (MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, matmul_limit, mix_rows,
-                       of_limit, pairrm_inputs, pairrm_work, rate)
+from bench import bench_peers
+from bench.workloads import (MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, matmul_limit,
+                             mix_rows, of_limit, pairrm_inputs, pairrm_work, rate)
 
 
 @dataclass
@@ -89,9 +89,9 @@ class BenchConfig:
     pairrm: str | None = HfArg(default=None, help="PairRM row: a local PairRM checkpoint; default: a small random one.")
     device: str = HfArg(default="cpu", help="PairRM row: cpu or cuda (fp32 on CPU, fp16 on GPU).")
     trl_python: str | None = HfArg(default=None, help="Peer rows: the interpreter of an environment with trl 1.16 "
-                                   "(requirements-bench-trl.txt; `make bench` builds .venv-trl).")
+                                   "(requirements/bench-trl.txt; `make bench` builds .venv-trl).")
     blender_python: str | None = HfArg(default=None, help="Peer row: the interpreter of an environment with "
-                                       "llm-blender 0.0.2 (requirements-bench-blender.txt; `make bench` builds "
+                                       "llm-blender 0.0.2 (requirements/bench-blender.txt; `make bench` builds "
                                        ".venv-blender).")
     peer_pairrm: Literal["h64", "h256", "real"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's "
                                                         "size (bench_peers.PEER_PAIRRM; h256 takes ~10x longer; real, "
@@ -166,7 +166,7 @@ def bench_pairrm_rows(cfg, prompts=32, repeats=5):
 
 def generation_model(name, quick=False):
     """(model in eval mode, its description): 'tiny' a random Llama built here (vocab 32000; hidden 256 x 4 layers,
-    64 x 2 with --quick), 'smollm2' SmolLM2-135M-Instruct from its GGUF (requirements-real.txt)."""
+    64 x 2 with --quick), 'smollm2' SmolLM2-135M-Instruct from its GGUF (requirements/real.txt)."""
     if name == "smollm2":
         d = runs.gguf_checkpoint(real_run.smollm2_gguf())
         return runs.load_policy(d, sppo.SPPOConfig(), "cpu")[0].eval(), "SmolLM2-135M-Instruct fp32"
@@ -316,7 +316,7 @@ def bench_real(prompts=8, K=4, max_new_tokens=32, repeats=2):
     cfg = sppo.SPPOConfig(K=K, max_new_tokens=max_new_tokens, gen_batch=prompts, temperature=0.7, top_p=0.9,
                           progress=False, eta=10.0)
     model, tok = runs.load_policy(d, cfg, "cpu")
-    xs = [r["prompt"] for r in runs.read_jsonl(Path(__file__).parent / "data" / "prompts_train.jsonl")][:prompts]
+    xs = [r["prompt"] for r in runs.read_jsonl(Path(__file__).parents[1] / "data" / "prompts_train.jsonl")][:prompts]
     out = {}
     t = interleaved({"gen": lambda: out.__setitem__("g", policy.generate_responses(model, tok, xs, cfg))}, repeats)
     new = sum(len(tok(y, add_special_tokens=False)["input_ids"]) + f for g in out["g"] for y, f in

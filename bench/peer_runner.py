@@ -1,7 +1,7 @@
-"""peer_runner.py: the peers' side of bench_peers.py's rows, run under a peer's own interpreter.
+"""bench/peer_runner.py: the peers' side of bench_peers.py's rows, run under a peer's own interpreter.
 
-    .venv-trl/bin/python peer_runner.py trl DIR          # TRL's DPOTrainer(loss_type="sppo_hard") on DIR's rows
-    .venv-blender/bin/python peer_runner.py blender DIR  # llm-blender 0.0.2's Blender.rank on DIR's texts
+    .venv-trl/bin/python bench/peer_runner.py trl DIR         # TRL's DPOTrainer(loss_type="sppo_hard") on DIR's rows
+    .venv-blender/bin/python bench/peer_runner.py blender DIR  # llm-blender 0.0.2's Blender.rank on DIR's texts
 
 `make bench` builds the two environments and bench_peers.py starts this file as a subprocess: it writes DIR (the
 model via save_pretrained, the token rows as JSONL, PairRM's random checkpoint in the layout llm-blender loads, the

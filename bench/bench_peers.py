@@ -1,13 +1,14 @@
-"""bench_peers.py: bench.py's rows against the peers, TRL's sppo_hard step and llm-blender's PairRM, in the same run.
+"""bench/bench_peers.py: bench.py's rows against the peers, TRL's sppo_hard step and llm-blender's PairRM, in one run.
 
     make bench              # builds .venv-trl and .venv-blender (their own pins), then bench.py with both peers
-    python bench.py --only peers --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
+    python -m bench.bench --only peers --trl-python .venv-trl/bin/python --blender-python .venv-blender/bin/python
 
 Each peer runs under its own interpreter (peer_runner.py, a subprocess that imports only the peer library, torch and
 transformers; llm-blender needs transformers 4), driven line by line so that our timed blocks and the peer's
 alternate (workloads.interleaved's rule). Both sides get identical inputs and weights, and every row checks that their
 outputs agree before it reports a speed: per-pair losses (TRL) or scores and P (llm-blender), with stated tolerances.
-Nothing here imports a peer: trl and llm-blender are never runtime dependencies (README, "Against the peers").
+Nothing here imports a peer: trl and llm-blender are never runtime dependencies (docs/benchmarks.md, "Against the
+peers").
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import pairrm
 import policy
 import runs
 import sppo
-from workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, mix_rows, of_limit,
-                       pairrm_inputs, pairrm_work, rate)
+from bench.workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, mix_rows,
+                             of_limit, pairrm_inputs, pairrm_work, rate)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""workloads.py: what bench.py's rows run on, and the one rule they are timed by.
+"""bench/workloads.py: what bench.py's rows run on, and the one rule they are timed by.
 
 The timing rule (interleaved): each path is warmed up once, then the paths being compared are run in turn,
 `repeats` times, so other load on the machine hits both alike; a row reports the median and the min-max (rate, fmt).
