@@ -482,7 +482,8 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     rows: dataset rows (runs.DATASET_FIELDS) with ref_logp computed by pi_ref (pi_t, or pi_0 with --reference
     initial) in the dataset stage, so no second model is held.
     Steps come from train_schedule, micro-batches from micro_batches (pairs stay in one; grouped by length with
-    cfg.group_by_length; padding-free with cfg.pack, policy.collate). Each optimizer step sums per-row losses over micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
+    cfg.group_by_length; padding-free with cfg.pack, policy.collate). Each optimizer step sums per-row losses over
+    micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
     Returns a list of per-step metrics; `lr` is the rate the step used.
     """
     pairs, n_cut = encode_rows(tokenizer, rows, cfg)

@@ -158,9 +158,9 @@ def rank_micro_batches(idx, pairs, rank, world, cfg, group=1):
     """This rank's micro-batches of one global batch `idx` (row indices; a unit of `group` rows, a pair, stays on one
     rank and in one micro-batch). cfg.group_by_length: sppo.micro_batches of the whole global batch, sorted by
     length, dealt longest-first to the rank with the fewest padded tokens so far (rows x longest row) that still has
-    a free slot, so ranks stay balanced; else each rank's contiguous share of idx, cut in order. Every rank gets the same number of micro-batches (None = a
-    zero-weight stand-in) because every forward and backward runs FSDP collectives; a short last batch of an epoch
-    leaves some ranks with less or no data."""
+    a free slot, so ranks stay balanced; else each rank's contiguous share of idx, cut in order. Every rank gets the
+    same number of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP
+    collectives; a short last batch of an epoch leaves some ranks with less or no data."""
     if not cfg.group_by_length:                          # plain: a contiguous share per rank, in schedule order
         per = math.ceil(len(idx) / group / world) * group
         mine = idx[rank * per:(rank + 1) * per]
