@@ -84,7 +84,7 @@ def encode_example(tokenizer, prompt, response, finished, max_length, max_prompt
 def pad_multiple(device):
     """Training batches are padded to a multiple of 64 tokens on CUDA, exactly on CPU. cuDNN's attention builds a plan
     for every new (B, T): on an H200 (1.1 B model, micro-batch 8, lengths 1-1000) steps took 1.2 s with 2.3 s spikes
-    at new lengths, 0.86 s with T rounded up to 64 (README, "train_7b.py on a GPU"). Padding is masked out."""
+    at new lengths, 0.86 s with T rounded up to 64 (docs/train_7b.md, "train_7b.py on a GPU"). Padding is masked out."""
     return 64 if torch.device(device).type == "cuda" else 1
 
 
@@ -243,12 +243,6 @@ def eos_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
-SAMPLER = "shared-prefill"
-"""How sample_k draws, recorded in the generate stage's key (runs.stage_key). Generations made before it (HF's
-generate repeating each prompt K times before the prefill) are refused on resume, not mixed in: the two paths draw
-the same tokens in every fp32 CPU comparison (README "Benchmarks"), but their logits can differ by rounding (bf16
-on a GPU), and then so can a sampled token."""
-
 
 @torch.no_grad()
 def sample_k(model, input_ids, attention_mask, gen_cfg, shared_prefill=True):
@@ -259,7 +253,7 @@ def sample_k(model, input_ids, attention_mask, gen_cfg, shared_prefill=True):
     B*K rows; generate() then runs the last prompt token of all B*K rows and samples on. HF's generate with
     num_return_sequences=K repeats each prompt K times BEFORE the prefill, so it runs every prompt K times. Both
     make the same random draws (one (B*K, V) draw per step); the logits can differ by fp32 rounding only, and no
-    sampled token differed in the comparisons of README "Benchmarks". False: that plain call, kept as the reference.
+    sampled token differed in the comparisons of docs/benchmarks.md. False: that plain call, kept as the reference.
     """
     K, T = gen_cfg.num_return_sequences, input_ids.shape[1]
     if not shared_prefill or T < 2:

@@ -289,8 +289,7 @@ def reference_for(model, rows, pairs, pad_id, schedule, group, cfg, d, data_path
         if saved and saved["key"] == key and len(saved["ref_logp"]) == len(rows):
             return saved["ref_logp"]
         if saved:
-            d.log(f"{cache}: made for another model, data, truncation or computation (or keyed by an older version "
-                  f"of this script); recomputing")
+            d.log(f"{cache}: made for another model, data, truncation or computation; recomputing")
     ref = d.decide(cached)
     if ref is not None:
         return ref, f"cache {cache} ({how})"

@@ -471,7 +471,7 @@ def test_generations_record_their_engine(tmp_path, monkeypatch):
     with pytest.raises(runs.StaleStage, match="made with setting sampler = 'vllm 0.99, seeded per prompt', but this "
                                               "run has sampler = "):
         train_7b.generations_recorded(hf, ["hi"], hashes, reader=False)          # --stage generate / all: regenerate?
-    # --stage rank (always the default engine: validate refuses vllm there) ranks vLLM's samples, as the README says
+    # --stage rank (always the default engine: validate refuses vllm there) ranks vLLM's samples, as docs/train_7b.md says
     assert train_7b.generations_recorded(train_7b.TrainConfig(**kw, stage="rank"), ["hi"], hashes, reader=True)
     with pytest.raises(runs.StaleStage, match="made with setting prompts = "):           # any other field counts
         train_7b.generations_recorded(hf, ["hello"], hashes, reader=True)
