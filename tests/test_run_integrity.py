@@ -184,6 +184,8 @@ def test_model_without_its_record_is_trained_again(world, tmp_path):
     (dict(out="ONE/run"), "ONE is a file, not a folder"),
     (dict(model="NOWEIGHTS"), "--model .*NOWEIGHTS: config.json but no weights"),
     (dict(prompts="LATIN1"), "LATIN1:2: not UTF-8 text"), (dict(prompts="FAKE.parquet"), "not a readable parquet"),
+    (dict(prompts="BADJSON"), r"BADJSON:2: not valid JSON \(Expecting value at column 1\)$"),
+    (dict(device="cuda"), "--device 'cuda': must be"),
     (dict(eta=0.0), "--eta 0.0: must be finite and > 0"), (dict(eta=-3.0), "--eta -3.0"),
     (dict(eta=float("nan")), "--eta nan"), (dict(epochs=0), "--epochs 0: must be >= 1"),
     (dict(selection="best"), "--selection 'best': choose from"), (dict(top_p=0.0), "--top-p 0.0"),
@@ -195,16 +197,20 @@ def test_bad_settings_fail_before_any_work(world, tmp_path, change, message):
     (tmp_path / "ONE").write_text('{"prompt": "play rps"}\n')
     (tmp_path / "LATIN1").write_bytes('{"prompt": "play rps"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     (tmp_path / "FAKE.parquet").write_text('{"prompt": "play rps"}\n')
+    (tmp_path / "BADJSON").write_text('{"prompt": "play rps"}\nplay rps\n')                  # the user's file: no
+    if change.get("device") == "cuda" and torch.cuda.is_available():                    # "delete it" advice
+        pytest.skip("this machine has CUDA")
     (tmp_path / "NOWEIGHTS").mkdir()
     shutil.copy(Path(world["a"]) / "config.json", tmp_path / "NOWEIGHTS")
     (tmp_path / "RO").mkdir(mode=0o555)
-    files = ("EMPTY", "ONE", "LATIN1", "FAKE.parquet", "NOWEIGHTS", "RO/run", "ONE/run")
+    files = ("EMPTY", "ONE", "LATIN1", "FAKE.parquet", "NOWEIGHTS", "RO/run", "ONE/run", "BADJSON")
     change = {k: str(tmp_path / v) if v in files else v for k, v in change.items()}
     out = Path(change.get("out", tmp_path / "run"))
     cfg = world["cfg"].__class__(**{**world["cfg"].__dict__, "out": str(out), **change})
     if change.get("out", "").endswith("RO/run") and os.access(tmp_path / "RO", os.W_OK):
         pytest.skip("root ignores the read-only bit here")
-    with pytest.raises((runs.ConfigError, runs.ArtifactError), match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((runs.ConfigError, runs.ArtifactError), match=message if "\\(" in message else
+                       message.replace("(", r"\(").replace(")", r"\)")):
         sppo.run(cfg, oracle=oracle())
     assert not out.exists() or not any(out.iterdir())            # nothing written
 
@@ -372,3 +378,41 @@ def test_a_killed_holder_does_not_block_the_next_run(world, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     r = subprocess.run(sppo_cli(world, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# train_7b.py and the GGUF loader: refused before the process group, one line, exit 2.
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "generate", "--iteration", "-1"], "--iteration -1: must be in [0, --iterations)"),
+    (["--stage", "generate", "--iteration", "5"], "--iteration 5: must be in [0, --iterations)"),
+    (["--global-batch", "3", "--micro-batch", "2"], "--global-batch 3: must be a multiple of --micro-batch"),
+    (["--device", "cuda"], "--device 'cuda': must be left out: not a setting of this program"),
+    (["--oracle", "committee"], "--oracle 'committee': must be left out: not a setting of this program"),
+    (["--model", "NOWEIGHTS"], "NOWEIGHTS: config.json but no weights"),
+    (["--save-every", "0"], "--save-every 0: must be >= 1")])
+def test_train_7b_refuses_bad_settings_before_the_process_group(world, tmp_path, capsys, args, message):
+    import train_7b
+    (tmp_path / "NOWEIGHTS").mkdir()
+    shutil.copy(Path(world["a"]) / "config.json", tmp_path / "NOWEIGHTS")
+    data = tmp_path / "dataset.jsonl"
+    runs.write_jsonl(data, sppo_toy.synthetic_dataset(4))
+    args = [str(tmp_path / a) if a == "NOWEIGHTS" else a for a in args]
+    base = ["--model", world["a"], "--data", str(data), "--prompts", str(world["prompts"]), "--pairrm", str(tmp_path),
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert train_7b.main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train_7b.py: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()                                              # nothing written
+
+
+def test_a_truncated_gguf_is_one_line(tmp_path):
+    """A GGUF cut short (an interrupted download) is refused as such, not with struct.error's traceback."""
+    import real_run
+    whole = Path(real_run.smollm2_gguf()).read_bytes()
+    for n in (5000, 2_000_000):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(whole[:n])
+        with pytest.raises(runs.ArtifactError, match=f"cut{n}.gguf: transformers cannot load this GGUF file, "
+                                                     f"truncated or not a model"):
+            runs.gguf_checkpoint(cut, cache=tmp_path / "cache")
+        assert not any((tmp_path / "cache").glob("*/config.json"))
