@@ -15,11 +15,12 @@ Conventions (stated once, used everywhere in this repository):
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: losses (Sec. 4) -> win rates, pair, log Z (Sec. 4.2, 5.1) -> Algorithm 1: generate (policy.py),
-rank (the oracle), dataset, train (Eq. 4.7) -> one iteration on the run directory -> run() and the CLI.
-Around it, one file each: every setting and its checks are sppo_config.py; pi as a causal LM (chat template,
-truncation, padding, sampling, log pi(y|x)) is policy.py; the run directory, its records (one reader and writer per
-artifact) and manifests are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
+In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Sec. 4.2, 5.1)
+-> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which reads
+as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py (parsed
+and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is policy.py;
+the run directory, its records (one reader and writer per artifact), manifests and the stage runner that makes each
+step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
 """
 from __future__ import annotations
 
