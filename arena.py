@@ -23,8 +23,8 @@ from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
-from transformers.hf_argparser import HfArg
 
+import cli
 import committee
 import hedge_toy
 import pairrm
@@ -120,49 +120,104 @@ def plot_arena(W, labels, path, se=None, n_prompts=None, title="P(row beats colu
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: Fig. 3 between saved policies on held-out prompts.
+def judges_ok(spec):
+    try:
+        committee.parse_judges(spec)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class ArenaConfig:
-    models: list[str] = HfArg(default_factory=list, help="Policy directories (save_pretrained), e.g. pi_0 pi_1 ...")
-    prompts: str | None = HfArg(default=None, help="Held-out prompts: JSONL with a `prompt` field, or parquet.")
-    prompt_column: str = HfArg(default="prompt", help="Field / column that holds the prompt text.")
-    max_prompts: int = HfArg(default=0, help="Use the first N prompts (0: all).")
-    oracle: Literal["pairrm", "committee"] = HfArg(default="pairrm", help="The judge: PairRM (the paper's) or the "
-                                                   "committee of rule judges (committee.py).")
-    pairrm: str | None = HfArg(default=None, help="Local PairRM checkpoint directory, the judge.")
-    judges: str = HfArg(default=committee.DEFAULT_JUDGES, help="--oracle committee: its comma-separated judges.")
-    samples: int = HfArg(default=1, help="--oracle committee: samples per policy and prompt (W averages their pairs).")
-    best_of: int = HfArg(default=1, help="Answer with PairRM's best of N samples (Table 1: 16); 1 = one sample.")
-    temperature: float = HfArg(default=1.0, help="Sampling temperature.")
-    top_p: float = HfArg(default=1.0, help="Nucleus sampling.")
-    max_new_tokens: int = HfArg(default=512, help="Generation cap per response.")
-    gen_batch: int = HfArg(default=8, help="Prompts per batched generate() call.")
-    seed: int = HfArg(default=0, help="Sampling seed (the same for every policy).")
-    dtype: str = HfArg(default="float32", help="Weights dtype of the policies.")
-    device: str = HfArg(default="auto", help="`auto` = cuda when available, else cpu.")
-    labels: list[str] = HfArg(default_factory=list, help="Names of the policies (default: their folder names).")
-    figure: str = HfArg(default="figures/arena.png", help="Where to save the heatmap.")
-    json_out: str | None = HfArg(default=None, help="Also write W, SE, labels and responses to this JSON file.")
-    progress: bool = HfArg(default=True, help="Show progress bars.")
+    models: list[str] = cli.arg(default_factory=list, help="Policy directories (save_pretrained) or .gguf files, at "
+                                "least 2, e.g. pi_0 pi_1 ...")
+    prompts: str | None = cli.arg(default=None, path="file", help="Held-out prompts: JSONL with a `prompt` field, or "
+                                  "parquet.")
+    prompt_column: str = cli.arg(default="prompt", help="Field / column that holds the prompt text.")
+    max_prompts: int = cli.arg(default=0, help="Use the first N prompts (0: all).")
+    oracle: Literal["pairrm", "committee"] = cli.arg(default="pairrm", help="The judge: PairRM (the paper's) or the "
+                                                     "committee of rule judges (committee.py).")
+    pairrm: str | None = cli.arg(default=None, path="dir", help="--oracle pairrm: local PairRM checkpoint directory, "
+                                 "the judge.")
+    judges: str = cli.arg(default=committee.DEFAULT_JUDGES, help="--oracle committee: its comma-separated judges, of "
+                          f"{', '.join(committee.JUDGES)}.")
+    samples: int = cli.arg(default=1, help="--oracle committee: samples per policy and prompt (W averages their "
+                           "pairs).")
+    best_of: int = cli.arg(default=1, help="--oracle pairrm: answer with PairRM's best of N samples (Table 1: 16); 1 = "
+                           "one sample.")
+    temperature: float = cli.arg(default=1.0, help="Sampling temperature.")
+    top_p: float = cli.arg(default=1.0, help="Nucleus sampling, in (0, 1].")
+    max_new_tokens: int = cli.arg(default=512, help="Generation cap per response.")
+    gen_batch: int = cli.arg(default=8, help="Prompts per batched generate() call.")
+    seed: int = cli.arg(default=0, help="Sampling seed (the same for every policy).")
+    dtype: Literal["float32", "bfloat16", "float16"] = cli.arg(default="float32", help="Weights dtype of the "
+                                                               "policies.")
+    device: str = cli.arg(default="auto", help="`auto` = cuda when available, else cpu; or a torch device name.")
+    labels: list[str] = cli.arg(default_factory=list, help="Names of the policies, one per --models (default: their "
+                                "folder names).")
+    figure: str = cli.arg(default="figures/arena.png", path="out_file", help="Where to save the heatmap.")
+    json_out: str | None = cli.arg(default=None, path="out_file", help="Also write W, SE, labels and responses to "
+                                   "this JSON file.")
+    progress: bool = cli.arg(default=True, help="Show progress bars.")
+
+    RULES = (
+        # field           the test                                              what it must be
+        ("models",        lambda c: len(c.models) >= 2,                         "at least 2 policies (W compares "
+                                                                                "them): --models DIR DIR [...]"),
+        ("labels",        lambda c: len(c.labels) in (0, len(c.models)),        "one label per --models policy, or "
+                                                                                "left out (their folder names)"),
+        ("prompts",       lambda c: c.prompts is not None,                      "a prompt file: --prompts FILE (JSONL "
+                                                                                "or parquet)"),
+        ("max_prompts",   lambda c: c.max_prompts >= 0,                         ">= 0 (0: all)"),
+        ("pairrm",        lambda c: c.oracle != "pairrm" or c.pairrm is not None,
+                                                                                "a local PairRM checkpoint folder "
+                                                                                "with --oracle pairrm (or use "
+                                                                                "--oracle committee)"),
+        ("pairrm",        lambda c: c.oracle == "pairrm" or c.pairrm is None,   "left out with --oracle committee (the "
+                                                                                "committee judges, not PairRM)"),
+        ("judges",        lambda c: judges_ok(c.judges),                        f"comma-separated judges of "
+                                                                                f"{', '.join(committee.JUDGES)}"),
+        ("judges",        lambda c: c.oracle == "committee" or c.judges == committee.DEFAULT_JUDGES,
+                                                                                "left out with --oracle pairrm (only "
+                                                                                "the committee has judges)"),
+        ("samples",       lambda c: c.samples >= 1,                             ">= 1"),
+        ("samples",       lambda c: c.oracle == "committee" or c.samples == 1,  "1 with --oracle pairrm (it answers "
+                                                                                "with one sample, or --best-of N)"),
+        ("best_of",       lambda c: c.best_of >= 1,                             ">= 1"),
+        ("best_of",       lambda c: c.oracle == "pairrm" or c.best_of == 1,     "1 with --oracle committee (best-of-n "
+                                                                                "picks by PairRM's scores)"),
+        ("temperature",   lambda c: cli.finite_positive(c.temperature),         "finite and > 0"),
+        ("top_p",         lambda c: 0 < c.top_p <= 1,                           "in (0, 1]"),
+        ("max_new_tokens", lambda c: c.max_new_tokens >= 1,                     ">= 1"),
+        ("gen_batch",     lambda c: c.gen_batch >= 1,                           ">= 1"),
+        ("device",        lambda c: runs.device_available(c.device),            "auto, cpu, or a torch device this "
+                                                                                "machine has (cuda needs a GPU)"),
+    )
+    """Checked by cli.check before any work; each --models path is checked as a model (check_models) after it."""
+
+
+def check_models(cfg):
+    """Each --models entry is a model folder (config.json and its weights) or a .gguf file: cli.check_path's model
+    kind, one path at a time (a list field, so not a path= field of cli.check)."""
+    for m in cfg.models:
+        cli.check_path("models", m, "model")
 
 
 def main(argv=None):
-    cfg = runs.parse_config(ArenaConfig, argv, description=__doc__.split("\n")[0])
-    return runs.user_errors("arena.py", lambda: arena(cfg))
+    return cli.main("arena.py", ArenaConfig, arena, argv, description=__doc__.split("\n")[0])
 
 
 def arena(cfg):
-    """The CLI's work: responses from every policy, PairRM's win-rate matrix with s.e., the table and heatmap."""
-    if len(cfg.models) < 2 or not cfg.prompts or (cfg.oracle == "pairrm" and not cfg.pairrm):
-        raise runs.ConfigError("needs --models DIR DIR [...] (at least 2), --prompts FILE and --pairrm DIR (or "
-                               "--oracle committee)")
-    if cfg.oracle == "committee" and (cfg.best_of != 1 or cfg.samples < 1):
-        raise runs.ConfigError("--oracle committee: --best-of must be 1 (best-of-n needs PairRM) and --samples >= 1")
-    try:
-        judges = committee.CommitteeOracle(cfg.judges) if cfg.oracle == "committee" else None
-    except ValueError as e:
-        raise runs.ConfigError(f"--{e}") from None
+    """The CLI's work: responses from every policy, the judge's win-rate matrix with s.e., the table and heatmap.
+    Every setting and path is checked first (cli.check, check_models), before any model is loaded."""
+    cli.check(cfg)
+    check_models(cfg)
+    judges = committee.CommitteeOracle(cfg.judges) if cfg.oracle == "committee" else None
     device = runs.resolve_device(cfg.device)
     prompts = runs.load_prompts(cfg.prompts, cfg.prompt_column)[:cfg.max_prompts or None]
+    if not prompts:
+        raise cli.ArtifactError(f"--prompts {cfg.prompts}: no prompts")
     gen = sppo.SPPOConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           gen_batch=cfg.gen_batch, seed=cfg.seed, dtype=cfg.dtype, progress=cfg.progress)
     if judges:
@@ -183,6 +238,7 @@ def arena(cfg):
     plot_arena(W, labels, cfg.figure, se=SE, n_prompts=len(prompts), title="P(row beats column), " +
                ("committee" if judges else f"PairRM, best-of-{cfg.best_of}"))
     if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json_out).write_text(json.dumps({"labels": labels, "W": W.tolist(), "SE": SE.tolist(),
                                                   "prompts": prompts, "responses": responses, "finished":
                                                   [[g["finished"] for g in gs] for gs in gens] if judges else None},

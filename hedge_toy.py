@@ -19,16 +19,18 @@ P(y > pi) = (P pi)_y. eta is the Hedge step; the paper's beta is 1/eta, and its 
 NumPy, float64 throughout; arrays may carry leading batch dimensions (..., n, n) / (..., n).
 
 Run:  python hedge_toy.py [--out figures] [--t-max 100000] [--seed 0] [--trials 200]
-It prints one table per claim, writes five PNGs into --out, and exits 1 if a Theorem 4.1 bound fails.
+It prints one table per claim, writes three PNGs into --out, and exits 1 if a Theorem 4.1 bound fails.
 """
 import math
 import numbers
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+import cli  # the one CLI convention: standard library and PyYAML only, so this file stays NumPy-only
 
 # ----------------------------------------------------------------------------------------- validation
 
@@ -377,41 +379,73 @@ def log_z_limit(kind, eta):
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-@dataclass
-class Config:
-    """Every knob of `python hedge_toy.py`; each field is a flag (--t-max, --ks 2 5 10, ...)."""
-
-    out: str = field(default="figures", metadata={"help": "folder for the three PNG figures"})
-    t_max: int = field(default=100_000, metadata={"help": "largest horizon T of the Thm 4.1 runs"})
-    seed: int = field(default=0, metadata={"help": "seed of the random games and of the App. A Monte Carlo"})
-    trials: int = field(default=200, metadata={"help": "Monte Carlo trials per (kind, K) for App. A"})
-    etas: list[float] = field(default_factory=lambda: [1.0, 10.0, 1000.0],
-                              metadata={"help": "App. A steps eta (1000: the paper's LLMs)"})
-    ks: list[int] = field(default_factory=lambda: [2, 3, 5, 10, 20, 50, 100, 200, 500],
-                          metadata={"help": "App. A sample counts K"})
+T_MAX = 10**7
+"""--t-max cap: the Thm 4.1 runs take one NumPy step per t over all (game, T) rows at once (~100 rows, ~60 us a step
+on one core): 10^5 takes ~6 s, 10^7 ~10 min."""
+TRIALS_MAX, K_MAX, APP_A_MAX = 10**5, 2000, 2 * 10**9
+"""App. A caps: every (kind, K) draws --trials K x K games, in chunks of ~2^20 entries (K > 1024: one game, several
+K x K float arrays, 32 MB each at K = 2000), so the Monte Carlo costs trials x sum(K^2) game entries per kind, at
+7e6 (K ~ 1000) to 4e7 (K ~ 200) entries a second on one core: 2e9 is up to ~10 min for the two kinds."""
 
 
-def _count(low):
-    return lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+def _count(low, high=None):
+    """An integer (numpy's too; not bool) in [low, high]."""
+    return lambda x: (isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+                      and (high is None or x <= high))
 
 
 def _step(x):
-    return isinstance(x, numbers.Real) and math.isfinite(x) and x > 0
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def check_settings(cfg, rules):
-    """A ValueError naming the first field of cfg that breaks its rule: rules = ((name, ok, what it must be), ...)."""
-    for name, ok, want in rules:
-        v = getattr(cfg, name)
-        vs = list(v) if isinstance(v, (list, tuple)) else [v]
-        if not vs or not all(map(ok, vs)):
-            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {want}; got {v!r}")
+def _each(ok):
+    """A non-empty list (or tuple) whose every entry passes ok."""
+    return lambda xs: isinstance(xs, (list, tuple)) and len(xs) > 0 and all(map(ok, xs))
 
 
-def check_config(cfg):
-    """A ValueError naming the first field of cfg that the runs cannot take; report calls it before any work."""
-    check_settings(cfg, (("t_max", _count(1), "an integer >= 1"), ("trials", _count(1), "an integer >= 1"),
-                       ("etas", _step, "finite and > 0"), ("ks", _count(2), "integers K >= 2")))
+@dataclass
+class Config:
+    """Every knob of `python hedge_toy.py`; each field is a flag (--t-max, --ks 2 5 10, ...); RULES is checked
+    (cli.check) before any work."""
+
+    out: str = cli.arg("figures", help="folder for the three PNG figures (made if missing)", path="out_dir")
+    t_max: int = cli.arg(100_000, help="largest horizon T of the Thm 4.1 runs (at most 10^7)")
+    seed: int = cli.arg(0, help="seed of the random games and of the App. A Monte Carlo")
+    trials: int = cli.arg(200, help="Monte Carlo trials per (kind, K) for App. A (at most 10^5)")
+    etas: list[float] = cli.arg(default_factory=lambda: [1.0, 10.0, 1000.0],
+                                help="App. A steps eta (1000: the paper's LLMs)")
+    ks: list[int] = cli.arg(default_factory=lambda: [2, 3, 5, 10, 20, 50, 100, 200, 500],
+                            help=f"App. A sample counts K (2 <= K <= {K_MAX})")
+
+    RULES = (
+        # field     the test                                            what it must be
+        ("t_max",   lambda c: _count(1)(c.t_max),                       "an integer >= 1"),
+        ("t_max",   lambda c: c.t_max <= T_MAX,                         "<= 10^7: the Thm 4.1 runs take one NumPy "
+                                                                        "step per t over ~100 game rows (~60 us), "
+                                                                        "so 10^7 is ~10 min"),
+        ("seed",    lambda c: _count(0)(c.seed),                        "an integer >= 0 (a NumPy seed)"),
+        ("trials",  lambda c: _count(1, TRIALS_MAX)(c.trials),          "an integer in [1, 10^5] (App. A draws "
+                                                                        "--trials K x K games per kind and K)"),
+        ("etas",    lambda c: _each(_step)(c.etas),                     "finite and > 0"),
+        ("ks",      lambda c: _each(_count(2))(c.ks),                   "integers K >= 2"),
+        ("ks",      lambda c: max(c.ks) <= K_MAX,                       f"each K <= {K_MAX}: a trial holds several "
+                                                                        f"K x K float arrays (32 MB each at K = "
+                                                                        f"{K_MAX})"),
+        ("trials",  lambda c: c.trials * sum(int(k) ** 2 for k in c.ks) <= APP_A_MAX,
+                                                                        "at most 2e9 / sum(K^2) over --ks: App. A "
+                                                                        "costs trials x sum(K^2) game entries per "
+                                                                        "kind, up to ~10 min at 2e9"),
+    )
+
+
+def timed(work):
+    """work(cfg) -> exit code, printing `done in X s` after it (the NumPy files' CLIs)."""
+    def run(cfg):
+        start = time.perf_counter()
+        code = work(cfg)
+        print(f"done in {time.perf_counter() - start:.1f} s")
+        return code
+    return run
 
 
 def run_gap_suite(games, horizons):
@@ -513,7 +547,9 @@ def plot_simplex(runs, path, cols=None):
 
 
 def report(cfg):
-    check_config(cfg)
+    """The three claims' tables and figures (the CLI's work). cli.check(cfg) first: a bad setting raises
+    cli.ConfigError (a ValueError) before anything is computed or written."""
+    cli.check(cfg)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -560,26 +596,9 @@ def report(cfg):
     return 1 if failed else 0
 
 
-def cli(config_cls, check, work, argv, prog, description):
-    """The repository's one CLI convention for the NumPy files (transformers.HfArgumentParser over a Config: --help
-    shows every default; a wrong flag or value exits 2 at once, before minutes of computing). Imported here, not at
-    the top, so the library itself stays NumPy-only. Returns work(cfg)'s exit code."""
-    from transformers import HfArgumentParser
-    cfg = config_cls(**vars(HfArgumentParser(config_cls, description=description).parse_args(argv)))
-    try:
-        check(cfg)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    code = work(cfg)
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return code
-
-
 def main(argv=None):
-    """`python hedge_toy.py [flags]`."""
-    return cli(Config, check_config, report, argv, "hedge_toy.py", __doc__.split("\n")[0])
+    """`python hedge_toy.py [flags]`: cli.main (a bad flag or setting: one line, exit 2, before any work)."""
+    return cli.main("hedge_toy.py", Config, timed(report), argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ figures/dynamics_last_iterate.png and figures/dynamics_simplex.png.
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from hedge_toy import (GAMES, _average, _check_eta_T, _count, _hedge, _log_step, _loop, _normalise, _payoff,
-                       _positive, _step, _validate_policy, check_settings, cli, duality_gap, plot_simplex, print_table,
+import cli  # the one CLI convention: standard library and PyYAML only, so this file stays NumPy-only
+from hedge_toy import (GAMES, _average, _check_eta_T, _count, _each, _hedge, _log_step, _loop, _normalise, _payoff,
+                       _positive, _step, _validate_policy, duality_gap, plot_simplex, print_table, timed,
                        validate_preference, weighted_rps_equilibrium)
 
 # SPPO deploys its last iterate, and Hedge's cycles (hedge_simplex.png). Each method below is one step (log pi_t, mem)
@@ -173,26 +174,35 @@ def regularized_equilibrium(P, tau, mu=None, tol=1e-11, max_iter=10**6):
 
 
 # ------------------------------------------------------------------------------------------- the CLI
+T_MAX = 10**6
+"""--t cap: the sweep keeps every iterate of every method and game (T x n floats each, plus the tau panel's T x 4 x n:
+~1.4 KB a step in all) and takes its steps in Python (~1 ms a step for the whole sweep): 10^6 is ~1.4 GB and ~20 min."""
+
+
 @dataclass
 class Config:
-    """Every knob of `python last_iterate.py`; each field is a flag."""
+    """Every knob of `python last_iterate.py`; each field is a flag; RULES is checked (cli.check) before any work."""
 
-    out: str = field(default="figures", metadata={"help": "folder for the two PNG figures"})
-    seed: int = field(default=0, metadata={"help": "seed of the random game"})
-    eta: float = field(default=0.5, metadata={"help": "step eta of every method in the sweep"})
-    t: int = field(default=10_000, metadata={"help": "iterations T of the sweep"})
-    tau: float = field(default=0.1, metadata={"help": "KL weight tau of nash_md and mmd in the sweep"})
-    taus: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01],
-                              metadata={"help": "taus of the tau -> 0 panel"})
+    out: str = cli.arg("figures", help="folder for the two PNG figures (made if missing)", path="out_dir")
+    seed: int = cli.arg(0, help="seed of the random game")
+    eta: float = cli.arg(0.5, help="step eta of every method in the sweep")
+    t: int = cli.arg(10_000, help="iterations T of the sweep (at most 10^6)")
+    tau: float = cli.arg(0.1, help="KL weight tau of nash_md and mmd in the sweep")
+    taus: list[float] = cli.arg(default_factory=lambda: [0.3, 0.1, 0.03, 0.01], help="taus of the tau -> 0 panel")
 
-
-def check_config(cfg):
-    """A ValueError naming the first field of cfg that the sweep cannot take; main calls it before any work."""
-    check_settings(cfg, (("eta", _step, "finite and > 0"), ("t", _count(1), "an integer >= 1"),
-                       ("tau", _step, "finite and > 0"), ("taus", _step, "finite and > 0")))
-    if cfg.eta * max(cfg.tau, *cfg.taus) > 1:
-        raise ValueError(f"nash_md needs eta * tau <= 1 (--eta, --tau, --taus); got "
-                         f"{cfg.eta:g} * {max(cfg.tau, *cfg.taus):g}")
+    RULES = (
+        # field   the test                                                  what it must be
+        ("seed",  lambda c: _count(0)(c.seed),                              "an integer >= 0 (a NumPy seed)"),
+        ("eta",   lambda c: _step(c.eta),                                   "finite and > 0"),
+        ("t",     lambda c: _count(1)(c.t),                                 "an integer >= 1"),
+        ("t",     lambda c: c.t <= T_MAX,                                   "<= 10^6: the sweep keeps every iterate "
+                                                                            "(~1.4 KB a step) and steps in Python "
+                                                                            "(~1 ms a step): 10^6 is ~1.4 GB, ~20 min"),
+        ("tau",   lambda c: _step(c.tau),                                   "finite and > 0"),
+        ("taus",  lambda c: _each(_step)(c.taus),                           "finite and > 0"),
+        ("eta",   lambda c: c.eta * max(c.tau, *c.taus) <= 1,               "<= 1 / the largest of --tau and --taus: "
+                                                                            "nash_md needs eta * tau <= 1"),
+    )
 
 
 def report(cfg):
@@ -200,9 +210,13 @@ def report(cfg):
 
     Prints the table; figure (d), dynamics_last_iterate.png: gap against t of the last iterate (row 1) and the average
     (row 2), the regularised gap for nash_md and mmd (dashed), and their unregularised gap as tau shrinks (row 3);
-    figure (e), dynamics_simplex.png: each method's trajectory on weighted_rps.
+    figure (e), dynamics_simplex.png: each method's trajectory on weighted_rps. cli.check(cfg) first: a bad setting
+    raises cli.ConfigError (a ValueError) before anything is computed; cfg.out is made before the sweep.
     """
+    cli.check(cfg)
     import matplotlib.pyplot as plt
+
+    os.makedirs(cfg.out, exist_ok=True)
 
     fig, axes = plt.subplots(3, 3, figsize=(18, 15))
     t, taus, rows, simplex = np.arange(1, cfg.t + 1), np.array(cfg.taus), [], []
@@ -246,8 +260,8 @@ def report(cfg):
 
 
 def main(argv=None):
-    """`python last_iterate.py [flags]`: hedge_toy.cli, the NumPy files' one CLI convention."""
-    return cli(Config, check_config, report, argv, "last_iterate.py", __doc__.split("\n")[0])
+    """`python last_iterate.py [flags]`: cli.main (a bad flag or setting: one line, exit 2, before any work)."""
+    return cli.main("last_iterate.py", Config, timed(report), argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

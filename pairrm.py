@@ -16,16 +16,17 @@ Run (prints the K x K preference matrix and the scores):
     python pairrm.py --model /path/to/PairRM --prompt "hello!" --candidates "hi!" "f**k off!" "hey, how are you?"
     python pairrm.py --model /tmp/pairrm-tiny --make-tiny --prompt "hi" --candidates a b c   # random tiny weights
 """
-import argparse
 import copy
 import hashlib
 import json
 import math
 import re
 import string
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 from transformers import DebertaV2Config, DebertaV2Model
 from transformers.initialization import no_init_weights
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
+
+import cli
 
 PREFIX_TOKENS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")  # added tokens, in this order
 SOURCE_MAXLENGTH, CANDIDATE_MAXLENGTH = 1224, 412  # llm-blender/PairRM config.json; a row has <= 1224 + 2 * 412 tokens
@@ -343,9 +346,12 @@ class PairRM(nn.Module):
         """Load a LOCAL folder in the llm-blender/PairRM or llm-blender/PairRM-hf layout, strictly.
         device: default cuda if available, else cpu. dtype: default float16 on GPU (as llm-blender), float32 on CPU."""
         path = Path(path)
-        for name in ("config.json", "tokenizer.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path} is not a PairRM checkpoint: missing {name}")
+        if not path.is_dir():
+            raise CheckpointFileMissing(f"{path}: no such folder (expected a local PairRM checkpoint folder)")
+        missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).is_file()]
+        missing += [] if any((path / w).is_file() for w in WEIGHT_FILES) else [" (or ".join(WEIGHT_FILES) + ")"]
+        if missing:
+            raise CheckpointFileMissing(f"{path} is not a PairRM checkpoint: missing {', '.join(missing)}")
         cfg = _read_json(path / "config.json")
         config = _backbone_config(cfg, path)
         state, weights_file = _load_state_dict(path)
@@ -487,13 +493,22 @@ def _backbone_config(cfg: dict, path: Path) -> DebertaV2Config:
                      "(PairRM-hf layout) or a 'model_name' field (PairRM ranker layout)")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The weights of a checkpoint folder, in the order they are looked for."""
+
+
+class CheckpointFileMissing(cli.ArtifactError, FileNotFoundError):
+    """A checkpoint folder without a file it needs; the message names the folder and every missing file. Both a
+    FileNotFoundError and cli.ArtifactError: the CLIs print it as one line and exit 2."""
+
+
 def _load_state_dict(path: Path) -> tuple[dict, Path]:
     """model.safetensors, else pytorch_model.bin read with weights_only=True. A pickled config.bin is never read."""
     if (path / "model.safetensors").is_file():
         return load_file(str(path / "model.safetensors"), device="cpu"), path / "model.safetensors"
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True), path / "pytorch_model.bin"
-    raise FileNotFoundError(f"{path} is not a PairRM checkpoint: missing model.safetensors (or pytorch_model.bin)")
+    raise CheckpointFileMissing(f"{path} is not a PairRM checkpoint: missing model.safetensors (or pytorch_model.bin)")
 
 
 def _load_tokenizer(path: Path) -> tuple[Tokenizer, dict]:
@@ -591,37 +606,65 @@ def save_tiny_random_checkpoint(out_dir, layout: str = "PairRM-hf", seed: int = 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: a quick look at one prompt
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="PairRM preference matrix of K candidates for one prompt.")
-    parser.add_argument("--model", required=True, help="local folder of llm-blender/PairRM or llm-blender/PairRM-hf")
-    parser.add_argument("--prompt", required=True, help="the prompt x")
-    parser.add_argument("--candidates", nargs="+", required=True, help="K >= 2 responses (empty strings allowed)")
-    parser.add_argument("--mode", choices=MODES, default="pairwise", help="pairwise = sigma(f(i,j) - f(j,i)) "
-                        "(paper, Sec. 5.1); official = sigma(s_i - s_j) (released SPPO code)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--make-tiny", action="store_true",
-                        help="first write a tiny RANDOM checkpoint to --model (a new or empty folder)")
-    args = parser.parse_args(argv)
-    if len(args.candidates) < 2:
-        parser.error(f"a preference needs at least 2 candidates, got {len(args.candidates)}")
-    if args.make_tiny:
+@dataclass
+class CLIConfig:
+    """`python pairrm.py`'s settings (cli.py's convention: one field = one flag; RULES checked before any work)."""
+
+    model: str = cli.arg(help="local folder of llm-blender/PairRM or llm-blender/PairRM-hf (with --make-tiny: a new "
+                              "or empty folder to write a tiny RANDOM checkpoint to first)")
+    prompt: str = cli.arg(help="the prompt x")
+    candidates: list[str] = cli.arg(help="K >= 2 responses (empty strings allowed)")
+    mode: str = cli.arg("pairwise", choices=MODES, help="pairwise = sigma(f(i,j) - f(j,i)) (paper, Sec. 5.1); "
+                                                        "official = sigma(s_i - s_j) (released SPPO code)")
+    device: str | None = cli.arg(None, help="cpu, cuda, ... (None: cuda if available)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = cli.arg(None, help="None: fp16 on GPU, fp32 on CPU")
+    make_tiny: bool = cli.arg(False, help="first write a tiny RANDOM checkpoint to --model (a new or empty folder)")
+
+    RULES = (
+        ("candidates", lambda c: len(c.candidates) >= 2, "at least 2 candidates: a preference needs a pair"),
+        ("device",     lambda c: c.device is None or _device_available(c.device),
+                                                         "cpu, or a torch device this machine has (cuda needs a GPU)"),
+    )
+
+
+def _device_available(name):
+    import runs                                  # its torch device check, shared by every CLI
+    return runs.device_available(name)
+
+
+def preference_report(cfg: CLIConfig) -> int:
+    """The CLI's work: (--make-tiny: write the checkpoint,) load it, print P, the scores and the best candidate."""
+    cli.check_path("model", cfg.model, "out_dir" if cfg.make_tiny else "dir")
+    if cfg.make_tiny:
         try:
-            save_tiny_random_checkpoint(args.model)
+            save_tiny_random_checkpoint(cfg.model)
         except FileExistsError as e:
-            parser.error(str(e))
-    model = PairRM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    M = model.logit_matrices([args.prompt], [args.candidates])  # (1, K, K)
-    P, s = preference_from_logits(M, args.mode)[0], scores_from_logits(M)[0]  # (K, K), (K,)
-    K = len(args.candidates)
-    print(f"P[i, j] = P(y_i > y_j | x), mode={args.mode}")
+            raise cli.ArtifactError(f"--model {e}") from None
+    try:
+        model = PairRM.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    except (ValueError, KeyError, FileNotFoundError) as e:             # each names the file and what is wrong in it
+        if isinstance(e, cli.ArtifactError):
+            raise
+        raise cli.ArtifactError(f"--model {cfg.model}: {e.args[0] if e.args else e}") from None
+    M = model.logit_matrices([cfg.prompt], [cfg.candidates])  # (1, K, K)
+    P, s = preference_from_logits(M, cfg.mode)[0], scores_from_logits(M)[0]  # (K, K), (K,)
+    K = len(cfg.candidates)
+    print(f"P[i, j] = P(y_i > y_j | x), mode={cfg.mode}")
     print("      " + "".join(f"{f'y{j}':>8}" for j in range(K)))
     for i in range(K):
         print(f"{f'y{i}':<6}" + "".join(f"{P[i, j].item():8.4f}" for j in range(K)))
     print("s_PairRM: " + "  ".join(f"y{i}={s[i].item():+.4f}" for i in range(K)))
     best = int(s.argmax())
-    print(f"best: y{best} = {args.candidates[best]!r}")
+    print(f"best: y{best} = {cfg.candidates[best]!r}")
+    return 0
+
+
+def main(argv=None):
+    """`python pairrm.py --model DIR --prompt X --candidates A B ...`: cli.main (one line and exit 2 on a bad
+    setting or checkpoint)."""
+    return cli.main("pairrm.py", CLIConfig, preference_report, argv,
+                    "PairRM preference matrix of K candidates for one prompt.")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers.hf_argparser import HfArg
 
 import arena
+import cli
 import committee
 import runs
 import sppo
@@ -43,14 +43,43 @@ def smollm2_gguf():
 
 @dataclass
 class ReportConfig:
-    out: str = HfArg(default="runs/real", help="The sppo.py run directory (OUT/iter{t}/model are pi_1..pi_T).")
-    prompts: str = HfArg(default="data/prompts_heldout.jsonl", help="Held-out prompts for the arena.")
-    max_prompts: int = HfArg(default=0, help="Use the first N held-out prompts (0: all).")
-    samples: int = HfArg(default=1, help="Samples per policy and prompt in the arena.")
-    gen_batch: int = HfArg(default=16, help="Prompts per batched generate() call in the arena.")
-    seed: int = HfArg(default=1, help="Arena sampling seed (the same for every policy; not the run's).")
-    figures: str = HfArg(default="figures", help="Where real_arena.png, real_curves.png and real_run.json go.")
-    progress: bool = HfArg(default=False, help="Show progress bars.")
+    out: str = cli.arg(default="runs/real", path="dir", help="The sppo.py run directory (OUT/iter{t}/model are "
+                       "pi_1..pi_T); the arena's samples are cached in OUT/arena/.")
+    prompts: str = cli.arg(default="data/prompts_heldout.jsonl", path="file", help="Held-out prompts for the arena.")
+    max_prompts: int = cli.arg(default=0, help="Use the first N held-out prompts (0: all).")
+    samples: int = cli.arg(default=1, help="Samples per policy and prompt in the arena.")
+    gen_batch: int = cli.arg(default=16, help="Prompts per batched generate() call in the arena.")
+    seed: int = cli.arg(default=1, help="Arena sampling seed (the same for every policy; not the run's).")
+    figures: str = cli.arg(default="figures", path="out_dir", help="Where real_arena.png, real_curves.png and "
+                           "real_run.json go.")
+    progress: bool = cli.arg(default=False, help="Show progress bars.")
+
+    RULES = (
+        ("max_prompts", lambda c: c.max_prompts >= 0,   ">= 0 (0: all)"),
+        ("samples",     lambda c: c.samples >= 1,       ">= 1"),
+        ("gen_batch",   lambda c: c.gen_batch >= 1,     ">= 1"),
+    )
+
+
+def finished_run(out):
+    """The run's config.json, once every file the report reads is known to be there (the run's config, and each
+    iteration's model, metrics.json and generations.jsonl); an ArtifactError naming the first that is not."""
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        raise cli.ArtifactError(f"--out {out}: no config.json: not an sppo.py run directory (make real runs one)")
+    try:
+        run = json.loads((out / "config.json").read_text())
+        T = int(run["iterations"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise cli.ArtifactError(f"{out / 'config.json'}: not an sppo.py run config ({e!r})") from None
+    for t in range(T):
+        for name in ("model", "metrics.json", "generations.jsonl"):
+            if not (out / f"iter{t}" / name).exists():
+                raise cli.ArtifactError(f"{out / f'iter{t}' / name}: missing: the run has not finished iteration {t} "
+                                        f"(re-run its sppo.py command to resume it)")
+    if not Path(run["model"]).exists():
+        raise cli.ArtifactError(f"{out / 'config.json'}: its pi_0 {run['model']} is not there any more")
+    return run
 
 
 def held_out_samples(model, label, prompts, gen, folder):
@@ -71,8 +100,10 @@ def mean_words(texts):
 
 
 def report(cfg):
-    """The arena between pi_0 .. pi_T under the run's committee and sampling settings, the curves, the JSON."""
-    run = json.loads((Path(cfg.out) / "config.json").read_text())
+    """The arena between pi_0 .. pi_T under the run's committee and sampling settings, the curves, the JSON. The
+    settings (cli.check) and the run directory (finished_run) are checked first."""
+    cli.check(cfg)
+    run = finished_run(cfg.out)                           # every file it reads, before any work
     T = run["iterations"]
     models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]
     labels = [f"pi_{t}" for t in range(T + 1)]
@@ -83,6 +114,7 @@ def report(cfg):
     gens = [held_out_samples(m, lab, prompts, gen, Path(cfg.out) / "arena") for m, lab in zip(models, labels)]
     W, SE = arena.arena_oracle(committee.CommitteeOracle(run["judges"]), prompts, gens)
     figs = Path(cfg.figures)
+    figs.mkdir(parents=True, exist_ok=True)
     arena.plot_arena(W, labels, figs / "real_arena.png", se=SE, n_prompts=len(prompts),
                      title="SmolLM2-135M, P(row beats column), committee")
     texts = [[y for g in gs for y in g["responses"]] for gs in gens]
@@ -133,8 +165,7 @@ def plot_curves(s, path):
 
 
 def main(argv=None):
-    cfg = runs.parse_config(ReportConfig, argv, description=__doc__.split("\n")[0])
-    return runs.user_errors("real_run.py", lambda: report(cfg))
+    return cli.main("real_run.py", ReportConfig, report, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.hf_argparser import HfArg
 
 import arena
+import cli
+import committee
 import hedge_toy
 import policy
 import runs
@@ -183,7 +184,7 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
 
 def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="half", reference="previous",
                      ipo_target=0.5):
-    """T iterations of Algorithm 1 with sppo.py's `--loss` on a softmax table; returns pi_1..pi_T, (T, n).
+    """T iterations of Algorithm 1 with sppo.py's `--loss` (sppo.LOSSES) on a softmax table; returns pi_1..pi_T, (T, n).
 
     Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), as --selection
     all (loss 'sppo': every sample) or pair (the others: each group's winner and loser, sppo.select_pair, with
@@ -195,8 +196,9 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
         raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
-    if loss not in ("sppo", *sppo.PAIR_LOSSES):
-        raise ValueError(f"loss must be one of sppo, {', '.join(sppo.PAIR_LOSSES)}; got {loss!r}")
+    pair_losses = [name for name, entry in sppo.LOSSES.items() if entry.kind == "pair"]
+    if loss not in ("sppo", *pair_losses):
+        raise ValueError(f"loss must be one of sppo, {', '.join(pair_losses)}; got {loss!r}")
     n = P.shape[0]
     rng = np.random.default_rng(seed)
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
@@ -230,7 +232,7 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
                 value = sppo.sppo_loss(logp, ref, target, eta, lz).mean()                 # Eq. (4.7)
             else:
                 batch = {"ref_logp": ref, "win_prob": target, "pair_prob": pair_prob}
-                value = sppo.pair_losses(logp, batch, cfg).mean()
+                value = sppo.LOSSES[loss].fn(logp, batch, cfg).mean()                 # per pair
             value.backward()
             return value
         opt.step(closure)
@@ -264,10 +266,59 @@ _DemoBase = with_defaults(
 @dataclass
 class DemoConfig(_DemoBase):
     """The demo's settings: SPPOConfig for a 16-token world (eta = 3: 20 Hedge steps cut both gaps by ~4x)."""
-    groups: int = HfArg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
-    figure: str = HfArg(default="figures/demo_gap.png", help="Where to save the gap plot (the arena plot beside it).")
-    compare: bool = HfArg(default=False, help="SPPO against iterative DPO, IPO and sppo_hard (--loss) from the same "
-                          "pi_0, --selection pair: gap table, compare_gap.png and compare_arena.png beside --figure.")
+    groups: int = cli.arg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
+    figure: str = cli.arg(default="figures/demo_gap.png", path="out_file", help="Where to save the gap plot (the "
+                          "arena plot beside it).")
+    compare: bool = cli.arg(default=False, help="SPPO against iterative DPO, IPO and sppo_hard (--loss) from the same "
+                            "pi_0, --selection pair: gap table, compare_gap.png and compare_arena.png beside --figure.")
+
+    RULES = sppo.SPPOConfig.RULES + (
+        ("groups", lambda c: c.groups >= 1, ">= 1: copies of each game prompt per iteration"),
+    )
+
+    NOT_HERE = {
+        "model": (None, "it builds its own pi_0 (OUT/pi0, a tiny Llama warm-started to DEMO_START); "
+                        "sppo.py --model trains yours"),
+        "prompts": (None, "the prompts are the two game prompts, --groups copies of each (OUT/prompts.jsonl)"),
+        "prompt_column": ("prompt", "the demo writes its own prompt file"),
+        "max_prompts": (0, "the demo's prompts are --groups copies of each game prompt: set --groups"),
+        "oracle": ("game", "the oracle is the demo's preference game (GameOracle), exact"),
+        "pairrm": (None, "the game oracle judges here, not PairRM"),
+        "pairrm_mode": ("pairwise", "the game oracle judges here, not PairRM"),
+        "judges": (committee.DEFAULT_JUDGES, "the game oracle judges here, not the committee"),
+        "oracle_prompt": ("raw", "the game oracle knows its games by their raw prompts"),
+        "eval_prompts": (None, "the demo measures exact duality gaps on its own games, not held-out win rates"),
+    }
+    """SPPOConfig settings the demo does not use (it builds its own pi_0, prompts and oracle): any other value is
+    refused before any work, with why (DemoCLI.RULES). Not rows of DemoConfig.RULES: sppo.run checks those on the
+    config the demo hands it, whose model and prompts the demo has filled in."""
+
+
+@dataclass
+class DemoCLI(DemoConfig):
+    """`python sppo_toy.py`'s config: DemoConfig whose RULES first refuse the settings the demo does not use
+    (NOT_HERE; before the paths are checked, so `--prompts /nonexistent` is named as unused, not as missing), then
+    --loss with --compare, then DemoConfig's. Work gets a DemoConfig (as_demo_config)."""
+
+    RULES = tuple(
+        (name, lambda c, n=name, v=value: getattr(c, n) == v, f"left out: not a setting of sppo_toy.py ({why})")
+        for name, (value, why) in DemoConfig.NOT_HERE.items()) + (
+        ("loss", lambda c: not c.compare or c.loss == "sppo", "left out with --compare (it trains each of sppo, "
+                                                              "dpo, ipo and sppo_hard itself)"),
+    ) + DemoConfig.RULES
+
+
+def as_demo_config(cfg):
+    """The same settings as a DemoConfig (the config sppo.run checks and records)."""
+    return DemoConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DemoConfig)})
+
+
+def check_demo(cfg):
+    """Before any work of demo() / compare(): DemoCLI's checks (NOT_HERE, choices, RULES, paths), the CLI's, for
+    callers from Python too. Raises cli.ConfigError naming the flag. Returns cfg as a DemoConfig."""
+    cfg = as_demo_config(cfg)
+    cli.check(DemoCLI(**dataclasses.asdict(cfg)))
+    return cfg
 
 
 def effective_eta(eta, K):
@@ -354,7 +405,9 @@ def demo_start(cfg, games):
 
 def demo(cfg):
     """Build pi_0, run Algorithm 1 with the game oracle, print the gap table and save the plots (cfg.figure and the
-    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run."""
+    arena beside it). Returns the metrics, or None when cfg.stop_after stopped the run. Every setting is checked
+    first (check_demo), before pi_0 is built."""
+    cfg = check_demo(cfg)
     figure, games, out = cfg.figure, demo_games(), Path(cfg.out)
     cfg = demo_start(cfg, games)
     pi0 = Path(cfg.model)
@@ -393,7 +446,9 @@ def compare(cfg):
     """Algorithm 1 once per loss (OUT/compare/<loss>), same pi_0, iterations, samples per iteration and kept-pair
     rule (--selection pair); per game and iteration the exact gap (hedge_toy.duality_gap on the extended game) of the
     last iterate and the average; the exact arena (arena_exact) of the final policies, averaged over the games.
-    Prints the table, saves compare_gap.png and compare_arena.png beside cfg.figure. Returns the metrics."""
+    Prints the table, saves compare_gap.png and compare_arena.png beside cfg.figure. Returns the metrics, or None
+    when cfg.stop_after stopped a run. Every setting is checked first (check_demo), before pi_0 is built."""
+    cfg = check_demo(dataclasses.replace(cfg, compare=True))
     games, oracle = demo_games(), GameOracle(demo_games())
     cfg = demo_start(dataclasses.replace(cfg, selection="pair"), games)
     out, pis = Path(cfg.out), {}
@@ -453,15 +508,17 @@ def plot_compare(metrics, path):
 
 
 def main(argv=None):
-    cfg = runs.parse_config(DemoConfig, argv, description=__doc__.split("\n")[0])
+    """`python sppo_toy.py [flags]`: cli.main (a bad or unused setting: one line, exit 2, before any work)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                       # weight loading/saving bars: noise next to ours
-    t0 = time.perf_counter()
-    metrics = runs.user_errors("sppo_toy.py", lambda: compare(cfg) if cfg.compare else demo(cfg))
-    if metrics == 2:
-        return 2
-    print(f"{'comparison' if cfg.compare else 'demo'} finished in {time.perf_counter() - t0:.1f} s")
-    return 0 if metrics is not None or cfg.stop_after else 1
+
+    def go(cfg):
+        t0 = time.perf_counter()
+        cfg = as_demo_config(cfg)
+        metrics = compare(cfg) if cfg.compare else demo(cfg)
+        print(f"{'comparison' if cfg.compare else 'demo'} finished in {time.perf_counter() - t0:.1f} s")
+        return 0 if metrics is not None or cfg.stop_after else 1
+    return cli.main("sppo_toy.py", DemoCLI, go, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

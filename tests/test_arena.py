@@ -81,5 +81,136 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     np.testing.assert_allclose(W, 0.5, atol=1e-6)
     assert (tmp_path / "a.png").stat().st_size > 5_000
     bad = subprocess.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert bad.returncode != 0 and "at least 2" in bad.stderr
+                         cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "at least 2" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI's checks: every bad setting is one line and exit 2 before any model is loaded or any file written.
+@pytest.fixture
+def world(tmp_path):
+    """Paths that pass the path checks without building anything: two model folders (config.json and a weights
+    file; never loaded, since every case here stops before), a prompt file, a PairRM folder."""
+    for name in ("pi_0", "pi_1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    (tmp_path / "rm").mkdir()
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "play rps"}, {"prompt": "play weighted rps"}])
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path
+
+
+def arena_argv(w, *extra, pairrm=True):
+    return ["--models", str(w / "pi_0"), str(w / "pi_1"), "--prompts", str(w / "p.jsonl"),
+            *(["--pairrm", str(w / "rm")] if pairrm else []), "--figure", str(w / "out" / "arena.png"),
+            "--json-out", str(w / "out" / "w.json"), "--no-progress", *extra]
+
+
+def case(name, extra, words, pairrm=True, marks=()):
+    return pytest.param(extra, words, pairrm, id=name, marks=marks)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+BAD = [  # (extra flags, what the one line must say, --pairrm given); {w} is the test's folder
+    case("labels-for-fewer-models", ["--labels", "ONLY"], "--labels ['ONLY']: must be one label per --models"),
+    case("max-prompts-negative", ["--max-prompts", "-1"], "--max-prompts -1: must be >= 0"),
+    case("top-p-2", ["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    case("top-p-0", ["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    case("temperature-0", ["--temperature", "0"], "--temperature 0.0: must be finite and > 0"),
+    case("temperature-nan", ["--temperature", "nan"], "--temperature nan: must be finite and > 0"),
+    case("temperature-negative", ["--temperature", "-1"], "--temperature -1.0: must be finite and > 0"),
+    case("max-new-tokens-0", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+    case("gen-batch-0", ["--gen-batch", "0"], "--gen-batch 0: must be >= 1"),
+    case("samples-0", ["--samples", "0", "--oracle", "committee"], "--samples 0: must be >= 1", pairrm=False),
+    case("samples-with-pairrm", ["--samples", "2"], "--samples 2: must be 1 with --oracle pairrm"),
+    case("best-of-0", ["--best-of", "0"], "--best-of 0: must be >= 1"),
+    case("best-of-with-committee", ["--best-of", "4", "--oracle", "committee"],
+         "--best-of 4: must be 1 with --oracle committee", pairrm=False),
+    case("device-bogus", ["--device", "bogus"], "--device 'bogus': must be auto, cpu, or a torch device"),
+    case("device-cuda-without-cuda", ["--device", "cuda"], "--device 'cuda': must be auto, cpu, or a torch device",
+         marks=NO_GPU),
+    case("one-model", ["--models", "{w}/pi_0"], "--models ['{w}/pi_0']: must be at least 2 policies"),
+    case("model-missing", ["--models", "{w}/pi_0", "{w}/nope"], "--models {w}/nope: no such folder"),
+    case("model-not-a-model", ["--models", "{w}/pi_0", "{w}/rm"], "--models {w}/rm: not a model folder"),
+    case("prompts-missing", ["--prompts", "{w}/nope.jsonl"], "--prompts {w}/nope.jsonl: no such file"),
+    case("pairrm-missing", ["--pairrm", "{w}/nope"], "--pairrm {w}/nope: no such folder"),
+    case("pairrm-with-committee", ["--oracle", "committee"], "--pairrm '{w}/rm': must be left out with --oracle "
+                                                              "committee"),
+    case("judges-unknown", ["--judges", "concise,longest"], "--judges 'concise,longest': must be comma-separated"),
+    case("figure-under-a-file", ["--figure", "{w}/a_file/arena.png"], "--figure {w}/a_file/arena.png: {w}/a_file is a "
+                                                                      "file, not a folder"),
+    case("json-out-a-folder", ["--json-out", "{w}"], "--json-out {w}: exists and is a folder"),
+    case("pairrm-config-json-only", ["--pairrm", "{w}/pi_0"], "{w}/pi_0 is not a PairRM checkpoint: missing "
+                                                               "tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize("extra, words, pairrm", BAD)
+def test_cli_bad_setting_is_one_line_and_nothing_is_written(world, capsys, extra, words, pairrm):
+    """arena.main as `python arena.py` runs it (sys.exit(main())): exit code 2, one line naming the flag, nothing on
+    stdout, no figure or JSON, no model loaded. A flag given twice takes its last value (argparse)."""
+    assert arena.main(arena_argv(world, *[x.format(w=world) for x in extra], pairrm=pairrm)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("arena.py: error: ") and words.format(w=world) in err, err
+    assert not (world / "out").exists()
+
+
+def test_existing_outputs_are_overwritten_not_refused(world):
+    """A re-run writes over its figure and JSON: an existing --figure / --json-out file passes the path checks."""
+    import cli
+    (world / "out").mkdir()
+    (world / "out" / "arena.png").write_bytes(b"old")
+    (world / "out" / "w.json").write_text("{}")
+    cfg = cli.parse(arena.ArenaConfig, arena_argv(world))
+    assert cli.check(cfg) is cfg
+
+
+def test_cli_refuses_labels_for_fewer_policies_in_a_subprocess(world):
+    """The same check end to end: `--labels ONLY` with two policies used to drop a policy from the table and JSON."""
+    r = subprocess.run([sys.executable, str(ROOT / "arena.py"), *arena_argv(world, "--labels", "ONLY")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and not (world / "out").exists()
+    assert r.stderr.splitlines() == ["arena.py: error: --labels ['ONLY']: must be one label per --models policy, or "
+                                     "left out (their folder names)"]
+
+
+def test_config_file_lists_stay_lists(world):
+    """--config FILE.yaml: models and labels are YAML lists and stay lists (the RULES see 2 policies, 2 labels)."""
+    import cli
+    (world / "c.yaml").write_text(f"models:\n  - {world / 'pi_0'}\n  - {world / 'pi_1'}\nlabels: [base, sppo]\n"
+                                  f"prompts: {world / 'p.jsonl'}\npairrm: {world / 'rm'}\n")
+    cfg = cli.check(cli.parse(arena.ArenaConfig, ["--config", str(world / "c.yaml")]))
+    assert cfg.models == [str(world / "pi_0"), str(world / "pi_1")] and cfg.labels == ["base", "sppo"]
+    assert arena.main(["--config", str(world / "c.yaml"), "--labels", "only", "--figure", str(world / "o.png")]) == 2
+    assert not (world / "o.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real_run.py, the arena's report on a finished real-model run: the same checks before any sampling.
+@pytest.mark.parametrize("extra, words", [
+    pytest.param(["--out", "{w}/nope"], "--out {w}/nope: no such folder", id="real-run-out-missing"),
+    pytest.param(["--out", "{w}/rm"], "--out {w}/rm: no config.json: not an sppo.py run directory",
+                 id="real-run-not-a-run"),
+    pytest.param(["--out", "{w}/half"], "{w}/half/iter0/model: missing: the run has not finished iteration 0",
+                 id="real-run-unfinished"),
+    pytest.param(["--samples", "0"], "--samples 0: must be >= 1", id="real-run-samples-0"),
+    pytest.param(["--max-prompts", "-1"], "--max-prompts -1: must be >= 0", id="real-run-max-prompts-negative"),
+    pytest.param(["--gen-batch", "0"], "--gen-batch 0: must be >= 1", id="real-run-gen-batch-0"),
+    pytest.param(["--prompts", "{w}/nope.jsonl"], "--prompts {w}/nope.jsonl: no such file",
+                 id="real-run-prompts-missing"),
+    pytest.param(["--figures", "{w}/a_file"], "--figures {w}/a_file: exists and is not a folder",
+                 id="real-run-figures-a-file"),
+])
+def test_real_run_cli_bad_setting_is_one_line_before_any_work(world, capsys, extra, words):
+    import real_run
+    (world / "half").mkdir()
+    runs.write_json(world / "half" / "config.json", {"iterations": 1, "model": str(world / "pi_0")})
+    argv = ["--out", str(world / "half"), "--prompts", str(world / "p.jsonl"), "--figures", str(world / "figs"),
+            *[x.format(w=world) for x in extra]]
+    assert real_run.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("real_run.py: error: ") and words.format(w=world) in err, err
+    assert not (world / "figs").exists() and not (world / "half" / "arena").exists()

@@ -74,7 +74,7 @@ def test_has_cycle_hand_drawn(edges, cyclic):
 def test_rank_passes_eos_flags():
     """sppo.rank gives the committee each response's `finished`: two identical texts, one cut at the token cap,
     differ on well_formed only: P = (1/2 + 1/2 + 1) / 3 = 2/3."""
-    oracle = sppo.make_oracle(sppo.SPPOConfig(oracle="committee"))
+    oracle = sppo.ORACLES["committee"](sppo.SPPOConfig(oracle="committee"), "cpu", None)
     gens = [{"responses": ["Paris is the capital.", "Paris is the capital."], "finished": [True, False]}]
     (P,), _ = sppo.rank(oracle, ["What is the capital of France?"], gens)
     np.testing.assert_allclose(P, [[.5, 2 / 3], [1 / 3, .5]])
@@ -84,7 +84,8 @@ def test_rank_passes_eos_flags():
 def test_bad_judges_is_a_one_line_error(tmp_path, capsys):
     code = sppo.main(["--oracle", "committee", "--judges", "concise,longest", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "longest" in err and "choose from" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "--judges 'concise,longest'" in err
+    assert "comma-separated judges of concise, on_topic" in err
 
 
 def test_arena_oracle_averages_sample_pairs_then_prompts():
@@ -110,6 +111,6 @@ def test_arena_oracle_averages_sample_pairs_then_prompts():
 def test_committee_refuses_the_templated_prompt_before_any_work():
     """on_topic counts the prompt's content words: with --oracle-prompt templated it would count the chat template's."""
     import runs
-    with pytest.raises(runs.ConfigError, match="oracle-prompt templated with --oracle committee"):
+    with pytest.raises(runs.ConfigError, match="--oracle-prompt 'templated': must be raw with --oracle committee"):
         sppo.validate_config(sppo.SPPOConfig(oracle="committee", oracle_prompt="templated"))
     sppo.validate_config(sppo.SPPOConfig(oracle="committee"))                    # raw: fine

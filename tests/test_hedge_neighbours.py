@@ -242,30 +242,57 @@ def test_regularized_functions_validate_tau_and_mu():
 
 @pytest.mark.slow
 def test_cli_table_and_figures(tmp_path, capsys):  # ~5 s, most of it matplotlib
-    L.report(L.Config(out=str(tmp_path), t=200))
+    figs = tmp_path / "new" / "figs"                 # a missing --out is made before the sweep, not failed after it
+    L.report(L.Config(out=str(figs), t=200))
     out = capsys.readouterr().out
     assert "last-iterate gap" in out and "regularised gap" in out
     assert sum(line.split()[0] in L.METHODS for line in out.splitlines() if line.strip()) == 3 * len(L.METHODS)
     for name in ("dynamics_last_iterate.png", "dynamics_simplex.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (figs / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("eta", float("nan"), ["eta (--eta)", "nan"]),
-    ("t", 0, ["t (--t)", "0"]),
-    ("tau", -0.1, ["tau (--tau)", "-0.1"]),
-    ("taus", [0.1, 0.0], ["taus (--taus)", "[0.1, 0.0]"]),
-    ("eta", 5.0, ["nash_md needs eta * tau <= 1", "5 * 0.3"]),  # the tau -> 0 panel's largest tau
+    ("eta", float("nan"), ["--eta nan", "finite and > 0"]),
+    ("t", 0, ["--t 0", "integer >= 1"]),
+    ("t", 10**8, ["--t 100000000", "<= 10^6"]),
+    ("tau", -0.1, ["--tau -0.1"]),
+    ("taus", [0.1, 0.0], ["--taus [0.1, 0.0]"]),
+    ("taus", [], ["--taus []"]),
+    ("seed", -1, ["--seed -1", ">= 0"]),
+    ("eta", 5.0, ["--eta 5.0", "nash_md needs eta * tau <= 1", "--taus"]),  # the tau -> 0 panel's largest tau: 0.3
 ])
-def test_config_refused_before_any_work(field, value, words):
-    with pytest.raises(ValueError) as err:
-        L.check_config(L.Config(**{field: value}))
+def test_config_refused_before_any_work(tmp_path, field, value, words):
+    out = tmp_path / "figs"
+    with pytest.raises(ValueError) as err:                              # cli.ConfigError
+        L.report(L.Config(**{"out": str(out), field: value}))
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+    assert not out.exists()
+
+
+def run_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, str(ROOT / "last_iterate.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
 
 
 def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "last_iterate.py"), "--tau", "0", "--out", str(tmp_path / "f")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run_cli(tmp_path, "--tau", "0", "--out", str(tmp_path / "f"))
     assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "f").exists()
-    assert proc.stderr.splitlines() == ["last_iterate.py: error: tau (--tau) must be finite and > 0; got 0.0"]
+    assert proc.stderr.splitlines() == ["last_iterate.py: error: --tau 0.0: must be finite and > 0"]
+
+
+def test_cli_refuses_a_horizon_it_cannot_hold_at_once(tmp_path):
+    """--t 10^8 would keep ~140 GB of iterates after hours of steps: refused at once, one line, nothing written."""
+    proc = run_cli(tmp_path, "--t", "100000000", "--out", str(tmp_path / "f"))
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "f").exists()
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("last_iterate.py: error: --t 100000000: must be <= 10^6")
+
+
+def test_cli_out_that_cannot_be_made_is_refused_before_the_sweep(tmp_path):
+    """--out is checked before any work (it used to fail after the whole sweep): under a file it cannot be made."""
+    (tmp_path / "a_file").write_text("x")
+    proc = run_cli(tmp_path, "--out", str(tmp_path / "a_file" / "f"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"last_iterate.py: error: --out {tmp_path / 'a_file' / 'f'}: "
+                                        f"{tmp_path / 'a_file'} is a file, not a folder"]

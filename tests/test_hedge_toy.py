@@ -381,30 +381,71 @@ def test_cli_exits_non_zero_when_a_bound_fails(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("etas", [1.0, 0.0], ["etas (--etas)", "finite and > 0", "[1.0, 0.0]"]),
-    ("etas", [float("inf")], ["etas", "inf"]),
-    ("etas", [], ["etas", "[]"]),
-    ("ks", [2, 1], ["ks (--ks)", "K >= 2", "[2, 1]"]),
-    ("ks", [2.5], ["ks", "2.5"]),
-    ("t_max", 0, ["t_max (--t-max)", "integer >= 1", "0"]),
-    ("t_max", 100.0, ["t_max", "integer", "100.0"]),
-    ("trials", 0, ["trials (--trials)", "0"]),
+    ("etas", [1.0, 0.0], ["--etas [1.0, 0.0]", "finite and > 0"]),
+    ("etas", [float("inf")], ["--etas", "inf"]),
+    ("etas", [], ["--etas", "[]"]),
+    ("ks", [2, 1], ["--ks [2, 1]", "K >= 2"]),
+    ("ks", [2.5], ["--ks", "2.5"]),
+    ("ks", [2, 10**5], ["--ks [2, 100000]", "K <= 2000", "K x K"]),
+    ("t_max", 0, ["--t-max 0", "integer >= 1"]),
+    ("t_max", 100.0, ["--t-max 100.0", "integer"]),
+    ("t_max", 10**12, ["--t-max 1000000000000", "<= 10^7", "Thm 4.1"]),
+    ("trials", 0, ["--trials 0", "[1, 10^5]"]),
+    ("trials", 10**12, ["--trials 1000000000000", "[1, 10^5]"]),
+    ("trials", 10**5, ["--trials 100000", "2e9 / sum(K^2)"]),       # within its cap, not with K = 2 x 2 ... 500 x 500
+    ("seed", -1, ["--seed -1", ">= 0"]),
 ])
 def test_report_refuses_a_bad_config_before_any_work(tmp_path, field, value, words):
     out = tmp_path / "figs"
-    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2]) | {field: value}))
-    with pytest.raises(ValueError) as err:
+    cfg = H.Config(**(dict(out=str(out), t_max=100, trials=3, ks=[2, 500]) | {field: value}))
+    with pytest.raises(ValueError) as err:                              # cli.ConfigError
         H.report(cfg)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
     assert not out.exists()  # nothing computed, nothing written
 
 
+def run_cli(tmp_path, *args):
+    """hedge_toy.py in a subprocess, from tmp_path; a bad setting must exit 2 before any work."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+
+
 def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--etas", "0", "--out",
-                           str(tmp_path / "figs")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run_cli(tmp_path, "--etas", "0", "--out", str(tmp_path / "figs"))
     assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "figs").exists()
-    assert proc.stderr.splitlines() == ["hedge_toy.py: error: etas (--etas) must be finite and > 0; got [0.0]"]
+    assert proc.stderr.splitlines() == ["hedge_toy.py: error: --etas [0.0]: must be finite and > 0"]
+
+
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["--t-max", "1000000000000"], ["--t-max 1000000000000: must be <= 10^7", "Thm 4.1"], id="t-max-1e12"),
+    pytest.param(["--trials", "1000000000000"], ["--trials 1000000000000: must be an integer in [1, 10^5]"],
+                 id="trials-1e12"),
+    pytest.param(["--ks", "2", "100000"], ["--ks [2, 100000]: must be each K <= 2000"], id="ks-1e5"),
+])
+def test_cli_refuses_sizes_that_would_run_for_hours_at_once(tmp_path, args, words):
+    """A horizon or a Monte Carlo size far past what the runs can hold or finish is one line and exit 2, at once
+    (it used to print nothing for minutes), and nothing is written."""
+    proc = run_cli(tmp_path, *args, "--out", str(tmp_path / "figs"))
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "figs").exists()
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("hedge_toy.py: error: ")
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr)
+
+
+def test_cli_caps_hold_through_a_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("t_max: 1.0e+12\nout: figs\n")
+    proc = run_cli(tmp_path, "--config", "c.yaml")
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "figs").exists()
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "--t-max 1000000000000: must be <= 10^7" in proc.stderr
+
+
+def test_cli_out_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = run_cli(tmp_path, "--out", str(tmp_path / "a_file" / "figs"), "--t-max", "100", "--trials", "3")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"hedge_toy.py: error: --out {tmp_path / 'a_file' / 'figs'}: "
+                                        f"{tmp_path / 'a_file'} is a file, not a folder"]
 
 
 def test_app_a_table_shows_the_given_ks_outside_its_default_subset(tmp_path, capsys):

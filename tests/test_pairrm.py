@@ -242,9 +242,9 @@ def test_bad_inputs(model, ckpts, capsys):
         model.compare(["x", "y"], ["a"], ["b"])
     P = model.preference_matrix("hello!", ["", "hi!", ""])  # empty candidates are scored, not dropped
     assert P.shape == (3, 3) and torch.isfinite(P).all() and abs(P[0, 2].item() - 0.5) < 1e-6 and P[0, 1] != 0.5
-    with pytest.raises(SystemExit):
-        pairrm.main(["--model", ckpts["PairRM-hf"], "--prompt", "x", "--candidates", "only"])
-    assert "at least 2 candidates" in capsys.readouterr().err
+    assert pairrm.main(["--model", ckpts["PairRM-hf"], "--prompt", "x", "--candidates", "only"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["pairrm.py: error: --candidates ['only']: must be at least 2 "
+                                                    "candidates: a preference needs a pair"]
 
 
 @pytest.mark.parametrize("call, words", [
@@ -294,6 +294,43 @@ def test_strict_load_errors_name_keys_and_files(ckpts, tmp_path, layout):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         PairRM.from_pretrained(empty, device="cpu")
+
+
+def test_a_folder_with_only_config_json_names_every_missing_file(ckpts, tmp_path, capsys):
+    """A half-copied checkpoint (config.json alone) is one error naming the folder and each file it lacks, before
+    anything is read: an ArtifactError (one line, exit 2, in every CLI) that is also a FileNotFoundError."""
+    import cli
+    d = tmp_path / "half"
+    d.mkdir()
+    shutil.copy(Path(ckpts["PairRM-hf"]) / "config.json", d / "config.json")
+    with pytest.raises(cli.ArtifactError) as err:
+        PairRM.from_pretrained(d, device="cpu")
+    assert isinstance(err.value, FileNotFoundError)
+    assert str(err.value) == f"{d} is not a PairRM checkpoint: missing tokenizer.json, model.safetensors (or " \
+                             f"pytorch_model.bin)"
+    with pytest.raises(cli.ArtifactError, match="no such folder"):
+        PairRM.from_pretrained(tmp_path / "nope", device="cpu")
+    r = subprocess.run([sys.executable, "pairrm.py", "--model", str(d), "--prompt", "x", "--candidates", "a", "b"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"pairrm.py: error: {err.value}"]
+
+
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["--candidates", "only"], ["--candidates ['only']: must be at least 2 candidates"],
+                 id="one-candidate"),
+    pytest.param(["--candidates", "a", "b", "--device", "bogus"], ["--device 'bogus': must be cpu, or a torch device"],
+                 id="device-bogus"),
+    pytest.param(["--candidates", "a", "b", "--model", "/nonexistent/pairrm"],
+                 ["--model /nonexistent/pairrm: no such folder"], id="model-missing"),
+])
+def test_cli_bad_settings_are_one_line_before_loading(ckpts, capsys, args, words):
+    """pairrm.main as `python pairrm.py` runs it (sys.exit(main())): exit 2, one line, nothing printed."""
+    assert pairrm.main(["--model", ckpts["PairRM-hf"], "--prompt", "x", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()] and err.startswith("pairrm.py: error: ")
+    for w in words:
+        assert w in err, (w, err)
 
 
 def test_config_and_tokenizer_checks(ckpts, tmp_path, model):
@@ -373,10 +410,9 @@ def test_make_tiny_refuses_a_non_empty_folder(ckpts, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()}
     with pytest.raises(FileExistsError, match=f"{real} is not an empty folder"):
         pairrm.save_tiny_random_checkpoint(real, seed=1)
-    with pytest.raises(SystemExit) as exit_:
-        pairrm.main(["--model", str(real), "--make-tiny", "--prompt", "x", "--candidates", "a", "b"])
+    assert pairrm.main(["--model", str(real), "--make-tiny", "--prompt", "x", "--candidates", "a", "b"]) == 2
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"error: {real} is not an empty folder" in err and "Traceback" not in err
+    assert f"error: --model {real} is not an empty folder" in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in real.iterdir() if p.is_file()} == before  # nothing overwritten
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="a_file is not an empty folder"):

@@ -186,13 +186,67 @@ def test_demo_criterion_by_hand():
 def test_demo_config_help_shows_demo_defaults_and_rejects_bad_choices():
     """--help prints the values the demo really uses; a wrong choice exits 2 before any work."""
     r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--help"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "250"})                             # one line per flag
+                       env={**os.environ, "COLUMNS": "250"}, timeout=120)                # one line per flag
     assert r.returncode == 0 and "(default: 20)" in r.stdout and "(default: 3.0)" in r.stdout
-    assert "{rmsprop,adamw}" in r.stdout and "(default: adamw)" in r.stdout
+    assert "{rmsprop,adamw}" in r.stdout and "(default: 'adamw')" in r.stdout
     assert sppo_toy.DemoConfig().iterations == 20 and sppo_toy.DemoConfig().eta == 3.0
-    with pytest.raises(SystemExit) as e:
-        sppo_toy.main(["--selection", "best", "--out", "/nonexistent/never/written"])
-    assert e.value.code == 2
+    assert sppo_toy.main(["--selection", "best", "--out", "/nonexistent/never/written"]) == 2
+
+
+BAD_DEMO = [  # (flags, what the one line must say): settings the demo does not use, and bad ones
+    pytest.param(["--model", "{w}/pi0", "--prompts", "/nonexistent"], "--model '{w}/pi0': must be left out: not a "
+                 "setting of sppo_toy.py (it builds its own pi_0", id="model-and-prompts-unused"),
+    pytest.param(["--prompts", "/nonexistent"], "--prompts '/nonexistent': must be left out: not a setting of "
+                 "sppo_toy.py (the prompts are the two game prompts", id="prompts-unused"),
+    pytest.param(["--oracle", "committee"], "--oracle 'committee': must be left out: not a setting of sppo_toy.py "
+                 "(the oracle is the demo's preference game", id="oracle-committee-unused"),
+    pytest.param(["--pairrm", "{w}"], "--pairrm '{w}': must be left out", id="pairrm-unused"),
+    pytest.param(["--judges", "concise"], "--judges 'concise': must be left out", id="judges-unused"),
+    pytest.param(["--eval-prompts", "{w}/p.jsonl"], "--eval-prompts '{w}/p.jsonl': must be left out",
+                 id="eval-prompts-unused"),
+    pytest.param(["--oracle-prompt", "templated"], "--oracle-prompt 'templated': must be left out",
+                 id="oracle-prompt-unused"),
+    pytest.param(["--max-prompts", "3"], "--max-prompts 3: must be left out", id="max-prompts-unused"),
+    pytest.param(["--compare", "--loss", "dpo"], "--loss 'dpo': must be left out with --compare",
+                 id="compare-with-loss"),
+    pytest.param(["--groups", "0"], "--groups 0: must be >= 1", id="groups-0"),
+    pytest.param(["--figure", "{w}/a_file/gap.png"], "--figure {w}/a_file/gap.png: {w}/a_file is a file, not a folder",
+                 id="figure-under-a-file"),
+    pytest.param(["--device", "bogus"], "--device 'bogus': must be auto, cpu, or a torch device", id="device-bogus"),
+]
+
+
+@pytest.mark.parametrize("extra, words", BAD_DEMO)
+def test_demo_cli_refuses_unused_and_bad_settings_before_any_work(tmp_path, capsys, extra, words):
+    """A setting the demo would ignore (it builds its own pi_0, prompts and game oracle) used to be ignored, and
+    --oracle committee recorded in the manifest as the oracle; --groups 0 failed after pi_0 was built. Each is one
+    line and exit 2 now, before anything is built or written (OUT is not created)."""
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "out"
+    assert sppo_toy.main(["--out", str(out), "--no-progress", *[x.format(w=tmp_path) for x in extra]]) == 2
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("sppo_toy.py: error: ") and words.format(w=tmp_path) in err, err
+    assert not out.exists()
+
+
+def test_demo_cli_refuses_an_unused_setting_in_a_subprocess(tmp_path):
+    """The same end to end (`--model X --prompts /nonexistent`, both ignored before): exit 2, one line, no OUT."""
+    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--model", "X", "--prompts", "/nonexistent",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and not (tmp_path / "out").exists()
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("sppo_toy.py: error: --model 'X': must be left out")
+
+
+def test_demo_from_python_checks_like_the_cli(tmp_path):
+    """demo() / compare() called from Python (the notebooks) run the same checks before building pi_0."""
+    import cli
+    for run, cfg in ((sppo_toy.demo, sppo_toy.DemoConfig(out=str(tmp_path / "a"), oracle="committee")),
+                     (sppo_toy.demo, sppo_toy.DemoConfig(out=str(tmp_path / "a"), groups=0)),
+                     (sppo_toy.compare, sppo_toy.DemoConfig(out=str(tmp_path / "a"), loss="ipo"))):
+        with pytest.raises(cli.ConfigError):
+            run(cfg)
+    assert not (tmp_path / "a").exists()
 
 
 def test_synthetic_dataset_is_valid_d_t():
