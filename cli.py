@@ -98,7 +98,8 @@ def parser_for(cls, description=None):
         base, choices, is_list = _field_types(cls)[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
-        text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        text = f"{f.metadata.get('help', '')} " + ("(required)" if default is dataclasses.MISSING else
+                                                   f"(default: {default!r})")
         if base is bool:
             p.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, default=default, help=text)
             p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
@@ -143,7 +144,8 @@ def read_config_file(path, cls):
             raise ConfigError(f"--config {path}: unknown setting {k!r}")
         if isinstance(v, list) and not kinds[k][2]:
             raise ConfigError(f"--config {path}: {k} takes one value, got a list {v!r}")
-    return {k: v for k, v in values.items() if v is not None}          # null: the default
+    return {k: [v] if kinds[k][2] and not isinstance(v, list) else v     # one value of a list field: a list of one
+            for k, v in values.items() if v is not None}                 # null: the default
 
 
 def parse(cls, argv=None, description=None):
@@ -220,7 +222,7 @@ def check_path(name, value, kind):
         return
     if p.exists() and (kind == "out_dir") != p.is_dir():
         raise ConfigError(f"{flag(name)} {value}: exists and is {'not ' if kind == 'out_dir' else ''}a folder")
-    parent = next(q for q in [p, *p.absolute().parents] if q.exists())
+    parent = next(q for q in [*[p.absolute()] * (kind == "out_dir"), *p.absolute().parents] if q.exists())
     if not parent.is_dir():
         raise ConfigError(f"{flag(name)} {value}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -239,8 +241,10 @@ def check(cfg):
         if not ok(cfg):
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {want}")
     for f in dataclasses.fields(cfg):
-        if f.metadata.get("path") and getattr(cfg, f.name) is not None:
-            check_path(f.name, getattr(cfg, f.name), f.metadata["path"])
+        v = getattr(cfg, f.name)
+        if f.metadata.get("path") and v is not None:
+            for one in (v if kinds[f.name][2] else [v]):                   # a list field: each of its paths
+                check_path(f.name, one, f.metadata["path"])
     return cfg
 
 

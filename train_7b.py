@@ -417,7 +417,7 @@ def stage_generate(cfg, d, out):
 
 
 def stage_rank(cfg, d, out):
-    """Steps 2-3: each rank fills the K x K matrices of its prompts with the oracle (PairRM, sppo.make_oracle);
+    """Steps 2-3: each rank fills the K x K matrices of its prompts with the oracle (PairRM, sppo.ORACLES);
     rank 0 writes OUT/preferences.jsonl and D_t = OUT/dataset.jsonl (sppo.build_dataset; ref_logp comes later)."""
     prompts = stage_prompts(cfg)
     gens = runs.read_generations(out / "generations.jsonl", prompts, cfg.K)

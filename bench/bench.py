@@ -57,8 +57,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from transformers.hf_argparser import HfArg
+from transformers.utils import logging as hf_logging
 
+import cli
 import committee
 import costs
 import hedge_toy
@@ -72,32 +73,33 @@ import train_7b
 from bench import bench_peers
 from bench.workloads import (MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, matmul_limit,
                              mix_rows, of_limit, pairrm_inputs, pairrm_work, rate)
+from cli import arg
 
 
 @dataclass
 class BenchConfig:
-    quick: bool = HfArg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
-    only: Literal["all", "hedge", "pairrm", "generate", "train", "fsdp", "model", "real", "peers", "mix"] = HfArg(
+    quick: bool = arg(default=False, help="Small sizes and few repetitions (a smoke run, as in the test suite).")
+    only: Literal["all", "hedge", "pairrm", "generate", "train", "fsdp", "model", "real", "peers", "mix"] = arg(
         default="all", help="Run one row only ('model': the GPU row; 'real': the SmolLM2 rows; 'mix': training on "
         "the realistic length mix against the matmul limit, ~25 min; none of the three is in all; 'peers': the peer "
         "rows alone; 'generate': also on SmolLM2).")
-    size: Literal["tiny", "1b"] = HfArg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
+    size: Literal["tiny", "1b"] = arg(default="tiny", help="Model row: 'tiny' (hidden 64) or '1b' (TinyLlama-1.1B's "
                                         "shape, random weights).")
-    repeats: int = HfArg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
-    prompts: int = HfArg(default=32, help="PairRM row: prompts N.")
-    k: int = HfArg(default=5, help="PairRM row: candidates per prompt (SPPO Sec. 5: K = 5), K(K-1) pairs each.")
-    pairrm: str | None = HfArg(default=None, help="PairRM row: a local PairRM checkpoint; default: a small random one.")
-    device: str = HfArg(default="cpu", help="PairRM row: cpu or cuda (fp32 on CPU, fp16 on GPU).")
-    trl_python: str | None = HfArg(default=None, help="Peer rows: the interpreter of an environment with trl 1.16 "
+    repeats: int = arg(default=5, help="Interleaved timed repetitions of each path (--quick: 1-2).")
+    prompts: int = arg(default=32, help="PairRM row: prompts N.")
+    k: int = arg(default=5, help="PairRM row: candidates per prompt (SPPO Sec. 5: K = 5), K(K-1) pairs each.")
+    pairrm: str | None = arg(default=None, help="PairRM row: a local PairRM checkpoint; default: a small random one.")
+    device: str = arg(default="cpu", help="PairRM row: cpu or cuda (fp32 on CPU, fp16 on GPU).")
+    trl_python: str | None = arg(default=None, help="Peer rows: the interpreter of an environment with trl 1.16 "
                                    "(requirements/bench-trl.txt; `make bench` builds .venv-trl).")
-    blender_python: str | None = HfArg(default=None, help="Peer row: the interpreter of an environment with "
+    blender_python: str | None = arg(default=None, help="Peer row: the interpreter of an environment with "
                                        "llm-blender 0.0.2 (requirements/bench-blender.txt; `make bench` builds "
                                        ".venv-blender).")
-    peer_pairrm: Literal["h64", "h256", "real"] = HfArg(default="h64", help="PairRM peer row: the random DeBERTa-v2's "
+    peer_pairrm: Literal["h64", "h256", "real"] = arg(default="h64", help="PairRM peer row: the random DeBERTa-v2's "
                                                         "size (bench_peers.PEER_PAIRRM; h256 takes ~10x longer; real, "
                                                         "PairRM's own shape at rows of mean ~250 tokens, ~3 s a pair: "
                                                         "use --prompts 2).")
-    profile: bool = HfArg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
+    profile: bool = arg(default=False, help="PairRM row: also print torch.profiler's top operators of one batched "
                           "pass (where the time goes).")
 
 
@@ -419,15 +421,16 @@ def mix_rows_table(quick, repeats, sizes=("h256", "h512")):
 # ----------------------------------------------------------------------------------------------------------------
 # The table.
 def main(argv=None):
-    cfg = runs.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    return cli.main("bench.py", BenchConfig, table, argv, description=__doc__.split("\n")[0])
+
+
+def table(cfg):
+    """Every row cfg.only asks for, timed by one rule, printed as one table."""
     for flag, python in (("--trl-python", cfg.trl_python), ("--blender-python", cfg.blender_python)):
         if python and not os.access(python, os.X_OK):
-            print(f"bench.py: {flag} {python}: no such interpreter; `make bench` builds the peers' environments",
-                  file=sys.stderr)
-            return 2
+            raise cli.ConfigError(f"{flag} {python}: no such interpreter; `make bench` builds the peers' environments")
     q, reps = cfg.quick, (2 if cfg.quick else cfg.repeats)
     torch.set_num_threads(1)                                       # tiny models: one thread is fastest and stable
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     load = os.getloadavg()[0]
     want = lambda name: cfg.only in ("all", name)                  # noqa: E731
