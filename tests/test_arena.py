@@ -1,7 +1,6 @@
 """Tests for arena.py (Fig. 3 / Table 1): exact win rates by hand, PairRM win rates and best-of-n against
 one-prompt-at-a-time references, and the CLI in a subprocess."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import arena
+import conftest
 import hedge_toy
 import runs
 import sppo
@@ -70,9 +70,9 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     with pytest.raises(ValueError, match="ranker"):
         arena.arena_responses([pol], ["play rps"], cfg, best_of=2)
     out = tmp_path / "w.json"
-    r = subprocess.run([sys.executable, str(ROOT / "arena.py"), "--models", pol, pol, "--prompts", str(prompts),
-                        "--pairrm", rm, "--best-of", "2", "--max-new-tokens", "3", "--figure", str(tmp_path / "a.png"),
-                        "--json-out", str(out), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol, pol, "--prompts", str(prompts),
+                      "--pairrm", rm, "--best-of", "2", "--max-new-tokens", "3", "--figure", str(tmp_path / "a.png"),
+                      "--json-out", str(out), "--no-progress"], cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     W = np.array(res["W"])
@@ -80,6 +80,5 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     assert res["responses"][0] == res["responses"][1]             # same policy, same seeds: a tie at 1/2
     np.testing.assert_allclose(W, 0.5, atol=1e-6)
     assert (tmp_path / "a.png").stat().st_size > 5_000
-    bad = subprocess.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], capture_output=True, text=True,
-                         cwd=ROOT)
+    bad = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "at least 2" in bad.stderr

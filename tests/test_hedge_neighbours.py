@@ -5,7 +5,6 @@ equilibrium, literal probability-space updates, and hand computations.
 Run:  .venv/bin/python -m pytest tests/test_hedge_neighbours.py -q
 """
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.optimize import fsolve
 
+import conftest
 import hedge_toy as H
 import last_iterate as L
 from test_hedge_toy import lp_equilibrium, lp_equilibrium_is_unique  # the LP reference, in one place
@@ -265,7 +265,7 @@ def test_config_refused_before_any_work(field, value, words):
 
 
 def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "last_iterate.py"), "--tau", "0", "--out", str(tmp_path / "f")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = conftest.run([sys.executable, str(ROOT / "last_iterate.py"), "--tau", "0", "--out", str(tmp_path / "f")],
+                        timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "f").exists()
     assert proc.stderr.splitlines() == ["last_iterate.py: error: tau (--tau) must be finite and > 0; got 0.0"]

@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
+import conftest
 import pairrm
 from pairrm import PREFIX_TOKENS, PairRM, PairRMOracle
 
@@ -357,9 +357,9 @@ def test_pickles_are_never_loaded_and_bin_weights_load_safely(ckpts, tmp_path, m
 
 def test_cli_prints_the_matrix(ckpts, model):
     cands = ["hi!", "Please go away.", ""]
-    out = subprocess.run([sys.executable, "pairrm.py", "--model", ckpts["PairRM"], "--prompt", "hello!",
-                          "--candidates", *cands, "--mode", "official"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = conftest.run([sys.executable, "pairrm.py", "--model", ckpts["PairRM"], "--prompt", "hello!",
+                        "--candidates", *cands, "--mode", "official"],
+                       cwd=REPO, timeout=120, check=True).stdout
     lines = out.splitlines()
     assert lines[0] == "P[i, j] = P(y_i > y_j | x), mode=official"
     P = torch.tensor([[float(v) for v in line.split()[1:]] for line in lines[2:5]])

@@ -19,13 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest
 import policy
 import runs
 import sppo
@@ -214,20 +214,18 @@ def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tmp_path):
         return [sys.executable, str(ROOT / "sppo_toy.py"), "--iterations", "2", "--groups", "6", "--epochs", "2",
                 "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(cmd(full), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    conftest.run(cmd(full), check=True, cwd=ROOT, timeout=300)
     kills = 0
     for marker in ["iter0/generations.jsonl", "iter0/preferences.jsonl", "iter0/dataset.jsonl", "iter0/model.tmp",
                    "iter1/generations.jsonl", "iter1/model.tmp"]:
-        p = subprocess.Popen(cmd(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        t0 = time.time()
-        while p.poll() is None and not (cut / marker).exists() and time.time() - t0 < 120:
-            time.sleep(0.005)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            kills += 1
-        p.wait()
+        with conftest.spawn(cmd(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+            conftest.wait_until(lambda: p.poll() is not None or (cut / marker).exists(), 300, 0.005)
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                kills += 1
+            p.wait()
     assert kills >= 4
-    subprocess.run(cmd(cut), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    conftest.run(cmd(cut), check=True, cwd=ROOT, timeout=300)
     a, b = tree(full), tree(cut)
     for f in a:
         if f.endswith(".jsonl") and "stale" not in f:
@@ -263,3 +261,15 @@ def test_reference_initial_keeps_pi_0_and_another_loss_is_refused(world, tmp_pat
                                    mats, cfg, "d")
     with pytest.raises(runs.StaleStage, match="loss = 'dpo'.*loss = 'ipo'"):
         sppo.run(cfg.__class__(**{**cfg.__dict__, "loss": "ipo"}), oracle=oracle())
+
+
+@pytest.mark.slow
+def test_a_timed_out_command_leaves_no_process_behind():
+    """conftest.run, which every test uses to start a command: on timeout it kills what the command started in a
+    session of its own too (as torchrun starts its workers), not only the direct child."""
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+            " start_new_session=True); print(p.pid, flush=True); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        conftest.run([sys.executable, "-c", code], timeout=10)
+    grandchild = int(e.value.stdout.split()[0])
+    assert conftest.wait_until(lambda: not conftest.alive(grandchild), 30)

@@ -5,7 +5,6 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import hedge_toy
 import policy
 import runs
@@ -556,7 +556,7 @@ def test_readers_refuse_files_of_other_prompts(tmp_path):
 def test_help_shows_defaults_and_unknown_flags_exit_at_once(script):
     """Every script parses its config dataclass the same way: --help lists true defaults; an unknown flag exits 2
     before any work starts."""
-    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    r = conftest.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "(default: " in r.stdout, r.stderr[-2000:]
     assert ("--config" in r.stdout) == (script not in ("hedge_toy.py", "last_iterate.py"))  # not for the NumPy toys
     with pytest.raises(SystemExit) as e:
@@ -565,8 +565,8 @@ def test_help_shows_defaults_and_unknown_flags_exit_at_once(script):
 
 
 def test_sppo_cli_choices_and_config_file(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "sppo.py"), "--help"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "250"})                             # one line per flag
+    r = conftest.run([sys.executable, str(ROOT / "sppo.py"), "--help"], cwd=ROOT, timeout=120,
+                     env={**os.environ, "COLUMNS": "250"})                             # one line per flag
     assert "{generate,rank,dataset,train}" in r.stdout and "(default: 1000.0)" in r.stdout
     assert "(default: rmsprop)" in r.stdout and "{pair,all}" in r.stdout
     for bad in (["--stop-after", "ranking"], ["--selection", "best"], ["--K", "five"]):
