@@ -35,7 +35,6 @@ import torch
 
 import cli
 import hedge_toy
-import policy
 from cli import ArtifactError, ConfigError  # noqa: F401 (runs.ConfigError: raised by the run functions)
 
 

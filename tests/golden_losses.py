@@ -10,7 +10,6 @@ optimizer, the schedule or the sharding - fails loudly and has to be re-blessed 
     .venv/bin/python tests/golden_losses.py          # rewrites tests/assets/golden_losses.json (~30 s)
 """
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import conftest  # noqa: E402  (tests/: this file's directory)
 import runs  # noqa: E402
 import sppo  # noqa: E402
 import sppo_toy  # noqa: E402
@@ -61,8 +61,7 @@ def two_rank_losses():
         model_dir, data = make_world(tmp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train_7b.py"), *train_7b_args(model_dir, data, Path(tmp) / "out")]
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={"OMP_NUM_THREADS": "1",
-                                                                            **__import__("os").environ})
+        conftest.run(cmd, cwd=ROOT, check=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
         return [m["loss"] for m in runs.read_jsonl(Path(tmp) / "out" / "metrics.jsonl")]
 
 

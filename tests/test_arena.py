@@ -1,7 +1,6 @@
 """Tests for arena.py (Fig. 3 / Table 1): exact win rates by hand, PairRM win rates and best-of-n against
 one-prompt-at-a-time references, and the CLI in a subprocess."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import arena
+import conftest
 import hedge_toy
 import runs
 import sppo
@@ -70,9 +70,9 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     with pytest.raises(ValueError, match="ranker"):
         arena.arena_responses([pol], ["play rps"], cfg, best_of=2)
     out = tmp_path / "w.json"
-    r = subprocess.run([sys.executable, str(ROOT / "arena.py"), "--models", pol, pol, "--prompts", str(prompts),
-                        "--pairrm", rm, "--best-of", "2", "--max-new-tokens", "3", "--figure", str(tmp_path / "a.png"),
-                        "--json-out", str(out), "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol, pol, "--prompts", str(prompts),
+                      "--pairrm", rm, "--best-of", "2", "--max-new-tokens", "3", "--figure", str(tmp_path / "a.png"),
+                      "--json-out", str(out), "--no-progress"], cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     W = np.array(res["W"])
@@ -80,8 +80,7 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     assert res["responses"][0] == res["responses"][1]             # same policy, same seeds: a tie at 1/2
     np.testing.assert_allclose(W, 0.5, atol=1e-6)
     assert (tmp_path / "a.png").stat().st_size > 5_000
-    bad = subprocess.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    bad = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "at least 2" in bad.stderr
 
 
@@ -169,8 +168,8 @@ def test_existing_outputs_are_overwritten_not_refused(world):
 
 def test_cli_refuses_labels_for_fewer_policies_in_a_subprocess(world):
     """The same check end to end: `--labels ONLY` with two policies used to drop a policy from the table and JSON."""
-    r = subprocess.run([sys.executable, str(ROOT / "arena.py"), *arena_argv(world, "--labels", "ONLY")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = conftest.run([sys.executable, str(ROOT / "arena.py"), *arena_argv(world, "--labels", "ONLY")],
+                     cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == "" and not (world / "out").exists()
     assert r.stderr.splitlines() == ["arena.py: error: --labels ['ONLY']: must be one label per --models policy, or "
                                      "left out (their folder names)"]

@@ -4,7 +4,6 @@ agreeing with the one-at-a-time paths they are compared against. The peers' rows
 environments and run in `make bench`, not here: here, the length mix they train on, and bench.py's answer when no
 peer is given."""
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from bench import bench, workloads
+import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,7 @@ def test_bench_without_peers_says_how_to_get_them(capsys):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_bench_quick():
-    r = subprocess.run([sys.executable, "-m", "bench.bench", "--quick"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
+    r = conftest.run([sys.executable, "-m", "bench.bench", "--quick"], cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert len(rows) == 8, r.stdout                   # our rows only: no peer interpreter given

@@ -63,7 +63,7 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
 
 def tracked_files() -> list[str]:
     try:
-        r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return [f for f in r.stdout.decode().split("\0") if f]

@@ -5,7 +5,6 @@ equilibrium, literal probability-space updates, and hand computations.
 Run:  .venv/bin/python -m pytest tests/test_hedge_neighbours.py -q
 """
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.optimize import fsolve
 
+import conftest
 import hedge_toy as H
 import last_iterate as L
 from test_hedge_toy import lp_equilibrium, lp_equilibrium_is_unique  # the LP reference, in one place
@@ -271,8 +271,7 @@ def test_config_refused_before_any_work(tmp_path, field, value, words):
 
 
 def run_cli(tmp_path, *args):
-    return subprocess.run([sys.executable, str(ROOT / "last_iterate.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    return conftest.run([sys.executable, str(ROOT / "last_iterate.py"), *args], timeout=120, cwd=tmp_path)
 
 
 def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):

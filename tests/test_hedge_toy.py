@@ -5,7 +5,6 @@ Run:  .venv/bin/python -m pytest tests/test_hedge_toy.py -q
 import itertools
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ from scipy.optimize import linprog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import conftest  # noqa: E402
 import hedge_toy as H  # noqa: E402
 
 HORIZONS = [100, 1_000, 10_000, 100_000]
@@ -364,7 +364,7 @@ def test_cli_small_run_writes_tables_and_figures(tmp_path):
     out = tmp_path / "figs"
     cmd = [sys.executable, os.path.join(ROOT, "hedge_toy.py"), "--out", str(out), "--t-max", "1000", "--seed", "1",
            "--trials", "20", "--ks", "2", "5", "20"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = conftest.run(cmd, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "holds?" in proc.stdout and "log Z/eta" in proc.stdout and " NO" not in proc.stdout
     assert "weighted_rps   3  1e+03" in proc.stdout
@@ -407,8 +407,7 @@ def test_report_refuses_a_bad_config_before_any_work(tmp_path, field, value, wor
 
 def run_cli(tmp_path, *args):
     """hedge_toy.py in a subprocess, from tmp_path; a bad setting must exit 2 before any work."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    return conftest.run([sys.executable, os.path.join(ROOT, "hedge_toy.py"), *args], timeout=120, cwd=tmp_path)
 
 
 def test_cli_bad_value_exits_2_at_once_with_one_line(tmp_path):

@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
+import conftest
 import pairrm
 from pairrm import PREFIX_TOKENS, PairRM, PairRMOracle
 
@@ -310,8 +310,8 @@ def test_a_folder_with_only_config_json_names_every_missing_file(ckpts, tmp_path
                              f"pytorch_model.bin)"
     with pytest.raises(cli.ArtifactError, match="no such folder"):
         PairRM.from_pretrained(tmp_path / "nope", device="cpu")
-    r = subprocess.run([sys.executable, "pairrm.py", "--model", str(d), "--prompt", "x", "--candidates", "a", "b"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = conftest.run([sys.executable, "pairrm.py", "--model", str(d), "--prompt", "x", "--candidates", "a", "b"],
+                       cwd=REPO, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"pairrm.py: error: {err.value}"]
 
@@ -394,9 +394,9 @@ def test_pickles_are_never_loaded_and_bin_weights_load_safely(ckpts, tmp_path, m
 
 def test_cli_prints_the_matrix(ckpts, model):
     cands = ["hi!", "Please go away.", ""]
-    out = subprocess.run([sys.executable, "pairrm.py", "--model", ckpts["PairRM"], "--prompt", "hello!",
-                          "--candidates", *cands, "--mode", "official"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = conftest.run([sys.executable, "pairrm.py", "--model", ckpts["PairRM"], "--prompt", "hello!",
+                        "--candidates", *cands, "--mode", "official"],
+                       cwd=REPO, timeout=120, check=True).stdout
     lines = out.splitlines()
     assert lines[0] == "P[i, j] = P(y_i > y_j | x), mode=official"
     P = torch.tensor([[float(v) for v in line.split()[1:]] for line in lines[2:5]])

@@ -7,7 +7,6 @@ Sizes are the smallest that still exercise each path: 2 prompts, K = 2, 16 new t
 """
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import committee
+import conftest
 import real_run
 import policy
 import runs
@@ -140,10 +140,10 @@ def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp
                  max_prompt_length=64, epochs=2)                   # 2 pairs a step (one per rank): 2 steps
     out = tmp_path / "fsdp"
     args = [a for k, v in train.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(REPO / "train_7b.py"), "--model", str(real["gguf"]), "--data",
-                        str(micro_run / "dataset.jsonl"), "--out", str(out), "--no-progress", *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = conftest.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      str(REPO / "train_7b.py"), "--model", str(real["gguf"]), "--data",
+                      str(micro_run / "dataset.jsonl"), "--out", str(out), "--no-progress", *args],
+                     cwd=REPO, timeout=300)
     assert p.returncode == 0 and "terminate called" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
     assert "root (norm, tied embed_tokens = lm_head)" in p.stdout               # tied: one parameter, in the root
     rows = runs.read_dataset(micro_run / "dataset.jsonl")

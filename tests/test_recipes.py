@@ -4,7 +4,6 @@ files, recipes/paper.yaml and recipes/released.yaml, running end to end on a tin
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import pairrm
 import policy
 import runs
@@ -269,11 +269,10 @@ def test_train_7b_recomputes_reference_made_in_another_dtype(tmp_path):
     for name, edit in [("same", {}), ("bf16", {"dtype": "bfloat16"})]:
         data = tmp_path / name / "dataset.jsonl"
         runs.write_jsonl(data, [dict(r, ref_by={**r["ref_by"], **edit}) for r in rows])
-        p = subprocess.run([sys.executable, str(ROOT / "train_7b.py"), "--config", str(ROOT / "recipes" /
-                            "released.yaml"), "--model", str(d), "--data", str(data), "--out", str(tmp_path / name /
-                            "out"), "--max-length", "48", "--max-prompt-length", "16", "--global-batch", "2",
-                            "--micro-batch", "2", "--lr", "1e-4", "--no-progress"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        p = conftest.run([sys.executable, str(ROOT / "train_7b.py"), "--config", str(ROOT / "recipes" /
+                          "released.yaml"), "--model", str(d), "--data", str(data), "--out", str(tmp_path / name /
+                          "out"), "--max-length", "48", "--max-prompt-length", "16", "--global-batch", "2",
+                          "--micro-batch", "2", "--lr", "1e-4", "--no-progress"], cwd=ROOT, timeout=300)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         logs[name] = p.stdout
     assert "reference log-probs (pi_ref = pi_t): dataset" in logs["same"]

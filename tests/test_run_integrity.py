@@ -19,13 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest
 import policy
 import runs
 import sppo
@@ -247,20 +247,18 @@ def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tmp_path):
         return [sys.executable, str(ROOT / "sppo_toy.py"), "--iterations", "2", "--groups", "6", "--epochs", "2",
                 "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(cmd(full), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    conftest.run(cmd(full), check=True, cwd=ROOT, timeout=300)
     kills = 0
     for marker in ["iter0/generations.jsonl", "iter0/preferences.jsonl", "iter0/dataset.jsonl", "iter0/model.tmp",
                    "iter1/generations.jsonl", "iter1/model.tmp"]:
-        p = subprocess.Popen(cmd(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        t0 = time.time()
-        while p.poll() is None and not (cut / marker).exists() and time.time() - t0 < 120:
-            time.sleep(0.005)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            kills += 1
-        p.wait()
+        with conftest.spawn(cmd(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+            conftest.wait_until(lambda: p.poll() is not None or (cut / marker).exists(), 300, 0.005)
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                kills += 1
+            p.wait()
     assert kills >= 4
-    subprocess.run(cmd(cut), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    conftest.run(cmd(cut), check=True, cwd=ROOT, timeout=300)
     a, b = tree(full), tree(cut)
     for f in a:
         if f.endswith(".jsonl") and "stale" not in f:
@@ -345,38 +343,26 @@ def sppo_cli(world, out, *extra):
 def test_two_runs_on_one_out_exactly_one_runs(world, tmp_path):
     """Started together on one OUT: one runs to the end, the other exits 2 at once naming the holder's PID."""
     out = tmp_path / "run"
-    procs = [subprocess.Popen(sppo_cli(world, out, "--seed", str(s)), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for s in (1, 2)]
-    try:
-        res = [(p.wait(timeout=300), *p.communicate(timeout=60)) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    codes = sorted(r[0] for r in res)
-    assert codes == [0, 2], res
-    loser = next(r for r in res if r[0] == 2)
-    winner_pid = next(p.pid for p, r in zip(procs, res) if r[0] == 0)
-    assert loser[2].strip().count("\n") == 0 and f"another run is using it (PID {winner_pid}" in loser[2], loser
-    seeds = {json.loads((out / "config.json").read_text())["seed"]}
-    assert len(seeds) == 1 and (out / "iter0" / "model").is_dir()
+    with conftest.spawn(sppo_cli(world, out, "--seed", "1"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True) as one, conftest.spawn(sppo_cli(world, out, "--seed", "2"), cwd=ROOT,
+                                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                          text=True) as two:
+        res = {p.pid: (*p.communicate(timeout=300), p.returncode) for p in (one, two)}
+    assert sorted(r[2] for r in res.values()) == [0, 2], res
+    (winner, _), (_, loser) = sorted(res.items(), key=lambda kv: kv[1][2])
+    assert loser[1].strip().count("\n") == 0 and f"another run is using it (PID {winner}" in loser[1], loser
+    assert (out / "iter0" / "model").is_dir() and json.loads((out / "config.json").read_text())["seed"] == (
+        1 if winner == one.pid else 2)                                  # the winner's run, not a mix of the two
 
 
 def test_a_killed_holder_does_not_block_the_next_run(world, tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen(sppo_cli(world, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not ((out / ".lock").is_file() and (out / ".lock").read_text().strip() == str(p.pid)):
-            assert time.time() < deadline and p.poll() is None, "the run never took OUT/.lock"
-            time.sleep(0.05)
-        os.killpg(p.pid, signal.SIGKILL)
+    with conftest.spawn(sppo_cli(world, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+        assert conftest.wait_until(lambda: (out / ".lock").is_file() and (out / ".lock").read_text().strip() ==
+                                   str(p.pid), 120), "the run never took OUT/.lock"
+        os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    r = subprocess.run(sppo_cli(world, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = conftest.run(sppo_cli(world, out), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -416,3 +402,15 @@ def test_a_truncated_gguf_is_one_line(tmp_path):
                                                      f"truncated or not a model"):
             runs.gguf_checkpoint(cut, cache=tmp_path / "cache")
         assert not any((tmp_path / "cache").glob("*/config.json"))
+
+
+@pytest.mark.slow
+def test_a_timed_out_command_leaves_no_process_behind():
+    """conftest.run, which every test uses to start a command: on timeout it kills what the command started in a
+    session of its own too (as torchrun starts its workers), not only the direct child."""
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+            " start_new_session=True); print(p.pid, flush=True); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        conftest.run([sys.executable, "-c", code], timeout=10)
+    grandchild = int(e.value.stdout.split()[0])
+    assert conftest.wait_until(lambda: not conftest.alive(grandchild), 30)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import hedge_toy
 import policy
 import cli
@@ -559,7 +559,7 @@ def test_help_shows_defaults_and_unknown_flags_exit_at_once(script):
     before any work starts. bench/ is a package: its script runs as `python -m bench.bench`."""
     module = script[:-3].replace("/", ".")
     cmd = [sys.executable, "-m", module] if "/" in script else [sys.executable, str(ROOT / script)]
-    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
+    r = conftest.run([*cmd, "--help"], cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "(default: " in r.stdout, r.stderr[-2000:]
     assert "--config" in r.stdout                                                   # cli.py's, for every script
     with pytest.raises(SystemExit) as e:
@@ -568,8 +568,8 @@ def test_help_shows_defaults_and_unknown_flags_exit_at_once(script):
 
 
 def test_sppo_cli_choices_and_config_file(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "sppo.py"), "--help"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "250"})                             # one line per flag
+    r = conftest.run([sys.executable, str(ROOT / "sppo.py"), "--help"], cwd=ROOT, timeout=120,
+                     env={**os.environ, "COLUMNS": "250"})                             # one line per flag
     assert "{generate,rank,dataset,train}" in r.stdout and "(default: 1000.0)" in r.stdout
     assert "(default: rmsprop)" in r.stdout and "{pair,all}" in r.stdout
     for bad in (["--stop-after", "ranking"], ["--selection", "best"], ["--K", "five"]):
@@ -586,11 +586,11 @@ def test_sppo_cli_choices_and_config_file(tmp_path):
         f.write_text(text)
         with pytest.raises(SystemExit):
             cli.parse(sppo.SPPOConfig, ["--config", str(f)])
-        r = subprocess.run([sys.executable, str(ROOT / "sppo.py"), "--config", str(f), "--out", str(tmp_path / "n")],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        r = conftest.run([sys.executable, str(ROOT / "sppo.py"), "--config", str(f), "--out", str(tmp_path / "n")],
+                           cwd=ROOT, timeout=120)
         assert r.returncode == 2 and re.search(why, r.stderr) and not (tmp_path / "n").exists(), (text, r.stderr)
-    r = subprocess.run([sys.executable, str(ROOT / "sppo.py"), "--config", str(tmp_path / "missing.yaml")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = conftest.run([sys.executable, str(ROOT / "sppo.py"), "--config", str(tmp_path / "missing.yaml")],
+                       cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "missing.yaml: no such file" in r.stderr
 
 

@@ -3,7 +3,6 @@ directory (interrupted and resumed to the same bytes) and the demo CLI in a subp
 import itertools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import hedge_toy
 import runs
 import sppo
@@ -130,9 +130,9 @@ def test_interrupted_run_resumes_to_same_artifacts(tmp_path, capsys):
 def test_demo_cli_small(tmp_path):
     """The demo end to end in a subprocess, at small size: it trains, prints the table and writes the plot."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--iterations", "2", "--out", str(out),
-                        "--figure", str(out / "gap.png"), "--no-progress"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = conftest.run([sys.executable, str(ROOT / "sppo_toy.py"), "--iterations", "2", "--out", str(out),
+                      "--figure", str(out / "gap.png"), "--no-progress"],
+                     cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LM gap" in r.stdout and "Hedge" in r.stdout
     assert (out / "gap.png").stat().st_size > 10_000
@@ -148,9 +148,9 @@ def test_compare_cli_small(tmp_path):
     samples and kept pairs; the gaps it reports are the exact ones of the policies it stores (recomputed here by
     hand on the extended game), and it writes both figures."""
     out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--compare", "--iterations", "2", "--groups", "6",
-                        "--epochs", "2", "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = conftest.run([sys.executable, str(ROOT / "sppo_toy.py"), "--compare", "--iterations", "2", "--groups", "6",
+                      "--epochs", "2", "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"],
+                     cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exact arena of the final policies" in r.stdout and "comparison finished" in r.stdout
     assert (out / "compare_gap.png").stat().st_size > 10_000 and (out / "compare_arena.png").stat().st_size > 5_000
@@ -185,8 +185,8 @@ def test_demo_criterion_by_hand():
 
 def test_demo_config_help_shows_demo_defaults_and_rejects_bad_choices():
     """--help prints the values the demo really uses; a wrong choice exits 2 before any work."""
-    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--help"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "250"}, timeout=120)                # one line per flag
+    r = conftest.run([sys.executable, str(ROOT / "sppo_toy.py"), "--help"], cwd=ROOT, timeout=120,
+                     env={**os.environ, "COLUMNS": "250"})                             # one line per flag
     assert r.returncode == 0 and "(default: 20)" in r.stdout and "(default: 3.0)" in r.stdout
     assert "{rmsprop,adamw}" in r.stdout and "(default: 'adamw')" in r.stdout
     assert sppo_toy.DemoConfig().iterations == 20 and sppo_toy.DemoConfig().eta == 3.0
@@ -232,8 +232,8 @@ def test_demo_cli_refuses_unused_and_bad_settings_before_any_work(tmp_path, caps
 
 def test_demo_cli_refuses_an_unused_setting_in_a_subprocess(tmp_path):
     """The same end to end (`--model X --prompts /nonexistent`, both ignored before): exit 2, one line, no OUT."""
-    r = subprocess.run([sys.executable, str(ROOT / "sppo_toy.py"), "--model", "X", "--prompts", "/nonexistent",
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = conftest.run([sys.executable, str(ROOT / "sppo_toy.py"), "--model", "X", "--prompts", "/nonexistent",
+                        "--out", str(tmp_path / "out")], cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == "" and not (tmp_path / "out").exists()
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("sppo_toy.py: error: --model 'X': must be left out")
 

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import conftest
 import costs
 import distributed
 import pairrm
@@ -51,11 +51,12 @@ def flags(**kw):
     return [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))] + ["--no-progress"]
 
 
-def torchrun(*args, check=True, timeout=240, **popen):
-    """train_7b.py under `torchrun --standalone --nproc_per_node 2` (gloo). Returns the CompletedProcess."""
+def torchrun(*args, check=True, timeout=600, **popen):
+    """train_7b.py under `torchrun --standalone --nproc_per_node 2` (gloo). Returns the CompletedProcess. On timeout
+    the agent and both workers are killed (conftest.run)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_7b.py"), *args]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
+    p = conftest.run(cmd, timeout=timeout, cwd=REPO, **popen)
     out = p.stdout + p.stderr
     if check:
         assert p.returncode == 0, out[-4000:]
@@ -253,24 +254,17 @@ def test_workers_die_with_the_agent(world):
     """SIGKILL of the torchrun agent alone: the workers do not train on as orphans."""
     out = world["root"] / "mistral_orphans"
     args = flags(model=world["mistral"], data=data(world, "mistral"), out=out, epochs=20, **TRAIN)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(REPO / "train_7b.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    assert len(workers) == 2 and proc.poll() is None, "the run ended before the kill"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 10
-    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
-              for w in workers) and time.time() < deadline:
-        time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists() and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
-    for w in alive:
-        os.kill(w, signal.SIGKILL)
-    assert not alive, f"workers {alive} outlived the agent"
+    with conftest.spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         str(REPO / "train_7b.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL) as proc:        # whatever happens, nothing outlives the block
+        conftest.wait_until(lambda: (out / "metrics.jsonl").is_file() or proc.poll() is not None, 300)
+        workers = [w for w in conftest.tagged(proc.tag) if w != proc.pid]
+        assert len(workers) == 2 and proc.poll() is None, "the run ended before the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        conftest.wait_until(lambda: not any(map(conftest.alive, workers)), 60)
+        alive = [w for w in workers if conftest.alive(w)]
+        assert not alive, f"workers {alive} outlived the agent"
 
 
 def test_killed_run_resumes_exactly(world, mistral_run):
@@ -280,18 +274,13 @@ def test_killed_run_resumes_exactly(world, mistral_run):
                  keep_checkpoints=1000, **TRAIN)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_7b.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while len(distributed.checkpoints(out)) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-    finally:                       # a node loss: SIGKILL both ranks (each in its own session) and torchrun itself
-        if proc.poll() is None:
-            workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            for pid in [*map(int, workers), proc.pid]:
-                os.kill(pid, signal.SIGKILL)
+    with conftest.spawn(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        conftest.wait_until(lambda: len(distributed.checkpoints(out)) >= 3 or proc.poll() is not None, 300, 0.02)
+        # a node loss: SIGKILL both ranks (each in its own session) and torchrun itself, at once; then wait until
+        # they are gone (a killed rank 0 may be inside a rename until it is), before reading the checkpoints
+        killed = conftest.kill_tagged(proc.tag)
         proc.wait()
-    time.sleep(0.5)
+        assert conftest.wait_until(lambda: not any(map(conftest.alive, killed)), 60)
     last = distributed.checkpoints(out)[-1]
     assert not (out / "model").exists() and last.name < "step_000060", "the run finished before the kill"
     resumed = torchrun(*args, "--resume")
@@ -375,7 +364,7 @@ def test_reference_logps_record_how_they_were_computed(world, llama_run):
 
 
 RANKS_SCRIPT = """
-import json, os, sys
+import json, os, sys, tempfile
 sys.path.insert(0, {repo!r})
 import resource, torch, costs, distributed
 d = distributed.init_distributed()
@@ -387,7 +376,13 @@ try:
     error = None
 except ZeroDivisionError as e:
     error = str(e)
-print(json.dumps(dict(rank=d.rank, decided=decided, error=error, own=own, **costs.peak_memory_gb(d))), flush=True)
+result = json.dumps(dict(rank=d.rank, decided=decided, error=error, own=own, **costs.peak_memory_gb(d)))
+# each rank its own file, complete or absent: on torchrun's shared stdout two ranks' lines can join (with
+# PYTHONUNBUFFERED=1 print writes the text and the newline in two writes)
+fd, tmp = tempfile.mkstemp(dir=sys.argv[1])
+with os.fdopen(fd, "w") as f:
+    f.write(result)
+os.replace(tmp, os.path.join(sys.argv[1], f"rank{{d.rank}}.json"))
 distributed.shutdown()
 os._exit(0)
 """
@@ -396,10 +391,11 @@ os._exit(0)
 def test_rank0_decides_for_all_and_peak_memory_is_the_max_over_ranks(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT.format(repo=str(REPO)))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, timeout=120)
+    p = conftest.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      str(script), str(tmp_path)], timeout=300)
     assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-3000:]
-    r = sorted((json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")), key=lambda x: x["rank"])
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]   # never parsed from shared stdout
+    assert [x["rank"] for x in r] == [0, 1]
     assert [x["decided"] for x in r] == ["0", "0"]                     # rank 0's answer on both ranks
     assert [x["error"] for x in r] == ["division by zero"] * 2           # rank 0's error raised on both, no hang
     assert r[1]["own"] > r[0]["own"] + 0.3                             # rank 1 holds the ballast...
