@@ -130,3 +130,13 @@ def test_no_tracked_file_points_outside_the_repository():
         hits += [f"{name}:{i}" for i, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1)
                  if needle in line]
     assert not hits, hits
+
+
+def test_the_file_map_lists_every_module_and_nothing_else():
+    """The README's `## Files` block names every tracked module at the root, and every name in it exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Files", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0] for line in block.splitlines() if line and not line.startswith(" ")}
+    modules = {f for f in tracked_files() if "/" not in f and f.endswith(".py")}
+    assert modules <= listed, sorted(modules - listed)
+    assert all((ROOT / name).exists() for name in listed), sorted(n for n in listed if not (ROOT / n).exists())
