@@ -11,6 +11,27 @@ Which test shows each case of the issue (numbers as in its text):
 | 5 | train_7b: stale generations in --stage all, --resume with changed settings, late data checks, collective timeout, orphan workers | tests/test_train_7b.py: test_stage_all_refuses_stale_generations, test_resume_refuses_changed_settings, test_bad_rows_are_refused_before_the_model_is_built, test_workers_die_with_the_agent |
 | 6 | PairRM and hedge_toy inputs | tests/test_pairrm.py, tests/test_hedge_toy.py, tests/test_hedge_neighbours.py |
 | fault injection | SIGKILL at points in every stage, then the same command: byte-identical artifacts | test_sigkill_anywhere_then_resume_gives_identical_artifacts |
+
+Reliability, round two (issue 22): each case, and the test that now refuses it with one line and exit 2 before
+anything is written (or gives the right result). Tests named without a file are in this file.
+| case | test |
+|---|---|
+| an oracle without identity() recorded by class name | test_an_oracle_without_identity_is_refused, test_another_oracle_of_the_same_class_is_refused_on_resume, test_committee_identity_follows_its_judges |
+| two runs on one --out mixed their artifacts | test_two_runs_on_one_out_exactly_one_runs, test_a_killed_holder_does_not_block_the_next_run |
+| train_7b --iteration -1 / 5, --global-batch 3 --micro-batch 2, a model without weights, settings it does not use | test_train_7b_refuses_bad_settings_before_the_process_group |
+| sppo_toy --model / --prompts / --oracle ignored, --groups 0 | tests/test_sppo_toy.py: test_demo_cli_refuses_unused_and_bad_settings_before_any_work, test_demo_cli_refuses_an_unused_setting_in_a_subprocess |
+| arena --labels ONLY, --max-prompts -1, --top-p 2, --temperature 0/nan/-1, --max-new-tokens 0, --gen-batch 0, devices | tests/test_arena.py: test_cli_bad_setting_is_one_line_and_nothing_is_written, test_cli_refuses_labels_for_fewer_policies_in_a_subprocess |
+| a YAML key given twice, a missing --config file, a list for a one-value setting | tests/test_sppo.py: test_sppo_cli_choices_and_config_file |
+| YAML lists for arena's models / labels | tests/test_arena.py: test_config_file_lists_stay_lists |
+| hedge_toy --t-max / --trials 1e12 ran for minutes | tests/test_hedge_toy.py: test_cli_refuses_sizes_that_would_run_for_hours_at_once, test_cli_caps_hold_through_a_config_file |
+| last_iterate --t too large, --out missing/ failed after the sweep | tests/test_hedge_neighbours.py: test_cli_refuses_a_horizon_it_cannot_hold_at_once, test_cli_table_and_figures, test_cli_out_that_cannot_be_made_is_refused_before_the_sweep |
+| --restart-from crashed half-way on OUT/iter0.bak | test_restart_from_moves_only_iteration_folders_and_decides_first |
+| a truncated GGUF | test_a_truncated_gguf_is_one_line |
+| a model folder with config.json but no weights; prompts not UTF-8; a text file named .parquet; --out under a file or a read-only folder; sppo.py --device bogus / cuda without CUDA; a bad line in the user's prompts advised "delete it" | test_bad_settings_fail_before_any_work |
+| a PairRM folder with only config.json | tests/test_pairrm.py: test_a_folder_with_only_config_json_names_every_missing_file; tests/test_arena.py: test_cli_bad_setting_is_one_line_and_nothing_is_written[pairrm-config-json-only] |
+| pairrm.py's CLI | tests/test_pairrm.py: test_cli_bad_settings_are_one_line_before_loading |
+| a run directory of an older version | test_a_run_directory_of_another_version_is_refused |
+| the suite flaked: two ranks' JSON joined on one stdout; processes left behind on timeout | tests/test_train_7b.py: test_rank0_decides_for_all_and_peak_memory_is_the_max_over_ranks (each rank writes its own file); test_a_timed_out_command_leaves_no_process_behind (conftest.run kills the whole tree) |
 """
 import hashlib
 import json
