@@ -56,9 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tree(out):
-    """{relative path: sha256} of every file under out but hashes.json (a cache of file hashes, not an artifact)."""
+    """{relative path: sha256} of every file under out but hashes.json (a cache of file hashes, not an artifact) and
+    .lock (the PID of the last run that held OUT)."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != "hashes.json"}
+            for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name not in ("hashes.json", ".lock")}
 
 
 @pytest.fixture(scope="module")
