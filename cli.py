@@ -230,7 +230,8 @@ def check_path(name, value, kind):
 
 
 def check(cfg):
-    """Every setting of cfg before any work: choices, cfg.RULES (field, test(cfg), what it must be), path fields.
+    """Every setting of cfg before any work: choices, cfg.RULES (field, test(cfg), what it must be: a text, or a
+    function of cfg when the text names another setting's value), path fields.
     Raises ConfigError naming the flag, its value and what it must be. Returns cfg."""
     kinds = _field_types(type(cfg))
     for f in dataclasses.fields(cfg):
@@ -239,7 +240,7 @@ def check(cfg):
             raise ConfigError(f"{flag(f.name)} {v!r}: choose from {', '.join(map(str, choices))}")
     for name, ok, want in getattr(cfg, "RULES", ()):
         if not ok(cfg):
-            raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {want}")
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r}: must be {want(cfg) if callable(want) else want}")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.metadata.get("path") and v is not None:
