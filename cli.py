@@ -99,14 +99,14 @@ def parser_for(cls, description=None):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
         text = f"{f.metadata.get('help', '')} " + ("(required)" if default is dataclasses.MISSING else
-                                                   f"(default: {default!r})")
+                                                   f"(default: {default})")
         if base is bool:
             p.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True, default=default, help=text)
             p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
                            help=f"same as {names[0]} false")
             continue
         p.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None, default=default,
-                       required=default is dataclasses.MISSING, help=text, metavar=names[0][2:].upper().replace(
+                       choices=choices, required=default is dataclasses.MISSING, help=text, metavar=names[0][2:].upper().replace(
                            "-", "_") if choices is None else "{" + ",".join(map(str, choices)) + "}")
     return p
 
@@ -144,6 +144,10 @@ def read_config_file(path, cls):
             raise ConfigError(f"--config {path}: unknown setting {k!r}")
         if isinstance(v, list) and not kinds[k][2]:
             raise ConfigError(f"--config {path}: {k} takes one value, got a list {v!r}")
+        choices = kinds[k][1]
+        if choices is not None and v is not None and not all(x in choices for x in (v if isinstance(v, list) else [v])):
+            raise ConfigError(f"--config {path}: {k}: invalid choice: {v!r} (choose from "
+                              f"{', '.join(map(str, choices))})")
     return {k: [v] if kinds[k][2] and not isinstance(v, list) else v     # one value of a list field: a list of one
             for k, v in values.items() if v is not None}                 # null: the default
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import conftest
 import costs
 import distributed
@@ -490,9 +491,9 @@ def test_missing_field_names_file_line_and_field(tmp_path):
 def test_settings_of_sppo_py_only_are_refused():
     for flag, value in [("--device", "cuda"), ("--dtype", "bfloat16"), ("--stop-after", "rank"),
                         ("--eval-prompts", "held.jsonl"), ("--judges", "concise")]:
-        with pytest.raises(SystemExit, match=f"{flag} {value}: not a setting of this program"):
-            train_7b.parse_args([flag, value])
-    assert train_7b.parse_args(["--stage", "all", "--K", "3"]).K == 3
+        with pytest.raises(cli.ConfigError, match=f"{flag} '{value}': must be left out: not a setting of this program"):
+            cli.check(cli.parse(train_7b.TrainConfig, [flag, value]))
+    assert cli.check(cli.parse(train_7b.TrainConfig, ["--stage", "all", "--K", "3"])).K == 3
 
 
 def test_batch_split_covers_the_global_batch_once():
