@@ -105,9 +105,9 @@ def parser_for(cls, description=None):
             p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
                            help=f"same as {names[0]} false")
             continue
+        metavar = names[0][2:].upper().replace("-", "_") if choices is None else "{" + ",".join(map(str, choices)) + "}"
         p.add_argument(*names, dest=f.name, type=base, nargs="+" if is_list else None, default=default,
-                       choices=choices, required=default is dataclasses.MISSING, help=text, metavar=names[0][2:].upper().replace(
-                           "-", "_") if choices is None else "{" + ",".join(map(str, choices)) + "}")
+                       choices=choices, required=default is dataclasses.MISSING, help=text, metavar=metavar)
     return p
 
 
