@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -65,11 +66,12 @@ def flag(name):
 
 # ----------------------------------------------------------------------------------------------------------------
 # From the command line to a config.
+@functools.cache
 def _field_types(cls):
     """name -> (value type, choices or None, is a list), from the annotations: Literal[...], X | None, list[X]."""
-    out = {}
+    out, hints = {}, typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
             typing.Union, types.UnionType) else [hint]
         base, is_list = args[0], False
@@ -94,8 +96,9 @@ def parser_for(cls, description=None):
     """argparse for a config dataclass: one flag per field, `--config FILE` besides."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file of `field: value` lines; flags override it")
+    kinds = _field_types(cls)
     for f in dataclasses.fields(cls):
-        base, choices, is_list = _field_types(cls)[f.name]
+        base, choices, is_list = kinds[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
         text = f"{f.metadata.get('help', '')} " + ("(required)" if default is dataclasses.MISSING else
