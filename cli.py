@@ -236,6 +236,13 @@ def check_path(name, value, kind):
         raise ConfigError(f"{flag(name)} {value}: {parent} is not writable; choose another {flag(name)}")
 
 
+def left_out(not_here, prog):
+    """RULES rows for the settings a script inherits but does not use: {field: (the one value allowed, why)} -> a row
+    per field that refuses any other value, naming the script and why."""
+    return tuple((name, lambda c, n=name, v=value: getattr(c, n) == v, f"left out: not a setting of {prog} ({why})")
+                 for name, (value, why) in not_here.items())
+
+
 def check(cfg):
     """Every setting of cfg before any work: choices, cfg.RULES (field, test(cfg), what it must be: a text, or a
     function of cfg when the text names another setting's value), path fields.

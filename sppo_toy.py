@@ -300,9 +300,7 @@ class DemoCLI(DemoConfig):
     (NOT_HERE; before the paths are checked, so `--prompts /nonexistent` is named as unused, not as missing), then
     --loss with --compare, then DemoConfig's. Work gets a DemoConfig (as_demo_config)."""
 
-    RULES = tuple(
-        (name, lambda c, n=name, v=value: getattr(c, n) == v, f"left out: not a setting of sppo_toy.py ({why})")
-        for name, (value, why) in DemoConfig.NOT_HERE.items()) + (
+    RULES = cli.left_out(DemoConfig.NOT_HERE, "sppo_toy.py") + (
         ("loss", lambda c: not c.compare or c.loss == "sppo", "left out with --compare (it trains each of sppo, "
                                                               "dpo, ipo and sppo_hard itself)"),
     ) + DemoConfig.RULES

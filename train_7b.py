@@ -105,9 +105,7 @@ class TrainConfig(sppo.SPPOConfig):
                 "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py")}
     """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
-    RULES = tuple(                                       # settings this program does not use first, then sppo.py's
-        (name, lambda c, n=name, v=value: getattr(c, n) == v, f"left out: not a setting of this program ({why})")
-        for name, (value, why) in NOT_HERE.items()) + sppo.SPPOConfig.RULES + (
+    RULES = cli.left_out(NOT_HERE, "this program") + sppo.SPPOConfig.RULES + (   # the unused settings first
         # field               the test                                                 what it must be
         ("iteration",         lambda c: 0 <= c.iteration < c.iterations,               "in [0, --iterations)"),
         ("global_batch",      lambda c: c.global_batch % (c.micro_batch * world_size()) == 0,
