@@ -129,11 +129,14 @@ class Loss:
     """One --loss. fn(logp, batch, cfg): logp (B,) summed log-probs under pi_theta of a collated batch (ref_logp,
     win_prob and `columns`) -> (B,) per row (kind 'row') or (B/2,) per (winner, loser) pair (kind 'pair': rows 2i,
     2i+1; needs --selection pair). settings: the config fields it reads beyond eta (the train stage's key records
-    them)."""
+    them). target(ratio, batch, cfg) -> (achieved, wanted): the quantity the loss drives to a finite target and that
+    target, from ratio = log pi(y|x) - log pi_ref(y|x) per row (None for a loss with no finite target: DPO, KTO);
+    target_share reads how much of it a fit reached."""
     fn: Callable
     kind: Literal["row", "pair"]
     settings: tuple = ()
     columns: tuple = ()
+    target: Callable | None = None
 
 
 def pair(logp, batch):
@@ -142,19 +145,55 @@ def pair(logp, batch):
     return logp[0::2], ref[0::2], logp[1::2], ref[1::2]
 
 
+def _row_target(ratio, b, c):
+    """Eq. (4.7): each row's log-ratio against eta (P-hat - 1/2), or eta P-hat - log Z with --log-z estimate."""
+    lz = b.get("log_z")
+    return ratio, c.eta * (b["win_prob"] - 0.5) if lz is None else c.eta * b["win_prob"] - lz
+
+
+def _margin_target(ratio, b, c):
+    """IPO: the margin h = ratio_w - ratio_l (nats) against ipo_target / beta = ipo_target * eta."""
+    h = ratio[0::2] - ratio[1::2]
+    return h, torch.full_like(h, c.ipo_target * c.eta)
+
+
+def _hard_target(ratio, b, c):
+    """sppo_hard: the winner's log-ratio against +eta/2, the loser's against -eta/2 (P(y_w > y_l) = 1)."""
+    return ratio, c.eta / 2 * torch.tensor([1.0, -1.0], dtype=ratio.dtype).repeat(len(ratio) // 2)
+
+
 LOSSES.update({
     # name                  the loss of a batch                                                     kind, settings
     "sppo":      Loss(lambda lp, b, c: sppo_loss(lp, b["ref_logp"], b["win_prob"], c.eta, b.get("log_z")),
-                      "row", ("log_z",)),                                                           # Eq. (4.7)
+                      "row", ("log_z",), target=_row_target),                                       # Eq. (4.7)
     "sppo_pair": Loss(lambda lp, b, c: sppo_pair_loss(*pair(lp, b), b["pair_prob"][0::2], c.eta),
-                      "pair", columns=("pair_prob",)),                                              # Eq. (4.12)
+                      "pair", columns=("pair_prob",),
+                      target=lambda r, b, c: (r, c.eta * (b["pair_prob"] - 0.5))),                  # Eq. (4.12)
     "dpo":       Loss(lambda lp, b, c: dpo_loss(*pair(lp, b), 1 / c.eta), "pair"),                  # Eq. (4.13)
     "ipo":       Loss(lambda lp, b, c: ipo_loss(*pair(lp, b), 1 / c.eta, c.ipo_target), "pair",
-                      ("ipo_target",)),                                                             # Eq. (4.14)
-    "sppo_hard": Loss(lambda lp, b, c: sppo_hard_loss(*pair(lp, b), c.eta), "pair"),                # Sec. 4.5
+                      ("ipo_target",), target=_margin_target),                                      # Eq. (4.14)
+    "sppo_hard": Loss(lambda lp, b, c: sppo_hard_loss(*pair(lp, b), c.eta), "pair",
+                      target=_hard_target),                                                         # Sec. 4.5
     "kto":       Loss(lambda lp, b, c: kto_loss(*pair(lp, b), 1 / c.eta, (lp - b["ref_logp"]).detach().mean()),
                       "pair"),                        # Eq. (4.15); KL(pi || pi_ref): the micro-batch's mean log-ratio
 })
+
+
+def target_share(name, ratio, batch, cfg):
+    """How much of its target a fit reached: the least-squares slope, with intercept, of the achieved quantity on
+    the target (LOSSES[name].target): 1 reached, 0 not moved. The intercept is there because a normalised policy
+    moves every log-ratio of a prompt by the same log Z, which no loss here controls (Eq. 4.6); a constant target
+    (IPO's margin) is read as mean(achieved) / target. NaN for a loss with no finite target (DPO, KTO)."""
+    fn = LOSSES[name].target
+    if fn is None or len(ratio) == 0:
+        return math.nan
+    got, want = (torch.as_tensor(v, dtype=torch.float64) for v in fn(torch.as_tensor(ratio, dtype=torch.float64),
+                                                                        batch, cfg))
+    dw = want - want.mean()
+    den = float((dw * dw).sum())
+    if den > 1e-12 * float((want * want).sum()):
+        return float(((got - got.mean()) * dw).sum()) / den
+    return float(got.mean() / want.mean()) if float(want.abs().max()) > 0 else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,6 +512,11 @@ def make_batch(pairs, rows, idx, pad, cfg, device):
     return {k: v.to(device) for k, v in b.items()}
 
 
+FIT_PATIENCE = 5
+"""--fit-tol: failed epochs in a row (each one halving the rate) before the fit stops. AdamW's step does not shrink
+with the gradient, so near a minimum it overshoots: one failed epoch is not yet convergence."""
+
+
 class DivergedError(RuntimeError):
     """A non-finite loss or gradient: the run stops; the model keeps the weights of the last good step."""
 
@@ -485,6 +529,10 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     Steps come from train_schedule, micro-batches from micro_batches (pairs stay in one; grouped by length with
     cfg.group_by_length; padding-free with cfg.pack, policy.collate). Each optimizer step sums per-row losses over
     micro-batches and divides by its row count (gradient accumulation gives the same gradient as one big batch).
+    With cfg.fit_tol > 0 each epoch's mean loss (its last step's `epoch_loss`) is judged: below (1 - fit_tol) times
+    the best so far, the weights it started from become the best; otherwise the model goes back to the best weights
+    at half the learning rate, and after FIT_PATIENCE such epochs in a row the fit stops at the best (cfg.epochs is
+    the cap). With one full-batch step per epoch the loss judged is exact, so a fit never ends above its start.
     Returns a list of per-step metrics; `lr` is the rate the step used.
     """
     pairs, n_cut = encode_rows(tokenizer, rows, cfg)
@@ -495,9 +543,11 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = make_scheduler(opt, total, cfg.warmup_ratio)
     model.train()
-    history = []
+    history, per_epoch, best, stale, restored = [], len(schedule) // cfg.epochs, math.inf, 0, False
     bar = tqdm(schedule, desc="train (Eq. 4.7)", disable=not cfg.progress, leave=False)
     for step, idx in enumerate(bar):
+        if cfg.fit_tol and step % per_epoch == 0:                 # the weights this epoch's loss is measured on
+            start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t0, n_tok = time.perf_counter(), 0
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -520,6 +570,19 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
         bar.set_postfix(loss=f"{loss:.4g}")
         if on_step:
             on_step(history[-1])
+        if cfg.fit_tol and (step + 1) % per_epoch == 0:            # fit until the loss stops falling (--fit-tol)
+            history[-1]["epoch_loss"] = float(np.mean([h["loss"] for h in history[-per_epoch:]]))
+            if restored:                                           # it started from best_state: its loss is `best`
+                restored = False
+            elif history[-1]["epoch_loss"] < best * (1 - cfg.fit_tol):
+                best, stale, best_state = history[-1]["epoch_loss"], 0, start
+            elif (stale := stale + 1) >= FIT_PATIENCE:
+                break
+            else:                                                  # back to the best weights, at half the rate
+                model.load_state_dict(best_state)
+                sched.base_lrs, restored = [lr / 2 for lr in sched.base_lrs], True
+    if cfg.fit_tol:
+        model.load_state_dict(best_state)                          # the epoch of the lowest loss
     return history
 
 

@@ -105,6 +105,9 @@ class SPPOConfig:
     schedule_epochs: int | None = arg(default=None, help="Length of the LR schedule in epochs (default: "
                                         "--epochs). Sec. 5.1's 'total epochs 18' is this; the paper keeps the model "
                                         "after epoch 1.")
+    fit_tol: float = arg(default=0.0, help="Fit each iteration until its loss stops falling: stop once 5 epochs in a "
+                         "row have not brought the epoch's mean loss this share below the best so far (--epochs is "
+                         "the cap). 0: train --epochs epochs.")
     global_batch: int = arg(default=64, help="Pairs (--selection pair) or rows (all) per optimizer step (paper: 64 "
                               "pairs = 8 per device x 8 GPUs).")
     micro_batch: int = arg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
@@ -146,6 +149,7 @@ class SPPOConfig:
         ("weight_decay",    lambda c: c.weight_decay >= 0,                       ">= 0"),
         ("max_grad_norm",   lambda c: positive(c.max_grad_norm),                 "finite and > 0"),
         ("epochs",          lambda c: c.epochs >= 1,                             ">= 1: with 0 nothing is trained"),
+        ("fit_tol",         lambda c: positive(c.fit_tol) or c.fit_tol == 0,       "finite and >= 0"),
         ("schedule_epochs", lambda c: c.schedule_epochs is None or c.schedule_epochs >= c.epochs,
                                                       lambda c: f">= --epochs {c.epochs} (the LR schedule's length; "
                                                                 f"leave it out for --epochs)"),

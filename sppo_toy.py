@@ -8,17 +8,18 @@ computed exactly. sppo.py's Algorithm 1 runs unchanged on it; only the oracle ob
 
     python sppo_toy.py                       # the demo: 20 iterations, table + figures/demo_gap.png (~1 min CPU)
     python sppo_toy.py --iterations 2 --out runs/small --figure runs/small/gap.png
-    python sppo_toy.py --compare             # SPPO vs iterative DPO, IPO, sppo_hard: table + figures/compare_*.png
+    python compare.py --world lm             # SPPO vs iterative DPO, IPO, sppo_hard, KTO here, over seeds
     python sppo_toy.py --help                # every setting with the demo's default
 
 Contents: GameOracle (the oracle slot of sppo.run) -> the demo's games and tiny policy -> exact policies ->
-tabular self-play with each --loss on a softmax table -> the demo's metrics, plots and CLI -> --compare: SPPO
-against iterative DPO, IPO and sppo_hard in the same loop.
+tabular self-play with each --loss on a softmax table -> the demo's metrics, plots and CLI. The comparisons of
+SPPO against its baselines in this world, over seeds, are compare.py's.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -183,60 +184,75 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
 
 
 def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="half", reference="previous",
-                     ipo_target=0.5):
+                     ipo_target=0.5, selection=None, record=None):
     """T iterations of Algorithm 1 with sppo.py's `--loss` (sppo.LOSSES) on a softmax table; returns pi_1..pi_T, (T, n).
 
-    Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), as --selection
-    all (loss 'sppo': every sample) or pair (the others: each group's winner and loser, sppo.select_pair, with
-    P(y_w > y_l) for sppo_pair), and fits the table to the mean loss by L-BFGS from pi_t (sppo.example_losses'
-    arithmetic). pi_ref = pi_t, or pi_1 with reference='initial'. beta = 1/eta for dpo, ipo and kto.
+    Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), keeps them as
+    --selection all (default for loss 'sppo': every sample) or pair (default for the others: each group's winner
+    and loser, sppo.select_pair, with P(y_w > y_l) for sppo_pair; a group whose K responses all tie gives no pair),
+    and fits the table to the mean loss by L-BFGS from pi_t (fit_table). pi_ref = pi_t, or pi_1 with
+    reference='initial'. beta = 1/eta for dpo, ipo and kto. record: a list that receives, per iteration, the fit's
+    {"target_share": sppo.target_share} (NaN for DPO, KTO).
     A pair loss whose pairs all point one way (a transitive game) has no finite minimiser: L-BFGS stops at its
     tolerance or 200 iterations, far along the direction, as iterative DPO trained long on such data does.
     """
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
         raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
-    pair_losses = [name for name, entry in sppo.LOSSES.items() if entry.kind == "pair"]
-    if loss not in ("sppo", *pair_losses):
-        raise ValueError(f"loss must be one of sppo, {', '.join(pair_losses)}; got {loss!r}")
+    selection = selection or ("all" if loss == "sppo" else "pair")
+    if loss not in sppo.LOSSES or selection not in ("all", "pair") or (
+            sppo.LOSSES[loss].kind == "pair" and selection != "pair"):
+        raise ValueError(f"loss must be one of {', '.join(sppo.LOSSES)} with selection 'all' (row losses) or 'pair'; "
+                         f"got {loss!r}, {selection!r}")
     n = P.shape[0]
     rng = np.random.default_rng(seed)
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
     theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
     log_pi1 = torch.log_softmax(theta, 0).detach()
-    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection="all" if loss == "sppo" else "pair")
+    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection=selection)
     out = []
     for _ in range(T):
         pi = torch.softmax(theta, 0).detach().numpy()
         out.append(pi)
         y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
         wp = sppo.win_rates(P[y[:, :, None], y[:, None, :]])                              # (G, K) Eq. (4.5)
-        if loss == "sppo":
+        batch = {}
+        if selection == "all":
             idx, target = y.ravel(), wp.ravel()
         else:                                                                             # rows 2i, 2i+1: w, l
             w, l = sppo.select_pair(wp)
-            yw, yl = y[np.arange(groups), w], y[np.arange(groups), l]
+            g = np.flatnonzero(w != l)                                                    # all tied: no pair
+            yw, yl = y[g, w[g]], y[g, l[g]]
             idx = np.stack([yw, yl], 1).ravel()                                           # (2G,)
-            target = np.stack([wp[np.arange(groups), w], wp[np.arange(groups), l]], 1).ravel()
-            pair_prob = torch.from_numpy(np.stack([P[yw, yl], P[yl, yw]], 1).ravel())
-        idx, target = torch.from_numpy(idx), torch.from_numpy(target)
-        ref = (log_pi1 if reference == "initial" else torch.log_softmax(theta, 0).detach())[idx]
+            target = np.stack([wp[g, w[g]], wp[g, l[g]]], 1).ravel()
+            batch["pair_prob"] = torch.from_numpy(np.stack([P[yw, yl], P[yl, yw]], 1).ravel())
+        idx, batch["win_prob"] = torch.from_numpy(idx), torch.from_numpy(target)
+        batch["ref_logp"] = (log_pi1 if reference == "initial" else torch.log_softmax(theta, 0).detach())[idx]
         lz = (None if log_z == "half" else float(hedge_toy.log_partition(P, pi, eta)) if log_z == "exact"
               else float(log_z))                                                          # Eq. (4.6) / (4.2)
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            logp = torch.log_softmax(theta, 0)[idx]
-            if loss == "sppo":
-                value = sppo.sppo_loss(logp, ref, target, eta, lz).mean()                 # Eq. (4.7)
-            else:
-                batch = {"ref_logp": ref, "win_prob": target, "pair_prob": pair_prob}
-                value = sppo.LOSSES[loss].fn(logp, batch, cfg).mean()                 # per pair
-            value.backward()
-            return value
-        opt.step(closure)
+        if lz is not None:
+            batch["log_z"] = torch.full_like(batch["win_prob"], lz)
+        if len(idx):
+            fit_table(theta, idx, batch, cfg)
+        if record is not None:
+            ratio = torch.log_softmax(theta, 0).detach()[idx] - batch["ref_logp"]
+            record.append({"target_share": sppo.target_share(loss, ratio, batch, cfg) if len(idx) else math.nan})
     return np.array(out)
+
+
+def fit_table(theta, idx, batch, cfg):
+    """The exact tabular update of cfg.loss on one iteration's rows: theta (a log-policy table, any leading axes
+    flattened by idx into theta.view(-1) per its last axis) minimises the mean loss by L-BFGS (strong Wolfe, 200
+    iterations, gradient tolerance 1e-12), in place. idx: the rows' flat indices into theta (rows 2i, 2i+1 a pair)."""
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = sppo.LOSSES[cfg.loss].fn(torch.log_softmax(theta, -1).reshape(-1)[idx], batch, cfg).mean()
+        value.backward()
+        return value
+    opt.step(closure)
+    return theta
 
 
 def selfplay_gaps(P, iterates):
@@ -269,8 +285,6 @@ class DemoConfig(_DemoBase):
     groups: int = cli.arg(default=100, help="Copies of each game prompt per iteration, each drawing K samples.")
     figure: str = cli.arg(default="figures/demo_gap.png", path="out_file", help="Where to save the gap plot (the "
                           "arena plot beside it).")
-    compare: bool = cli.arg(default=False, help="SPPO against iterative DPO, IPO and sppo_hard (--loss) from the same "
-                            "pi_0, --selection pair: gap table, compare_gap.png and compare_arena.png beside --figure.")
 
     RULES = sppo.SPPOConfig.RULES + (
         ("groups", lambda c: c.groups >= 1, ">= 1: copies of each game prompt per iteration"),
@@ -298,12 +312,9 @@ class DemoConfig(_DemoBase):
 class DemoCLI(DemoConfig):
     """`python sppo_toy.py`'s config: DemoConfig whose RULES first refuse the settings the demo does not use
     (NOT_HERE; before the paths are checked, so `--prompts /nonexistent` is named as unused, not as missing), then
-    --loss with --compare, then DemoConfig's. Work gets a DemoConfig (as_demo_config)."""
+    DemoConfig's. Work gets a DemoConfig (as_demo_config)."""
 
-    RULES = cli.left_out(DemoConfig.NOT_HERE, "sppo_toy.py") + (
-        ("loss", lambda c: not c.compare or c.loss == "sppo", "left out with --compare (it trains each of sppo, "
-                                                              "dpo, ipo and sppo_hard itself)"),
-    ) + DemoConfig.RULES
+    RULES = cli.left_out(DemoConfig.NOT_HERE, "sppo_toy.py") + DemoConfig.RULES
 
 
 def as_demo_config(cfg):
@@ -312,8 +323,8 @@ def as_demo_config(cfg):
 
 
 def check_demo(cfg):
-    """Before any work of demo() / compare(): DemoCLI's checks (NOT_HERE, choices, RULES, paths), the CLI's, for
-    callers from Python too. Raises cli.ConfigError naming the flag. Returns cfg as a DemoConfig."""
+    """Before any work of demo() and compare.lm_world: DemoCLI's checks (NOT_HERE, choices, RULES, paths), the
+    CLI's, for callers from Python too. Raises cli.ConfigError naming the flag. Returns cfg as a DemoConfig."""
     cfg = as_demo_config(cfg)
     cli.check(DemoCLI(**dataclasses.asdict(cfg)))
     return cfg
@@ -436,75 +447,6 @@ def demo(cfg):
     return metrics
 
 
-COMPARE_LOSSES = ("sppo", "dpo", "ipo", "sppo_hard")
-"""The methods of --compare: SPPO and the paper's iterative baselines (Table 1), all on the winner/loser pair."""
-
-
-def compare(cfg):
-    """Algorithm 1 once per loss (OUT/compare/<loss>), same pi_0, iterations, samples per iteration and kept-pair
-    rule (--selection pair); per game and iteration the exact gap (hedge_toy.duality_gap on the extended game) of the
-    last iterate and the average; the exact arena (arena_exact) of the final policies, averaged over the games.
-    Prints the table, saves compare_gap.png and compare_arena.png beside cfg.figure. Returns the metrics, or None
-    when cfg.stop_after stopped a run. Every setting is checked first (check_demo), before pi_0 is built."""
-    cfg = check_demo(dataclasses.replace(cfg, compare=True))
-    games, oracle = demo_games(), GameOracle(demo_games())
-    cfg = demo_start(dataclasses.replace(cfg, selection="pair"), games)
-    out, pis = Path(cfg.out), {}
-    for loss in COMPARE_LOSSES:
-        c = dataclasses.replace(cfg, loss=loss, out=str(Path(cfg.out) / "compare" / loss))
-        print(f"--loss {loss}: {c.iterations} iterations in {c.out}")
-        if sppo.run(c, oracle=oracle) is None:
-            return None
-        dirs = [cfg.model] + [Path(c.out) / f"iter{t}" / "model" for t in range(c.iterations)]
-        pis[loss] = {x: [] for x in games}
-        for d in dirs:
-            model, tok = runs.load_policy(d, cfg, "cpu")
-            for x, (_, ys) in games.items():
-                pis[loss][x].append(exact_policy(model, tok, x, ys).tolist())
-    metrics = {loss: {x: dict(zip(("last_gap", "gap"), (g.tolist() for g in selfplay_gaps(oracle.extended(x),
-                                                                                          np.array(p[x])))),
-                              policy=p[x]) for x in games} for loss, p in pis.items()}
-    print("exact duality gap per iteration: last iterate pi_t / average of pi_0..pi_t, on each game")
-    print(f"{'t':>3} " + " ".join(f"| {x[:17]:>17}: " + " ".join(f"{m:>13}" for m in COMPARE_LOSSES) for x in games))
-    for t in range(cfg.iterations + 1):
-        cell = lambda m, x: f"{metrics[m][x]['last_gap'][t]:6.3f}/{metrics[m][x]['gap'][t]:6.3f}"  # noqa: E731
-        print(f"{t:>3} " + " ".join(f"| {'':>17}  " + " ".join(cell(m, x) for m in COMPARE_LOSSES) for x in games))
-    for what, pick in (("final policies pi_T", lambda p: p[-1]), ("averages of pi_0..pi_T", lambda p: np.mean(p, 0))):
-        W = np.mean([arena.arena_exact(np.array([pick(pis[m][x]) for m in COMPARE_LOSSES]), oracle.extended(x))
-                     for x in games], 0)                                                 # Fig. 3 between methods
-        print(f"exact arena of the {what}, P(row beats column), mean over the games:")
-        print(" " * 10 + "".join(f"{m:>10}" for m in COMPARE_LOSSES))
-        for m, row in zip(COMPARE_LOSSES, W):
-            print(f"{m:>10}" + "".join(f"{v:10.3f}" for v in row))
-        metrics.setdefault("arena", {})[what] = W.tolist()
-    W = np.array(metrics["arena"]["final policies pi_T"])
-    (out / "compare_metrics.json").write_text(json.dumps(metrics, indent=1))
-    gap_png, arena_png = (Path(cfg.figure).with_name(f"compare_{k}.png") for k in ("gap", "arena"))
-    plot_compare({m: metrics[m] for m in COMPARE_LOSSES}, gap_png)
-    arena.plot_arena(W, [f"{m}_T" for m in COMPARE_LOSSES], arena_png,
-                     title="P(row beats column), exact, final policies")
-    print(f"wrote {gap_png}, {arena_png} and {out / 'compare_metrics.json'}")
-    return metrics
-
-
-def plot_compare(metrics, path):
-    """One panel per game: the exact gap of each method's average (solid) and last iterate (dotted)."""
-    import matplotlib.pyplot as plt
-    games = list(next(iter(metrics.values())))
-    fig, axes = plt.subplots(1, len(games), figsize=(5 * len(games), 3.6), squeeze=False)
-    for ax, x in zip(axes[0], games):
-        for i, (loss, m) in enumerate(metrics.items()):
-            t = np.arange(len(m[x]["gap"]))
-            ax.plot(t, m[x]["gap"], "o-", color=f"C{i}", ms=3, label=f"{loss}: average")
-            ax.plot(t, m[x]["last_gap"], ":", color=f"C{i}", label=f"{loss}: last iterate")
-        ax.set(title=f"prompt: '{x}'", xlabel="iteration t", ylabel="duality gap (exact)", ylim=(0, 1.02))
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     """`python sppo_toy.py [flags]`: cli.main (a bad or unused setting: one line, exit 2, before any work)."""
     from transformers.utils import logging as hf_logging
@@ -512,9 +454,8 @@ def main(argv=None):
 
     def go(cfg):
         t0 = time.perf_counter()
-        cfg = as_demo_config(cfg)
-        metrics = compare(cfg) if cfg.compare else demo(cfg)
-        print(f"{'comparison' if cfg.compare else 'demo'} finished in {time.perf_counter() - t0:.1f} s")
+        metrics = demo(as_demo_config(cfg))
+        print(f"demo finished in {time.perf_counter() - t0:.1f} s")
         return 0 if metrics is not None or cfg.stop_after else 1
     return cli.main("sppo_toy.py", DemoCLI, go, argv, description=__doc__.split("\n")[0])
 

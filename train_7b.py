@@ -102,7 +102,9 @@ class TrainConfig(sppo.SPPOConfig):
                 "restart_from": (None, "this program's OUT is one iteration: move stale files aside or use a new "
                                        "--out"),
                 "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
-                "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py")}
+                "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py"),
+                "fit_tol": (0.0, "it trains --epochs epochs, its checkpoints count steps; fitting to a tolerance is "
+                                 "sppo.py's")}
     """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
     RULES = cli.left_out(NOT_HERE, "this program") + sppo.SPPOConfig.RULES + (   # the unused settings first

@@ -142,35 +142,6 @@ def test_demo_cli_small(tmp_path):
         assert game["gap"][2] < game["gap"][0] and game["eta_eff"] == pytest.approx(3.0 * 4 / 5)
 
 
-@pytest.mark.slow
-def test_compare_cli_small(tmp_path):
-    """--compare at small size in a subprocess: every method starts from the same pi_0 and the same iteration-0
-    samples and kept pairs; the gaps it reports are the exact ones of the policies it stores (recomputed here by
-    hand on the extended game), and it writes both figures."""
-    out = tmp_path / "cmp"
-    r = conftest.run([sys.executable, str(ROOT / "sppo_toy.py"), "--compare", "--iterations", "2", "--groups", "6",
-                      "--epochs", "2", "--out", str(out), "--figure", str(out / "gap.png"), "--no-progress"],
-                     cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "exact arena of the final policies" in r.stdout and "comparison finished" in r.stdout
-    assert (out / "compare_gap.png").stat().st_size > 10_000 and (out / "compare_arena.png").stat().st_size > 5_000
-    first = {(out / "compare" / m / "iter0" / "dataset.jsonl").read_text() for m in sppo_toy.COMPARE_LOSSES}
-    assert len(first) == 1                                                   # same samples, pairs, pi_ref
-    m = json.loads((out / "compare_metrics.json").read_text())
-    oracle = sppo_toy.GameOracle(sppo_toy.demo_games())
-    finals = {x: np.array([m[loss][x]["policy"][-1] for loss in sppo_toy.COMPARE_LOSSES]) for x in m["sppo"]}
-    W = np.mean([[[a @ oracle.extended(x) @ b for b in f] for a in f] for x, f in finals.items()], 0)
-    assert np.abs(np.array(m["arena"]["final policies pi_T"]) - W).max() < 1e-9      # P(pi_i > pi_j) by hand
-    for loss in sppo_toy.COMPARE_LOSSES:
-        for x, g in m[loss].items():
-            Q, pi = oracle.extended(x), np.array(g["policy"])                # (4, 4), (3, 4): pi_0, pi_1, pi_2
-            assert len(g["gap"]) == 3 and pi[0] == pytest.approx(np.array(m["sppo"][x]["policy"][0]))
-            by_hand = [max(sum(Q[i, j] * p[j] for j in range(4)) for i in range(4)) * 2 - 1 for p in pi]
-            assert g["last_gap"] == pytest.approx(by_hand, abs=1e-9)
-            avg = [pi[:t + 1].mean(0) for t in range(3)]
-            assert g["gap"] == pytest.approx([2 * (Q @ a).max() - 1 for a in avg], abs=1e-9)
-
-
 def test_demo_criterion_by_hand():
     """The demo's pass rule (DEMO_CRITERION): gap cut to a third, at most 0.05 above Hedge(eta'), mean TV step
     <= 0.04; each clause fails on its own, and it is judged against Hedge(eta'), not Hedge(eta)."""
@@ -209,8 +180,6 @@ BAD_DEMO = [  # (flags, what the one line must say): settings the demo does not 
     pytest.param(["--oracle-prompt", "templated"], "--oracle-prompt 'templated': must be left out",
                  id="oracle-prompt-unused"),
     pytest.param(["--max-prompts", "3"], "--max-prompts 3: must be left out", id="max-prompts-unused"),
-    pytest.param(["--compare", "--loss", "dpo"], "--loss 'dpo': must be left out with --compare",
-                 id="compare-with-loss"),
     pytest.param(["--groups", "0"], "--groups 0: must be >= 1", id="groups-0"),
     pytest.param(["--figure", "{w}/a_file/gap.png"], "--figure {w}/a_file/gap.png: {w}/a_file is a file, not a folder",
                  id="figure-under-a-file"),
@@ -241,11 +210,11 @@ def test_demo_cli_refuses_an_unused_setting_in_a_subprocess(tmp_path):
 
 
 def test_demo_from_python_checks_like_the_cli(tmp_path):
-    """demo() / compare() called from Python (the notebooks) run the same checks before building pi_0."""
+    """demo() called from Python (the notebooks) runs the same checks before building pi_0."""
     import cli
     for run, cfg in ((sppo_toy.demo, sppo_toy.DemoConfig(out=str(tmp_path / "a"), oracle="committee")),
                      (sppo_toy.demo, sppo_toy.DemoConfig(out=str(tmp_path / "a"), groups=0)),
-                     (sppo_toy.compare, sppo_toy.DemoConfig(out=str(tmp_path / "a"), loss="ipo"))):
+                     (sppo_toy.demo, sppo_toy.DemoConfig(out=str(tmp_path / "a"), loss="ipo"))):
         with pytest.raises(cli.ConfigError):
             run(cfg)
     assert not (tmp_path / "a").exists()

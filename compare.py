@@ -1,0 +1,261 @@
+"""SPPO against iterative DPO, IPO, sppo_hard and KTO where exploitability is exact: over seeds, at tuned steps.
+
+Two worlds, one protocol (experiments.py). In **tabular self-play** (`tabular_world`) each method is Algorithm 1 on a
+softmax table fitted exactly each iteration (sppo_toy.tabular_selfplay); in the **tiny LM** (`lm_world`) it is
+sppo.run itself on sppo_toy.py's 16-token Llama and two preference games, each iteration fitted until its loss stops
+falling (--fit-tol, --epochs the cap). Every method's step eta (beta = 1/eta for DPO, IPO, KTO) is chosen on tuning
+seeds over --grid by experiments.RULE on the gap of the average at the last iteration, then reported on fresh seeds
+as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
+
+    gap_avg, gap_last   exact duality gap (hedge_toy.duality_gap) of the average pi-bar_t and of the last iterate pi_t
+    kl_step             KL(pi_t || pi_{t-1}), the step actually taken (protocol 2 reads the gap against its running sum)
+    target_share        how much of its loss's target the fit reached (sppo.target_share; NaN for DPO and KTO): the
+                        slope over D_t's rows, so the noise of P-hat lowers it even for an exact fit
+    target_share_exact  (LM) the same for the exact tabular minimiser on the same rows: the reachable share
+    tv_hedge            TV(pi_t, Hedge step from pi_{t-1} at eta' = eta (K-1)/K), the step SPPO aims at (Eq. 4.1)
+    tv_exact            (LM) TV(pi_t, the exact tabular minimiser of the same loss on the same rows from pi_{t-1})
+
+    python compare.py                         # tabular: rps, weighted rps, a random 5-response game (~3 min)
+    python compare.py --world lm              # the tiny LM (~15 min on 2 cores)
+    python compare.py --quick                 # 2 + 3 seeds, 2 steps, few iterations: the suite's smoke run
+
+Runs resume: each (method, step, seed) is one record file under --out, reused when its manifest matches.
+"""
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+import cli
+import experiments
+import hedge_toy
+import runs
+import sppo
+import sppo_toy
+
+METHODS = {"sppo": ("sppo", "all"), "sppo@pair": ("sppo", "pair"), "sppo_hard": ("sppo_hard", "pair"),
+           "dpo": ("dpo", "pair"), "ipo": ("ipo", "pair"), "kto": ("kto", "pair")}
+"""Method name -> (--loss, --selection). 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair' the same loss on
+each prompt's winner and loser only, with their row win rates (the authors' released form); the rest are Sec. 4.5's
+losses on the same pair, beta = 1/eta."""
+
+TABULAR_GAMES = {"rps": (hedge_toy.rock_paper_scissors, [0.1, 0.2, 0.7]),
+                 "weighted_rps": (hedge_toy.weighted_rps, [0.1, 0.2, 0.7]),
+                 "random5": (lambda: hedge_toy.random_game(5, seed=2), None)}
+"""The tabular games and their pi_1 (None: uniform): notebook 06's. random5's equilibrium is fully mixed."""
+
+
+def _kl(p, q):
+    """KL(p || q) in nats over the last axis (0 log 0 = 0)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum())
+
+
+def _tv(p, q):
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def trajectory_records(P, pis, eta, K):
+    """Records t = 0..T of one trajectory pi_0..pi_T (T+1, n) on game P: the two gaps, kl_step and tv_hedge."""
+    last, avg = sppo_toy.selfplay_gaps(P, pis)
+    step = sppo_toy.effective_eta(eta, K)
+    return [{"t": t, "gap_last": float(last[t]), "gap_avg": float(avg[t]),
+             "kl_step": _kl(pis[t], pis[t - 1]) if t else None,
+             "tv_hedge": _tv(pis[t], hedge_toy.hedge_step(P, pis[t - 1], step)) if t else None}
+            for t in range(len(pis))]
+
+
+def tabular_world(method, step, seed, game="rps", iterations=20, K=5, groups=64):
+    """One run of `method` at eta = step in tabular self-play on TABULAR_GAMES[game] (sppo_toy.tabular_selfplay).
+    Returns records t = 0..iterations (see the module docstring)."""
+    make, pi1 = TABULAR_GAMES[game]
+    P, (loss, selection), shares = make(), METHODS[method], []
+    pis = sppo_toy.tabular_selfplay(P, loss, step, iterations + 1, K, groups, pi1, seed, selection=selection,
+                                    record=shares)
+    records = trajectory_records(P, pis, step, K)
+    for t in range(1, len(records)):
+        records[t]["target_share"] = shares[t - 1]["target_share"]
+    return records
+
+
+def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_tol=1e-3, lr=3e-3):
+    """One run of `method` at eta = step through sppo.run on the tiny LM (sppo_toy's games and GameOracle), from
+    pi_0 = a tiny Llama of this seed warm-started to sppo_toy.DEMO_START, each iteration fitted until its loss
+    falls by less than fit_tol (relative) in an epoch, epochs the cap; an epoch is one full-batch AdamW step at a
+    constant lr (no warm-up, no decay), so the loss sequence is deterministic given D_t. Unpacked batches: the same
+    log-probs as --pack, 2.5x faster on CPU at these 2-4 token responses. Records t = 0..iterations, the gaps and steps averaged over the two
+    games (and per game: `gap_avg/<prompt>`), plus `epochs` and `tv_exact` per iteration. The run's own directory is
+    temporary: the records are the experiment."""
+    loss, selection = METHODS[method]
+    games, oracle = sppo_toy.demo_games(), sppo_toy.GameOracle(sppo_toy.demo_games())
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="compare_lm_") as d, contextlib.redirect_stdout(io.StringIO()):
+        cfg = sppo_toy.check_demo(sppo_toy.DemoConfig(
+            out=d, figure=str(Path(d) / "gap.png"), iterations=iterations, groups=groups, K=K, eta=step, loss=loss,
+            selection=selection, epochs=epochs, fit_tol=fit_tol, lr=lr, warmup_ratio=0.0, schedule_epochs=10 ** 9,
+            global_batch=2 * groups * K, micro_batch=2 * groups * K, pack=False, seed=seed, progress=False))
+        cfg = sppo_toy.demo_start(cfg, games)
+        sppo.run(cfg, oracle=oracle)
+        dirs = [Path(cfg.model)] + [Path(d) / f"iter{t}" / "model" for t in range(iterations)]
+        pis = {x: [] for x in games}
+        for m in dirs:
+            model, tok = runs.load_policy(m, cfg, "cpu")
+            for x, (_, ys) in games.items():
+                pis[x].append(sppo_toy.exact_policy(model, tok, x, ys))
+        per_game = {x: trajectory_records(oracle.extended(x), np.array(pis[x]), step, K) for x in games}
+        records = [{k: (None if rs[0][k] is None else float(np.mean([r[k] for r in rs])))
+                    for k in rs[0]} for rs in zip(*per_game.values())]
+        for t, r in enumerate(records):
+            r["t"] = t
+            r.update({f"gap_avg/{x}": per_game[x][t]["gap_avg"] for x in games})
+            r.update({f"gap_last/{x}": per_game[x][t]["gap_last"] for x in games})
+        for t in range(iterations):
+            records[t + 1].update(_lm_fit_quality(cfg, Path(d) / f"iter{t}", dirs[t + 1], games, pis, t))
+    return records
+
+
+def _lm_fit_quality(cfg, it_dir, model_dir, games, pis, t):
+    """Iteration t's fit: target_share of pi_{t+1} on D_t's rows, the epochs trained, and tv_exact: TV between the
+    LM's pi_{t+1} and the exact tabular minimiser of the same loss on the same rows from pi_t (sppo_toy.fit_table over
+    each game's responses plus 'malformed', one class; mean over the games)."""
+    rows = runs.read_jsonl(it_dir / "dataset.jsonl")
+    model, tok = runs.load_policy(model_dir, cfg, "cpu")
+    ref = torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float64)                 # log pi_t(y|x)
+    logp = torch.tensor([r["ref_logp"] for r in sppo.reference_logps(model, tok, rows, cfg)],
+                        dtype=torch.float64)                                               # log pi_{t+1}(y|x)
+    cols = ("win_prob", *sppo.LOSSES[cfg.loss].columns)
+    batch = {c: torch.tensor([r[c] for r in rows], dtype=torch.float64) for c in cols}
+    share = sppo.target_share(cfg.loss, logp - ref, batch, cfg)
+    xs = list(games)
+    n = len(games[xs[0]][1]) + 1                                     # the responses and 'malformed'
+    outcome = [xs.index(r["prompt"]) * n + (games[r["prompt"]][1].index(r["response"])
+                                            if r["finished"] and r["response"] in games[r["prompt"]][1] else n - 1)
+               for r in rows]
+    log_pi = torch.tensor(np.log(np.maximum([pis[x][t] for x in xs], 1e-300)), dtype=torch.float64)
+    theta = log_pi.clone().requires_grad_(True)
+    idx = torch.tensor(outcome)
+    sppo_toy.fit_table(theta, idx, dict(batch, ref_logp=log_pi.reshape(-1)[idx]), cfg)
+    exact = torch.softmax(theta.detach(), -1).numpy()
+    exact_ratio = torch.log_softmax(theta.detach(), -1).reshape(-1)[idx] - log_pi.reshape(-1)[idx]
+    history = json.loads((it_dir / "metrics.json").read_text())["history"]
+    return {"target_share": share, "target_share_exact": sppo.target_share(cfg.loss, exact_ratio, batch, cfg),
+            "tv_exact": float(np.mean([_tv(pis[x][t + 1], exact[i]) for i, x in enumerate(xs)])),
+            "train_steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+WORLDS = {"tabular": ("compare:tabular_world", list(TABULAR_GAMES)), "lm": ("compare:lm_world", ["tiny_lm"])}
+"""--world -> (the world function, the games it is run on: one comparison each)."""
+
+COLUMNS = (("gap_avg", "gap of the average"), ("gap_last", "gap of the last iterate"),
+           ("target_share", "share of the target reached (mean over iterations)"),
+           ("target_share_exact", "share reached by the exact tabular update (LM)"),
+           ("kl_step", "KL per step (mean over iterations)"), ("tv_hedge", "TV to the Hedge(eta') step (mean)"),
+           ("tv_exact", "TV to the exact tabular update (mean)"))
+
+
+@dataclass
+class Config:
+    """Every knob of `python compare.py`; each is a flag, checked (RULES) before any work."""
+    world: str = cli.arg("tabular", choices=tuple(WORLDS), help="tabular self-play (3 games) or the tiny LM (sppo.run)")
+    methods: list[str] = cli.arg(default_factory=lambda: list(METHODS), help="methods compared (compare.METHODS)")
+    grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular 0.5 1 2 3, "
+                                                  "lm 1 2 3)")
+    tuning_seeds: int = cli.arg(0, help="tuning seeds 0..N-1 (default: tabular 5, lm 3)")
+    seeds: int = cli.arg(10, help="report seeds 100..100+N-1, fresh (never tuned on)")
+    iterations: int = cli.arg(0, help="iterations T per run (default: tabular 20, lm 10)")
+    quick: bool = cli.arg(False, help="the suite's smoke run: 2 tuning and 3 report seeds, grid 1 3, 3 iterations")
+    jobs: int = cli.arg(0, help="processes at a time (0: the cores this process may use)")
+    out: str = cli.arg("runs/compare", path="out_dir", help="record files (one per method, step and seed)")
+    figures: str = cli.arg("figures", path="out_dir", help="where compare_<game>.png and .json go")
+
+    RULES = (
+        ("methods", lambda c: len(c.methods) >= 1 and set(c.methods) <= set(METHODS),
+         f"one or more of {', '.join(METHODS)}"),
+        ("grid", lambda c: c.grid is None or (len(c.grid) >= 1 and all(math.isfinite(s) and s > 0 for s in c.grid)),
+         "steps finite and > 0"),
+        ("tuning_seeds", lambda c: 0 <= c.tuning_seeds <= 100, "in [1, 100] (0: the world's default)"),
+        ("seeds", lambda c: 2 <= c.seeds <= 1000, "in [2, 1000]: an interval needs 2 seeds"),
+        ("iterations", lambda c: 0 <= c.iterations <= 1000, "in [1, 1000] (0: the world's default)"),
+        ("jobs", lambda c: c.jobs >= 0, ">= 0"),
+    )
+
+
+def settings(cfg):
+    """(grid, tuning seeds, report seeds, iterations) after the world's defaults and --quick."""
+    tab = cfg.world == "tabular"
+    if cfg.quick:
+        return cfg.grid or [1.0, 3.0], [0, 1], [100, 101, 102], cfg.iterations or 3
+    return (cfg.grid or ([0.5, 1.0, 2.0, 3.0] if tab else [1.0, 2.0, 3.0]),
+            list(range(cfg.tuning_seeds or (5 if tab else 3))), list(range(100, 100 + cfg.seeds)),
+            cfg.iterations or (20 if tab else 10))
+
+
+def _mean_over_t(rows, metric):
+    """The mean of `metric` over iterations 1..T of one run (NaN when it has none: DPO's target share)."""
+    v = [r[metric] for r in rows[1:] if r.get(metric) is not None and not math.isnan(r[metric])]
+    return float(np.mean(v)) if v else math.nan
+
+
+def table(name, result):
+    """The printed table of one comparison: per method its chosen step and each COLUMN as mean ± 95% interval."""
+    rec, n = result["records"], len({sp.seed for sp in result["records"]})
+    print(f"\n{name}: mean ± 95% t-interval over {n} fresh seeds; step chosen on the tuning seeds by: {experiments.RULE}")
+    print(f"{'method':>10} {'step':>5} " + " ".join(f"{c:>16}" for c, _ in COLUMNS))
+    out = {}
+    for m, step in result["chosen"].items():
+        mine = {sp: r for sp, r in rec.items() if sp.method == m}
+        cells = {}
+        for c, _ in COLUMNS:
+            if c in ("gap_avg", "gap_last"):
+                cells[c] = experiments.final(mine, c)[m, float(step)]
+            else:                                         # per seed: the mean over iterations 1..T, then the interval
+                cells[c] = experiments.interval([_mean_over_t(rows, c) for rows in mine.values()])
+        out[m] = {"step": step, **{c: list(v) for c, v in cells.items()}}
+        print(f"{m:>10} {step:>5g} " + " ".join(f"{experiments.fmt(v[0], v[1]):>16}" for v in cells.values()))
+    return out
+
+
+def compare(cfg):
+    """Protocol 1 (tuned) on each game of the world, with protocol 2 (equal movement) read from the same runs:
+    tables printed; figures/compare_<game>.png and figures/compare_<game>.json (what the docs quote) written."""
+    cli.check(cfg)
+    world, games = WORLDS[cfg.world]
+    grid, tuning, report, T = settings(cfg)
+    for game in games:
+        kw = {"iterations": T, **({"game": game} if cfg.world == "tabular" else {})}
+        result = experiments.tune(world, cfg.methods, grid, tuning, report, Path(cfg.out) / cfg.world / game, kw,
+                                  jobs=cfg.jobs or None)
+        rows = table(f"{cfg.world}, {game}, T = {T}", result)
+        summary = experiments.write_summary(Path(cfg.out) / cfg.world / game / "summary.json", result,
+                                            ("gap_avg", "gap_last"))
+        print("equal movement: fall of the gap of the average per nat of cumulative KL(pi_t || pi_{t-1}): " + ", ".join(
+            f"{m} {experiments.fmt(*summary['per_nat'][m][:2])}" for m in result["chosen"]))
+        summary.update(world=cfg.world, game=game, iterations=T, grid=grid, tuning_seeds=tuning, report_seeds=report,
+                       table=rows)
+        stem = f"compare_{cfg.world}_{game}" if cfg.world == "tabular" else "compare_lm"
+        Path(cfg.figures).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.figures) / f"{stem}.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        experiments.plot_tuned(result, Path(cfg.figures) / f"{stem}.png", f"{cfg.world}, {game}")
+        print(f"wrote {Path(cfg.figures) / stem}.png and .json")
+    return 0
+
+
+def main(argv=None):
+    """`python compare.py [flags]`: cli.main (a bad setting: one line, exit 2, before any work)."""
+    return cli.main("compare.py", Config, compare, argv, description=__doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

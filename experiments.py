@@ -1,0 +1,324 @@
+"""Citable comparisons: a method over N seeds, one record per (seed, iteration), mean and a 95% interval.
+
+A comparison here is a claim only with seeds and intervals. This file is the one runner every comparison goes through
+(sppo_toy.py's tabular and tiny-LM comparisons, last_iterate.py's table, the notebooks):
+
+- A **world** is a top-level function `world(method, step, seed, **settings) -> list[dict]`: one run of `method` at
+  step `step` (eta; beta = 1/eta for the pair losses) from seed `seed`, one record per iteration t = 0..T with at
+  least `t` and the metrics the world measures (`gap_avg`, `gap_last`, `kl_step`, ...).
+- `run_all` runs a list of `Spec`s (world, method, step, seed, settings), up to `jobs` processes at a time, and keeps
+  each run's records in OUT/<world>/<method>/step<step>_seed<seed>.jsonl, whose first line is its manifest. A file
+  whose manifest matches is reused (an interrupted comparison resumes where it stopped); one whose manifest differs
+  is refused, naming the file and the setting.
+- `interval` is the statistics: mean +- t_{0.975, N-1} s / sqrt(N), the two-sided 95% Student-t interval of the mean
+  over N seeds (s the sample standard deviation). `summarise` applies it per method, step and iteration.
+- `tune` is protocol 1, **tuned**: each method's step is chosen on tuning seeds over a stated grid by a stated rule
+  (`RULE`), then reported on fresh seeds. Protocol 2, **equal movement**, compares methods at the same distance
+  travelled: the gap against cumulative KL(pi_{t+1} || pi_t) (`plot_tuned`'s right panel), and `per_nat`, the fall of
+  the gap per nat moved.
+- `plot_bands` draws each mean with its interval as a band.
+
+NumPy, the standard library and cli.py (matplotlib when plotting), so NumPy-only files (last_iterate.py) can use it.
+"""
+import atexit
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import cli  # the user errors: standard library and PyYAML only
+
+FORMAT = 1
+"""Version of the record files' layout; a file of another version is refused."""
+
+LEVEL = 0.95
+"""Every interval is a two-sided 95% Student-t interval of the mean over the seeds."""
+
+RULE = ("the step of the grid whose mean over the tuning seeds of the selection metric at the last iteration is "
+        "lowest (ties: the smaller step)")
+"""The tuned protocol's selection rule, as the docs and printed tables state it."""
+
+
+class ExperimentError(cli.ArtifactError):
+    """A record file that cannot be reused (another manifest, unreadable, incomplete), or seeds that overlap: a CLI
+    prints it as one line and exits 2 (cli.main)."""
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def t_quantile(p, df):
+    """The p-quantile of Student's t with df degrees of freedom (p in (0.5, 1), df >= 1), by bisection on its CDF.
+
+    CDF(x) = 1/2 + integral_0^x f(u) du with f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + u^2/df)^-((df+1)/2),
+    integrated by Simpson's rule on 4001 points (error < 1e-9 for x <= 64; the 0.975-quantile is 12.71 at df = 1).
+    """
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1; got p = {p}, df = {df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x):
+        u = np.linspace(0.0, x, 4001)
+        f = c * (1 + u * u / df) ** (-(df + 1) / 2)
+        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, 64.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def interval(values):
+    """(mean, half-width, n) of the 95% Student-t interval of the mean of `values` (NaNs dropped): the mean is in
+    mean +- half-width with 95% confidence when the values are independent draws (one per seed). half-width is NaN
+    for fewer than 2 values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    if len(v) == 1:
+        return float(v[0]), math.nan, 1
+    return float(v.mean()), t_quantile((1 + LEVEL) / 2, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v)), len(v)
+
+
+def fmt(mean, half, digits=3):
+    """'0.143 ± 0.032' (the way every comparative number is printed)."""
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class Spec:
+    """One run: `world` (a module-level function, by "module:function" name), method, step, seed and the world's
+    settings (JSON values). The record file's manifest is this, plus FORMAT."""
+    world: str
+    method: str
+    step: float
+    seed: int
+    settings: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def manifest(self):
+        return {"format": FORMAT, "world": self.world, "method": self.method, "step": float(self.step),
+                "seed": int(self.seed), "settings": json.loads(json.dumps(self.settings, sort_keys=True))}
+
+    def path(self, out):
+        return Path(out) / self.world.split(":")[-1] / self.method / f"step{self.step:g}_seed{self.seed}.jsonl"
+
+
+def resolve(world):
+    """The function named "module:function"."""
+    module, _, name = world.partition(":")
+    __import__(module)
+    return getattr(sys.modules[module], name)
+
+
+def read_records(path, spec):
+    """The records of `spec` from `path` if its manifest is spec's; None if the file does not exist. Raises
+    ExperimentError naming the file, line and setting when it cannot be reused."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        rows = [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise ExperimentError(f"{path}: line {e.doc and lines.index(e.doc) + 1}: not JSON ({e.msg}); delete the file "
+                              f"to rerun that seed") from None
+    want = spec.manifest()
+    got = rows[0].get("manifest") if rows and isinstance(rows[0], dict) else None
+    if got is None:
+        raise ExperimentError(f"{path}: line 1 is not a manifest; delete the file to rerun that seed")
+    for key in want:
+        if got.get(key) != want[key]:
+            if key == "settings":
+                diff = sorted(k for k in set(got[key]) | set(want[key]) if got[key].get(k) != want[key].get(k))
+                what = ", ".join(f"{k}={got[key].get(k)!r} (now {want[key].get(k)!r})" for k in diff)
+            else:
+                what = f"{key}={got.get(key)!r} (now {want[key]!r})"
+            raise ExperimentError(f"{path}: made with {what}; use another --out, or delete the file to rerun it")
+    records = rows[1:]
+    if not records or any("t" not in r for r in records) or [r["t"] for r in records] != list(range(len(records))):
+        raise ExperimentError(f"{path}: records are not t = 0, 1, ...; delete the file to rerun that seed")
+    return records
+
+
+def _write(path, spec, records):
+    """The manifest, then one record per line; written to a temporary name and renamed, so a killed run leaves no
+    partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in [{"manifest": spec.manifest()}, *records]:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _one(spec, out):
+    """Run one spec in a worker process and write its file. Returns (spec, seconds)."""
+    t0 = time.perf_counter()
+    records = resolve(spec.world)(spec.method, spec.step, spec.seed, **spec.settings)
+    records = [{"method": spec.method, "step": float(spec.step), "seed": int(spec.seed), **r} for r in records]
+    _write(spec.path(out), spec, records)
+    return spec, time.perf_counter() - t0
+
+
+def default_jobs():
+    """Worker processes: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_POOLS = {}
+
+
+def _pool(jobs):
+    """One process pool per size, kept for the life of this process (a worker imports the world's modules once)."""
+    if jobs not in _POOLS:
+        if not _POOLS:
+            atexit.register(lambda: [p.shutdown(cancel_futures=True) for p in _POOLS.values()])
+        _POOLS[jobs] = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    return _POOLS[jobs]
+
+
+def run_all(specs, out, jobs=None, label="runs"):
+    """Records of every spec: read back when a matching file exists, else run (up to `jobs` processes, 'spawn', so a
+    world may use torch). Every existing file is checked before any run starts. A progress line per finished run.
+    Returns {spec: records}."""
+    specs = list(dict.fromkeys(specs))
+    done = {s: read_records(s.path(out), s) for s in specs}
+    todo = [s for s in specs if done[s] is None]
+    if todo:
+        jobs = max(1, min(jobs or default_jobs(), len(todo)))
+        print(f"{label}: {len(specs) - len(todo)} of {len(specs)} runs on disk under {out}; running {len(todo)} "
+              f"({jobs} at a time)", flush=True)
+        t0 = time.perf_counter()
+        if jobs == 1:
+            finished = (_one(s, out) for s in todo)
+        else:
+            futures = [_pool(jobs).submit(_one, s, out) for s in todo]
+            finished = (f.result() for f in concurrent.futures.as_completed(futures))
+        try:
+            for k, (s, secs) in enumerate(finished, 1):
+                left = (time.perf_counter() - t0) / k * (len(todo) - k)
+                print(f"  [{k}/{len(todo)}] {s.method} step {s.step:g} seed {s.seed}: {secs:.1f} s (~{left:.0f} s "
+                      f"left)", flush=True)
+        except BaseException:
+            if jobs > 1:
+                for f in futures:
+                    f.cancel()
+            raise
+        done.update({s: read_records(s.path(out), s) for s in todo})
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def summarise(records, metric):
+    """{(method, step): {"t": [...], "mean": [...], "half": [...], "n": [...]}}: the 95% interval over seeds of
+    `metric` at each iteration. records: {spec: [record, ...]} as run_all returns."""
+    groups = {}
+    for spec, rows in records.items():
+        for r in rows:
+            groups.setdefault((spec.method, float(spec.step)), {}).setdefault(r["t"], []).append(
+                math.nan if r.get(metric) is None else r[metric])
+    out = {}
+    for key, by_t in sorted(groups.items()):
+        ts = sorted(by_t)
+        stats = [interval(by_t[t]) for t in ts]
+        out[key] = {"t": ts, "mean": [m for m, _, _ in stats], "half": [h for _, h, _ in stats],
+                    "n": [n for _, _, n in stats]}
+    return out
+
+
+def final(records, metric):
+    """{(method, step): (mean, half, n)} of `metric` at each run's last iteration."""
+    s = summarise(records, metric)
+    return {k: (v["mean"][-1], v["half"][-1], v["n"][-1]) for k, v in s.items()}
+
+
+def cumulative(rows, metric="kl_step"):
+    """The running sum over t of `metric` (NaN at t = 0 counts as 0): cumulative KL(pi_{t+1} || pi_t)."""
+    return np.cumsum([0.0 if r.get(metric) is None or math.isnan(r[metric]) else r[metric] for r in rows])
+
+
+def per_nat(rows, metric="gap_avg", moved="kl_step"):
+    """Protocol 2's number for one run: how far `metric` fell per nat of cumulative `moved` (KL(pi_t || pi_{t-1})
+    summed over the run), (metric_0 - metric_T) / sum_t KL. NaN for a run that did not move."""
+    total = cumulative(rows, moved)[-1]
+    return (rows[0][metric] - rows[-1][metric]) / total if total > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------------------------ protocol 1
+def tune(world, methods, grid, tuning_seeds, report_seeds, out, settings=None, metric="gap_avg", jobs=None):
+    """Protocol 1, tuned. Each method at every step of `grid` on `tuning_seeds`; its step is chosen by RULE on
+    `metric`; then each method at its chosen step on `report_seeds` (which must not meet tuning_seeds).
+
+    `grid` is one list for all methods or {method: list}. Returns {"chosen": {method: step}, "tuning": {(method,
+    step): (mean, half, n)}, "records": {spec: records} of the report runs}."""
+    if set(tuning_seeds) & set(report_seeds):
+        raise ExperimentError(f"tuning and report seeds overlap at {sorted(set(tuning_seeds) & set(report_seeds))}: "
+                              f"the reported numbers must come from fresh seeds")
+    settings = settings or {}
+    grids = grid if isinstance(grid, dict) else {m: grid for m in methods}
+    specs = [Spec(world, m, s, seed, settings) for m in methods for s in grids[m] for seed in tuning_seeds]
+    tuning = final(run_all(specs, out, jobs, label="tuning"), metric)
+    chosen = {m: min(grids[m], key=lambda s: (tuning[m, float(s)][0], s)) for m in methods}
+    specs = [Spec(world, m, chosen[m], seed, settings) for m in methods for seed in report_seeds]
+    return {"chosen": chosen, "tuning": tuning, "records": run_all(specs, out, jobs, label="report")}
+
+
+def write_summary(path, result, metrics):
+    """The tuned result as JSON (what the docs quote): the chosen steps, the tuning table, and per method at its
+    chosen step the last iteration's (mean, half-width, n) of each metric and of per_nat."""
+    rec = result["records"]
+    summary = {"level": LEVEL, "interval": "Student t, mean +- t_{0.975,N-1} s/sqrt(N) over seeds", "rule": RULE,
+               "chosen": result["chosen"],
+               "tuning": {f"{m} step {s:g}": list(v) for (m, s), v in result["tuning"].items()},
+               "final": {m: {k: list(final(rec, k)[m, float(s)]) for k in metrics}
+                         for m, s in result["chosen"].items()},
+               "per_nat": {m: list(interval([per_nat(r) for sp, r in rec.items() if sp.method == m]))
+                           for m in result["chosen"]}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plot_bands(ax, x, mean, half, label, color, style="-"):
+    """A mean curve and its interval as a shaded band."""
+    x, mean, half = (np.asarray(v, dtype=np.float64) for v in (x, mean, half))
+    ax.plot(x, mean, style, color=color, lw=1.5, label=label)
+    ax.fill_between(x, mean - np.nan_to_num(half), mean + np.nan_to_num(half), color=color, alpha=0.2, lw=0)
+
+
+def plot_tuned(result, path, title, metrics=(("gap_avg", "average"), ("gap_last", "last iterate"))):
+    """Left panels: each metric against t, each method at its chosen step, mean and 95% band over the report seeds.
+    Right panel: protocol 2, the gap of the average against cumulative KL(pi_{t+1} || pi_t) (means over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rec = result["records"]
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 3.8))
+    n = len({sp.seed for sp in rec})
+    for i, (m, step) in enumerate(result["chosen"].items()):
+        mine = {sp: r for sp, r in rec.items() if sp.method == m}
+        for ax, (metric, what) in zip(axes, metrics):
+            s = summarise(mine, metric)[m, float(step)]
+            plot_bands(ax, s["t"], s["mean"], s["half"], f"{m} (step {step:g})", f"C{i}")
+            ax.set(title=f"{title}: gap of the {what}", xlabel="iteration t", ylabel="duality gap (exact)")
+        x = np.mean([cumulative(r) for r in mine.values()], 0)
+        s = summarise(mine, "gap_avg")[m, float(step)]
+        plot_bands(axes[-1], x, s["mean"], s["half"], m, f"C{i}")
+    axes[-1].set(title="equal movement: gap of the average", xlabel="cumulative KL(pi_{t+1} || pi_t), mean over seeds",
+                 ylabel="duality gap (exact)")
+    for ax in axes:
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"mean and 95% t-interval over {n} seeds; each method at its tuned step", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
