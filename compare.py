@@ -17,6 +17,7 @@ as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
 
     python compare.py                         # tabular: rps, weighted rps, a random 5-response game (~3 min)
     python compare.py --world lm              # the tiny LM (~15 min on 2 cores)
+    python compare.py --world demo            # `make demo` over 10 seeds at its own eta = 3 (~10 min on 2 cores)
     python compare.py --quick                 # 2 + 3 seeds, 2 steps, few iterations: the suite's smoke run
 
 Runs resume: each (method, step, seed) is one record file under --out, reused when its manifest matches.
@@ -154,9 +155,58 @@ def _lm_fit_quality(cfg, it_dir, model_dir, games, pis, t):
             "train_steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
 
 
+def demo_world(method, step, seed, iterations=20):
+    """`make demo` (sppo_toy.demo: SPPO, its AdamW recipe, 12 epochs per iteration) at eta = step from this seed's
+    pi_0. Records t = 0..iterations: per game the gap of the average (`gap_avg/<prompt>`), of exact averaged
+    Hedge(eta') from the same pi_0 (`hedge_gap/<prompt>`) and the TV of the step to Hedge(eta') (`tv/<prompt>`);
+    gap_avg, gap_last: their means over the two games. method must be 'sppo' (the demo's loss)."""
+    if method != "sppo":
+        raise ValueError(f"the demo trains --loss sppo; got {method!r}")
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="compare_demo_") as d, contextlib.redirect_stdout(io.StringIO()):
+        metrics = sppo_toy.demo(sppo_toy.DemoConfig(out=d, figure=str(Path(d) / "gap.png"), iterations=iterations,
+                                                    eta=step, seed=seed, progress=False))
+    records = []
+    for t in range(iterations + 1):
+        r = {"t": t, "gap_avg": float(np.mean([m["gap"][t] for m in metrics.values()])),
+             "gap_last": float(np.mean([m["last_gap"][t] for m in metrics.values()]))}
+        for x, m in metrics.items():
+            r.update({f"gap_avg/{x}": m["gap"][t], f"hedge_gap/{x}": m["hedge_gap"][t],
+                      f"tv/{x}": m["tv"][t - 1] if t else None})
+        records.append(r)
+    return records
+
+
+def demo_seeds(cfg):
+    """`--world demo`: the demo over --seeds fresh seeds at its own eta = 3 (no tuning: the demo's setting is the
+    question), per game the final gap of the average, of Hedge(eta') and the mean TV step, as mean ± 95% interval;
+    written to figures/demo_seeds.json."""
+    seeds = list(range(100, 100 + cfg.seeds))
+    T = cfg.iterations or (3 if cfg.quick else 20)
+    specs = [experiments.Spec("compare:demo_world", "sppo", 3.0, s, {"iterations": T}) for s in seeds]
+    rec = experiments.run_all(specs, Path(cfg.out) / "demo", cfg.jobs or None, label="demo")
+    out = {"seeds": seeds, "iterations": T, "eta": 3.0, "interval": "Student t, 95%, over seeds"}
+    print(f"\nthe demo (SPPO, eta = 3, K = 5, T = {T}): mean ± 95% t-interval over {len(seeds)} seeds")
+    for x in sppo_toy.demo_games():
+        row = {k: experiments.interval([rows[-1][f"{k}/{x}"] for rows in rec.values()])
+               for k in ("gap_avg", "hedge_gap")}
+        row["start"] = experiments.interval([rows[0][f"gap_avg/{x}"] for rows in rec.values()])
+        row["tv"] = experiments.interval([np.mean([r[f"tv/{x}"] for r in rows[1:]]) for rows in rec.values()])
+        out[x] = {k: list(v) for k, v in row.items()}
+        print(f"  '{x}': gap of the average {experiments.fmt(*row['start'][:2])} -> {experiments.fmt(*row['gap_avg'][:2])}"
+              f"; averaged exact Hedge(eta') {experiments.fmt(*row['hedge_gap'][:2])}; mean TV step to Hedge(eta') "
+              f"{experiments.fmt(*row['tv'][:2])}")
+    Path(cfg.figures).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.figures) / "demo_seeds.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {Path(cfg.figures) / 'demo_seeds.json'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
-WORLDS = {"tabular": ("compare:tabular_world", list(TABULAR_GAMES)), "lm": ("compare:lm_world", ["tiny_lm"])}
-"""--world -> (the world function, the games it is run on: one comparison each)."""
+WORLDS = {"tabular": ("compare:tabular_world", list(TABULAR_GAMES)), "lm": ("compare:lm_world", ["tiny_lm"]),
+          "demo": ("compare:demo_world", ["demo"])}
+"""--world -> (the world function, the games it is run on: one comparison each). 'demo' is `make demo` over seeds,
+at its own step (demo_seeds)."""
 
 COLUMNS = (("gap_avg", "gap of the average"), ("gap_last", "gap of the last iterate"),
            ("target_share", "share of the target reached (mean over iterations)"),
@@ -168,7 +218,8 @@ COLUMNS = (("gap_avg", "gap of the average"), ("gap_last", "gap of the last iter
 @dataclass
 class Config:
     """Every knob of `python compare.py`; each is a flag, checked (RULES) before any work."""
-    world: str = cli.arg("tabular", choices=tuple(WORLDS), help="tabular self-play (3 games) or the tiny LM (sppo.run)")
+    world: str = cli.arg("tabular", choices=tuple(WORLDS), help="tabular self-play (3 games), the tiny LM (sppo.run), "
+                                                                     "or the demo over seeds")
     methods: list[str] = cli.arg(default_factory=lambda: list(METHODS), help="methods compared (compare.METHODS)")
     grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular 0.5 1 2 3, "
                                                   "lm 1 2 3)")
@@ -231,6 +282,8 @@ def compare(cfg):
     """Protocol 1 (tuned) on each game of the world, with protocol 2 (equal movement) read from the same runs:
     tables printed; figures/compare_<game>.png and figures/compare_<game>.json (what the docs quote) written."""
     cli.check(cfg)
+    if cfg.world == "demo":
+        return demo_seeds(cfg)
     world, games = WORLDS[cfg.world]
     grid, tuning, report, T = settings(cfg)
     for game in games:

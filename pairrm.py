@@ -38,6 +38,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
 import cli
+import runs
 
 PREFIX_TOKENS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")  # added tokens, in this order
 SOURCE_MAXLENGTH, CANDIDATE_MAXLENGTH = 1224, 412  # llm-blender/PairRM config.json; a row has <= 1224 + 2 * 412 tokens
@@ -622,14 +623,9 @@ class CLIConfig:
 
     RULES = (
         ("candidates", lambda c: len(c.candidates) >= 2, "at least 2 candidates: a preference needs a pair"),
-        ("device",     lambda c: c.device is None or _device_available(c.device),
+        ("device",     lambda c: c.device is None or runs.device_available(c.device),
                                                          "cpu, or a torch device this machine has (cuda needs a GPU)"),
     )
-
-
-def _device_available(name):
-    import runs                                  # its torch device check, shared by every CLI
-    return runs.device_available(name)
 
 
 def preference_report(cfg: CLIConfig) -> int:
