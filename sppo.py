@@ -171,15 +171,16 @@ def win_rates(P):
 def select_pair(scores):
     """Winner = argmax, loser = argmin of scores (..., K) (Sec. 5.1). Returns two int arrays of shape (...).
 
-    When every score is equal (all responses tied) argmax = argmin; the loser is then the next index, so the two
-    rows are distinct; both have win rate 1/2 and target 0, which leaves pi_t alone (Sec. 4.1, the intuition).
+    w == l marks a prompt with NO pair: every score is equal (all K responses tie), so argmax = argmin = 0. (uclaml/
+    SPPO's compute_prob.py takes these same indices, so its chosen and rejected are then one response, a pair with
+    margin 0 by construction.) A tie is no preference, and DPO, IPO, sppo_hard and KTO on two distinct rows would
+    train on it as one: kept_rows keeps no row for such a prompt. Exactly equal scores only: any difference, however
+    small, gives a pair.
     """
     s = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, dtype=np.float64)
     if s.shape[-1] < 2:
         raise ValueError(f"select_pair needs at least 2 responses per prompt, got K = {s.shape[-1]}")
-    w, l = s.argmax(-1), s.argmin(-1)
-    l = np.where(w == l, (w + 1) % s.shape[-1], l)
-    return w, l
+    return s.argmax(-1), s.argmin(-1)                  # equal exactly when max = min: first max, first min
 
 
 def selection_scores(P, logits=None):
@@ -198,7 +199,8 @@ def selection_scores(P, logits=None):
 def kept_rows(P, cfg, logits=None):
     """The rows D_t keeps for one prompt, [(k, role, P-hat)], and the log Z estimate (Eq. 4.5) of the same responses.
 
-    selection='all': every response (Eq. 4.4). 'pair': winner and loser by selection_scores (Sec. 5.1).
+    selection='all': every response (Eq. 4.4). 'pair': winner and loser by selection_scores (Sec. 5.1), and no row
+    at all when every score ties (select_pair's w == l): a prompt then gives 0 or 2 rows.
     estimate_from='all': P-hat(y_k > pi_t) = (1/K) sum_j P[k, j] over the K responses (Eq. 4.5, self-term 1/2
     included). 'pair' (Sec. 5.3's K = 2: 5 samples, PairRM's pair kept, P-hat from the pair alone):
     P-hat(y_w) = [P(y_w > y_w) + P(y_w > y_l)]/2 = 1/4 + P(y_w > y_l)/2 - the paper prints "1/2 + P/2", an
@@ -208,6 +210,8 @@ def kept_rows(P, cfg, logits=None):
     if cfg.selection == "all":
         return [(k, "all", float(wp[k])) for k in range(len(wp))], float(log_z_estimate(wp, cfg.eta))
     w, l = (int(i) for i in select_pair(selection_scores(P, logits)))
+    if w == l:                                                                            # all tied: no pair
+        return [], float(log_z_estimate(wp, cfg.eta))
     if cfg.estimate_from == "pair":
         wp = np.zeros(len(wp))
         wp[[w, l]] = win_rates(P[np.ix_([w, l], [w, l])])                                 # Sec. 5.3, K = 2
@@ -323,18 +327,27 @@ def win_rate(oracle, prompts, responses_a, responses_b, finished_a=None, finishe
 
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 3: D_t = {(x, y, P-hat(y > pi_t | x))} with the kept rows (Sec. 4.2 / 5.1).
-def build_dataset(prompts, generations, matrices, cfg, logits=None):
+def build_dataset(prompts, generations, matrices, cfg, logits=None, where="preferences.jsonl"):
     """One row per kept response (kept_rows), with the sampled token ids and stop id of its generation; no ref_logp
-    yet (it needs pi_t: `reference_logps`). logits: the oracle's K x K logit matrix per prompt, or None."""
+    yet (it needs pi_t: `reference_logps`). logits: the oracle's K x K logit matrix per prompt, or None.
+
+    With --selection pair a prompt whose K responses all tie gives no row. When no prompt gives one, there is nothing
+    to train on: an ArtifactError naming `where` (the preferences file), rather than an iteration that trains nothing
+    and still hands on a pi_{t+1}: every response tied on every prompt means the oracle told nothing apart (identical
+    samples, a blind judge), which the user should see, not a copy of pi_t."""
     rows = []
     for i, (x, g, P) in enumerate(zip(prompts, generations, matrices)):
         keep, lz = kept_rows(P, cfg, None if logits is None else logits[i])
         rows += [{"prompt_id": i, "prompt": x, "response": g["responses"][k], "finished": g["finished"][k],
                   "response_ids": g["token_ids"][k], "stop_id": g["stop_ids"][k], "win_prob": wp, "log_z": lz,
                   "role": role, "k": k} for k, role, wp in keep]
-        if cfg.selection == "pair":                              # P(this row > the other kept row | x), Eq. (4.12)
+        if cfg.selection == "pair" and keep:                     # P(this row > the other kept row | x), Eq. (4.12)
             (w, *_), (l, *_) = keep
             rows[-2]["pair_prob"], rows[-1]["pair_prob"] = float(P[w][l]), float(P[l][w])
+    if not rows:
+        raise ArtifactError(f"{where}: the K = {cfg.K} responses of every one of the {len(matrices)} prompts tie, so "
+                            f"--selection pair keeps no (winner, loser) pair to train on; use --selection all (a tie "
+                            f"then has target 0) or more varied samples (--K, --temperature, --max-new-tokens)")
     return rows
 
 
@@ -524,20 +537,22 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
 
 
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
-    """D_t against its sources: per prompt, in order, the rows kept_rows keeps, each carrying that generation's
-    text and token ids and its P-hat (and pair_prob, when it has one) from that prompt's matrix."""
-    per = cfg.K if cfg.selection == "all" else 2
-    if len(rows) != per * len(gens):
-        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept: --restart-from dataset")
-    for n, r in enumerate(rows):
-        i, k = n // per, r.get("k")
-        keep = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0]
-        want_k, _, want_p = keep[n % per]
-        pair_ok = "pair_prob" not in r or (per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]])
-                                           < 1e-9)
-        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k] and pair_ok
-                and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
-            raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
+    """D_t against its sources: prompt by prompt, in order, the rows kept_rows keeps (K, 2, or 0 for a prompt whose
+    responses all tie under --selection pair), each carrying that generation's text and token ids and its P-hat (and
+    pair_prob, P(this row > the other kept row), when it has one) from that prompt's matrix."""
+    want = []                                                         # (prompt, k, P-hat, the other kept k or None)
+    for i, P in enumerate(mats):
+        keep = kept_rows(P, cfg, None if logits is None else logits[i])[0]
+        others = [k for k, _, _ in keep][::-1] if cfg.selection == "pair" else [None] * len(keep)
+        want += [(i, k, p, o) for (k, _, p), o in zip(keep, others)]
+    if len(rows) != len(want):
+        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts whose preferences keep {len(want)}: "
+                            f"--restart-from dataset")
+    for n, (r, (i, k, p, o)) in enumerate(zip(rows, want)):
+        pair_ok = "pair_prob" not in r or (o is not None and abs(r["pair_prob"] - mats[i][k][o]) < 1e-9)
+        if not (r["prompt_id"] == i and r.get("k") == k and r["response"] == gens[i]["responses"][k] and pair_ok
+                and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - p) < 1e-9):
+            raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={k} with its win rate "
                                 f"from preferences.jsonl: --restart-from dataset")
 
 
@@ -555,7 +570,7 @@ def make_dataset(it, gens, mats, logits):
     cfg = it.cfg
     ref_dir = cfg.model if cfg.reference == "initial" else it.model_dir                      # pi_ref: pi_0 or pi_t
     pi_ref = it.pi_t() if ref_dir == it.model_dir else runs.load_policy(ref_dir, cfg, it.device)
-    rows = build_dataset(it.prompts, gens, mats, cfg, logits)
+    rows = build_dataset(it.prompts, gens, mats, cfg, logits, it.path("preferences.jsonl"))
     return reference_logps(*pi_ref, rows, cfg, it.device, it.hashes(ref_dir))
 
 
@@ -571,6 +586,7 @@ def train(it, rows, gens, mats, oracle, held_out=None):
     torch.manual_seed(cfg.seed + t)
     history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), it.device)
     stats = {"iteration": t, "prompts": len(it.prompts), "rows": len(rows),
+             "prompts_without_pair": len(it.prompts) - len({r["prompt_id"] for r in rows}),     # all K tied
              "unfinished": sum(not f for g in gens for f in g["finished"]),
              "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
              "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),              # Condorcet cycles in P
@@ -583,7 +599,8 @@ def train(it, rows, gens, mats, oracle, held_out=None):
         print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
               f"+- {se_0:.3f} ({len(held_out)} prompts)")
     print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
-          f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle")
+          f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle"
+          + (f", {stats['prompts_without_pair']} tie throughout (no pair)" if stats["prompts_without_pair"] else ""))
     return model, tok, stats
 
 

@@ -127,11 +127,64 @@ def test_win_rates_and_select_pair_by_hand():
     batch[1] = 1 - P
     w, l = sppo.select_pair(sppo.win_rates(batch))
     assert w.tolist() == [0, 1] and l.tolist() == [1, 0]
-    w, l = sppo.select_pair(np.full(4, 0.5))                                          # all tied: distinct rows
-    assert (w, l) == (0, 1)
+    w, l = sppo.select_pair(np.full(4, 0.5))                                          # all tied: no pair, w == l
+    assert (w, l) == (0, 0)
     assert torch.is_tensor(sppo.win_rates(torch.tensor(P)))
     with pytest.raises(ValueError, match="diagonal"):
         sppo.win_rates(np.array([[0.4, 0.5], [0.5, 0.5]]))
+
+
+TIED = np.full((3, 3), 0.5)                                          # three responses, every pair a tie
+RPS_ONCE_EACH = hedge_toy.rock_paper_scissors()                      # rock, paper, scissors once each: win rates 1/2
+CLEAR = np.array([[0.5, 0.9, 0.6], [0.1, 0.5, 0.2], [0.4, 0.8, 0.5]])   # y_0 wins, y_1 loses
+
+
+def test_a_prompt_whose_responses_all_tie_has_no_pair():
+    """--selection pair: every selection score equal (all K tied, or a cycle that evens out) -> select_pair's w == l,
+    and kept_rows keeps no row (a tie is no preference); any difference gives the pair. Batched: per prompt."""
+    w, l = sppo.select_pair(np.stack([sppo.win_rates(P) for P in (TIED, CLEAR, RPS_ONCE_EACH)]))     # (3,), (3,)
+    assert w.tolist() == [0, 0, 0] and l.tolist() == [0, 1, 0]
+    assert sppo.select_pair(np.array([0.5, 0.5, 0.5 + 1e-12]))[0] == 2               # not tied: a pair, however small
+    for estimate_from in ("all", "pair"):
+        cfg = sppo.SPPOConfig(selection="pair", estimate_from=estimate_from)
+        for P in (TIED, RPS_ONCE_EACH):
+            assert sppo.kept_rows(P, cfg)[0] == []
+            assert sppo.kept_rows(P, cfg, np.zeros((3, 3)))[0] == []                    # PairRM logits, all equal
+        assert [(k, role) for k, role, _ in sppo.kept_rows(CLEAR, cfg)[0]] == [(0, "winner"), (1, "loser")]
+    assert [k for k, _, _ in sppo.kept_rows(TIED, sppo.SPPOConfig(selection="all"))[0]] == [0, 1, 2]   # target 0
+
+
+def generations(n, K=3):
+    return [{"responses": [f"r{i}.{k}" for k in range(K)], "finished": [True] * K, "token_ids": [[i, k] for k in
+             range(K)], "stop_ids": [2] * K} for i in range(n)]
+
+
+def test_dataset_of_a_mixed_batch_has_pairs_for_untied_prompts_only():
+    """Prompts 0 and 3 tied, 1 and 2 not: D_t holds 4 rows, prompt 1's (winner, loser) then prompt 2's; the source
+    check, the pair grouping and the schedule accept 0 or 2 rows per prompt; the train stage counts the tied ones."""
+    mats, cfg = [TIED, CLEAR, CLEAR.T.copy(), RPS_ONCE_EACH], sppo.SPPOConfig(selection="pair", loss="dpo", K=3)
+    gens = generations(4)
+    rows = sppo.build_dataset([f"x{i}" for i in range(4)], gens, mats, cfg)
+    assert [(r["prompt_id"], r["k"], r["role"]) for r in rows] == [(1, 0, "winner"), (1, 1, "loser"),
+                                                                   (2, 1, "winner"), (2, 0, "loser")]
+    assert [r["pair_prob"] for r in rows] == [0.9, 0.1, 0.9, 0.1]                  # P(this row > the other kept row)
+    sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="d: 6 rows for 4 prompts whose preferences keep 4"):
+        sppo.check_dataset_sources(rows + rows[:2], gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="record 1: not prompt 1's generation k=0"):
+        sppo.check_dataset_sources([dict(rows[0], prompt_id=0)] + rows[1:], gens, mats, cfg, "d")
+    assert sppo.group_size(rows, cfg) == 2
+    steps, _, _ = sppo.train_schedule(rows, dataclasses.replace(cfg, global_batch=1, epochs=1))
+    assert sorted(map(tuple, steps)) == [(0, 1), (2, 3)]                            # one pair per step, kept whole
+
+
+def test_an_iteration_whose_every_prompt_ties_is_refused_in_one_line():
+    cfg = sppo.SPPOConfig(selection="pair", K=3)
+    with pytest.raises(runs.ArtifactError) as e:
+        sppo.build_dataset(["x", "y"], generations(2), [TIED, RPS_ONCE_EACH], cfg, where="it/preferences.jsonl")
+    assert str(e.value).startswith("it/preferences.jsonl: the K = 3 responses of every one of the 2 prompts tie")
+    assert "--selection all" in str(e.value) and "\n" not in str(e.value)
+    assert len(sppo.build_dataset(["x"], generations(1), [TIED], sppo.SPPOConfig(selection="all", K=3))) == 3
 
 
 def test_log_z_estimate_eq_4_5():
@@ -378,6 +431,51 @@ class RecordingOracle:
         self.seen.append(prompt)
         n = np.array([len(r) for r in responses], dtype=float)
         return 1 / (1 + np.exp(n[None, :] - n[:, None]))                           # (K, K), longer wins
+
+
+class TieOracle(RecordingOracle):
+    """RecordingOracle's preferences (the longer response wins, equal lengths tie), except that on a prompt starting
+    with 'tie' every response ties."""
+
+    def identity(self):
+        return "ties"
+
+    def __call__(self, prompt, responses):
+        P = super().__call__(prompt, responses)
+        return np.full_like(P, 0.5) if prompt.startswith("tie") else P
+
+
+def test_a_run_trains_on_the_untied_prompts_and_refuses_an_all_tied_iteration(tmp_path):
+    """End to end with --selection pair --loss dpo: D_t has a (winner, loser) pair for exactly the prompts whose win
+    rates are not all equal (recomputed here from the oracle), none for the 'tie' prompts; the run trains, records
+    how many prompts had no pair, and resumes as itself. A run whose every prompt ties stops at the dataset stage."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    prompts = ["tie rps", "play rps", "tie weighted", "play weighted rps"] * 2
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=2,
+                          split_prompts=False, K=3, max_new_tokens=4, selection="pair", loss="dpo", optimizer="adamw",
+                          lr=1e-2, global_batch=2, micro_batch=2, progress=False, oracle="game")
+    assert sppo.run(cfg, oracle=TieOracle()) is not None
+    for t in range(2):
+        it = tmp_path / "run" / f"iter{t}"
+        gens = runs.read_generations(it / "generations.jsonl", prompts, cfg.K)
+        rows = runs.read_dataset(it / "dataset.jsonl")
+        wp = [TieOracle()(x, g["responses"]).mean(1) for x, g in zip(prompts, gens)]              # Eq. (4.5)
+        untied = [i for i, p in enumerate(wp) if p.max() > p.min()]
+        assert untied and all(not prompts[i].startswith("tie") for i in untied)
+        assert [r["prompt_id"] for r in rows] == [i for i in untied for _ in range(2)]
+        assert [r["k"] for r in rows] == [k for i in untied for k in (wp[i].argmax(), wp[i].argmin())]
+        metrics = json.loads((it / "metrics.json").read_text())
+        assert metrics["prompts_without_pair"] == len(prompts) - len(untied) and len(metrics["history"]) >= 1
+    before = (tmp_path / "run" / "iter1" / "manifest.json").read_text()
+    assert sppo.run(cfg, oracle=TieOracle()) is not None                            # resumes: nothing redone
+    assert (tmp_path / "run" / "iter1" / "manifest.json").read_text() == before
+    runs.write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "tie rps"}] * 3)
+    tied = dataclasses.replace(cfg, prompts=str(tmp_path / "tied.jsonl"), out=str(tmp_path / "tied"))
+    with pytest.raises(runs.ArtifactError, match=r"iter0/preferences.jsonl: the K = 3 responses of every one of the 3 "
+                                                 r"prompts tie.*--selection all"):
+        sppo.run(tied, oracle=TieOracle())
+    assert not (tmp_path / "tied" / "iter0" / "dataset.jsonl").exists()
 
 
 @pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
