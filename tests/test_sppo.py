@@ -96,6 +96,39 @@ def test_ipo_minimiser_at_half_and_one():
         assert lw.item() + 1.0 == pytest.approx(want, abs=1e-9)        # a - b = target, i.e. h = target * eta
 
 
+def test_ipo_is_the_peers_ipo_times_beta_squared():
+    """Azar et al.'s IPO (tau = beta), TRL's loss_type="ipo" and the authors' trainer: (h - target/beta)^2, h the
+    log-ratio margin in nats, written here from that definition. sppo.ipo_loss is beta^2 times it (docs/sppo.md)."""
+    g = torch.Generator().manual_seed(0)
+    lw, rw, ll, rl = (20 * torch.randn(64, generator=g, dtype=torch.float64) for _ in range(4))
+    h = (lw - rw) - (ll - rl)                                                       # (64,) nats
+    for beta in (1 / 3, 0.1, 1e-3):
+        for target in (0.5, 1.0):
+            theirs = (h - target / beta) ** 2
+            torch.testing.assert_close(sppo.ipo_loss(lw, rw, ll, rl, beta, target) * (1 / beta ** 2), theirs,
+                                       rtol=1e-9, atol=0)
+
+
+def test_ipo_first_step_gradient_norms_at_both_scales_by_hand(tiny):
+    """bench/ipo_scale.py's measurement on a tiny LM: at h = 0 (pi_theta = pi_ref, an iteration's first step) the
+    gradient norm is 2 target beta G at our scale and 2 target G / beta at the peers' (G = |grad of the mean margin|,
+    by autograd on h alone): a ratio of 1/beta^2, so at eta = 1000 theirs is clipped at max_grad_norm and ours not."""
+    from bench import ipo_scale
+    d, model, tok = tiny
+    cfg = sppo.SPPOConfig(selection="pair", optimizer="adamw", lr=1e-3, global_batch=4, micro_batch=4, epochs=1,
+                          max_length=48, max_prompt_length=16, progress=False)
+    rows = sppo.reference_logps(model, tok, sppo_toy.synthetic_dataset(8, seed=2), cfg)      # h = 0 at the start
+    res = {(r["eta"], r["scale"]): r for r in ipo_scale.measure(d, rows, cfg, [3.0, 1000.0])}
+    assert "ipo_peer" not in sppo.LOSSES                                            # the table is sppo.py's again
+    for (eta, scale), r in res.items():
+        beta = 1 / eta
+        assert r["steps"] == 1 and r["G"] > 0
+        assert r["first"] == pytest.approx((beta if scale == "ours" else 1 / beta) * r["G"], rel=1e-4)   # target 1/2
+    for eta in (3.0, 1000.0):
+        assert res[eta, "peers"]["first"] / res[eta, "ours"]["first"] == pytest.approx(eta ** 2, rel=1e-5)
+    assert res[1000.0, "ours"]["first"] < cfg.max_grad_norm < res[1000.0, "peers"]["first"]
+
+
 def test_hedge_update_minimises_eq_4_4_tabular():
     """Under exact expectations (y ~ pi_t, exact P(y > pi_t), exact log Z), the minimiser of (4.4) over all
     policies is the Hedge step (4.1): it makes every squared term zero."""
