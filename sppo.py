@@ -11,16 +11,18 @@ Conventions (stated once, used everywhere in this repository):
   * log pi(y|x) is SUMMED over the response tokens of y (the sampled ids, and the sampled stop token when the
     response ended); prompt and padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
   * eta is the Hedge step of Eq. (4.1); beta = 1/eta is the KL weight of DPO/IPO/KTO. The paper's LM runs use
-    eta = 1000 (its "beta = 1e-3"): targets eta (P - 1/2) reach +-400 nats, a starting loss near 1e5 is expected.
+    eta = 1000 (Sec. 5.1 prints "eta = 1e-3", a step App. A calls large: it is beta): targets eta (P - 1/2) reach
+    +-400 nats, a starting loss near 1e5 is expected.
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Sec. 4.2, 5.1)
--> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which reads
-as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py (parsed
-and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is policy.py;
-the run directory, its records (one reader and writer per artifact), manifests and the stage runner that makes each
-step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
+In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Eq. 4.5, Sec. 4.2,
+5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which
+reads as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py
+(parsed and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is
+policy.py; the run directory, its records (one reader and writer per artifact), manifests and the stage runner that
+makes each step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are
+arena.py.
 """
 from __future__ import annotations
 
@@ -164,7 +166,7 @@ LOSSES.update({
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Win rates, the kept pair and log Z (Sec. 4.2, 5.1).
+# Win rates, the kept pair and log Z (Eq. 4.5, Sec. 4.2, 5.1).
 def win_rates(P):
     """P-hat(y_i > pi_t | x) = (1/K) sum_k P[i, k], the self-term 1/2 included (Sec. 5.1, Eq. 4.5).
 
@@ -582,7 +584,7 @@ def make_dataset(it, gens, mats, logits):
 
 def train(it, rows, gens, mats, oracle, held_out=None):
     """Step 4: pi_{t+1} = argmin of Eq. (4.7) (or --loss) on D_t from pi_t (train_policy). Returns (model, tokenizer,
-    metrics); held_out: pi_{t+1} meets pi_t and pi_0 on these prompts (win_rate, Sec. 5) for metrics.json."""
+    metrics); held_out: pi_{t+1} meets pi_t and pi_0 on these prompts (win_rate, Sec. 5.1) for metrics.json."""
     cfg, t = it.cfg, it.t
     model, tok = it.pi_t()
     if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
@@ -597,7 +599,7 @@ def train(it, rows, gens, mats, oracle, held_out=None):
              "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
              "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),              # Condorcet cycles in P
              "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
-    if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
+    if held_out:                                             # Sec. 5.1: selection by win rate on held-out prompts
         xs, new = oracle_prompts(held_out, cfg, it.model_dir), answers(model, tok, held_out, cfg, it.device)
         (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
         stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
