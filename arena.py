@@ -1,7 +1,7 @@
 """The arena (Fig. 3, Table 1): win rates P(pi_i > pi_j) between policies, exact on a game or judged by PairRM.
 
 Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675. Fig. 3 is a heatmap
-of pairwise win rates between the base model and its SPPO iterates, judged by PairRM on held-out prompts; Table 1's
+of pairwise win rates between the base model and its DPO, IPO and SPPO iterates, judged by PairRM; Table 1's
 "best-of-16" rows answer each prompt with PairRM's favourite of 16 samples.
 
     python arena.py --models runs/x/pi0 runs/x/iter0/model runs/x/iter1/model --prompts held_out.jsonl \

@@ -58,8 +58,13 @@ def _nash_md(P, log_pi, pi, eta, tau, log_mu, mem):
 def _mmd(P, log_pi, pi, eta, tau, log_mu, mem):
     """Magnetic mirror descent (Sokota et al., ICLR 2023, Sec. 3, entropy case; alpha = tau, magnet rho = mu):
     pi_{t+1} = argmax_pi eta [<pi, P pi_t> - tau KL(pi || mu)] - KL(pi || pi_t) ∝ (pi_t mu^(eta tau) e^(eta P pi_t))^
-    (1/(1 + eta tau)). Its fixed point IS the regularised equilibrium; the LAST iterate converges to it linearly for
-    eta <= tau / L^2, L the payoff's Lipschitz constant (their Sec. 3 theorem)."""
+    (1/(1 + eta tau)). Its fixed point IS the regularised equilibrium; their Sec. 3 theorem: the LAST iterate converges
+    to it linearly for eta <= tau / L^2, L the Lipschitz constant of pi -> P pi from l1 to l_inf on the simplex,
+    max_i (max_j P_ij - min_j P_ij) / 2: 1/2 on rps (any game with a sure win and a sure loss in one row), 0.470 on
+    random_10, 0.375 on weighted_rps. At L = 1/2 that is eta <= 4 tau: the CLI's eta = 0.5 is OUTSIDE the bound for
+    its tau = 0.1 and the panel's 0.03, 0.01 (bounds 0.4, 0.12, 0.04). Measured anyway (docs/last_iterate.md): it
+    converges on every game and tau of the sweep but rps at tau = 0.01, where pi*_tau is unstable at eta = 0.5 (the
+    step's Jacobian there has spectral radius sqrt(1 + eta^2/12) / (1 + eta tau) = 1.005) and the iterate cycles."""
     return _normalise((log_pi + eta * _payoff(P, pi) + eta * tau * log_mu) / (1 + eta * tau)), mem  # Sokota Sec. 3
 
 

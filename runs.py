@@ -69,7 +69,8 @@ oracle's K x K logit matrix, when it gives one (PairRM: the pair and selection s
 
 DATASET_FIELDS = {"prompt_id": int, "prompt": str, "response": str, "finished": bool,
                   "win_prob": (int, float), "ref_logp": (int, float)}
-"""Schema of D_t (dataset.jsonl), one row per kept response; train_7b.py reads the same file.
+"""Schema of D_t (dataset.jsonl), one row per kept response (K per prompt with --selection all; with pair, the
+winner then the loser, or no row for a prompt whose responses all tie); train_7b.py reads the same file.
 prompt_id: index of the prompt in this iteration; prompt: raw prompt text (the chat template is applied at
 tokenisation); response: the sampled text; finished: it ended with EOS (EOS is then part of y); win_prob:
 P-hat(y > pi_t|x) of Eq. (4.5); ref_logp: log pi_ref(y|x) summed over response tokens (pi_t, or pi_0 with

@@ -11,16 +11,18 @@ Conventions (stated once, used everywhere in this repository):
   * log pi(y|x) is SUMMED over the response tokens of y (the sampled ids, and the sampled stop token when the
     response ended); prompt and padding never count. `logp - ref_logp` is therefore log pi(y|x)/pi_t(y|x) in nats.
   * eta is the Hedge step of Eq. (4.1); beta = 1/eta is the KL weight of DPO/IPO/KTO. The paper's LM runs use
-    eta = 1000 (its "beta = 1e-3"): targets eta (P - 1/2) reach +-400 nats, a starting loss near 1e5 is expected.
+    eta = 1000 (Sec. 5.1 prints "eta = 1e-3", a step App. A calls large: it is beta): targets eta (P - 1/2) reach
+    +-400 nats, a starting loss near 1e5 is expected.
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Sec. 4.2, 5.1)
--> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which reads
-as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py (parsed
-and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is policy.py;
-the run directory, its records (one reader and writer per artifact), manifests and the stage runner that makes each
-step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
+In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Eq. 4.5, Sec. 4.2,
+5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which
+reads as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py
+(parsed and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is
+policy.py; the run directory, its records (one reader and writer per artifact), manifests and the stage runner that
+makes each step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are
+arena.py.
 """
 from __future__ import annotations
 
@@ -97,11 +99,17 @@ def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
 
 
 def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
-    """IPO: [(a - b) - target]^2, minimised on the line a - b = target.
+    """IPO on Sec. 4.5's margins: [(a - b) - target]^2 = beta^2 (h - target/beta)^2, minimised at a - b = target.
 
-    target=1/2 (default): Azar et al. 2023's IPO, (h - 1/(2 beta))^2 with h = (a - b)/beta the log-ratio margin in
-    nats, times beta^2; the authors' trainer and TRL's loss_type="ipo" use this. target=1: Eq. (4.14) as printed,
-    which is IPO with tau = beta/2 (a margin of eta nats instead of eta/2).
+    h = (a - b)/beta is the log-ratio margin in nats. target=1/2 (default): the minimiser of Azar et al. 2023's IPO
+    (h = 1/(2 beta), their tau = beta), but NOT their scale: their loss, TRL's loss_type="ipo" and the authors'
+    trainer are (h - 1/(2 beta))^2, which is this loss / beta^2, with gradients 1/beta^2 = eta^2 times ours (9x at
+    eta = 3, 1e6x at eta = 1000). The minimiser is the same; gradient clipping and plain SGD see the difference: on
+    sppo_toy --compare's first iteration (bench/ipo_scale.py, docs/sppo.md) the first step's gradient norm is 2.3
+    here and 20 at their scale at eta = 3 (both clipped at max_grad_norm 1), 0.007 here and 6812 there at
+    eta = 1000 (theirs clipped at every step, ours at none). Kept at this scale: the golden losses and the
+    comparisons are measured at it. target=1: Eq. (4.14) as printed, which is IPO with tau = beta/2 (a margin of
+    eta nats instead of eta/2).
     """
     a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
     return (a - b - target) ** 2
@@ -197,7 +205,7 @@ def target_share(name, ratio, batch, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Win rates, the kept pair and log Z (Sec. 4.2, 5.1).
+# Win rates, the kept pair and log Z (Eq. 4.5, Sec. 4.2, 5.1).
 def win_rates(P):
     """P-hat(y_i > pi_t | x) = (1/K) sum_k P[i, k], the self-term 1/2 included (Sec. 5.1, Eq. 4.5).
 
@@ -210,15 +218,16 @@ def win_rates(P):
 def select_pair(scores):
     """Winner = argmax, loser = argmin of scores (..., K) (Sec. 5.1). Returns two int arrays of shape (...).
 
-    When every score is equal (all responses tied) argmax = argmin; the loser is then the next index, so the two
-    rows are distinct; both have win rate 1/2 and target 0, which leaves pi_t alone (Sec. 4.1, the intuition).
+    w == l marks a prompt with NO pair: every score is equal (all K responses tie), so argmax = argmin = 0. (uclaml/
+    SPPO's compute_prob.py takes these same indices, so its chosen and rejected are then one response, a pair with
+    margin 0 by construction.) A tie is no preference, and DPO, IPO, sppo_hard and KTO on two distinct rows would
+    train on it as one: kept_rows keeps no row for such a prompt. Exactly equal scores only: any difference, however
+    small, gives a pair.
     """
     s = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, dtype=np.float64)
     if s.shape[-1] < 2:
         raise ValueError(f"select_pair needs at least 2 responses per prompt, got K = {s.shape[-1]}")
-    w, l = s.argmax(-1), s.argmin(-1)
-    l = np.where(w == l, (w + 1) % s.shape[-1], l)
-    return w, l
+    return s.argmax(-1), s.argmin(-1)                  # equal exactly when max = min: first max, first min
 
 
 def selection_scores(P, logits=None):
@@ -237,7 +246,8 @@ def selection_scores(P, logits=None):
 def kept_rows(P, cfg, logits=None):
     """The rows D_t keeps for one prompt, [(k, role, P-hat)], and the log Z estimate (Eq. 4.5) of the same responses.
 
-    selection='all': every response (Eq. 4.4). 'pair': winner and loser by selection_scores (Sec. 5.1).
+    selection='all': every response (Eq. 4.4). 'pair': winner and loser by selection_scores (Sec. 5.1), and no row
+    at all when every score ties (select_pair's w == l): a prompt then gives 0 or 2 rows.
     estimate_from='all': P-hat(y_k > pi_t) = (1/K) sum_j P[k, j] over the K responses (Eq. 4.5, self-term 1/2
     included). 'pair' (Sec. 5.3's K = 2: 5 samples, PairRM's pair kept, P-hat from the pair alone):
     P-hat(y_w) = [P(y_w > y_w) + P(y_w > y_l)]/2 = 1/4 + P(y_w > y_l)/2 - the paper prints "1/2 + P/2", an
@@ -247,6 +257,8 @@ def kept_rows(P, cfg, logits=None):
     if cfg.selection == "all":
         return [(k, "all", float(wp[k])) for k in range(len(wp))], float(log_z_estimate(wp, cfg.eta))
     w, l = (int(i) for i in select_pair(selection_scores(P, logits)))
+    if w == l:                                                                            # all tied: no pair
+        return [], float(log_z_estimate(wp, cfg.eta))
     if cfg.estimate_from == "pair":
         wp = np.zeros(len(wp))
         wp[[w, l]] = win_rates(P[np.ix_([w, l], [w, l])])                                 # Sec. 5.3, K = 2
@@ -362,18 +374,27 @@ def win_rate(oracle, prompts, responses_a, responses_b, finished_a=None, finishe
 
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 3: D_t = {(x, y, P-hat(y > pi_t | x))} with the kept rows (Sec. 4.2 / 5.1).
-def build_dataset(prompts, generations, matrices, cfg, logits=None):
+def build_dataset(prompts, generations, matrices, cfg, logits=None, where="preferences.jsonl"):
     """One row per kept response (kept_rows), with the sampled token ids and stop id of its generation; no ref_logp
-    yet (it needs pi_t: `reference_logps`). logits: the oracle's K x K logit matrix per prompt, or None."""
+    yet (it needs pi_t: `reference_logps`). logits: the oracle's K x K logit matrix per prompt, or None.
+
+    With --selection pair a prompt whose K responses all tie gives no row. When no prompt gives one, there is nothing
+    to train on: an ArtifactError naming `where` (the preferences file), rather than an iteration that trains nothing
+    and still hands on a pi_{t+1}: every response tied on every prompt means the oracle told nothing apart (identical
+    samples, a blind judge), which the user should see, not a copy of pi_t."""
     rows = []
     for i, (x, g, P) in enumerate(zip(prompts, generations, matrices)):
         keep, lz = kept_rows(P, cfg, None if logits is None else logits[i])
         rows += [{"prompt_id": i, "prompt": x, "response": g["responses"][k], "finished": g["finished"][k],
                   "response_ids": g["token_ids"][k], "stop_id": g["stop_ids"][k], "win_prob": wp, "log_z": lz,
                   "role": role, "k": k} for k, role, wp in keep]
-        if cfg.selection == "pair":                              # P(this row > the other kept row | x), Eq. (4.12)
+        if cfg.selection == "pair" and keep:                     # P(this row > the other kept row | x), Eq. (4.12)
             (w, *_), (l, *_) = keep
             rows[-2]["pair_prob"], rows[-1]["pair_prob"] = float(P[w][l]), float(P[l][w])
+    if not rows:
+        raise ArtifactError(f"{where}: the K = {cfg.K} responses of every one of the {len(matrices)} prompts tie, so "
+                            f"--selection pair keeps no (winner, loser) pair to train on; use --selection all (a tie "
+                            f"then has target 0) or more varied samples (--K, --temperature, --max-new-tokens)")
     return rows
 
 
@@ -587,20 +608,22 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
 
 
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
-    """D_t against its sources: per prompt, in order, the rows kept_rows keeps, each carrying that generation's
-    text and token ids and its P-hat (and pair_prob, when it has one) from that prompt's matrix."""
-    per = cfg.K if cfg.selection == "all" else 2
-    if len(rows) != per * len(gens):
-        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts x {per} kept: --restart-from dataset")
-    for n, r in enumerate(rows):
-        i, k = n // per, r.get("k")
-        keep = kept_rows(mats[i], cfg, None if logits is None else logits[i])[0]
-        want_k, _, want_p = keep[n % per]
-        pair_ok = "pair_prob" not in r or (per == 2 and abs(r["pair_prob"] - mats[i][want_k][keep[1 - n % 2][0]])
-                                           < 1e-9)
-        if not (r["prompt_id"] == i and k == want_k and r["response"] == gens[i]["responses"][k] and pair_ok
-                and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - want_p) < 1e-9):
-            raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={want_k} with its win rate "
+    """D_t against its sources: prompt by prompt, in order, the rows kept_rows keeps (K, 2, or 0 for a prompt whose
+    responses all tie under --selection pair), each carrying that generation's text and token ids and its P-hat (and
+    pair_prob, P(this row > the other kept row), when it has one) from that prompt's matrix."""
+    want = []                                                         # (prompt, k, P-hat, the other kept k or None)
+    for i, P in enumerate(mats):
+        keep = kept_rows(P, cfg, None if logits is None else logits[i])[0]
+        others = [k for k, _, _ in keep][::-1] if cfg.selection == "pair" else [None] * len(keep)
+        want += [(i, k, p, o) for (k, _, p), o in zip(keep, others)]
+    if len(rows) != len(want):
+        raise ArtifactError(f"{path}: {len(rows)} rows for {len(gens)} prompts whose preferences keep {len(want)}: "
+                            f"--restart-from dataset")
+    for n, (r, (i, k, p, o)) in enumerate(zip(rows, want)):
+        pair_ok = "pair_prob" not in r or (o is not None and abs(r["pair_prob"] - mats[i][k][o]) < 1e-9)
+        if not (r["prompt_id"] == i and r.get("k") == k and r["response"] == gens[i]["responses"][k] and pair_ok
+                and r.get("response_ids") == gens[i]["token_ids"][k] and abs(r["win_prob"] - p) < 1e-9):
+            raise ArtifactError(f"{path}: record {n + 1}: not prompt {i}'s generation k={k} with its win rate "
                                 f"from preferences.jsonl: --restart-from dataset")
 
 
@@ -618,13 +641,13 @@ def make_dataset(it, gens, mats, logits):
     cfg = it.cfg
     ref_dir = cfg.model if cfg.reference == "initial" else it.model_dir                      # pi_ref: pi_0 or pi_t
     pi_ref = it.pi_t() if ref_dir == it.model_dir else runs.load_policy(ref_dir, cfg, it.device)
-    rows = build_dataset(it.prompts, gens, mats, cfg, logits)
+    rows = build_dataset(it.prompts, gens, mats, cfg, logits, it.path("preferences.jsonl"))
     return reference_logps(*pi_ref, rows, cfg, it.device, it.hashes(ref_dir))
 
 
 def train(it, rows, gens, mats, oracle, held_out=None):
     """Step 4: pi_{t+1} = argmin of Eq. (4.7) (or --loss) on D_t from pi_t (train_policy). Returns (model, tokenizer,
-    metrics); held_out: pi_{t+1} meets pi_t and pi_0 on these prompts (win_rate, Sec. 5) for metrics.json."""
+    metrics); held_out: pi_{t+1} meets pi_t and pi_0 on these prompts (win_rate, Sec. 5.1) for metrics.json."""
     cfg, t = it.cfg, it.t
     model, tok = it.pi_t()
     if held_out:                                             # pi_0's and pi_t's answers, before pi_t is trained
@@ -634,11 +657,12 @@ def train(it, rows, gens, mats, oracle, held_out=None):
     torch.manual_seed(cfg.seed + t)
     history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), it.device)
     stats = {"iteration": t, "prompts": len(it.prompts), "rows": len(rows),
+             "prompts_without_pair": len(it.prompts) - len({r["prompt_id"] for r in rows}),     # all K tied
              "unfinished": sum(not f for g in gens for f in g["finished"]),
              "mean_win_prob_kept": float(np.mean([r["win_prob"] for r in rows])),
              "prompts_with_cycle": sum(committee.has_cycle(P) for P in mats),              # Condorcet cycles in P
              "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
-    if held_out:                                             # Sec. 5: selection by win rate on held-out prompts
+    if held_out:                                             # Sec. 5.1: selection by win rate on held-out prompts
         xs, new = oracle_prompts(held_out, cfg, it.model_dir), answers(model, tok, held_out, cfg, it.device)
         (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
         stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
@@ -646,7 +670,8 @@ def train(it, rows, gens, mats, oracle, held_out=None):
         print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
               f"+- {se_0:.3f} ({len(held_out)} prompts)")
     print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
-          f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle")
+          f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle"
+          + (f", {stats['prompts_without_pair']} tie throughout (no pair)" if stats["prompts_without_pair"] else ""))
     return model, tok, stats
 
 

@@ -85,8 +85,9 @@ class SPPOConfig:
         "iterative baselines.")
     reference: Literal["previous", "initial"] = arg(default="previous", help="pi_ref of the loss: pi_t (the "
                                                       "paper's SPPO and iterative DPO/IPO) or pi_0 in every iteration.")
-    ipo_target: float = arg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: Azar et al.'s and TRL's "
-                                                "IPO; 1: Eq. 4.14 as printed).")
+    ipo_target: float = arg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: the minimiser of Azar et "
+                                                "al.'s and TRL's IPO, whose loss is ours / beta^2; 1: Eq. 4.14 as "
+                                                "printed).")
     max_new_tokens: int = arg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
     temperature: float = arg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
     top_p: float = arg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")

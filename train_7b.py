@@ -432,7 +432,11 @@ def stage_rank(cfg, d, out):
         mats, logits = [P[i][0] for i in range(len(gens))], [P[i][1] for i in range(len(gens))]
         logits = None if logits[0] is None else logits
         runs.write_preferences(out / "preferences.jsonl", mats, logits)
-        runs.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg, logits))
+
+    def write_dataset():             # rank 0; build_dataset's error (every prompt tied) is raised on every rank
+        runs.write_jsonl(out / "dataset.jsonl", sppo.build_dataset(prompts, gens, mats, cfg, logits,
+                                                                   out / "preferences.jsonl"))
+    d.decide(write_dataset)
     d.barrier("ranking")
 
 

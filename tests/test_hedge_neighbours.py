@@ -169,6 +169,45 @@ def test_mmd_last_iterate_reaches_the_regularized_equilibrium(tau):
     assert L.regularized_gap(W, last, tau) <= 1e-6 and np.abs(last - ref).sum() <= 1e-9
 
 
+def payoff_lipschitz(P):
+    """L of pi -> P pi from l1 to l_inf on the simplex, by brute force: max |P d|_inf over d = (e_j - e_k) / 2, the
+    extreme points of {d : sum(d) = 0, |d|_1 <= 1} (a convex function's max over a polytope sits at a vertex)."""
+    n = len(P)
+    return max(np.abs(P @ (np.eye(n)[j] - np.eye(n)[k]) / 2).max() for j in range(n) for k in range(n))
+
+
+def test_mmd_default_step_is_outside_its_theorem_bound_and_what_it_does_there():
+    """_mmd's docstring and docs/last_iterate.md: Sokota et al.'s eta <= tau / L^2 with L = max_i (max_j P_ij -
+    min_j P_ij)/2 (1/2 on rps, 0.375 on weighted_rps); the CLI's eta = 0.5 is outside it for tau = 0.1, 0.03, 0.01.
+    Measured at eta = 0.5, T = 10^4, tau = 0.01: weighted_rps and random_10 converge anyway; rps does not, its uniform
+    pi*_tau repelling (Jacobian modulus sqrt(1 + eta^2/12) / (1 + eta tau) > 1, by hand and by finite differences);
+    at eta = 0.2 < 2 tau / (1/12 - tau^2) it converges."""
+    cfg = L.Config()
+    assert (cfg.eta, cfg.tau, cfg.taus) == (0.5, 0.1, [0.3, 0.1, 0.03, 0.01])           # the defaults stated
+    for game, want in [("rps", 0.5), ("weighted_rps", 0.375), ("random_10", None)]:
+        P = H.GAMES[game]()
+        assert payoff_lipschitz(P) == pytest.approx(((P.max(1) - P.min(1)) / 2).max(), abs=1e-15)
+        assert want is None or payoff_lipschitz(P) == pytest.approx(want)
+    bound = {tau: tau / 0.5 ** 2 for tau in cfg.taus}                                   # L = 1/2: eta <= 4 tau
+    assert [tau for tau in cfg.taus if cfg.eta > bound[tau]] == [0.1, 0.03, 0.01]
+    eta, tau = cfg.eta, 0.01
+    for game, pi1 in [("weighted_rps", W1), ("random_10", None)]:
+        P = H.GAMES[game]()
+        _, last = L.play(P, "mmd", eta, 10_000, pi1, tau=tau)
+        assert np.abs(last - L.regularized_equilibrium(P, tau)).sum() < 1e-9
+    P, star = H.rock_paper_scissors(), np.full(3, 1 / 3)
+    assert np.abs(L.regularized_equilibrium(P, tau) - star).sum() < 1e-10
+    step = lambda pi: np.exp(L._mmd(P, np.log(pi), pi, eta, tau, np.log(star), None)[0])  # noqa: E731
+    d = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]]).T * 1e-6                          # zero-sum directions
+    J = np.linalg.lstsq(d, np.stack([step(star + v) - step(star - v) for v in d.T], 1) / 2, rcond=None)[0]  # (2, 2)
+    rho = math.sqrt(1 + eta ** 2 / 12) / (1 + eta * tau)
+    assert np.abs(np.linalg.eigvals(J)).max() == pytest.approx(rho, rel=1e-6) and rho > 1
+    _, last = L.play(P, "mmd", eta, 10_000, [0.6, 0.3, 0.1], tau=tau)
+    assert np.abs(last - star).sum() > 0.5 and H.duality_gap(P, last) > 0.5             # it cycles
+    _, last = L.play(P, "mmd", 0.2, 10_000 * 10, [0.6, 0.3, 0.1], tau=tau)
+    assert np.abs(last - star).sum() < 1e-12
+
+
 def test_nash_md_constant_step_bias_shrinks_with_eta():
     """Munos et al. 2023, Thm 1: KL(pi*_tau || pi_t) -> at most 2 eta / tau at a constant step; measured L1 distances on
     weighted_rps with tau = 0.5 are 1.24e-2 (eta = 0.5), 2.41e-3 (0.1), 1.20e-3 (0.05): an O(eta) bias."""

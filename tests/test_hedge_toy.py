@@ -307,6 +307,44 @@ def test_last_iterate_cycles_while_the_average_converges():
     assert np.abs(traj[-500:] - eq).sum(1).min() > 0.2  # the last 500 iterates all stay far from pi*
 
 
+def kl_from(star, traj):
+    """KL(pi* || pi_t) for every row pi_t of traj (T, n); pi* may be pure (0 log 0 = 0)."""
+    m = star > 0
+    return (star[m] * (np.log(star[m]) - np.log(traj[:, m]))).sum(-1)
+
+
+@pytest.mark.parametrize("game, pi1", [("rps", [0.6, 0.3, 0.1]), ("weighted_rps", None), ("weighted_rps",
+                                                                                          [0.6, 0.3, 0.1])])
+@pytest.mark.parametrize("eta", [0.1, 1.0])
+def test_kl_to_an_interior_equilibrium_never_falls(game, pi1, eta):
+    """_hedge's docstring: a step changes KL(pi* || pi_t) by log Z_t - eta <pi*, P pi_t> (Eq. 4.3, by hand). With pi*
+    interior, P pi* = 1/2 everywhere, so <pi*, P pi_t> = 1/2 <= log Z_t / eta (Jensen): KL never falls (Bailey &
+    Piliouras 2018), and over 2000 steps it grows."""
+    P = H.GAMES[game]()
+    star = H.weighted_rps_equilibrium() if game == "weighted_rps" else np.full(3, 1 / 3)
+    np.testing.assert_allclose(P @ star, 0.5, atol=1e-15)                                 # interior: all payoffs 1/2
+    traj = H.hedge_trajectory(P, eta, 2000, pi1)                                          # (T, 3)
+    kl = kl_from(star, traj)
+    by_hand = H.log_partition(P, traj[:-1], eta) - eta * (traj[:-1] @ P.T @ star)          # (T - 1,)
+    np.testing.assert_allclose(np.diff(kl), by_hand, atol=1e-12)
+    assert np.diff(kl).min() >= -1e-12 and kl[-1] > kl[0] + 0.04
+
+
+def test_kl_to_an_equilibrium_on_a_face_falls():
+    """ordered_10's equilibrium is its top action (a vertex, not interior): <pi*, P pi_t> > 1/2 while pi_t is mixed,
+    and KL(pi* || pi_t) = -log pi_t(top) falls at every step, from log 10 = 2.30 to 4.6e-5 after 245 steps at
+    eta = 0.1: the last iterate converges, and the 'never decreases' of interior games does not hold."""
+    P = H.GAMES["ordered_10"]()
+    star = np.eye(10)[np.argmax(P.sum(1))]
+    assert H.duality_gap(P, star) == 0                                                    # pi*: the top action
+    traj = H.hedge_trajectory(P, 0.1, 245)
+    kl = kl_from(star, traj)
+    np.testing.assert_allclose(np.diff(kl), H.log_partition(P, traj[:-1], 0.1) - 0.1 * (traj[:-1] @ P.T @ star),
+                               atol=1e-12)
+    assert kl[0] == pytest.approx(math.log(10)) and kl[-1] == pytest.approx(4.58e-5, rel=0.01)
+    assert np.diff(kl).max() < 0
+
+
 # ----------------------------------------------------------------------------------------------- App. A
 
 def test_log_z_limits_by_hand():

@@ -356,10 +356,12 @@ def test_committee_identity_follows_its_judges():
 # ------------------------------------------------------------------------------------------------------------------
 # One run per run directory (OUT/.lock).
 def sppo_cli(world, out, *extra):
+    """A 1-iteration sppo.py run with the committee. --selection all: the committee ties the two 3-token answers of
+    every prompt here, and --selection pair keeps no pair of a tied prompt (it would stop at the dataset stage)."""
     return [sys.executable, str(ROOT / "sppo.py"), "--model", world["a"], "--prompts", str(world["prompts"]),
             "--oracle", "committee", "--iterations", "1", "--K", "2", "--max-new-tokens", "3", "--max-length", "32",
-            "--max-prompt-length", "16", "--global-batch", "8", "--micro-batch", "8", "--no-progress", "--out",
-            str(out), *extra]
+            "--max-prompt-length", "16", "--global-batch", "8", "--micro-batch", "8", "--selection", "all",
+            "--no-progress", "--out", str(out), *extra]
 
 
 def test_two_runs_on_one_out_exactly_one_runs(world, tmp_path):

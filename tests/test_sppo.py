@@ -96,6 +96,39 @@ def test_ipo_minimiser_at_half_and_one():
         assert lw.item() + 1.0 == pytest.approx(want, abs=1e-9)        # a - b = target, i.e. h = target * eta
 
 
+def test_ipo_is_the_peers_ipo_times_beta_squared():
+    """Azar et al.'s IPO (tau = beta), TRL's loss_type="ipo" and the authors' trainer: (h - target/beta)^2, h the
+    log-ratio margin in nats, written here from that definition. sppo.ipo_loss is beta^2 times it (docs/sppo.md)."""
+    g = torch.Generator().manual_seed(0)
+    lw, rw, ll, rl = (20 * torch.randn(64, generator=g, dtype=torch.float64) for _ in range(4))
+    h = (lw - rw) - (ll - rl)                                                       # (64,) nats
+    for beta in (1 / 3, 0.1, 1e-3):
+        for target in (0.5, 1.0):
+            theirs = (h - target / beta) ** 2
+            torch.testing.assert_close(sppo.ipo_loss(lw, rw, ll, rl, beta, target) * (1 / beta ** 2), theirs,
+                                       rtol=1e-9, atol=0)
+
+
+def test_ipo_first_step_gradient_norms_at_both_scales_by_hand(tiny):
+    """bench/ipo_scale.py's measurement on a tiny LM: at h = 0 (pi_theta = pi_ref, an iteration's first step) the
+    gradient norm is 2 target beta G at our scale and 2 target G / beta at the peers' (G = |grad of the mean margin|,
+    by autograd on h alone): a ratio of 1/beta^2, so at eta = 1000 theirs is clipped at max_grad_norm and ours not."""
+    from bench import ipo_scale
+    d, model, tok = tiny
+    cfg = sppo.SPPOConfig(selection="pair", optimizer="adamw", lr=1e-3, global_batch=4, micro_batch=4, epochs=1,
+                          max_length=48, max_prompt_length=16, progress=False)
+    rows = sppo.reference_logps(model, tok, sppo_toy.synthetic_dataset(8, seed=2), cfg)      # h = 0 at the start
+    res = {(r["eta"], r["scale"]): r for r in ipo_scale.measure(d, rows, cfg, [3.0, 1000.0])}
+    assert "ipo_peer" not in sppo.LOSSES                                            # the table is sppo.py's again
+    for (eta, scale), r in res.items():
+        beta = 1 / eta
+        assert r["steps"] == 1 and r["G"] > 0
+        assert r["first"] == pytest.approx((beta if scale == "ours" else 1 / beta) * r["G"], rel=1e-4)   # target 1/2
+    for eta in (3.0, 1000.0):
+        assert res[eta, "peers"]["first"] / res[eta, "ours"]["first"] == pytest.approx(eta ** 2, rel=1e-5)
+    assert res[1000.0, "ours"]["first"] < cfg.max_grad_norm < res[1000.0, "peers"]["first"]
+
+
 def test_hedge_update_minimises_eq_4_4_tabular():
     """Under exact expectations (y ~ pi_t, exact P(y > pi_t), exact log Z), the minimiser of (4.4) over all
     policies is the Hedge step (4.1): it makes every squared term zero."""
@@ -127,11 +160,64 @@ def test_win_rates_and_select_pair_by_hand():
     batch[1] = 1 - P
     w, l = sppo.select_pair(sppo.win_rates(batch))
     assert w.tolist() == [0, 1] and l.tolist() == [1, 0]
-    w, l = sppo.select_pair(np.full(4, 0.5))                                          # all tied: distinct rows
-    assert (w, l) == (0, 1)
+    w, l = sppo.select_pair(np.full(4, 0.5))                                          # all tied: no pair, w == l
+    assert (w, l) == (0, 0)
     assert torch.is_tensor(sppo.win_rates(torch.tensor(P)))
     with pytest.raises(ValueError, match="diagonal"):
         sppo.win_rates(np.array([[0.4, 0.5], [0.5, 0.5]]))
+
+
+TIED = np.full((3, 3), 0.5)                                          # three responses, every pair a tie
+RPS_ONCE_EACH = hedge_toy.rock_paper_scissors()                      # rock, paper, scissors once each: win rates 1/2
+CLEAR = np.array([[0.5, 0.9, 0.6], [0.1, 0.5, 0.2], [0.4, 0.8, 0.5]])   # y_0 wins, y_1 loses
+
+
+def test_a_prompt_whose_responses_all_tie_has_no_pair():
+    """--selection pair: every selection score equal (all K tied, or a cycle that evens out) -> select_pair's w == l,
+    and kept_rows keeps no row (a tie is no preference); any difference gives the pair. Batched: per prompt."""
+    w, l = sppo.select_pair(np.stack([sppo.win_rates(P) for P in (TIED, CLEAR, RPS_ONCE_EACH)]))     # (3,), (3,)
+    assert w.tolist() == [0, 0, 0] and l.tolist() == [0, 1, 0]
+    assert sppo.select_pair(np.array([0.5, 0.5, 0.5 + 1e-12]))[0] == 2               # not tied: a pair, however small
+    for estimate_from in ("all", "pair"):
+        cfg = sppo.SPPOConfig(selection="pair", estimate_from=estimate_from)
+        for P in (TIED, RPS_ONCE_EACH):
+            assert sppo.kept_rows(P, cfg)[0] == []
+            assert sppo.kept_rows(P, cfg, np.zeros((3, 3)))[0] == []                    # PairRM logits, all equal
+        assert [(k, role) for k, role, _ in sppo.kept_rows(CLEAR, cfg)[0]] == [(0, "winner"), (1, "loser")]
+    assert [k for k, _, _ in sppo.kept_rows(TIED, sppo.SPPOConfig(selection="all"))[0]] == [0, 1, 2]   # target 0
+
+
+def generations(n, K=3):
+    return [{"responses": [f"r{i}.{k}" for k in range(K)], "finished": [True] * K, "token_ids": [[i, k] for k in
+             range(K)], "stop_ids": [2] * K} for i in range(n)]
+
+
+def test_dataset_of_a_mixed_batch_has_pairs_for_untied_prompts_only():
+    """Prompts 0 and 3 tied, 1 and 2 not: D_t holds 4 rows, prompt 1's (winner, loser) then prompt 2's; the source
+    check, the pair grouping and the schedule accept 0 or 2 rows per prompt; the train stage counts the tied ones."""
+    mats, cfg = [TIED, CLEAR, CLEAR.T.copy(), RPS_ONCE_EACH], sppo.SPPOConfig(selection="pair", loss="dpo", K=3)
+    gens = generations(4)
+    rows = sppo.build_dataset([f"x{i}" for i in range(4)], gens, mats, cfg)
+    assert [(r["prompt_id"], r["k"], r["role"]) for r in rows] == [(1, 0, "winner"), (1, 1, "loser"),
+                                                                   (2, 1, "winner"), (2, 0, "loser")]
+    assert [r["pair_prob"] for r in rows] == [0.9, 0.1, 0.9, 0.1]                  # P(this row > the other kept row)
+    sppo.check_dataset_sources(rows, gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="d: 6 rows for 4 prompts whose preferences keep 4"):
+        sppo.check_dataset_sources(rows + rows[:2], gens, mats, cfg, "d")
+    with pytest.raises(runs.ArtifactError, match="record 1: not prompt 1's generation k=0"):
+        sppo.check_dataset_sources([dict(rows[0], prompt_id=0)] + rows[1:], gens, mats, cfg, "d")
+    assert sppo.group_size(rows, cfg) == 2
+    steps, _, _ = sppo.train_schedule(rows, dataclasses.replace(cfg, global_batch=1, epochs=1))
+    assert sorted(map(tuple, steps)) == [(0, 1), (2, 3)]                            # one pair per step, kept whole
+
+
+def test_an_iteration_whose_every_prompt_ties_is_refused_in_one_line():
+    cfg = sppo.SPPOConfig(selection="pair", K=3)
+    with pytest.raises(runs.ArtifactError) as e:
+        sppo.build_dataset(["x", "y"], generations(2), [TIED, RPS_ONCE_EACH], cfg, where="it/preferences.jsonl")
+    assert str(e.value).startswith("it/preferences.jsonl: the K = 3 responses of every one of the 2 prompts tie")
+    assert "--selection all" in str(e.value) and "\n" not in str(e.value)
+    assert len(sppo.build_dataset(["x"], generations(1), [TIED], sppo.SPPOConfig(selection="all", K=3))) == 3
 
 
 def test_log_z_estimate_eq_4_5():
@@ -378,6 +464,51 @@ class RecordingOracle:
         self.seen.append(prompt)
         n = np.array([len(r) for r in responses], dtype=float)
         return 1 / (1 + np.exp(n[None, :] - n[:, None]))                           # (K, K), longer wins
+
+
+class TieOracle(RecordingOracle):
+    """RecordingOracle's preferences (the longer response wins, equal lengths tie), except that on a prompt starting
+    with 'tie' every response ties."""
+
+    def identity(self):
+        return "ties"
+
+    def __call__(self, prompt, responses):
+        P = super().__call__(prompt, responses)
+        return np.full_like(P, 0.5) if prompt.startswith("tie") else P
+
+
+def test_a_run_trains_on_the_untied_prompts_and_refuses_an_all_tied_iteration(tmp_path):
+    """End to end with --selection pair --loss dpo: D_t has a (winner, loser) pair for exactly the prompts whose win
+    rates are not all equal (recomputed here from the oracle), none for the 'tie' prompts; the run trains, records
+    how many prompts had no pair, and resumes as itself. A run whose every prompt ties stops at the dataset stage."""
+    d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    prompts = ["tie rps", "play rps", "tie weighted", "play weighted rps"] * 2
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    cfg = sppo.SPPOConfig(model=d, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=2,
+                          split_prompts=False, K=3, max_new_tokens=4, selection="pair", loss="dpo", optimizer="adamw",
+                          lr=1e-2, global_batch=2, micro_batch=2, progress=False, oracle="game")
+    assert sppo.run(cfg, oracle=TieOracle()) is not None
+    for t in range(2):
+        it = tmp_path / "run" / f"iter{t}"
+        gens = runs.read_generations(it / "generations.jsonl", prompts, cfg.K)
+        rows = runs.read_dataset(it / "dataset.jsonl")
+        wp = [TieOracle()(x, g["responses"]).mean(1) for x, g in zip(prompts, gens)]              # Eq. (4.5)
+        untied = [i for i, p in enumerate(wp) if p.max() > p.min()]
+        assert untied and all(not prompts[i].startswith("tie") for i in untied)
+        assert [r["prompt_id"] for r in rows] == [i for i in untied for _ in range(2)]
+        assert [r["k"] for r in rows] == [k for i in untied for k in (wp[i].argmax(), wp[i].argmin())]
+        metrics = json.loads((it / "metrics.json").read_text())
+        assert metrics["prompts_without_pair"] == len(prompts) - len(untied) and len(metrics["history"]) >= 1
+    before = (tmp_path / "run" / "iter1" / "manifest.json").read_text()
+    assert sppo.run(cfg, oracle=TieOracle()) is not None                            # resumes: nothing redone
+    assert (tmp_path / "run" / "iter1" / "manifest.json").read_text() == before
+    runs.write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "tie rps"}] * 3)
+    tied = dataclasses.replace(cfg, prompts=str(tmp_path / "tied.jsonl"), out=str(tmp_path / "tied"))
+    with pytest.raises(runs.ArtifactError, match=r"iter0/preferences.jsonl: the K = 3 responses of every one of the 3 "
+                                                 r"prompts tie.*--selection all"):
+        sppo.run(tied, oracle=TieOracle())
+    assert not (tmp_path / "tied" / "iter0" / "dataset.jsonl").exists()
 
 
 @pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
