@@ -7,9 +7,9 @@ A comparison here is a claim only with seeds and intervals. This file is the one
   step `step` (eta; beta = 1/eta for the pair losses) from seed `seed`, one record per iteration t = 0..T with at
   least `t` and the metrics the world measures (`gap_avg`, `gap_last`, `kl_step`, ...).
 - `run_all` runs a list of `Spec`s (world, method, step, seed, settings), up to `jobs` processes at a time, and keeps
-  each run's records in OUT/<world>/<method>/step<step>_seed<seed>.jsonl, whose first line is its manifest. A file
-  whose manifest matches is reused (an interrupted comparison resumes where it stopped); one whose manifest differs
-  is refused, naming the file and the setting.
+  each run's records in OUT/<world>/<method>/step<step>_seed<seed>.jsonl, whose first line is its manifest (the spec
+  and a hash of the code that made it). A file whose manifest matches is reused (an interrupted comparison resumes
+  where it stopped); one whose manifest differs is refused, naming the file and the setting.
 - `interval` is the statistics: mean +- t_{0.975, N-1} s / sqrt(N), the two-sided 95% Student-t interval of the mean
   over N seeds (s the sample standard deviation). `summarise` applies it per method, step and iteration.
 - `tune` is protocol 1, **tuned**: each method's step is chosen on tuning seeds over a stated grid by a stated rule
@@ -20,8 +20,11 @@ A comparison here is a claim only with seeds and intervals. This file is the one
 
 NumPy, the standard library and cli.py (matplotlib when plotting), so NumPy-only files (last_iterate.py) can use it.
 """
+import ast
 import atexit
 import concurrent.futures
+import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -104,10 +107,34 @@ class Spec:
 
     def manifest(self):
         return {"format": FORMAT, "world": self.world, "method": self.method, "step": float(self.step),
-                "seed": int(self.seed), "settings": json.loads(json.dumps(self.settings, sort_keys=True))}
+                "seed": int(self.seed), "settings": json.loads(json.dumps(self.settings, sort_keys=True)),
+                "code": code_hash(self.world)}
 
     def path(self, out):
         return Path(out) / self.world.split(":")[-1] / self.method / f"step{self.step:g}_seed{self.seed}.jsonl"
+
+
+@functools.cache
+def code_hash(world):
+    """sha256 (16 hex digits) of the source of the world's module and every module of this repository it imports,
+    transitively (read from the sources, so every process gets the same hash): a record made by other code is not
+    reused."""
+    root = Path(__file__).resolve().parent
+    todo, seen = [world.partition(":")[0]], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (root / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module.split(".")[0])
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(name.encode() + b"\0" + (root / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
 
 
 def resolve(world):
@@ -135,7 +162,9 @@ def read_records(path, spec):
         raise ExperimentError(f"{path}: line 1 is not a manifest; delete the file to rerun that seed")
     for key in want:
         if got.get(key) != want[key]:
-            if key == "settings":
+            if key == "code":
+                what = "other code (a module of this repository changed since)"
+            elif key == "settings":
                 diff = sorted(k for k in set(got[key]) | set(want[key]) if got[key].get(k) != want[key].get(k))
                 what = ", ".join(f"{k}={got[key].get(k)!r} (now {want[key].get(k)!r})" for k in diff)
             else:

@@ -37,6 +37,12 @@ def test_interval_by_hand():
     assert experiments.interval([7.0])[:1] == (7.0,) and math.isnan(experiments.interval([7.0])[1])
 
 
+def test_code_hash_follows_the_imports_of_the_world_module():
+    import compare as c
+    assert experiments.code_hash("compare:tabular_world") != experiments.code_hash("sppo_toy:tabular_selfplay")
+    assert len(experiments.code_hash(c.WORLDS["lm"][0])) == 16
+
+
 def test_records_are_written_reused_and_refused_when_made_otherwise(tmp_path):
     calls = tmp_path / "calls.txt"
     world = "test_experiments:counting_world"
@@ -50,6 +56,11 @@ def test_records_are_written_reused_and_refused_when_made_otherwise(tmp_path):
     other = Spec(world, "m", 2.0, 0, {"iterations": 4, "calls": str(calls)})
     with pytest.raises(ExperimentError, match=r"step2_seed0.jsonl: made with iterations=3 \(now 4\); use another "):
         experiments.run_all([other], tmp_path / "out", jobs=1)
+    made = json.loads(lines[0])
+    made["manifest"]["code"] = "0" * 16                                       # as if another version had made it
+    specs[2].path(tmp_path / "out").write_text(json.dumps(made) + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ExperimentError, match="step2_seed2.jsonl: made with other code"):
+        experiments.run_all(specs, tmp_path / "out", jobs=1)
     specs[0].path(tmp_path / "out").write_text(lines[0] + "\n" + lines[1] + "\n{broken\n")
     with pytest.raises(ExperimentError, match="line 3: not JSON"):
         experiments.run_all(specs, tmp_path / "out", jobs=1)
