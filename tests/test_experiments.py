@@ -58,8 +58,8 @@ def test_records_are_written_reused_and_refused_when_made_otherwise(tmp_path):
         experiments.run_all([other], tmp_path / "out", jobs=1)
     made = json.loads(lines[0])
     made["manifest"]["code"] = "0" * 16                                       # as if another version had made it
-    specs[2].path(tmp_path / "out").write_text(json.dumps(made) + "\n" + "\n".join(lines[1:]) + "\n")
-    with pytest.raises(ExperimentError, match="step2_seed2.jsonl: made with other code"):
+    specs[1].path(tmp_path / "out").write_text(json.dumps(made) + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ExperimentError, match="step2_seed1.jsonl: made with other code"):
         experiments.run_all(specs, tmp_path / "out", jobs=1)
     specs[0].path(tmp_path / "out").write_text(lines[0] + "\n" + lines[1] + "\n{broken\n")
     with pytest.raises(ExperimentError, match="line 3: not JSON"):
