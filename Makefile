@@ -30,8 +30,11 @@ demo: $(VENV)/.runtime
 	$(PY) last_iterate.py
 	$(PY) sppo_toy.py
 
-# Every committed figure, from the commands that make them (docs/ names each one).
+# Every committed figure, from the commands that make them (docs/ names each one); compare.py's over seeds, ~30 min.
 figures: demo
+	$(PY) compare.py
+	$(PY) compare.py --world lm
+	$(PY) compare.py --world demo
 
 # SmolLM2-135M-Instruct, 3 SPPO iterations judged by the rule committee, then the report (docs/real_model.md, ~30 min).
 GGUF = $$($(PY) -c 'import real_run; print(real_run.smollm2_gguf())')

@@ -8,7 +8,7 @@ al. 2023 (tau = beta), TRL's loss_type="ipo" ((logits - 1/(2 beta))^2) and uclam
 (theirs), so with G = |grad_theta of the batch's mean h| the gradient norms are 2 target beta G and 2 target G/beta,
 and a step is clipped when its norm exceeds max_grad_norm (SPPOConfig's default: 1.0).
 
-The world is `sppo_toy.py --compare`'s: the demo's pi_0, its first iteration's D_t (--selection pair, K = 5, 100
+The world is the demo's with `--selection pair --loss ipo`: the demo's pi_0, its first iteration's D_t (--selection pair, K = 5, 100
 prompts per game) and its training (AdamW, lr 5e-3, 12 steps). Both scales train from pi_0 on that D_t at eta = 3
 (the comparison's step) and eta = 1000 (the paper's LLM runs). Printed per (eta, scale): the first step's gradient
 norm, measured and by hand, the steps clipped, and the mean margin h reached against its target eta/2 nats.
@@ -97,7 +97,7 @@ def measure(model_dir, rows, cfg, etas):
 
 
 def compare_world(out):
-    """pi_0 and iteration 0's D_t of `sppo_toy.py --compare` (its defaults, --loss ipo), under `out`. Returns (the
+    """pi_0 and iteration 0's D_t of the demo with --selection pair --loss ipo, under `out`. Returns (the
     config, pi_0's folder, the rows)."""
     games = sppo_toy.demo_games()
     cfg = sppo_toy.demo_start(sppo_toy.DemoConfig(out=str(out), selection="pair", loss="ipo", stop_after="dataset",
@@ -119,7 +119,7 @@ def report(cfg):
     with tempfile.TemporaryDirectory() as tmp:
         world, model_dir, rows = compare_world(tmp)
         res = measure(model_dir, rows, world, cfg.etas)
-    print(f"IPO at two scales on sppo_toy --compare's iteration 0: {len(rows) // 2} pairs, {world.optimizer} lr "
+    print(f"IPO at two scales on the demo's iteration 0 (--selection pair): {len(rows) // 2} pairs, {world.optimizer} lr "
           f"{world.lr:g}, {res[0]['steps']} steps, clipping at max_grad_norm = {world.max_grad_norm:g}")
     print("| eta | beta | scale | G = grad norm of mean h | first step's grad norm (by hand) | clipped? (first) "
           "| steps clipped | mean h after / target (nats) |")

@@ -97,7 +97,7 @@ def test_link_checker_finds_a_broken_file_and_a_broken_anchor(tmp_path):
 
 
 def test_paths_the_readme_names_exist():
-    """Each path-like word of a code span in the README's prose (`hedge_toy.py`, `python sppo_toy.py --compare`,
+    """Each path-like word of a code span in the README's prose (`hedge_toy.py`, `python compare.py --world lm`,
     `tests/test_sppo.py`) names a file or folder of the repository, and so does every docs/ page it mentions
     anywhere, code blocks included."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
