@@ -93,12 +93,12 @@ def tabular_world(method, step, seed, game="rps", iterations=20, K=5, groups=64)
 
 def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_tol=1e-3, lr=3e-3):
     """One run of `method` at eta = step through sppo.run on the tiny LM (sppo_toy's games and GameOracle), from
-    pi_0 = a tiny Llama of this seed warm-started to sppo_toy.DEMO_START, each iteration fitted until its loss
-    falls by less than fit_tol (relative) in an epoch, epochs the cap; an epoch is one full-batch AdamW step at a
-    constant lr (no warm-up, no decay), so the loss sequence is deterministic given D_t. Unpacked batches: the same
-    log-probs as --pack, 2.5x faster on CPU at these 2-4 token responses. Records t = 0..iterations, the gaps and steps averaged over the two
-    games (and per game: `gap_avg/<prompt>`), plus `epochs` and `tv_exact` per iteration. The run's own directory is
-    temporary: the records are the experiment."""
+    pi_0 = a tiny Llama of this seed warm-started to sppo_toy.DEMO_START, each iteration fitted to --fit-tol
+    (sppo.train_policy; epochs the cap); an epoch is one full-batch AdamW step at a constant lr (no warm-up, no
+    decay), so the loss it judges is exact. Unpacked batches: the same log-probs as --pack, 2.5x faster on CPU at
+    these 2-4 token responses. Records t = 0..iterations: the gaps and steps averaged over the two games (and per
+    game: `gap_avg/<prompt>`, `gap_last/<prompt>`), plus the fit's quality per iteration (_lm_fit_quality). The
+    run's own directory is temporary: the records are the experiment."""
     loss, selection = METHODS[method]
     games, oracle = sppo_toy.demo_games(), sppo_toy.GameOracle(sppo_toy.demo_games())
     torch.set_num_threads(1)
@@ -195,9 +195,9 @@ def demo_seeds(cfg):
         row["start"] = experiments.interval([rows[0][f"gap_avg/{x}"] for rows in rec.values()])
         row["tv"] = experiments.interval([np.mean([r[f"tv/{x}"] for r in rows[1:]]) for rows in rec.values()])
         out[x] = {k: list(v) for k, v in row.items()}
-        print(f"  '{x}': gap of the average {experiments.fmt(*row['start'][:2])} -> {experiments.fmt(*row['gap_avg'][:2])}"
-              f"; averaged exact Hedge(eta') {experiments.fmt(*row['hedge_gap'][:2])}; mean TV step to Hedge(eta') "
-              f"{experiments.fmt(*row['tv'][:2])}")
+        print(f"  '{x}': gap of the average {experiments.fmt(*row['start'][:2])} -> "
+              f"{experiments.fmt(*row['gap_avg'][:2])}; averaged exact Hedge(eta') "
+              f"{experiments.fmt(*row['hedge_gap'][:2])}; mean TV step to Hedge(eta') {experiments.fmt(*row['tv'][:2])}")
     Path(cfg.figures).mkdir(parents=True, exist_ok=True)
     (Path(cfg.figures) / "demo_seeds.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"wrote {Path(cfg.figures) / 'demo_seeds.json'}")
@@ -223,8 +223,8 @@ class Config:
     world: str = cli.arg("tabular", choices=tuple(WORLDS), help="tabular self-play (3 games), the tiny LM (sppo.run), "
                                                                      "or the demo over seeds")
     methods: list[str] = cli.arg(default_factory=lambda: list(METHODS), help="methods compared (compare.METHODS)")
-    grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular 0.5 1 2 3, "
-                                                  "lm 1 2 3)")
+    grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular "
+                                                  "0.5 1 2 3, lm 1 2 3)")
     tuning_seeds: int = cli.arg(0, help="tuning seeds 0..N-1 (default: tabular 5, lm 3)")
     seeds: int = cli.arg(10, help="report seeds 100..100+N-1, fresh (never tuned on)")
     iterations: int = cli.arg(0, help="iterations T per run (default: tabular 20, lm 10)")
@@ -264,7 +264,8 @@ def _mean_over_t(rows, metric):
 def table(name, result):
     """The printed table of one comparison: per method its chosen step and each COLUMN as mean ± 95% interval."""
     rec, n = result["records"], len({sp.seed for sp in result["records"]})
-    print(f"\n{name}: mean ± 95% t-interval over {n} fresh seeds; step chosen on the tuning seeds by: {experiments.RULE}")
+    print(f"\n{name}: mean ± 95% t-interval over {n} fresh seeds; step chosen on the tuning seeds by: "
+          f"{experiments.RULE}")
     print(f"{'method':>10} {'step':>5} " + " ".join(f"{c:>16}" for c, _ in COLUMNS))
     out = {}
     for m, step in result["chosen"].items():

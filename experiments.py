@@ -58,7 +58,7 @@ class ExperimentError(cli.ArtifactError):
 def t_quantile(p, df):
     """The p-quantile of Student's t with df degrees of freedom (p in (0.5, 1), df >= 1), by bisection on its CDF.
 
-    CDF(x) = 1/2 + integral_0^x f(u) du with f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + u^2/df)^-((df+1)/2),
+    CDF(x) = 1/2 + integral_0^x f(u) du, f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + u^2/df)^-((df+1)/2),
     integrated by Simpson's rule on 4001 points (error < 1e-9 for x <= 64; the 0.975-quantile is 12.71 at df = 1).
     """
     if not 0.5 < p < 1 or df < 1:

@@ -105,8 +105,8 @@ def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
     (h = 1/(2 beta), their tau = beta), but NOT their scale: their loss, TRL's loss_type="ipo" and the authors'
     trainer are (h - 1/(2 beta))^2, which is this loss / beta^2, with gradients 1/beta^2 = eta^2 times ours (9x at
     eta = 3, 1e6x at eta = 1000). The minimiser is the same; gradient clipping and plain SGD see the difference: on
-    the demo's first iteration with --selection pair (bench/ipo_scale.py, docs/sppo.md) the first step's gradient norm is 2.3
-    here and 20 at their scale at eta = 3 (both clipped at max_grad_norm 1), 0.007 here and 6812 there at
+    the demo's first iteration with --selection pair (bench/ipo_scale.py, docs/sppo.md) the first step's gradient
+    norm is 2.3 here and 20 at their scale at eta = 3 (both clipped at max_grad_norm 1), 0.007 here and 6812 there at
     eta = 1000 (theirs clipped at every step, ours at none). Kept at this scale: the golden losses and the
     comparisons are measured at it. target=1: Eq. (4.14) as printed, which is IPO with tau = beta/2 (a margin of
     eta nats instead of eta/2).
