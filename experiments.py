@@ -116,24 +116,29 @@ class Spec:
 
 @functools.cache
 def code_hash(world):
-    """sha256 (16 hex digits) of the source of the world's module and every module of this repository it imports,
-    transitively (read from the sources, so every process gets the same hash): a record made by other code is not
-    reused."""
+    """sha256 (16 hex digits) of the code of the world's module and of every module of this repository it imports,
+    transitively: each module's syntax tree without its docstrings (so a comment, a docstring or a line break does
+    not count, any change to what runs does), read from the sources so every process gets the same hash. A record
+    made by other code is not reused."""
     root = Path(__file__).resolve().parent
-    todo, seen = [world.partition(":")[0]], set()
+    todo, trees = [world.partition(":")[0]], {}
     while todo:
         name = todo.pop()
-        if name in seen or not (root / f"{name}.py").is_file():
+        if name in trees or not (root / f"{name}.py").is_file():
             continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))):
+        trees[name] = tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo += [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 todo.append(node.module.split(".")[0])
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
+                    and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                    and isinstance(node.body[0].value.value, str):
+                node.body[0] = ast.Pass()                                     # the docstring
     h = hashlib.sha256()
-    for name in sorted(seen):
-        h.update(name.encode() + b"\0" + (root / f"{name}.py").read_bytes())
+    for name in sorted(trees):
+        h.update(name.encode() + b"\0" + ast.dump(trees[name]).encode())
     return h.hexdigest()[:16]
 
 
