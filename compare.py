@@ -224,7 +224,7 @@ class Config:
                                                                      "or the demo over seeds")
     methods: list[str] = cli.arg(default_factory=lambda: list(METHODS), help="methods compared (compare.METHODS)")
     grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular "
-                                                  "0.5 1 2 3, lm 1 2 3)")
+                                                  "0.5 1 2 3 5 8, lm 1 2 3 5)")
     tuning_seeds: int = cli.arg(0, help="tuning seeds 0..N-1 (default: tabular 5, lm 3)")
     seeds: int = cli.arg(10, help="report seeds 100..100+N-1, fresh (never tuned on)")
     iterations: int = cli.arg(0, help="iterations T per run (default: tabular 20, lm 10)")
@@ -250,7 +250,7 @@ def settings(cfg):
     tab = cfg.world == "tabular"
     if cfg.quick:
         return cfg.grid or [1.0, 3.0], [0, 1], [100, 101, 102], cfg.iterations or 3
-    return (cfg.grid or ([0.5, 1.0, 2.0, 3.0] if tab else [1.0, 2.0, 3.0]),
+    return (cfg.grid or ([0.5, 1.0, 2.0, 3.0, 5.0, 8.0] if tab else [1.0, 2.0, 3.0, 5.0]),
             list(range(cfg.tuning_seeds or (5 if tab else 3))), list(range(100, 100 + cfg.seeds)),
             cfg.iterations or (20 if tab else 10))
 
@@ -261,8 +261,9 @@ def _mean_over_t(rows, metric):
     return float(np.mean(v)) if v else math.nan
 
 
-def table(name, result):
-    """The printed table of one comparison: per method its chosen step and each COLUMN as mean ± 95% interval."""
+def table(name, result, grid):
+    """The printed table of one comparison: per method its chosen step (starred at an end of `grid`) and each COLUMN
+    as mean ± 95% interval."""
     rec, n = result["records"], len({sp.seed for sp in result["records"]})
     print(f"\n{name}: mean ± 95% t-interval over {n} fresh seeds; step chosen on the tuning seeds by: "
           f"{experiments.RULE}")
@@ -276,8 +277,11 @@ def table(name, result):
                 cells[c] = experiments.final(mine, c)[m, float(step)]
             else:                                         # per seed: the mean over iterations 1..T, then the interval
                 cells[c] = experiments.interval([_mean_over_t(rows, c) for rows in mine.values()])
-        out[m] = {"step": step, **{c: list(v) for c, v in cells.items()}}
-        print(f"{m:>10} {step:>5g} " + " ".join(f"{experiments.fmt(v[0], v[1]):>16}" for v in cells.values()))
+        edge = step in (min(grid), max(grid))
+        out[m] = {"step": step, "at_grid_edge": edge, **{c: list(v) for c, v in cells.items()}}
+        print(f"{m:>10} {step:>4g}{'*' if edge else ' '} " + " ".join(f"{experiments.fmt(v[0], v[1]):>16}"
+                                                                      for v in cells.values()))
+    print("* the chosen step is at an end of the grid: the method's best step may lie beyond it")
     return out
 
 
@@ -293,7 +297,7 @@ def compare(cfg):
         kw = {"iterations": T, **({"game": game} if cfg.world == "tabular" else {})}
         result = experiments.tune(world, cfg.methods, grid, tuning, report, Path(cfg.out) / cfg.world / game, kw,
                                   jobs=cfg.jobs or None)
-        rows = table(f"{cfg.world}, {game}, T = {T}", result)
+        rows = table(f"{cfg.world}, {game}, T = {T}", result, grid)
         summary = experiments.write_summary(Path(cfg.out) / cfg.world / game / "summary.json", result,
                                             ("gap_avg", "gap_last"))
         print("equal movement: fall of the gap of the average per nat of cumulative KL(pi_t || pi_{t-1}): " + ", ".join(
