@@ -178,6 +178,31 @@ def regularized_equilibrium(P, tau, mu=None, tol=1e-11, max_iter=10**6):
     raise RuntimeError(f"regularized_equilibrium: no certificate <= {tol:g} in {max_iter} steps (tau = {tau.min():g})")
 
 
+# ------------------------------------------------------------------------------- over seeds (experiments.py)
+def selfplay_world(method, step, seed, game="weighted_rps", T=10_000, tau=0.1, checkpoints=41):
+    """One run of `method` at eta = step for experiments.py: self-play for T steps on GAMES[game](seed) (rps and
+    weighted_rps ignore the seed; random_10 is drawn from it) from pi_1 ~ Dirichlet(1, ..., 1), drawn by
+    np.random.default_rng([1, seed]): a stream of its own, since random_game draws from default_rng(seed) and the
+    same stream would make pi_1 a function of the game's first row. nash_md and mmd run at KL weight tau, mu uniform:
+    they converge to pi*_tau, whose unregularised gap is O(tau) (0.08 on weighted RPS at tau = 0.1), a floor under
+    their gap_last and gap_avg that no step removes.
+
+    Records at `checkpoints` log-spaced iterations i in 1..T (1 and T included; fewer when T is small), one each,
+    experiments.py's `t` being the record's index: `iteration` i; gap_last = duality_gap(pi_i) and gap_avg =
+    duality_gap(pi_bar_i), pi_bar_i = (1/i) sum_{s <= i} pi_s (at i = T: play's pi_last and pi_bar); for nash_md and
+    mmd also reg_gap_last = regularized_gap(pi_i, tau), the gap of the game they solve."""
+    P = GAMES[game](seed)
+    pi1 = np.random.default_rng([1, seed]).dirichlet(np.ones(P.shape[-1]))
+    reg = method in REGULARISED
+    traj = trajectory(P, method, step, T, pi1, **(dict(tau=tau) if reg else {}))  # (T, n): row i-1 is pi_i
+    its = np.unique(np.geomspace(1, T, checkpoints).round().astype(int))          # (K,) iterations, 1 .. T
+    last, avg = traj[its - 1], np.cumsum(traj, 0)[its - 1] / its[:, None]          # pi_i, pi_bar_i: (K, n)
+    gap_last, gap_avg = duality_gap(P, last), duality_gap(P, avg)                  # (K,)
+    reg_last = regularized_gap(P, last, tau) if reg else None
+    return [{"t": k, "iteration": int(i), "gap_last": float(gap_last[k]), "gap_avg": float(gap_avg[k]),
+             **({"reg_gap_last": float(reg_last[k])} if reg else {})} for k, i in enumerate(its)]
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 T_MAX = 10**6
 """--t cap: the sweep keeps every iterate of every method and game (T x n floats each, plus the tau panel's T x 4 x n:

@@ -234,6 +234,39 @@ def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
     assert dist[0] > 5 * dist[1] > 25 * dist[2] and dist[2] <= 2e-4, dist
 
 
+# ------------------------------------------------------------------------------------ over seeds: the tuned table
+
+def gaps_by_hand(P, pi, tau=None):
+    """2 max_i (P pi)_i - 1; with tau, the regularised gap by its Gibbs formula (mu uniform),
+    2 tau [log sum_y mu(y) e^((P pi)_y / tau) + KL(pi || mu)] - 1."""
+    if tau is None:
+        return 2 * (P @ pi).max() - 1
+    mu = np.full(len(P), 1 / len(P))
+    return 2 * tau * (np.log(mu @ np.exp(P @ pi / tau)) + np.sum(pi * np.log(pi / mu))) - 1
+
+
+@pytest.mark.parametrize("game, seed", [("weighted_rps", 4), ("random_10", 7)])
+def test_selfplay_world_records_are_the_gaps_of_the_literal_updates(game, seed):
+    """selfplay_world at a tiny T against naive_trajectory (each update as its paper writes it) from the same start
+    and game, the gaps by hand; the checkpoints are 30^(k/7) rounded, k = 0..7."""
+    T, tau = 30, 0.1
+    P = H.GAMES[game](seed)                                                 # random_10: drawn from the seed
+    pi1 = np.random.default_rng([1, seed]).dirichlet(np.ones(len(P)))     # the start: drawn from the seed
+    for method in L.METHODS:
+        rows = L.selfplay_world(method, 0.4, seed, game=game, T=T, tau=tau, checkpoints=8)
+        ref = naive_trajectory(P, method, 0.4, T, pi1, tau=tau)             # (T, n): row i-1 is pi_i
+        assert [r["t"] for r in rows] == list(range(8))
+        assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 7, 11, 18, 30]
+        for r in rows:
+            i = r["iteration"]
+            assert r["gap_last"] == pytest.approx(gaps_by_hand(P, ref[i - 1]), abs=1e-12), (method, i)
+            assert r["gap_avg"] == pytest.approx(gaps_by_hand(P, ref[:i].mean(0)), abs=1e-12), (method, i)
+            if method in L.REGULARISED:
+                assert r["reg_gap_last"] == pytest.approx(gaps_by_hand(P, ref[i - 1], tau), abs=1e-12), (method, i)
+            else:
+                assert "reg_gap_last" not in r
+
+
 # ------------------------------------------------------------------------------------------------------ validation
 
 @pytest.mark.parametrize("kwargs, words", [
