@@ -14,7 +14,7 @@ It prints one table (the last-iterate and average gap of every method on three g
 the figures' run) and writes figures/dynamics_last_iterate.png and figures/dynamics_simplex.png.
 
       python last_iterate.py --table [--seeds 10] [--tuning-seeds 3] [--grid 0.05 0.1 0.25 0.5 1] [--t 10000]
-The comparison (experiments.py, ~1.5 min on 2 cores): each method's eta chosen on tuning seeds 0..2 by experiments.RULE
+The comparison (experiments.py, ~1 min on 2 cores): each method's eta chosen on tuning seeds 0..2 by experiments.RULE
 on the last-iterate gap at T, then the last-iterate and average gaps at T over fresh seeds 100..109, mean ± 95%
 t-interval; printed, and written to figures/last_iterate_table.json (records under runs/last_iterate, resumable).
 """
