@@ -10,17 +10,26 @@ Conventions are hedge_toy.py's: P (..., n, n) with P + P^T = 1, policies (..., n
 and mu the reference / magnet of the regularised methods. NumPy, float64.
 
 Run:  python last_iterate.py [--out figures] [--eta 0.5] [--t 10000] [--tau 0.1]
-It prints one table (the last-iterate and average gap of every method on three games) and writes
-figures/dynamics_last_iterate.png and figures/dynamics_simplex.png.
+It prints one table (the last-iterate and average gap of every method on three games: one run per cell, at one eta,
+the figures' run) and writes figures/dynamics_last_iterate.png and figures/dynamics_simplex.png.
+
+      python last_iterate.py --table [--seeds 10] [--tuning-seeds 3] [--grid 0.05 0.1 0.25 0.5 1] [--t 10000]
+The comparison (experiments.py, ~1 min on 2 cores): each method's eta chosen on tuning seeds 0..2 by experiments.RULE
+on the last-iterate gap at T, then the last-iterate and average gaps at T over fresh seeds 100..109, mean ± 95%
+t-interval; printed, and written to figures/last_iterate_table.json (records under runs/last_iterate, resumable).
 """
+import dataclasses
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 import cli  # the one CLI convention: standard library and PyYAML only, so this file stays NumPy-only
+import experiments  # the runner over seeds: NumPy, the standard library and cli.py
 from hedge_toy import (GAMES, _average, _check_eta_T, _count, _each, _hedge, _log_step, _loop, _normalise, _payoff,
                        _positive, _step, _validate_policy, duality_gap, plot_simplex, print_table, timed,
                        validate_preference, weighted_rps_equilibrium)
@@ -178,6 +187,38 @@ def regularized_equilibrium(P, tau, mu=None, tol=1e-11, max_iter=10**6):
     raise RuntimeError(f"regularized_equilibrium: no certificate <= {tol:g} in {max_iter} steps (tau = {tau.min():g})")
 
 
+# ------------------------------------------------------------------------------- over seeds (experiments.py)
+STEPLESS = ("regret_matching_plus", "fictitious_play")
+"""Methods whose update ignores eta: the tuned table gives them a one-point grid (their step is a label only)."""
+
+TABLE_GAMES = ("rps", "weighted_rps", "random_10")
+"""The games of the seeded table: two fixed games (the seed draws pi_1) and one drawn from the seed too."""
+
+
+def selfplay_world(method, step, seed, game="weighted_rps", T=10_000, tau=0.1, checkpoints=41):
+    """One run of `method` at eta = step for experiments.py: self-play for T steps on GAMES[game](seed) (rps and
+    weighted_rps ignore the seed; random_10 is drawn from it) from pi_1 ~ Dirichlet(1, ..., 1), drawn by
+    np.random.default_rng([1, seed]): a stream of its own, since random_game draws from default_rng(seed) and the
+    same stream would make pi_1 a function of the game's first row. nash_md and mmd run at KL weight tau, mu uniform:
+    they converge to pi*_tau, whose unregularised gap is O(tau) (0.08 on weighted RPS at tau = 0.1), a floor under
+    their gap_last and gap_avg that no step removes.
+
+    Records at `checkpoints` log-spaced iterations i in 1..T (1 and T included; fewer when T is small), one each,
+    experiments.py's `t` being the record's index: `iteration` i; gap_last = duality_gap(pi_i) and gap_avg =
+    duality_gap(pi_bar_i), pi_bar_i = (1/i) sum_{s <= i} pi_s (at i = T: play's pi_last and pi_bar); for nash_md and
+    mmd also reg_gap_last = regularized_gap(pi_i, tau), the gap of the game they solve."""
+    P = GAMES[game](seed)
+    pi1 = np.random.default_rng([1, seed]).dirichlet(np.ones(P.shape[-1]))
+    reg = method in REGULARISED
+    traj = trajectory(P, method, step, T, pi1, **(dict(tau=tau) if reg else {}))  # (T, n): row i-1 is pi_i
+    its = np.unique(np.geomspace(1, T, checkpoints).round().astype(int))          # (K,) iterations, 1 .. T
+    last, avg = traj[its - 1], np.cumsum(traj, 0)[its - 1] / its[:, None]          # pi_i, pi_bar_i: (K, n)
+    gap_last, gap_avg = duality_gap(P, last), duality_gap(P, avg)                  # (K,)
+    reg_last = regularized_gap(P, last, tau) if reg else None
+    return [{"t": k, "iteration": int(i), "gap_last": float(gap_last[k]), "gap_avg": float(gap_avg[k]),
+             **({"reg_gap_last": float(reg_last[k])} if reg else {})} for k, i in enumerate(its)]
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 T_MAX = 10**6
 """--t cap: the sweep keeps every iterate of every method and game (T x n floats each, plus the tau panel's T x 4 x n:
@@ -188,12 +229,21 @@ T_MAX = 10**6
 class Config:
     """Every knob of `python last_iterate.py`; each field is a flag; RULES is checked (cli.check) before any work."""
 
-    out: str = cli.arg("figures", help="folder for the two PNG figures (made if missing)", path="out_dir")
-    seed: int = cli.arg(0, help="seed of the random game")
-    eta: float = cli.arg(0.5, help="step eta of every method in the sweep")
-    t: int = cli.arg(10_000, help="iterations T of the sweep (at most 10^6)")
-    tau: float = cli.arg(0.1, help="KL weight tau of nash_md and mmd in the sweep")
+    out: str = cli.arg("figures", path="out_dir", help="folder for the two PNG figures, or --table's "
+                                                       "last_iterate_table.json (made if missing)")
+    seed: int = cli.arg(0, help="seed of the random game (the figures' run)")
+    eta: float = cli.arg(0.5, help="step eta of every method in the sweep (the figures' run)")
+    t: int = cli.arg(10_000, help="iterations T of every run (at most 10^6)")
+    tau: float = cli.arg(0.1, help="KL weight tau of nash_md and mmd")
     taus: list[float] = cli.arg(default_factory=lambda: [0.3, 0.1, 0.03, 0.01], help="taus of the tau -> 0 panel")
+    table: bool = cli.arg(False, help="the seeded, tuned table instead of the figures (--t and --tau apply to both)")
+    seeds: int = cli.arg(10, help="--table: report seeds 100..100+N-1, fresh (never tuned on)")
+    tuning_seeds: int = cli.arg(3, help="--table: tuning seeds 0..N-1")
+    grid: list[float] = cli.arg(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0],
+                                help=f"--table: the steps eta tried; {', '.join(STEPLESS)} ignore eta: the first only")
+    records: str = cli.arg("runs/last_iterate", path="out_dir", help="--table: record files, one per game, method, "
+                                                                     "step and seed; reused if settings and code match")
+    jobs: int = cli.arg(0, help="--table: processes at a time (0: the cores this process may use)")
 
     RULES = (
         # field   the test                                                  what it must be
@@ -207,7 +257,23 @@ class Config:
         ("taus",  lambda c: _each(_step)(c.taus),                           "finite and > 0"),
         ("eta",   lambda c: c.eta * max(c.tau, *c.taus) <= 1,               "<= 1 / the largest of --tau and --taus: "
                                                                             "nash_md needs eta * tau <= 1"),
+        ("seeds", lambda c: 2 <= c.seeds <= 1000,                           "in [2, 1000]: an interval needs 2 seeds"),
+        ("tuning_seeds", lambda c: 1 <= c.tuning_seeds <= 100,              "in [1, 100]"),
+        ("grid",  lambda c: len(c.grid) >= 1 and _each(_step)(c.grid),     "one or more steps, finite and > 0"),
+        ("grid",  lambda c: max(c.grid) * c.tau <= 1,                       "<= 1 / --tau: nash_md needs eta tau <= 1"),
+        ("jobs",  lambda c: c.jobs >= 0,                                    ">= 0"),
+        # a flag of the other mode would be ignored without a word: refused instead
+        *((name, lambda c, n=name: c.table or getattr(c, n) == _default(c, n), "left at its default without --table "
+           "(a setting of the seeded table)") for name in ("seeds", "tuning_seeds", "grid", "records", "jobs")),
+        *((name, lambda c, n=name: not c.table or getattr(c, n) == _default(c, n), "left at its default with --table "
+           "(a setting of the figures' single run)") for name in ("seed", "eta", "taus")),
     )
+
+
+def _default(cfg, name):
+    """The default of cfg's field `name`."""
+    f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def report(cfg):
@@ -257,16 +323,64 @@ def report(cfg):
     fig.savefig(os.path.join(cfg.out, "dynamics_last_iterate.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     print(f"Hedge's neighbours: gap of the last iterate and of the average (eta = {cfg.eta:g}, T = {cfg.t}); "
-          f"regularised gap of the last iterate for nash_md and mmd (tau = {cfg.tau:g}, mu uniform)")
+          f"regularised gap of the last iterate for nash_md and mmd (tau = {cfg.tau:g}, mu uniform). One run per "
+          f"cell, the figures' run, not a comparison: over seeds at tuned steps, --table")
     print_table(["method", "game", "eta", "T", "last-iterate gap", "average gap", "regularised gap"], rows)
     plot_simplex(simplex, os.path.join(cfg.out, "dynamics_simplex.png"), cols=4)
     print(f"wrote dynamics_last_iterate.png, dynamics_simplex.png to {cfg.out}/")
     return 0
 
 
+def _e(mean, half):
+    """'2.50e-01 ± 1.2e-02': experiments.fmt in powers of ten, since the gaps here span 1 to 1e-17."""
+    return f"{mean:.2e}" + ("" if math.isnan(half) else f" ± {half:.1e}")
+
+
+def table(cfg):
+    """The seeded, tuned table (experiments.py's protocol 1) on each of TABLE_GAMES: every method's eta chosen over
+    cfg.grid (STEPLESS methods: its first step only) on tuning seeds 0..cfg.tuning_seeds-1 by experiments.RULE on
+    gap_last, the last-iterate gap at T (this file's question), then each method at its chosen eta on seeds
+    100..100+cfg.seeds-1. Prints per game the mean ± 95% t-interval at T of the last-iterate and average gaps (and
+    the regularised gap of nash_md and mmd); writes them to cfg.out/last_iterate_table.json."""
+    cli.check(cfg)
+    tuning, fresh = list(range(cfg.tuning_seeds)), list(range(100, 100 + cfg.seeds))
+    grids = {m: cfg.grid[:1] if m in STEPLESS else cfg.grid for m in METHODS}
+    summary = {"level": experiments.LEVEL, "interval": "Student t, mean +- t_{0.975,N-1} s/sqrt(N) over seeds",
+               "rule": f"{experiments.RULE}; selection metric: gap_last, the duality gap of pi_T", "T": cfg.t,
+               "tau": cfg.tau, "mu": "uniform", "grid": cfg.grid, "stepless": list(STEPLESS), "tuning_seeds": tuning,
+               "report_seeds": fresh, "start": "pi_1 ~ Dirichlet(1, ..., 1) from np.random.default_rng([1, seed])",
+               "games": {}}
+    print(f"Hedge's neighbours over seeds: gap at T = {cfg.t} of the last iterate and of the average, mean ± 95% "
+          f"t-interval over {cfg.seeds} fresh seeds (pi_1 ~ Dirichlet(1, ..., 1); random_10 drawn per seed); eta "
+          f"chosen over {cfg.grid} on {cfg.tuning_seeds} tuning seeds by: {summary['rule']}. nash_md, mmd: tau = "
+          f"{cfg.tau:g}, mu uniform; '-': the method ignores eta")
+    for game in TABLE_GAMES:
+        result = experiments.tune("last_iterate:selfplay_world", list(METHODS), grids, tuning, fresh,
+                                  Path(cfg.records) / game, {"game": game, "T": cfg.t, "tau": cfg.tau},
+                                  metric="gap_last", jobs=cfg.jobs or None)
+        rows, final = [], {}
+        for m, step in result["chosen"].items():
+            at_T = [r[-1] for sp, r in result["records"].items() if sp.method == m]   # one record per seed
+            final[m] = {k: list(experiments.interval([r[k] for r in at_T]))
+                        for k in ("gap_last", "gap_avg", *(("reg_gap_last",) if m in REGULARISED else ()))}
+            rows.append([m, "-" if m in STEPLESS else f"{step:g}", *(_e(*final[m][k][:2]) for k in ("gap_last",
+                         "gap_avg")), _e(*final[m]["reg_gap_last"][:2]) if m in REGULARISED else "-"])
+        summary["games"][game] = {"chosen": result["chosen"], "final": final,
+                                  "tuning": {f"{m} step {s:g}": list(v) for (m, s), v in result["tuning"].items()}}
+        print(f"\n{game}:")
+        print_table(["method", "eta", "last-iterate gap", "average gap", "regularised gap (last)"], rows)
+    path = Path(cfg.out) / "last_iterate_table.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path} (records under {cfg.records}/)")
+    return 0
+
+
 def main(argv=None):
-    """`python last_iterate.py [flags]`: cli.main (a bad flag or setting: one line, exit 2, before any work)."""
-    return cli.main("last_iterate.py", Config, timed(report), argv, __doc__.split("\n")[0])
+    """`python last_iterate.py [flags]`: cli.main (a bad flag or setting: one line, exit 2, before any work); the
+    figures' single run, or with --table the seeded comparison."""
+    return cli.main("last_iterate.py", Config, timed(lambda cfg: table(cfg) if cfg.table else report(cfg)), argv,
+                    __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

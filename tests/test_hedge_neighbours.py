@@ -1,9 +1,13 @@
-"""Tests for Hedge's neighbours in last_iterate.py (play, regularized_gap, regularized_equilibrium), against references
-that do not use the code under test: scipy's LP for the Nash equilibrium, scipy's root finder for the regularised
-equilibrium, literal probability-space updates, and hand computations.
+"""Tests for Hedge's neighbours in last_iterate.py (play, regularized_gap, regularized_equilibrium, the seeded table),
+against references that do not use the code under test: scipy's LP for the Nash equilibrium, scipy's root finder for
+the regularised equilibrium, literal probability-space updates, hand computations, and the table's means and
+intervals recomputed from its record files with a printed t quantile.
 
 Run:  .venv/bin/python -m pytest tests/test_hedge_neighbours.py -q
 """
+import contextlib
+import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -232,6 +236,109 @@ def test_nash_md_with_eta_log_t_over_tau_t_reaches_the_limit():
     dist = [np.abs(L.play(W, "nash_md", math.log(T) / (tau * T), T, W1, tau=tau)[1] - ref).sum()
             for T in (100, 1000, 10_000)]
     assert dist[0] > 5 * dist[1] > 25 * dist[2] and dist[2] <= 2e-4, dist
+
+
+# ------------------------------------------------------------------------------------ over seeds: the tuned table
+
+def gaps_by_hand(P, pi, tau=None):
+    """2 max_i (P pi)_i - 1; with tau, the regularised gap by its Gibbs formula (mu uniform),
+    2 tau [log sum_y mu(y) e^((P pi)_y / tau) + KL(pi || mu)] - 1."""
+    if tau is None:
+        return 2 * (P @ pi).max() - 1
+    mu = np.full(len(P), 1 / len(P))
+    return 2 * tau * (np.log(mu @ np.exp(P @ pi / tau)) + np.sum(pi * np.log(pi / mu))) - 1
+
+
+@pytest.mark.parametrize("game, seed", [("weighted_rps", 4), ("random_10", 7)])
+def test_selfplay_world_records_are_the_gaps_of_the_literal_updates(game, seed):
+    """selfplay_world at a tiny T against naive_trajectory (each update as its paper writes it) from the same start
+    and game, the gaps by hand; the checkpoints are 30^(k/7) rounded, k = 0..7."""
+    T, tau = 30, 0.1
+    P = H.GAMES[game](seed)                                                 # random_10: drawn from the seed
+    pi1 = np.random.default_rng([1, seed]).dirichlet(np.ones(len(P)))     # the start: drawn from the seed
+    for method in L.METHODS:
+        rows = L.selfplay_world(method, 0.4, seed, game=game, T=T, tau=tau, checkpoints=8)
+        ref = naive_trajectory(P, method, 0.4, T, pi1, tau=tau)             # (T, n): row i-1 is pi_i
+        assert [r["t"] for r in rows] == list(range(8))
+        assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 7, 11, 18, 30]
+        for r in rows:
+            i = r["iteration"]
+            assert r["gap_last"] == pytest.approx(gaps_by_hand(P, ref[i - 1]), abs=1e-12), (method, i)
+            assert r["gap_avg"] == pytest.approx(gaps_by_hand(P, ref[:i].mean(0)), abs=1e-12), (method, i)
+            if method in L.REGULARISED:
+                assert r["reg_gap_last"] == pytest.approx(gaps_by_hand(P, ref[i - 1], tau), abs=1e-12), (method, i)
+            else:
+                assert "reg_gap_last" not in r
+
+
+QUICK_TABLE = ["--table", "--t", "60", "--seeds", "3", "--tuning-seeds", "2", "--grid", "0.25", "1", "--jobs", "1"]
+
+
+@pytest.fixture(scope="module")
+def quick_table(tmp_path_factory):
+    """`python last_iterate.py --table` at T = 60, 2 tuning seeds, 3 report seeds, grid 0.25 1: (folder, stdout)."""
+    d = tmp_path_factory.mktemp("table")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert L.main([*QUICK_TABLE, "--out", str(d / "fig"), "--records", str(d / "runs")]) == 0
+    return d, out.getvalue()
+
+
+def test_table_is_recomputed_from_its_record_files(quick_table):
+    """The acceptance test: each chosen step re-derived from the tuning files by the stated rule, and each reported
+    mean and interval from the report files alone, with t_{0.975, 2} = 4.302653 from a printed table."""
+    d, printed = quick_table
+    summary = json.loads((d / "fig" / "last_iterate_table.json").read_text())
+    assert (summary["T"], summary["tuning_seeds"], summary["report_seeds"]) == (60, [0, 1], [100, 101, 102])
+    last = lambda f: json.loads(f.read_text().splitlines()[-1])
+    for game in L.TABLE_GAMES:
+        assert f"\n{game}:\n" in printed
+        for method in L.METHODS:
+            folder, chosen = d / "runs" / game / "selfplay_world" / method, summary["games"][game]["chosen"][method]
+            grid = [0.25] if method in L.STEPLESS else [0.25, 1.0]
+            tuned = {s: np.mean([last(folder / f"step{s:g}_seed{k}.jsonl")["gap_last"] for k in (0, 1)]) for s in grid}
+            assert chosen == min(grid, key=lambda s: (tuned[s], s)), (game, method, tuned)
+            files = [folder / f"step{chosen:g}_seed{k}.jsonl" for k in (100, 101, 102)]
+            manifests = [json.loads(f.read_text().splitlines()[0])["manifest"] for f in files]
+            assert [m["seed"] for m in manifests] == [100, 101, 102] and all(
+                m["settings"] == {"game": game, "T": 60, "tau": 0.1} for m in manifests)
+            assert all(last(f)["iteration"] == 60 for f in files)
+            for metric in ("gap_last", "gap_avg", *(("reg_gap_last",) if method in L.REGULARISED else ())):
+                v = np.array([last(f)[metric] for f in files])
+                mean, half, n = summary["games"][game]["final"][method][metric]
+                assert n == 3 and mean == pytest.approx(v.mean(), abs=1e-15), (game, method, metric)
+                assert half == pytest.approx(4.302653 * v.std(ddof=1) / math.sqrt(3), rel=1e-5, abs=1e-15)
+            assert ("reg_gap_last" in summary["games"][game]["final"][method]) == (method in L.REGULARISED)
+
+
+def test_table_resumes_from_its_records(quick_table, tmp_path):
+    """A second run with the same settings reads every record back (nothing reruns) and writes the same JSON."""
+    d, _ = quick_table
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert L.main([*QUICK_TABLE, "--out", str(tmp_path), "--records", str(d / "runs")]) == 0
+    assert "running" not in out.getvalue()
+    assert (tmp_path / "last_iterate_table.json").read_text() == (d / "fig" / "last_iterate_table.json").read_text()
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(seeds=5), ["--seeds 5", "left at its default without --table"]),
+    (dict(grid=[0.5]), ["--grid [0.5]", "without --table"]),
+    (dict(table=True, eta=0.1), ["--eta 0.1", "left at its default with --table"]),
+    (dict(table=True, taus=[0.1]), ["--taus [0.1]", "with --table"]),
+    (dict(table=True, seeds=1), ["--seeds 1", "an interval needs 2 seeds"]),
+    (dict(table=True, grid=[0.5, 20.0]), ["--grid [0.5, 20.0]", "nash_md needs eta tau <= 1"]),
+    (dict(table=True, grid=[]), ["--grid []", "one or more steps"]),
+    (dict(table=True, tuning_seeds=0), ["--tuning-seeds 0", "in [1, 100]"]),
+])
+def test_table_settings_refused_before_any_work(tmp_path, settings, words):
+    """A flag of the other mode would be ignored without a word: refused, like a bad value, before anything runs."""
+    cfg = L.Config(out=str(tmp_path / "figs"), records=str(tmp_path / "runs"), **settings)
+    if "records" not in settings and not cfg.table:
+        cfg.records = L.Config.records                            # only its default is allowed without --table
+    with pytest.raises(ValueError) as err:                        # cli.ConfigError
+        (L.table if cfg.table else L.report)(cfg)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert not (tmp_path / "figs").exists() and not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ validation
