@@ -14,6 +14,7 @@ as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
     target_share_exact  (LM) the same for the exact tabular minimiser on the same rows: the reachable share
     tv_hedge            TV(pi_t, Hedge step from pi_{t-1} at eta' = eta (K-1)/K), the step SPPO aims at (Eq. 4.1)
     tv_exact            (LM) TV(pi_t, the exact tabular minimiser of the same loss on the same rows from pi_{t-1})
+    frozen              (LM) true from the iteration where every prompt's K samples tied (no pair left to train on)
 
     python compare.py                         # tabular: rps, weighted rps, a random 5-response game (~3 min)
     python compare.py --world lm              # the tiny LM (~15 min on 2 cores)
@@ -109,8 +110,9 @@ def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_
             selection=selection, epochs=epochs, fit_tol=fit_tol, lr=lr, warmup_ratio=0.0, schedule_epochs=10 ** 9,
             global_batch=2 * groups * K, micro_batch=2 * groups * K, pack=False, seed=seed, progress=False))
         cfg = sppo_toy.demo_start(cfg, games)
-        sppo.run(cfg, oracle=oracle)
-        dirs = [Path(cfg.model)] + [Path(d) / f"iter{t}" / "model" for t in range(iterations)]
+        done = _run_until_frozen(cfg, oracle, iterations)
+        dirs = [Path(cfg.model)] + [Path(d) / f"iter{t}" / "model" for t in range(done)]
+        dirs += [dirs[-1]] * (iterations - done)                       # frozen: pi_{t+1} = pi_t from then on
         pis = {x: [] for x in games}
         for m in dirs:
             model, tok = runs.load_policy(m, cfg, "cpu")
@@ -123,9 +125,27 @@ def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_
             r["t"] = t
             r.update({f"gap_avg/{x}": per_game[x][t]["gap_avg"] for x in games})
             r.update({f"gap_last/{x}": per_game[x][t]["gap_last"] for x in games})
-        for t in range(iterations):
+        for t in range(done):
             records[t + 1].update(_lm_fit_quality(cfg, Path(d) / f"iter{t}", dirs[t + 1], games, pis, t))
+        for t in range(done, iterations):
+            records[t + 1]["frozen"] = True
     return records
+
+
+def _run_until_frozen(cfg, oracle, iterations):
+    """sppo.run; returns the iterations it trained. A pair method whose policy has become pure samples K equal
+    responses for every prompt, so D_t has no (winner, loser) pair and sppo.run stops with that error: here the policy
+    then stays as it is for the remaining iterations (what training on an empty D_t leaves), as in tabular
+    self-play. Any other error is raised."""
+    try:
+        sppo.run(cfg, oracle=oracle)
+        return iterations
+    except cli.ArtifactError as e:
+        t = next(t for t in range(iterations) if not (Path(cfg.out) / f"iter{t}" / "model").is_dir())
+        if cfg.selection != "pair" or "keeps no (winner, loser) pair" not in str(e) or \
+                not str(e).startswith(str(Path(cfg.out) / f"iter{t}")):
+            raise
+        return t
 
 
 def _lm_fit_quality(cfg, it_dir, model_dir, games, pis, t):
