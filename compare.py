@@ -16,8 +16,8 @@ as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
     tv_exact            (LM) TV(pi_t, the exact tabular minimiser of the same loss on the same rows from pi_{t-1})
     frozen              (LM) true from the iteration where every prompt's K samples tied (no pair left to train on)
 
-    python compare.py                         # tabular: rps, weighted rps, a random 5-response game (~3 min)
-    python compare.py --world lm              # the tiny LM (~15 min on 2 cores)
+    python compare.py                         # tabular: rps, weighted rps, a random 5-response game (~1 min)
+    python compare.py --world lm              # the tiny LM (~10 min on 2 cores)
     python compare.py --world demo            # `make demo` over 10 seeds at its own eta = 3 (~10 min on 2 cores)
     python compare.py --quick                 # 2 + 3 seeds, 2 steps, few iterations: the suite's smoke run
 

@@ -165,3 +165,15 @@ def test_lm_step_is_the_exact_tabular_minimiser_of_its_loss(method):
     assert r["tv_exact"] < 0.02 and r["target_share"] == pytest.approx(r["target_share_exact"], abs=0.1)
     assert r["loss_last"] < r["loss_first"] and 5 <= r["train_steps"] < 200
     assert rows[0]["gap_avg"] == pytest.approx(np.mean([rows[0][k] for k in rows[0] if k.startswith("gap_avg/")]))
+
+
+@pytest.mark.slow
+def test_lm_pair_method_whose_policy_turned_pure_stays_frozen():
+    """sppo_hard at eta 5, seed 1: by iteration 9 every prompt's K samples tie, so D_9 has no pair; sppo.run stops
+    there with its one-line error and lm_world keeps pi_9 as pi_10 (marked frozen), as tabular self-play keeps pi_t
+    when no group gives a pair."""
+    rows = compare.lm_world("sppo_hard", 5.0, 1, iterations=10)
+    frozen = [r["t"] for r in rows if r.get("frozen")]
+    assert frozen and frozen == list(range(frozen[0], 11))
+    t = frozen[0]
+    assert rows[t]["kl_step"] == 0 and rows[t]["gap_last"] == rows[t - 1]["gap_last"] and "tv_exact" not in rows[t]
