@@ -42,10 +42,12 @@ Rows:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -226,12 +228,46 @@ def bench_train(rows=256, hidden=64, layers=2, repeats=3):
             "fast": rate(tokens, t["train"]), "unit": "tokens/s"}
 
 
+TORCHRUN_TIMEOUT_S = 1800
+"""A torchrun launch that runs longer is killed, with its ranks (its own process group), and the row fails."""
+
+
+def _torchrun(cmd, timeout=TORCHRUN_TIMEOUT_S, tail=2000):
+    """Run a torchrun command in a process group of its own; on a non-zero exit or after `timeout` seconds, kill the
+    whole group (torchrun and its ranks) and raise RuntimeError with the output's tail."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise RuntimeError(f"{' '.join(cmd)} ran past {timeout} s; killed with its ranks:\n{out[-tail:]}{err[-tail:]}")
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-tail:]}{err[-tail:]}")
+
+
+@contextlib.contextmanager
+def _workdir(workdir, prefix):
+    """`workdir` as a Path, or a temporary folder removed afterwards (a failed row leaves nothing in /tmp)."""
+    if workdir:
+        yield Path(workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
+
+
 def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
                activation_checkpointing=False, workdir=None, model_dir=None, data_rows=None, max_length=48):
     """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
     same tiny model, data and batch order; per-step rates, the first 3 (warm-up) excluded. Activation checkpointing
     is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench_fsdp_"))
+    with _workdir(workdir, "bench_fsdp_") as work:
+        return _bench_fsdp(work, world, rows, hidden, layers, arch, global_batch, micro_batch, epochs,
+                           activation_checkpointing, model_dir, data_rows, max_length)
+
+
+def _bench_fsdp(work, world, rows, hidden, layers, arch, global_batch, micro_batch, epochs, activation_checkpointing,
+                model_dir, data_rows, max_length):
     model_dir = model_dir or sppo_toy.build_tiny_policy(work / "model", arch=arch, hidden=hidden, layers=layers)
     data = work / "data.jsonl"
     runs.write_jsonl(data, data_rows or sppo_toy.synthetic_dataset(rows, seed=1))
@@ -241,9 +277,7 @@ def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch
            str(Path(train_7b.__file__).resolve()), "--model", model_dir, "--data", str(data), "--out", str(work / "fsdp"),
            *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress",
            "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    _torchrun(cmd)
     fsdp = [m["tokens_per_s"] for m in runs.read_jsonl(work / "fsdp" / "metrics.jsonl")][3:]
     cfg = sppo.SPPOConfig(**flags, progress=False)
     model, tok = runs.load_policy(model_dir, cfg, "cpu")
@@ -270,8 +304,12 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
     bf16-unchanged fraction), then three --deterministic runs on the first `det_rows` rows (default: all):
     uninterrupted, stopped after step `stop_at`, and resumed; the resumed export must equal the uninterrupted one
     bit for bit. Returns a dict."""
+    with _workdir(workdir, "bench_model_") as work:
+        return _bench_model(work, size, rows, words, max_length, global_batch, micro_batch, stop_at, det_rows)
+
+
+def _bench_model(work, size, rows, words, max_length, global_batch, micro_batch, stop_at, det_rows):
     from safetensors.torch import load_file
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench_model_"))
     model_dir = build_sized_policy(work / "model", size)
     data = work / "data.jsonl"
     runs.write_jsonl(data, sppo_toy.synthetic_dataset(rows, seed=1, words=words))
@@ -286,9 +324,7 @@ def bench_model(size="tiny", rows=64, words=40, max_length=64, global_batch=16, 
                str(out),
                *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))], "--no-progress", *extra]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+        _torchrun(cmd, tail=3000)
         return time.perf_counter() - t0
 
     wall = launch(work / "timed", "--measure-memory")

@@ -56,3 +56,26 @@ def test_bench_quick():
     assert "rows that differ: 0 of 4" in rows[4], rows[4]      # generation: the same tokens on both paths
     for line in rows[:6]:
         assert re.search(r"\d[\d,.]* \[[\d,.]+-[\d,.]+\] (run-steps|pairs|tokens|GFLOP)/s", line), line
+
+
+def test_a_torchrun_launch_past_its_timeout_is_killed_with_its_children(tmp_path):
+    """bench._torchrun runs the launch in its own process group: past the timeout the launcher AND the processes it
+    started (the ranks) are killed, and the row fails with the command named."""
+    import os
+    import time
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, time, pathlib; c = subprocess.Popen(['sleep', '60']); "
+              f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid)); time.sleep(60)")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="ran past 2 s; killed with its ranks"):
+        bench._torchrun([sys.executable, "-c", script], timeout=2)
+    assert time.perf_counter() - t0 < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):                                   # the killed child is reaped by init; wait until it is gone
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the launcher's child {child} survived the timeout")
