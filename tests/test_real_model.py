@@ -132,6 +132,7 @@ def test_one_micro_iteration_end_to_end(real, micro_run):
     assert 0 < moved < 1e-3                                            # one AdamW step of lr 1e-5 (tiny warm-up)
 
 
+@pytest.mark.distributed
 def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp_path):
     """train_7b.py, 2 gloo ranks, --model the GGUF itself: 2 steps on the micro-run's D_t equal sppo.train_policy.
     Losses 1e-5 relative; weights: see the comment at the end (same sums in another order)."""
