@@ -620,7 +620,7 @@ def lora_problem(model, targets):
     if not missing:
         return None
     have = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
-    return f"no module {missing[0]!r} in {type(model).__name__}; its Linear/Embedding modules are {', '.join(have)}"
+    return f"no Linear/Embedding module {missing[0]!r} in {type(model).__name__}; it has {', '.join(have)}"
 
 
 def check_lora_targets(cfg):

@@ -199,8 +199,8 @@ def test_a_lora_run_saves_full_checkpoints_changed_by_rank_r_where_adapters_reac
     (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
     (["--lora-rank", "4", "--lora-dropout", "-0.1"], "--lora-dropout -0.1: must be in [0, 1)"),
     (["--lora-rank", "4", "--config", "CONFIG"], "--lora-targets []: must be one or more module names"),
-    (["--lora-rank", "4", "--lora-targets", "q_proj", "qkv_proj"], "--lora-targets q_proj qkv_proj: no module "
-     "'qkv_proj' in LlamaForCausalLM; its Linear/Embedding modules are down_proj, embed_tokens, gate_proj, k_proj, "
+    (["--lora-rank", "4", "--lora-targets", "q_proj", "qkv_proj"], "--lora-targets q_proj qkv_proj: no Linear/"
+     "Embedding module 'qkv_proj' in LlamaForCausalLM; it has down_proj, embed_tokens, gate_proj, k_proj, "
      "lm_head, o_proj, q_proj, up_proj, v_proj (--model ")])
 def test_bad_lora_settings_are_one_line_before_any_work(tiny, tmp_path, capsys, args, message):
     (tmp_path / "c.yaml").write_text("lora_targets: []\n")
@@ -218,8 +218,8 @@ def test_adapters_on_a_loaded_model_check_its_modules(tiny):
     """The check at load time (a .gguf pi_0 is only known then): the same one line, from add_adapters."""
     cfg = sppo.SPPOConfig(lora_rank=2, lora_targets=["self_attn.q_proj", "c_attn"])
     model, _ = runs.load_policy(tiny, cfg, "cpu")
-    with pytest.raises(cli.ConfigError, match=r"^--lora-targets self_attn.q_proj c_attn: no module 'c_attn' in "
-                                              r"LlamaForCausalLM; its Linear/Embedding modules are down_proj, "):
+    with pytest.raises(cli.ConfigError, match=r"^--lora-targets self_attn.q_proj c_attn: no Linear/Embedding module "
+                                              r"'c_attn' in LlamaForCausalLM; it has down_proj, "):
         sppo.add_adapters(model, cfg)
     assert sppo.lora_problem(model, ["self_attn.q_proj", "mlp.up_proj", "lm_head"]) is None   # peft's suffix rule
 
