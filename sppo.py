@@ -30,6 +30,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -643,8 +644,6 @@ def add_adapters(model, cfg):
     the adapters' input in training. Returns peft's wrapper, which takes the same calls as the model."""
     if problem := lora_problem(model, cfg.lora_targets):
         raise ConfigError(f"--lora-targets {' '.join(cfg.lora_targets)}: {problem}")
-    import warnings
-
     from peft import LoraConfig, get_peft_model     # imported here: full fine-tuning never loads peft
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), bias="none")
