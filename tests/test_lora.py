@@ -155,14 +155,14 @@ class CharOracle:
 
 
 def test_a_lora_run_saves_full_checkpoints_changed_by_rank_r_where_adapters_reach(tiny, tmp_path):
-    """sppo.run, 2 iterations with --lora-rank 4 on q_proj and v_proj: each pi_{t+1} is a full checkpoint
-    with pi_t's tensor names; against pi_t its q_proj and v_proj weights moved, by a matrix of rank <= 4, and every
-    other tensor (k_proj, o_proj, the MLP, norms, embeddings, lm_head) is bit for bit pi_t's. The train stage's
-    manifest records the LoRA settings; resuming with another --lora-rank is refused, the setting named."""
+    """sppo.run, 2 iterations with --lora-rank 4 on q_proj and v_proj: each pi_{t+1} is a full checkpoint with
+    pi_t's tensor names and a falling loss; against pi_t its q_proj and v_proj weights moved, by a matrix of rank <=
+    4, and every other tensor (k_proj, o_proj, the MLP, norms, embeddings, lm_head) is bit for bit pi_t's. The train
+    stage's manifest records the LoRA settings; resuming with another --lora-rank is refused, the setting named."""
     runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
     cfg = sppo.SPPOConfig(model=tiny, prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "run"), iterations=2,
                           split_prompts=False, K=3, max_new_tokens=3, selection="all", eta=3.0, lr=1e-2,
-                          global_batch=12, micro_batch=12, max_length=32, max_prompt_length=16, oracle="game",
+                          global_batch=12, micro_batch=12, epochs=3, max_length=32, max_prompt_length=16, oracle="game",
                           lora_rank=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj"], progress=False)
     oracle = CharOracle()
     assert sppo.run(cfg, oracle=oracle) == tmp_path / "run" / "iter1" / "model"
@@ -178,6 +178,8 @@ def test_a_lora_run_saves_full_checkpoints_changed_by_rank_r_where_adapters_reac
                 assert s[0] > 1e-4 and s[4:].max() < 1e-5 * s[0], f"iter{t} {name}: singular values {s}"
             else:
                 assert torch.equal(after[name], w), f"iter{t} {name}: changed where no adapter reaches"
+        metrics = json.loads((it / "metrics.json").read_text())
+        assert len(metrics["history"]) == 3 and metrics["last_loss"] < metrics["first_loss"]     # the adapters fit
         key = json.loads((it / "manifest.json").read_text())["stages"]["train"]["key"]
         assert {k: key[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")} == \
             {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "lora_targets": ["q_proj", "v_proj"]}
