@@ -254,8 +254,9 @@ STAGE_INPUTS = {"rank": ("generations.jsonl",), "dataset": ("generations.jsonl",
 
 
 TRAIN_SETTINGS = ("loss", "eta", "optimizer", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "epochs",
-                  "schedule_epochs", "fit_tol", "global_batch", "micro_batch", "group_by_length", "pack", "seed", "selection",
-                  "max_length", "max_prompt_length", "truncation", "dtype")
+                  "schedule_epochs", "fit_tol", "global_batch", "micro_batch", "group_by_length", "pack", "seed",
+                  "selection", "max_length", "max_prompt_length", "truncation", "dtype",
+                  "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 """The settings that change pi_{t+1} given D_t and pi_t, besides the loss's own (sppo.LOSSES[...].settings): the train
 stage's key here, and what train_7b.py --resume must find unchanged in its checkpoint."""
 

@@ -16,13 +16,13 @@ Conventions (stated once, used everywhere in this repository):
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Eq. 4.5, Sec. 4.2,
-5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7) -> the four steps -> run_iteration, which
-reads as Algorithm 1 -> run() and the CLI. Around it, one file each: every setting and its rules are sppo_config.py
-(parsed and checked by cli.py); pi as a causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is
-policy.py; the run directory, its records (one reader and writer per artifact), manifests and the stage runner that
-makes each step resumable are runs.py; the demo's tiny-LM world is sppo_toy.py; win rates between policies are
-arena.py.
+In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Eq. 4.5, Sec.
+4.2, 5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7; with --lora-rank on LoRA adapters
+merged after each iteration) -> the four steps -> run_iteration, which reads as Algorithm 1 -> run() and the CLI.
+Around it, one file each: every setting and its rules are sppo_config.py (parsed and checked by cli.py); pi as a
+causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is policy.py; the run directory, its records
+(one reader and writer per artifact), manifests and the stage runner that makes each step resumable are runs.py; the
+demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -607,6 +608,59 @@ def train_policy(model, tokenizer, rows, cfg, device="cpu", on_step=None):
     return history
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Step 4 on LoRA adapters (--lora-rank r > 0; Hu et al., "LoRA", arXiv 2106.09685, through peft): each iteration
+# trains fresh adapters on pi_t, then merges them, so pi_{t+1} is a full checkpoint like any other. pi_ref = pi_t is
+# unchanged: its log-probs are D_t's ref_logp (make_dataset), so no second model is held, LoRA or not.
+def lora_problem(model, targets):
+    """None when every name of `targets` names a module of `model` that LoRA can adapt (a Linear or Embedding whose
+    full name is it or ends with "." + it: peft's rule), else a one-line reason naming the first missing one and the
+    names the model has."""
+    adaptable = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adaptable)]
+    if not missing:
+        return None
+    have = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
+    return f"no Linear/Embedding module {missing[0]!r} in {type(model).__name__}; it has {', '.join(have)}"
+
+
+def check_lora_targets(cfg):
+    """--lora-targets against pi_0 before any work: the model built from --model's config.json on the meta device
+    (no weights read). A .gguf pi_0 is checked when it is loaded (add_adapters)."""
+    if not cfg.lora_rank or str(cfg.model).endswith(".gguf"):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model))
+    if problem := lora_problem(model, cfg.lora_targets):
+        raise ConfigError(f"--lora-targets {' '.join(cfg.lora_targets)}: {problem} (--model {cfg.model})")
+
+
+def add_adapters(model, cfg):
+    """pi_t with fresh LoRA adapters: in every module of cfg.lora_targets, W x becomes W x + (alpha/r) B A x with
+    A (r, d_in) Kaiming-uniform from the torch RNG (train() seeds it), B (d_out, r) zero, so at step 0 the model IS
+    pi_t and the log-ratio of Eq. (4.7) starts at 0 as in full fine-tuning. W and every other weight are frozen:
+    train_policy's optimizer gets the parameters that require grad, A and B only. Dropout cfg.lora_dropout acts on
+    the adapters' input in training. Returns peft's wrapper, which takes the same calls as the model."""
+    if problem := lora_problem(model, cfg.lora_targets):
+        raise ConfigError(f"--lora-targets {' '.join(cfg.lora_targets)}: {problem}")
+    from peft import LoraConfig, get_peft_model     # imported here: full fine-tuning never loads peft
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none")
+    with warnings.catch_warnings():                 # peft 0.21 asks transformers 5.24 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def merge_adapters(model):
+    """pi_{t+1} as a plain model: W <- W + (alpha/r) B A in every adapted module and the adapters removed (peft's
+    merge_and_unload), every weight trainable again. save_pretrained then writes a full checkpoint: the next
+    iteration's pi_t, and what arena.py, train_7b.py and from_pretrained read, with no trace of peft."""
+    merged = model.merge_and_unload()
+    merged.requires_grad_(True)
+    return merged
+
+
 def check_dataset_sources(rows, gens, mats, cfg, path, logits=None):
     """D_t against its sources: prompt by prompt, in order, the rows kept_rows keeps (K, 2, or 0 for a prompt whose
     responses all tie under --selection pair), each carrying that generation's text and token ids and its P-hat (and
@@ -655,7 +709,11 @@ def train(it, rows, gens, mats, oracle, held_out=None):
         old["0"] = old["t"] if t == 0 else answers(*runs.load_policy(cfg.model, cfg, it.device), held_out, cfg,
                                                    it.device)
     torch.manual_seed(cfg.seed + t)
+    if cfg.lora_rank:                                        # fresh adapters on pi_t, their A seeded here
+        model = add_adapters(model, cfg)
     history = train_policy(model, tok, rows, dataclasses.replace(cfg, seed=cfg.seed + t), it.device)
+    if cfg.lora_rank:                                        # pi_{t+1} = pi_t + (alpha/r) B A: a full checkpoint
+        model = merge_adapters(model)
     stats = {"iteration": t, "prompts": len(it.prompts), "rows": len(rows),
              "prompts_without_pair": len(it.prompts) - len({r["prompt_id"] for r in rows}),     # all K tied
              "unfinished": sum(not f for g in gens for f in g["finished"]),
@@ -700,6 +758,7 @@ def run(cfg, oracle=None):
     validate_config(cfg)
     if cfg.model is None or cfg.prompts is None:
         raise ConfigError("a run needs --model DIR and --prompts FILE")
+    check_lora_targets(cfg)
     if oracle is not None and not callable(getattr(oracle, "identity", None)):
         raise ConfigError(f"oracle {type(oracle).__name__} has no identity(): the run manifest must record what "
                           f"makes its preferences (sppo.Oracle); give it one")

@@ -27,6 +27,11 @@ sppo.py's, next to the losses; the config reads it for --loss's choices and chec
 ORACLES: dict = {}
 """--oracle: name -> sppo.OracleEntry (its identity for the manifest, and how to build it). The table is sppo.py's."""
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""--lora-targets' default: every attention and MLP projection of a Llama or Mistral decoder layer. Hu et al. (LoRA,
+arXiv 2106.09685) adapt attention only; Dettmers et al. (QLoRA, arXiv 2305.14314, Sec. 4) find that adapters on all
+the linear layers of the block are needed to match full fine-tuning."""
+
 
 def finite(x):
     return math.isfinite(x)
@@ -117,6 +122,14 @@ class SPPOConfig:
                                   "(sppo.micro_batches).")
     pack: bool = arg(default=True, help="Padding-free micro-batches: the rows packed into one sequence, each row "
                        "attending to itself only (policy.collate, packed=True); same log-probs, no pad tokens.")
+    lora_rank: int = arg(default=0, help="Train each iteration's step 4 on fresh LoRA adapters of this rank r (peft; "
+                         "Hu et al., arXiv 2106.09685): W + (alpha/r) B A on --lora-targets, merged into pi_{t+1}, "
+                         "saved as a full checkpoint. 0: full fine-tuning (the paper's).")
+    lora_alpha: float = arg(default=16.0, help="--lora-rank: the adapters' scale numerator; the update is "
+                            "(alpha/r) B A.")
+    lora_dropout: float = arg(default=0.0, help="--lora-rank: dropout on the adapters' input while training.")
+    lora_targets: list[str] = arg(default_factory=lambda: list(LORA_TARGETS), help="--lora-rank: the modules that "
+                                  "get adapters, by name (peft's rule: a module whose name ends with one).")
     seed: int = arg(default=42, help="Seed for prompt order, sampling and training order.")
     dtype: Literal["float32", "bfloat16", "float16"] = arg(default="float32", help="Weights dtype (log-probs "
                                                               "are accumulated in fp32 regardless).")
@@ -157,6 +170,12 @@ class SPPOConfig:
         ("global_batch",    lambda c: c.global_batch >= 1,                       ">= 1"),
         ("micro_batch",     lambda c: c.micro_batch >= 1,                        ">= 1"),
         ("ipo_target",      lambda c: finite(c.ipo_target),                      "finite"),
+        ("lora_rank",       lambda c: c.lora_rank >= 0,                          ">= 0 (0: full fine-tuning)"),
+        ("lora_alpha",      lambda c: positive(c.lora_alpha),                    "finite and > 0"),
+        ("lora_dropout",    lambda c: 0 <= c.lora_dropout < 1,                   "in [0, 1)"),
+        ("lora_targets",    lambda c: len(c.lora_targets) > 0 and all(isinstance(t, str) and t.strip() for t in
+                                                                      c.lora_targets),
+                                                                                 "one or more module names"),
         ("estimate_from",   lambda c: c.estimate_from == "all" or c.selection == "pair",
                                                                                  "'all' with --selection all (the "
                                                                                  "pair is only known with pairs)"),

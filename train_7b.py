@@ -104,7 +104,10 @@ class TrainConfig(sppo.SPPOConfig):
                 "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
                 "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py"),
                 "fit_tol": (0.0, "it trains --epochs epochs, its checkpoints count steps; fitting to a tolerance is "
-                                 "sppo.py's")}
+                                 "sppo.py's"),
+                **{f.name: (f.default if f.default_factory is dataclasses.MISSING else f.default_factory(),
+                            "FSDP2 with LoRA is not built yet; sppo.py --lora-rank trains LoRA on one device")
+                   for f in dataclasses.fields(sppo.SPPOConfig) if f.name.startswith("lora_")}}
     """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
     RULES = cli.left_out(NOT_HERE, "this program") + sppo.SPPOConfig.RULES + (   # the unused settings first
