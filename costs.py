@@ -3,6 +3,7 @@
 Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675: the paper trains
 Mistral-7B and Llama-3-8B on 8 x A100. train_7b.py logs step_flops / peak_flops as MFU and peak_memory_gb every step;
 `python train_7b.py --plan mistral-7b --world 8 --micro-batch 8 --max-length 1024` prints memory_plan without a GPU;
+`python train_7b.py --plan-table mistral-7b llama-3-8b` its totals on 1-8 GPUs of 24-80 GB, full fine-tuning vs LoRA;
 --measure-memory writes FSDPMemTracker's measured peak beside the plan (write_memory_report); bench.py reuses them.
 """
 from __future__ import annotations
