@@ -1,6 +1,6 @@
 """The memory plan's LoRA terms, measured: FSDPMemTracker on a tiny model with peft LoRA adapters under FSDP2.
 
-    torchrun --standalone --nproc_per_node 2 tests/lora_memory.py MODEL_DIR OUT.json [RANK [OPTIMIZER]]
+    torchrun --standalone --nproc_per_node 2 tests/lora_memory.py MODEL_DIR OUT.json RANK {rmsprop,adamw}
 
 The model is sharded as train_7b.py shards it (apply_activation_checkpointing, then apply_fsdp: each unit, then
 the root) after peft has put adapters on costs.LORA_TARGETS; the base is frozen, the optimizer (sppo.make_optimizer)
@@ -11,6 +11,7 @@ sharded grads are all there), "plan": costs.memory_plan with fp32 compute (CPU)}
 tests/test_costs.py compares them. (Independent of train_7b.py's own --lora-rank, which this does not use.)
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import train_7b  # noqa: E402
 ROWS, T = 2, 48
 
 
-def main(model_dir, out, rank=8, optimizer="rmsprop"):
+def main(model_dir, out, rank, optimizer):
     d = distributed.init_distributed()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -66,8 +67,7 @@ def main(model_dir, out, rank=8, optimizer="rmsprop"):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(args[0], args[1], *([int(args[2])] if len(args) > 2 else []), *args[3:4])
+    model_dir, out, rank, optimizer = sys.argv[1:]
+    main(model_dir, out, int(rank), optimizer)
     sys.stdout.flush()
-    import os
     os._exit(0)                                 # as train_7b.py: no exit-time teardown of the gloo threads
