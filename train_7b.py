@@ -25,6 +25,7 @@ Commands (OUT must be on a filesystem every node sees: checkpoints are written b
       train_7b.py --model PI_T --data D_T.jsonl --out /scratch/runs/7b/iter0
   # after a crash: the same command plus --resume.    Memory plan without a GPU:
   python train_7b.py --plan mistral-7b --world 8 --micro-batch 8 --max-length 1024
+  python train_7b.py --plan-table mistral-7b llama-3-8b     # 1/2/4/8 GPUs of 24/48/80 GB, full vs LoRA
   # CPU check, 2 gloo ranks:  torchrun --standalone --nproc_per_node 2 train_7b.py --model TINY --data D.jsonl \
   #                               --out runs/t --global-batch 8 --micro-batch 2 --lr 1e-4
 """
@@ -92,6 +93,9 @@ class TrainConfig(sppo.SPPOConfig):
     measure_memory: bool = arg(default=False, help="FSDPMemTracker on the second step; writes OUT/memory.json.")
     plan: str | None = arg(default=None, help="Print the per-GPU memory plan of `mistral-7b`, `llama-3-8b` or a "
                              "config dir, and exit (no GPU needed).")
+    plan_table: list[str] | None = arg(default=None, help="Print per-GPU memory on 1/2/4/8 GPUs of 24/48/80 GB, "
+                                         "full fine-tuning vs LoRA r16/r64, activation checkpointing off/on, for "
+                                         "these models (as --plan), at --micro-batch and 1, and exit.")
     world: int = arg(default=8, help="--plan only: GPUs the model is sharded over.")
     gpu_gb: float = arg(default=80.0, help="--plan only: GPU memory (GB) the plan must fit in.")
 
@@ -562,6 +566,9 @@ def main(argv=None):
     def work(cfg):
         if cfg.plan:
             costs.print_plan(cfg)
+            return 0
+        if cfg.plan_table:
+            costs.print_plan_table(cfg)
             return 0
         return run(cfg)
     return cli.main("train_7b.py", TrainConfig, work, argv, description=__doc__.split("\n")[0])
