@@ -126,13 +126,18 @@ def gather_to_rank0(part, d):
 # Checkpoints (torch.distributed.checkpoint) and the export for from_pretrained.
 class TrainState:
     """What --resume restores (a DCP `Stateful`): model and optimizer shards, LR schedule, the data position (the
-    optimizer step; the batch order is a pure function of the seed) and each rank's RNG states."""
+    optimizer step; the batch order is a pure function of the seed) and each rank's RNG states. Frozen parameters
+    (LoRA's base weights: pi_t, read again from --model, whose hash run.json checks) are left out, so a LoRA
+    checkpoint holds the adapters and their optimizer state only; strict=False lets the model load without them,
+    while dcp.load still refuses a checkpoint that lacks any key that is saved."""
+
+    OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def __init__(self, model, opt, sched, d):
         self.model, self.opt, self.sched, self.d, self.step, self.with_rng = model, opt, sched, d, 0, True
 
     def state_dict(self):
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        model_sd, optim_sd = get_state_dict(self.model, self.opt, options=self.OPTIONS)
         sd = {"model": model_sd, "optim": optim_sd, "sched": self.sched.state_dict(), "step": self.step}
         if self.with_rng:
             rng = {"cpu": torch.get_rng_state()}
@@ -142,7 +147,8 @@ class TrainState:
         return sd
 
     def load_state_dict(self, sd):
-        set_state_dict(self.model, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(self.model, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=self.OPTIONS)
         self.sched.load_state_dict(sd["sched"])
         self.step = sd["step"]
         rng = sd.get(f"rng_rank{self.d.rank}", {})
@@ -194,14 +200,16 @@ def load_checkpoint(state, path, saved, d):
     state.with_rng = True
 
 
-def export_model(model, tokenizer, src, out, bf16, d):
+def export_model(model, tokenizer, src, out, bf16, d, plain=None):
     """pi_{t+1} for AutoModelForCausalLM.from_pretrained: OUT/model in fp32, always (sppo.py's and the next
     iteration's --model: in bf16 RMSprop's ~lr-sized updates round back to pi_t), and OUT/model_bf16 when `bf16`
     (serving, evaluation). The full state dict goes to rank 0 (a collective; the others get {}), is loaded into a
-    meta-built model and written with save_pretrained. Returns bf16_unchanged_fraction vs pi_t (None off rank 0)."""
+    meta-built model and written with save_pretrained. plain: rank 0's map from the gathered state dict to the
+    checkpoint's (LoRA: the merge, train_7b.merged). Returns bf16_unchanged_fraction vs pi_t (None off rank 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     full, frac = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), None
     if d.rank == 0:
+        full = plain(full) if plain else full
         start = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()    # pi_t
         frac = bf16_unchanged_fraction(start, full)
         del start

@@ -10,9 +10,10 @@ schedule are imported, never repeated. This file adds the distributed concerns o
 torchtitan's fixed order (pytorch/torchtitan, "FSDP2"); the process group and DCP checkpoints are distributed.py, the
 FLOPs/MFU and memory plan costs.py:
 
-    build on meta -> activation checkpointing -> fully_shard (embeddings, each layer, lm_head, root) -> materialise,
-    pi_t's weights broadcast from rank 0 -> reference log-probs (pi_ref = pi_t, sharded, cached beside the data)
-    -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP checkpoints -> fp32 save_pretrained on rank 0
+    build on meta (--lora-rank: + fresh adapters) -> activation checkpointing -> fully_shard (embeddings, each layer,
+    lm_head, root) -> materialise, pi_t's weights (and adapters) broadcast from rank 0 -> reference log-probs (pi_ref =
+    pi_t, sharded, cached beside the data) -> optimizer + schedule -> load checkpoint (--resume) -> train -> DCP
+    checkpoints -> fp32 save_pretrained on rank 0 (--lora-rank: the adapters merged first)
 
 Commands (OUT must be on a filesystem every node sees: checkpoints are written by all ranks):
   # one SPPO step on 8 GPUs, from sppo.py's dataset.jsonl (ref_logp optional):
@@ -108,10 +109,7 @@ class TrainConfig(sppo.SPPOConfig):
                 "reference": ("previous", "pi_ref is pi_t, the --model trained here; a fixed pi_0 runs in sppo.py"),
                 "eval_prompts": (None, "held-out win rates are sppo.py's, per iteration; judge models with arena.py"),
                 "fit_tol": (0.0, "it trains --epochs epochs, its checkpoints count steps; fitting to a tolerance is "
-                                 "sppo.py's"),
-                **{f.name: (f.default if f.default_factory is dataclasses.MISSING else f.default_factory(),
-                            "FSDP2 with LoRA is not built yet; sppo.py --lora-rank trains LoRA on one device")
-                   for f in dataclasses.fields(sppo.SPPOConfig) if f.name.startswith("lora_")}}
+                                 "sppo.py's")}
     """SPPOConfig settings of sppo.py's CLI that this program does not use: any other value is refused, with why."""
 
     RULES = cli.left_out(NOT_HERE, "this program") + sppo.SPPOConfig.RULES + (   # the unused settings first
@@ -217,13 +215,25 @@ def apply_fsdp(model, mesh, mp_policy):
         f"embed_tokens | {n} layers | lm_head | root (norm)"
 
 
-def load_weights(model, path, d):
+def load_weights(model, cfg, d):
     """pi_t's weights: rank 0 reads the checkpoint on CPU in fp32 and broadcasts; each rank keeps its shards.
+    --lora-rank: rank 0 first gives its copy fresh adapters exactly as sppo.train does (torch.manual_seed, then
+    sppo.add_adapters: A Kaiming-uniform, B = 0), seeded by the batch order's seed (cfg.seed, which sppo.train passes
+    to train_policy as seed + t), so the adapters do not depend on the number of ranks and equal one process's.
 
     to_empty() leaves non-persistent buffers (the RoPE inv_freq) uninitialised, so they are rebuilt from the config.
     """
     from transformers import AutoModelForCausalLM
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict() if d.rank == 0 else {}
+    full = {}
+    if d.rank == 0:
+        pi_t = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        if cfg.lora_rank:
+            rng = torch.get_rng_state()
+            torch.manual_seed(cfg.seed)
+            pi_t = sppo.add_adapters(pi_t, cfg).get_base_model()     # the HF model, adapters in place
+            torch.set_rng_state(rng)                                  # rank 0's RNG stream as without LoRA
+        full = pi_t.state_dict()
+        del pi_t
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for mod in model.modules():
         if hasattr(mod, "inv_freq") and hasattr(mod, "rope_type"):
@@ -234,18 +244,34 @@ def load_weights(model, path, d):
 
 
 def build_model(cfg, d):
-    """pi_t as an FSDP2 module with fp32 master weights; works for the Llama and Mistral classes of transformers."""
+    """pi_t as an FSDP2 module with fp32 master weights; works for the Llama and Mistral classes of transformers.
+    --lora-rank: the adapters go in on the meta model BEFORE fully_shard (sppo.add_adapters, in place), so each
+    lora_A/lora_B lives in its decoder layer's unit beside the frozen W it adapts; their values come with pi_t's."""
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
+        if cfg.lora_rank:
+            model = sppo.add_adapters(model, cfg).get_base_model()      # the HF model, its Linears now LoRA layers
     if cfg.pack:
         d.log(f"packed batches: {policy.use_packed_attention(model)} attention")
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     d.log("FSDP units: " + apply_fsdp(model, d.mesh, mixed_precision(d.device)))
     model.to_empty(device=d.device)
-    load_weights(model, cfg.model, d)
+    load_weights(model, cfg, d)
     return model
+
+
+def merged(full, cfg):
+    """pi_{t+1} = pi_t + (alpha/r) B A as a plain state dict (rank 0, fp32 on CPU): the gathered state dict of the
+    adapted model goes into a meta-built copy with the same adapters and sppo.merge_adapters merges it, so the export
+    is what sppo.py's merge gives: pi_t's tensor names, no adapter keys."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = sppo.add_adapters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model),
+                                                                   dtype=torch.float32), cfg)
+    model.get_base_model().load_state_dict(full, assign=True)
+    return sppo.merge_adapters(model).state_dict()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +499,8 @@ def train(cfg, d):
         r["ref_logp"] = lp
     runs.check_dataset(rows, data)
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
-    opt = sppo.make_optimizer(model.parameters(), cfg)                # on the sharded (DTensor) parameters
+    trainable = [p for p in model.parameters() if p.requires_grad]     # LoRA: A and B only; W stays frozen
+    opt = sppo.make_optimizer(trainable, cfg)                          # on the sharded (DTensor) parameters
     sched = sppo.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
     state = distributed.TrainState(model, opt, sched, d)
     if ckpt:
@@ -482,14 +509,16 @@ def train(cfg, d):
     elif cfg.resume:
         d.log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting at step 0")
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in trainable)
+    lora = f"; LoRA rank {cfg.lora_rank}: {n_trained / 1e6:.3f} M trained" if cfg.lora_rank else ""
     peak = costs.peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     metrics_path = out / "metrics.jsonl"
     if d.rank == 0:                                    # a resumed run's log continues where the checkpoint was
         old = runs.read_jsonl(metrics_path) if metrics_path.is_file() else []
         runs.write_jsonl(metrics_path, [m for m in old if m["step"] < state.step])
-    d.log(f"{n_params / 1e6:.2f} M params on {d.world} ranks ({d.device.type}); {len(schedule)} steps (LR schedule "
-          f"{total}) of {cfg.global_batch} {'pairs' if group == 2 else 'rows'} = {cfg.micro_batch} x {accumulation} x "
-          f"{d.world}; optimizer {cfg.optimizer}; "
+    d.log(f"{n_params / 1e6:.2f} M params{lora} on {d.world} ranks ({d.device.type}); {len(schedule)} steps (LR "
+          f"schedule {total}) of {cfg.global_batch} {'pairs' if group == 2 else 'rows'} = {cfg.micro_batch} x "
+          f"{accumulation} x {d.world}; optimizer {cfg.optimizer}; "
           f"collective timeout {d.timeout.total_seconds():.0f} s; deterministic algorithms {cfg.deterministic}")
     model.train()
     measure_at = min(state.step + 1, len(schedule) - 1) if cfg.measure_memory else -1   # optimizer state exists
@@ -523,7 +552,8 @@ def train(cfg, d):
             d.log(f"stopped after step {state.step} (--stop-at-step); continue with --resume")
             return {"stopped_at": state.step}
     bf16 = cfg.export_bf16 or d.device.type == "cuda"
-    frac = distributed.export_model(model, tok, cfg.model, out, bf16, d)
+    plain = (lambda full: merged(full, cfg)) if cfg.lora_rank else None          # LoRA: exported merged
+    frac = distributed.export_model(model, tok, cfg.model, out, bf16, d, plain)
     summary = {"steps": len(schedule), "truncated": n_cut, "model": str(out / "model"), "model_bf16": str(
                out / "model_bf16") if bf16 else None, "bf16_unchanged_fraction": frac}
     if d.rank == 0:
@@ -549,6 +579,7 @@ def validate(cfg):
     sppo.validate_config(cfg)
     if str(cfg.model).endswith(".gguf"):              # every rank converts or finds the cache; the first rename wins
         cfg.model = str(runs.gguf_checkpoint(cfg.model))
+    sppo.check_lora_targets(cfg)                      # --lora-targets against pi_t's modules, before any rank starts
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:

@@ -216,6 +216,18 @@ def test_bad_lora_settings_are_one_line_before_any_work(tiny, tmp_path, capsys, 
     assert not out.exists()                                                       # nothing written, not even .lock
 
 
+def test_train_7b_checks_lora_targets_in_one_line_before_any_work(tiny, tmp_path, capsys):
+    """train_7b.py checks --lora-targets against pi_t's config before the process group, as sppo.py does."""
+    out = tmp_path / "out"
+    runs.write_jsonl(tmp_path / "d.jsonl", dataset())
+    assert train_7b.main(["--model", tiny, "--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--lora-rank",
+                          "4", "--lora-targets", "q_proj", "qkv_proj", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("train_7b.py: error: --lora-targets q_proj qkv_proj: no Linear/"
+                                                   "Embedding module 'qkv_proj' in LlamaForCausalLM; it has "), err
+    assert not out.exists()
+
+
 def test_adapters_on_a_loaded_model_check_its_modules(tiny):
     """The check at load time (a .gguf pi_0 is only known then): the same one line, from add_adapters."""
     cfg = sppo.SPPOConfig(lora_rank=2, lora_targets=["self_attn.q_proj", "c_attn"])
@@ -226,15 +238,13 @@ def test_adapters_on_a_loaded_model_check_its_modules(tiny):
     assert sppo.lora_problem(model, ["self_attn.q_proj", "mlp.up_proj", "lm_head"]) is None   # peft's suffix rule
 
 
-def test_train_7b_refuses_lora_and_its_resume_record_carries_the_settings(tmp_path):
-    """FSDP2 with LoRA is not built: train_7b.py refuses every LoRA setting in one line, why named. Its --resume
-    record (run.json, runs.TRAIN_SETTINGS) holds them, reads back equal, and a changed one is refused by name."""
-    for flag, value in [("--lora-rank", "8"), ("--lora-alpha", "32"), ("--lora-dropout", "0.1"),
-                        ("--lora-targets", "q_proj")]:
-        with pytest.raises(cli.ConfigError, match=rf"^{flag} .*: must be left out: not a setting of this program "
-                                                  rf"\(FSDP2 with LoRA is not built yet; sppo.py --lora-rank trains "
-                                                  rf"LoRA on one device\)$"):
-            cli.check(cli.parse(train_7b.TrainConfig, [flag, value]))
+def test_train_7b_takes_the_lora_settings_and_its_resume_record_carries_them(tmp_path):
+    """train_7b.py takes the four LoRA settings (FSDP2 with LoRA: tests/test_train_7b.py checks it against one
+    process). Its --resume record (run.json, runs.TRAIN_SETTINGS) holds them, reads back equal, and a changed one is
+    refused by name."""
+    got = cli.check(cli.parse(train_7b.TrainConfig, ["--lora-rank", "8", "--lora-alpha", "32", "--lora-dropout", "0.1",
+                                                     "--lora-targets", "q_proj", "v_proj"]))
+    assert (got.lora_rank, got.lora_alpha, got.lora_dropout, got.lora_targets) == (8, 32.0, 0.1, ["q_proj", "v_proj"])
     cfg = cli.check(train_7b.TrainConfig())
     names = train_7b.resume_settings(cfg)
     assert {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"} <= set(names)

@@ -102,15 +102,21 @@ def mistral_run(world):
 
 def single_process(world, arch, epochs, out, model_dir=None, **extra):
     """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
-    micro-batch 8; `extra`: other settings, as train_7b.py was given them."""
+    micro-batch 8; `extra`: other settings, as train_7b.py was given them. With lora_rank, sppo.train's LoRA path:
+    torch.manual_seed(seed), add_adapters, train_policy, merge_adapters (the state dict returned is the merged one)."""
     d = data(world, arch)
     ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
     rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(d), ref)]
-    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, epochs=epochs, progress=False, **extra)
+    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8, **extra}, epochs=epochs, progress=False)
     model, tok = runs.load_policy(model_dir or world[arch], cfg, "cpu")
     pairs, _ = sppo.encode_rows(tok, rows, cfg)
     ref_single = policy.batched_logps(model, pairs, tok.pad_token_id, 8)
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)
+        model = sppo.add_adapters(model, cfg)
     history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    if cfg.lora_rank:
+        model = sppo.merge_adapters(model)
     return ref, ref_single, history, model.state_dict()
 
 
@@ -174,6 +180,50 @@ def test_tied_embeddings_stay_in_one_unit_and_match_single_process(world, tmp_pa
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     assert max_diff(exported.state_dict(), params) < PARAM_ATOL
+
+
+LORA = dict(lora_rank=8, lora_alpha=32.0, lr=1e-3)
+"""--lora-rank 8 with alpha 32 (scale 4) at lr 1e-3: B starts at 0, so the merged update (alpha/r) B A after 6 steps
+is ~5e-2, far above the tolerance (0.2 lr, the RMSprop argument of the module docstring, on A and B)."""
+
+
+def test_fsdp_lora_matches_single_process_and_resumes_exactly(world, tmp_path):
+    """--lora-rank 8 on 2 ranks: fresh adapters on pi_t added before fully_shard, the base frozen and sharded, only
+    A and B in the optimizer, the merged model exported. Against one process (sppo.train's LoRA path: seed,
+    add_adapters, train_policy, merge_adapters): the same losses and grad norms, and the exported checkpoint is a
+    plain one (pi_t's tensor names, no adapter keys) with the merged weights, changed only where adapters reach.
+    Its DCP checkpoints hold the adapters and their optimizer state only; stop + --resume is bit-exact."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out, atol = tmp_path / "lora", 0.2 * LORA["lr"]
+    args = flags(model=world["llama"], data=data(world, "llama"), out=out, epochs=2, save_every=2, **{**PLAIN, **LORA})
+    p = torchrun(*args)
+    assert "LoRA rank 8: 0.008 M trained" in p.stdout
+    _, _, history, params = single_process(world, "llama", 2, out, group_by_length=False, **LORA)
+    steps = runs.read_jsonl(out / "metrics.jsonl")
+    assert len(steps) == len(history) == 6
+    for h, m in zip(history, steps):
+        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+        assert abs(m["grad_norm"] - h["grad_norm"]) <= 1e-5 * h["grad_norm"]
+    exported = load_file(out / "model" / "model.safetensors")
+    start = load_file(Path(world["llama"]) / "model.safetensors")
+    assert sorted(exported) == sorted(start) and not list((out / "model").glob("adapter_*"))
+    assert max_diff(exported, params) < atol                                   # sppo.py's merge, to rounding
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert min(max_diff({k: exported[k]}, {k: start[k]}) for k in start if k.endswith(
+        tuple(f"{m}.weight" for m in adapted))) > 50 * atol                   # every adapted W moved...
+    assert all(torch.equal(exported[k], start[k]) for k in start if not k.endswith(
+        tuple(f"{m}.weight" for m in adapted)))                                # ...nothing else did
+
+    dcp_to_torch_save(distributed.checkpoints(out)[-1], tmp_path / "final.pt")
+    saved = torch.load(tmp_path / "final.pt")["train"]
+    assert saved["model"] and all(".lora_A." in k or ".lora_B." in k for k in saved["model"])   # no frozen base
+    resumed = tmp_path / "lora_resumed"
+    args = [str(resumed) if a == str(out) else a for a in args]
+    torchrun(*args, "--stop-at-step", "3")
+    assert "resumed from" in torchrun(*args, "--resume").stdout
+    b = runs.read_jsonl(resumed / "metrics.jsonl")
+    assert [(m["loss"], m["grad_norm"], m["lr"]) for m in steps] == [(m["loss"], m["grad_norm"], m["lr"]) for m in b]
+    assert max_diff(exported, load_file(resumed / "model" / "model.safetensors")) == 0.0
 
 
 def test_export_reloads_and_matches_fsdp_parameters(world, llama_run):
