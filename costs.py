@@ -92,7 +92,8 @@ def peak_flops(device_name):
 # ----------------------------------------------------------------------------------------------------------------
 # Memory: the per-GPU plan of FSDP2 training (--plan) and what a run measures (peak, FSDPMemTracker).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The Linear layers LoRA adapts by default: every attention and MLP projection of a Llama/Mistral decoder layer."""
+"""The Linear layers LoRA adapts by default (--lora-targets; sppo_config.LORA_TARGETS is this tuple): every attention
+and MLP projection of a Llama/Mistral decoder layer."""
 
 
 def lora_param_counts(config, rank, targets=LORA_TARGETS):
@@ -295,6 +296,7 @@ def write_memory_report(tracker, config, cfg, seq_len, d, out):
     measured = {getattr(k, "value", str(k)): v for k, v in snap.items()}
     if d.rank == 0:
         plan = memory_plan(config, d.world, cfg.micro_batch * (2 if cfg.selection == "pair" else 1), seq_len,
-                           cfg.optimizer,
-                           compute_bytes=2 if d.device.type == "cuda" else 4, ckpt=cfg.activation_checkpointing)
+                           cfg.optimizer, compute_bytes=2 if d.device.type == "cuda" else 4,
+                           ckpt=cfg.activation_checkpointing, lora_rank=cfg.lora_rank,
+                           lora_targets=tuple(cfg.lora_targets))                # the LoRA terms for a LoRA run
         (out / "memory.json").write_text(json.dumps({"seq_len": seq_len, "measured": measured, "plan": plan}, indent=1))

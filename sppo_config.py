@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import cli
 import committee
+import costs
 import runs
 from cli import ConfigError, arg
 
@@ -27,7 +28,7 @@ sppo.py's, next to the losses; the config reads it for --loss's choices and chec
 ORACLES: dict = {}
 """--oracle: name -> sppo.OracleEntry (its identity for the manifest, and how to build it). The table is sppo.py's."""
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = costs.LORA_TARGETS
 """--lora-targets' default: every attention and MLP projection of a Llama or Mistral decoder layer. Hu et al. (LoRA,
 arXiv 2106.09685) adapt attention only; Dettmers et al. (QLoRA, arXiv 2305.14314, Sec. 4) find that adapters on all
 the linear layers of the block are needed to match full fine-tuning."""
