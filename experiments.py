@@ -55,6 +55,7 @@ class ExperimentError(cli.ArtifactError):
 
 
 # ------------------------------------------------------------------------------------------------ statistics
+@functools.cache
 def t_quantile(p, df):
     """The p-quantile of Student's t with df degrees of freedom (p in (0.5, 1), df >= 1), by bisection on its CDF.
 
