@@ -480,8 +480,12 @@ def lock_run_dir(out):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
+        for _ in range(200):                     # the holder writes its PID just after taking the lock: wait for it
+            f.seek(0)
+            if holder := f.read().strip():
+                break
+            time.sleep(0.01)
+        holder = holder or "unknown"
         f.close()
         raise ConfigError(f"--out {out}: another run is using it (PID {holder}, {out / '.lock'}); wait for it to end, "
                           f"or use another --out") from None
