@@ -9,7 +9,7 @@ as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
 
     gap_avg, gap_last   exact duality gap (hedge_toy.duality_gap) of the average pi-bar_t and of the last iterate pi_t
     kl_step             KL(pi_t || pi_{t-1}), the step actually taken (protocol 2 reads the gap against its running sum)
-    target_share        how much of its loss's target the fit reached (sppo.target_share; NaN for DPO and KTO): the
+    target_share        how much of its loss's target the fit reached (losses.target_share; NaN for DPO and KTO): the
                         slope over D_t's rows, so the noise of P-hat lowers it even for an exact fit
     target_share_exact  (LM) the same for the exact tabular minimiser on the same rows: the reachable share
     tv_hedge            TV(pi_t, Hedge step from pi_{t-1} at eta' = eta (K-1)/K), the step SPPO aims at (Eq. 4.1)
@@ -40,15 +40,43 @@ from transformers.utils import logging as hf_logging
 import cli
 import experiments
 import hedge_toy
+import losses
 import runs
 import sppo
 import sppo_toy
 
 METHODS = {"sppo": ("sppo", "all"), "sppo@pair": ("sppo", "pair"), "sppo_hard": ("sppo_hard", "pair"),
-           "dpo": ("dpo", "pair"), "ipo": ("ipo", "pair"), "kto": ("kto", "pair")}
-"""Method name -> (--loss, --selection). 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair' the same loss on
-each prompt's winner and loser only, with their row win rates (the authors' released form); the rest are Sec. 4.5's
-losses on the same pair, beta = 1/eta."""
+           "dpo": ("dpo", "pair"), "ipo": ("ipo", "pair"), "kto": ("kto", "pair"),
+           "optimistic": ("optimistic", "all"), "extragradient": ("extragradient", "all"),
+           "mirror_prox": ("mirror_prox", "all"), "nash_md": ("nash_md", "all"), "mmd": ("mmd", "all"),
+           "mpo": ("mmd", "all", {"magnet_every": 5}), "inpo": ("inpo", "pair"), "dno": ("dno", "pair")}
+"""Method name -> (--loss, --selection[, other settings]). 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair'
+the same loss on each prompt's winner and loser only, with their row win rates (the authors' released form);
+sppo_hard, dpo, ipo, kto are Sec. 4.5's losses on the same pair, beta = 1/eta. The rest are SPPO's successors
+(losses.py) at KL weight TAU towards mu = pi_0; 'mpo' is mmd whose magnet moves to the current policy every 5
+iterations (MPO, arXiv 2410.16714)."""
+
+SUITES = {"peers": ("sppo", "sppo@pair", "sppo_hard", "dpo", "ipo", "kto"),
+          "successors": ("sppo", "optimistic", "extragradient", "mirror_prox", "nash_md", "mmd", "mpo", "inpo", "dno")}
+"""--suite: the methods compared by default, and the question. 'peers': SPPO against iterative DPO/IPO (the paper's
+baselines), steps chosen on the gap of the average. 'successors': SPPO against the methods built for a converging
+last iterate, steps chosen on the gap of the LAST iterate (SUITE_METRIC)."""
+
+SUITE_METRIC = {"peers": "gap_avg", "successors": "gap_last"}
+
+TAU = 0.1
+"""The KL weight of the regularised successors (nash_md, mmd, mpo, mirror_prox, inpo), fixed, not tuned: their fixed
+point is the tau-regularised equilibrium, whose gap on weighted RPS is 0.078 (last_iterate.py), a floor that only
+mpo's moving magnet removes."""
+
+
+def method_settings(method):
+    """(--loss, --selection, {other settings}) of a METHODS entry; the regularised ones get tau = TAU."""
+    loss, selection, *extra = METHODS[method]
+    extra = dict(extra[0]) if extra else {}
+    if "tau" in losses.LOSSES[loss].settings:
+        extra.setdefault("tau", TAU)
+    return loss, selection, extra
 
 TABULAR_GAMES = {"rps": (hedge_toy.rock_paper_scissors, [0.1, 0.2, 0.7]),
                  "weighted_rps": (hedge_toy.weighted_rps, [0.7, 0.2, 0.1]),
@@ -83,9 +111,9 @@ def tabular_world(method, step, seed, game="rps", iterations=20, K=5, groups=64)
     """One run of `method` at eta = step in tabular self-play on TABULAR_GAMES[game] (sppo_toy.tabular_selfplay).
     Returns records t = 0..iterations (see the module docstring)."""
     make, pi1 = TABULAR_GAMES[game]
-    P, (loss, selection), shares = make(), METHODS[method], []
+    P, (loss, selection, extra), shares = make(), method_settings(method), []
     pis = sppo_toy.tabular_selfplay(P, loss, step, iterations + 1, K, groups, pi1, seed, selection=selection,
-                                    record=shares)
+                                    record=shares, **extra)
     records = trajectory_records(P, pis, step, K)
     for t in range(1, len(records)):
         records[t]["target_share"] = shares[t - 1]["target_share"]
@@ -100,7 +128,7 @@ def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_
     these 2-4 token responses. Records t = 0..iterations: the gaps and steps averaged over the two games (and per
     game: `gap_avg/<prompt>`, `gap_last/<prompt>`), plus the fit's quality per iteration (_lm_fit_quality). The
     run's own directory is temporary: the records are the experiment."""
-    loss, selection = METHODS[method]
+    loss, selection, extra = method_settings(method)
     games, oracle = sppo_toy.demo_games(), sppo_toy.GameOracle(sppo_toy.demo_games())
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -108,7 +136,7 @@ def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_
         cfg = sppo_toy.check_demo(sppo_toy.DemoConfig(
             out=d, figure=str(Path(d) / "gap.png"), iterations=iterations, groups=groups, K=K, eta=step, loss=loss,
             selection=selection, epochs=epochs, fit_tol=fit_tol, lr=lr, warmup_ratio=0.0, schedule_epochs=10 ** 9,
-            global_batch=2 * groups * K, micro_batch=2 * groups * K, pack=False, seed=seed, progress=False))
+            global_batch=2 * groups * K, micro_batch=2 * groups * K, pack=False, seed=seed, progress=False, **extra))
         cfg = sppo_toy.demo_start(cfg, games)
         done = _run_until_frozen(cfg, oracle, iterations)
         dirs = [Path(cfg.model)] + [Path(d) / f"iter{t}" / "model" for t in range(done)]
@@ -157,9 +185,9 @@ def _lm_fit_quality(cfg, it_dir, model_dir, games, pis, t):
     ref = torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float64)                 # log pi_t(y|x)
     logp = torch.tensor([r["ref_logp"] for r in sppo.reference_logps(model, tok, rows, cfg)],
                         dtype=torch.float64)                                               # log pi_{t+1}(y|x)
-    cols = ("win_prob", *sppo.LOSSES[cfg.loss].columns)
+    cols = ("win_prob", "ref_logp", *sppo.LOSSES[cfg.loss].columns)
     batch = {c: torch.tensor([r[c] for r in rows], dtype=torch.float64) for c in cols}
-    share = sppo.target_share(cfg.loss, logp - ref, batch, cfg)
+    share = losses.target_share(cfg.loss, logp - ref, batch, cfg)
     xs = list(games)
     n = len(games[xs[0]][1]) + 1                                     # the responses and 'malformed'
     outcome = [xs.index(r["prompt"]) * n + (games[r["prompt"]][1].index(r["response"])
@@ -172,7 +200,7 @@ def _lm_fit_quality(cfg, it_dir, model_dir, games, pis, t):
     exact = torch.softmax(theta.detach(), -1).numpy()
     exact_ratio = torch.log_softmax(theta.detach(), -1).reshape(-1)[idx] - log_pi.reshape(-1)[idx]
     history = json.loads((it_dir / "metrics.json").read_text())["history"]
-    return {"target_share": share, "target_share_exact": sppo.target_share(cfg.loss, exact_ratio, batch, cfg),
+    return {"target_share": share, "target_share_exact": losses.target_share(cfg.loss, exact_ratio, batch, cfg),
             "tv_exact": float(np.mean([_tv(pis[x][t + 1], exact[i]) for i, x in enumerate(xs)])),
             "train_steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
 
@@ -242,7 +270,10 @@ class Config:
     """Every knob of `python compare.py`; each is a flag, checked (RULES) before any work."""
     world: str = cli.arg("tabular", choices=tuple(WORLDS), help="tabular self-play (3 games), the tiny LM (sppo.run), "
                                                                      "or the demo over seeds")
-    methods: list[str] = cli.arg(default_factory=lambda: list(METHODS), help="methods compared (compare.METHODS)")
+    suite: str = cli.arg("peers", choices=tuple(SUITES), help="SPPO against iterative DPO/IPO (peers, steps tuned "
+                                                               "on the gap of the average) or against its successors "
+                                                               "(steps tuned on the last iterate's gap)")
+    methods: list[str] | None = cli.arg(None, help="methods compared (compare.METHODS; default: the suite's)")
     grid: list[float] | None = cli.arg(None, help="the steps eta tried on the tuning seeds (default: tabular "
                                                   "0.5 1 2 3 5 8, lm 1 2 3 5)")
     tuning_seeds: int = cli.arg(0, help="tuning seeds 0..N-1 (default: tabular 5, lm 3)")
@@ -254,7 +285,7 @@ class Config:
     figures: str = cli.arg("figures", path="out_dir", help="where compare_<game>.png and .json go")
 
     RULES = (
-        ("methods", lambda c: len(c.methods) >= 1 and set(c.methods) <= set(METHODS),
+        ("methods", lambda c: c.methods is None or (len(c.methods) >= 1 and set(c.methods) <= set(METHODS)),
          f"one or more of {', '.join(METHODS)}"),
         ("grid", lambda c: c.grid is None or (len(c.grid) >= 1 and all(math.isfinite(s) and s > 0 for s in c.grid)),
          "steps finite and > 0"),
@@ -281,13 +312,13 @@ def _mean_over_t(rows, metric):
     return float(np.mean(v)) if v else math.nan
 
 
-def table(name, result, grid):
+def table(name, result, grid, metric="gap_avg"):
     """The printed table of one comparison: per method its chosen step (starred at an end of `grid`) and each COLUMN
     as mean ± 95% interval."""
     rec, n = result["records"], len({sp.seed for sp in result["records"]})
     print(f"\n{name}: mean ± 95% t-interval over {n} fresh seeds; step chosen on the tuning seeds by: "
-          f"{experiments.RULE}")
-    print(f"{'method':>10} {'step':>5} " + " ".join(f"{c:>16}" for c, _ in COLUMNS))
+          f"{experiments.RULE} (selection metric: {metric})")
+    print(f"{'method':>13} {'step':>5} " + " ".join(f"{c:>16}" for c, _ in COLUMNS))
     out = {}
     for m, step in result["chosen"].items():
         mine = {sp: r for sp, r in rec.items() if sp.method == m}
@@ -299,7 +330,7 @@ def table(name, result, grid):
                 cells[c] = experiments.interval([_mean_over_t(rows, c) for rows in mine.values()])
         edge = step in (min(grid), max(grid))
         out[m] = {"step": step, "at_grid_edge": edge, **{c: list(v) for c, v in cells.items()}}
-        print(f"{m:>10} {step:>4g}{'*' if edge else ' '} " + " ".join(f"{experiments.fmt(v[0], v[1]):>16}"
+        print(f"{m:>13} {step:>4g}{'*' if edge else ' '} " + " ".join(f"{experiments.fmt(v[0], v[1]):>16}"
                                                                       for v in cells.values()))
     print("* the chosen step is at an end of the grid: the method's best step may lie beyond it")
     return out
@@ -313,18 +344,22 @@ def compare(cfg):
         return demo_seeds(cfg)
     world, games = WORLDS[cfg.world]
     grid, tuning, report, T = settings(cfg)
+    methods, metric = cfg.methods or list(SUITES[cfg.suite]), SUITE_METRIC[cfg.suite]
+    prefix = "" if cfg.suite == "peers" else f"{cfg.suite}_"
     for game in games:
         kw = {"iterations": T, **({"game": game} if cfg.world == "tabular" else {})}
-        result = experiments.tune(world, cfg.methods, grid, tuning, report, Path(cfg.out) / cfg.world / game, kw,
+        where = Path(cfg.out) / cfg.world / game                         # one record file per (method, step, seed)
+        result = experiments.tune(world, methods, grid, tuning, report, where, kw, metric=metric,
                                   jobs=cfg.jobs or None)
-        rows = table(f"{cfg.world}, {game}, T = {T}", result, grid)
-        summary = experiments.write_summary(Path(cfg.out) / cfg.world / game / "summary.json", result,
-                                            ("gap_avg", "gap_last"))
+        rows = table(f"{cfg.world}, {game}, T = {T}", result, grid, metric)
+        summary = experiments.write_summary(where / f"{prefix}summary.json", result, ("gap_avg", "gap_last"))
         print("equal movement: fall of the gap of the average per nat of cumulative KL(pi_t || pi_{t-1}): " + ", ".join(
             f"{m} {experiments.fmt(*summary['per_nat'][m][:2])}" for m in result["chosen"]))
         summary.update(world=cfg.world, game=game, iterations=T, grid=grid, tuning_seeds=tuning, report_seeds=report,
-                       table=rows)
-        stem = f"compare_{cfg.world}_{game}" if cfg.world == "tabular" else "compare_lm"
+                       table=rows, suite=cfg.suite, tuned_on=metric)
+        if cfg.suite == "successors":
+            summary["tau"] = TAU
+        stem = f"compare_{prefix}{cfg.world}_{game}" if cfg.world == "tabular" else f"compare_{prefix}lm"
         Path(cfg.figures).mkdir(parents=True, exist_ok=True)
         (Path(cfg.figures) / f"{stem}.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
         experiments.plot_tuned(result, Path(cfg.figures) / f"{stem}.png", f"{cfg.world}, {game}")

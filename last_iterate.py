@@ -77,6 +77,21 @@ def _mmd(P, log_pi, pi, eta, tau, log_mu, mem):
     return _normalise((log_pi + eta * _payoff(P, pi) + eta * tau * log_mu) / (1 + eta * tau)), mem  # Sokota Sec. 3
 
 
+def _inpo(P, log_pi, pi, eta, tau, log_mu, mem):
+    """INPO's online mirror descent (Zhang et al. 2024, arXiv 2407.00617, Eq. (5); their eta is 1/eta here):
+    pi_{t+1} ∝ pi_t^(1 - eta tau) mu^(eta tau) exp(eta P pi_t): Nash-MD's pull towards mu with the payoff at pi_t
+    itself, not at the mixture. Their Thm: the last iterate converges to pi*_tau (eta tau < 1)."""
+    return _normalise((1 - eta * tau) * log_pi + eta * tau * log_mu + eta * _payoff(P, pi)), mem  # Zhang Eq. (5)
+
+
+def _mirror_prox(P, log_pi, pi, eta, tau, log_mu, mem):
+    """Nash Mirror Prox (Tiapkin et al. 2025, arXiv 2505.19731): mirror prox (Nemirovski 2004) on the regularised game,
+    each half an MMD step from pi_t: pi_{t+1/2} = _mmd(pi_t; P pi_t), pi_{t+1} = _mmd(pi_t; P pi_{t+1/2}). With tau -> 0
+    it is _extragradient. Converges linearly to pi*_tau in the last iterate."""
+    half = np.exp(_mmd(P, log_pi, pi, eta, tau, log_mu, None)[0])  # pi_{t+1/2}
+    return _normalise((log_pi + eta * _payoff(P, half) + eta * tau * log_mu) / (1 + eta * tau)), mem
+
+
 def _regret_matching_plus(P, log_pi, pi, eta, tau, log_mu, mem):
     """Regret matching+: Q_{t+1} = [Q_t + P pi_t - <pi_t, P pi_t>]^+, pi_{t+1} ∝ Q_{t+1}, uniform if Q_{t+1} = 0 (Hart &
     Mas-Colell 2000; Tammelin 2014, CFR+). Regret O(sqrt(n T)), so AVERAGE gap O(sqrt(n / T)). eta is unused."""
@@ -94,9 +109,23 @@ def _fictitious_play(P, log_pi, pi, eta, tau, log_mu, mem):
     return _normalise(np.where(u == u.max(-1, keepdims=True), 0.0, -np.inf)), total  # Brown 1951
 
 
-METHODS = {f.__name__[1:]: f for f in (_hedge, _optimistic_hedge, _extragradient, _nash_md, _mmd,
+METHODS = {f.__name__[1:]: f for f in (_hedge, _optimistic_hedge, _extragradient, _nash_md, _mmd, _inpo, _mirror_prox,
                                        _regret_matching_plus, _fictitious_play)}
-REGULARISED = ("nash_md", "mmd")  # they take tau and mu, and solve the KL-regularised game
+REGULARISED = ("nash_md", "mmd", "inpo", "mirror_prox")  # they take tau and mu, and solve the KL-regularised game
+
+
+def _magnet_loop(step, P, eta, log_pi, tau, log_mu, every):
+    """hedge_toy._loop with MPO's magnet schedule (Wang et al. 2024, arXiv 2410.16714, Sec. 3.2): the magnet mu of
+    step t = 0, 1, ... is the iterate of step M floor(t/M), the first one included: regularised games solved in
+    turn, each centred on where the last left off, whose solutions approach the unregularised equilibrium."""
+    mem, t = None, 0
+    while True:
+        pi = np.exp(log_pi)
+        yield pi
+        if t % every == 0:
+            log_mu = log_pi
+        log_pi, mem = step(P, log_pi, pi, eta, tau, log_mu, mem)
+        t += 1
 
 
 def _log_reference(mu, batch, n):
@@ -111,12 +140,17 @@ def _iterates(P, method, eta, T, pi1, options, flat):
     """Check play's arguments; return the generator of pi_t, over P flattened to (R, n, n) if `flat`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got method = {method!r}")
-    if set(options) - set(("tau", "mu") if method in REGULARISED else ()):
-        raise ValueError(f"only {REGULARISED} take options (tau, mu); got {sorted(options)} for {method!r}")
+    if set(options) - set(("tau", "mu", "magnet_every") if method in REGULARISED else ()):
+        raise ValueError(f"only {REGULARISED} take options (tau, mu, magnet_every); got {sorted(options)} for "
+                         f"{method!r}")
+    every = options.get("magnet_every", 0)
+    if not (isinstance(every, int) and every >= 0) or (every and options.get("mu") is not None):
+        raise ValueError(f"magnet_every must be an integer >= 0 (0: the magnet stays mu), and the magnet then starts at "
+                         f"pi1, so mu is not given; got magnet_every = {every!r}, mu = {options.get('mu')}")
     batch, n = P.shape[:-2], P.shape[-1]
     (eta, T), tau = _check_eta_T(eta, T, batch), _positive("tau", options.get("tau", 0.1), batch)
-    if method == "nash_md" and (eta * tau > 1).any():
-        raise ValueError(f"nash_md needs eta * tau <= 1; got eta * tau = {(eta * tau).max():g}")
+    if method in ("nash_md", "inpo") and (eta * tau > 1).any():
+        raise ValueError(f"{method} needs eta * tau <= 1; got eta * tau = {(eta * tau).max():g}")
     pi1 = np.full(n, 1.0 / n) if pi1 is None else _validate_policy(pi1, n, "pi1")
     if method in REGULARISED and (pi1 <= 0).any():
         raise ValueError(f"{method} needs pi1 > 0 for every action; got pi1 = {pi1}")
@@ -124,15 +158,15 @@ def _iterates(P, method, eta, T, pi1, options, flat):
         args = [eta, np.log(np.broadcast_to(pi1, (*batch, n))), tau, _log_reference(options.get("mu"), batch, n)]
     if flat:
         P, args = P.reshape(-1, n, n), [a.reshape(-1, a.shape[-1]) for a in args]
-    return _loop(METHODS[method], P, *args)
+    return _magnet_loop(METHODS[method], P, *args, every) if every else _loop(METHODS[method], P, *args)
 
 
 def play(P, method, eta, T, pi1=None, **options):
     """Self-play of `method` (a key of METHODS) for T steps from pi1 (uniform by default). Returns (pi_bar, pi_last).
 
     pi_bar = (1/T) sum_{t <= T} pi_t and pi_last = pi_T, each (..., n); P (..., n, n) batches games as hedge_batch does,
-    and eta > 0 broadcasts against its batch axes. Options of nash_md and mmd: tau > 0 (default 0.1), the KL weight,
-    and mu > 0 (default uniform), the reference / magnet. play(P, "hedge", ...) equals hedge(P, ...) exactly.
+    and eta > 0 broadcasts against its batch axes. Options of the REGULARISED methods: tau > 0 (default 0.1), the KL
+    weight, and mu > 0 (default uniform), the reference / magnet, or magnet_every = M (_magnet_loop, MPO). play(P, "hedge", ...) equals hedge(P, ...) exactly.
     """
     P = validate_preference(P)
     batch, n = P.shape[:-2], P.shape[-1]

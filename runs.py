@@ -297,10 +297,31 @@ class Hashes:
         return self.known[key][2]
 
 
-def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes, extra_settings=()):
-    """Everything stage's artifacts in folder d depend on: its settings (STAGE_SETTINGS, and extra_settings: the
-    loss's own for the train stage), pi_t, the prompts, the oracle's identity, the hashes of its input files."""
-    key = {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage] + tuple(extra_settings)}
+def model_dir_of(cfg, t):
+    """pi_t's directory: --model for t = 0, else OUT/iter{t-1}/model (what iteration t-1 trained)."""
+    return cfg.model if t <= 0 else Path(cfg.out) / f"iter{t - 1}" / "model"
+
+
+def loss_models(cfg, t, names):
+    """{name: directory} of the policies besides pi_t whose log-probs a successor's loss reads in iteration t
+    (losses.Loss.models): 'mu', the reference / magnet, pi_0 or, with --magnet-every M, pi_{M floor(t/M)} (MPO moves
+    the magnet to the current policy every M iterations); 'previous', pi_{t-1} (pi_0 at t = 0, OMWU's pi_0 = pi_1)."""
+    m = cfg.magnet_every * (t // cfg.magnet_every) if getattr(cfg, "magnet_every", 0) else 0
+    where = {"mu": lambda: model_dir_of(cfg, m), "previous": lambda: model_dir_of(cfg, t - 1)}
+    return {n: where[n]() for n in names}
+
+
+def stage_key(cfg, stage, d, model_dir, prompts, oracle_id, hashes, loss=None):
+    """Everything stage's artifacts in folder d (OUT/iter{t}) depend on: its settings (STAGE_SETTINGS; the train
+    stage adds the loss's own, loss.settings), pi_t, the prompts, the oracle's identity, the hashes of its input
+    files; the dataset stage of a loss with columns of its own (losses.py's successors) adds the loss, its settings
+    and the hashes of the other policies it reads (loss_models)."""
+    own = tuple(loss.settings) if loss is not None and stage == "train" else ()
+    key = {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage] + own}
+    if stage == "dataset" and loss is not None and (loss.models or set(loss.columns) - {"pair_prob"}):
+        key.update({k: getattr(cfg, k) for k in ("loss", *loss.settings)})
+        t = int(Path(d).name[len("iter"):])
+        key.update({f"{n}_model": hashes(p) for n, p in loss_models(cfg, t, loss.models).items()})
     key.update({f: hashes(Path(d) / f) for f in STAGE_INPUTS.get(stage, ())})
     if stage != "rank":
         key["model"] = hashes(model_dir)
@@ -389,9 +410,9 @@ class Iteration:
     files, the files it wrote) is not run again; otherwise it runs, its result is saved, read back and recorded.
     Either way step() returns the artifact as read from disk."""
 
-    def __init__(self, cfg, t, prompts, model_dir, oracle_id, hashes, device, loss_settings=()):
+    def __init__(self, cfg, t, prompts, model_dir, oracle_id, hashes, device, loss=None):
         self.cfg, self.t, self.prompts, self.model_dir, self.device = cfg, t, prompts, model_dir, device
-        self.oracle_id, self.hashes, self.loss_settings = oracle_id, hashes, tuple(loss_settings)
+        self.oracle_id, self.hashes, self.loss = oracle_id, hashes, loss
         self.dir = Path(cfg.out) / f"iter{t}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest, self._pi_t = Manifest(self.dir), None
@@ -407,7 +428,7 @@ class Iteration:
 
     def key(self, stage):
         return stage_key(self.cfg, stage, self.dir, self.model_dir, self.prompts, self.oracle_id, self.hashes,
-                         self.loss_settings if stage == "train" else ())
+                         self.loss)
 
     def step(self, stage, work, *args):
         """work(*args) -> the stage's result, unless the manifest shows the stage finished as asked; then the
@@ -426,7 +447,7 @@ class Iteration:
         return result
 
 
-def check_run(cfg, prompts, oracle_id, hashes, loss_settings=()):
+def check_run(cfg, prompts, oracle_id, hashes, loss=None):
     """Walk every finished stage without doing any work. Returns (t, StaleStage) for the first stage whose
     artifacts do not match this run, or None when everything that exists does."""
     model_dir = cfg.model
@@ -434,7 +455,7 @@ def check_run(cfg, prompts, oracle_id, hashes, loss_settings=()):
         d = Path(cfg.out) / f"iter{t}"
         man, p = Manifest(d), iteration_prompts(prompts, cfg, t)
         for name in STAGES:
-            key = stage_key(cfg, name, d, model_dir, p, oracle_id, hashes, loss_settings if name == "train" else ())
+            key = stage_key(cfg, name, d, model_dir, p, oracle_id, hashes, loss)
             try:
                 if not man.done(name, key, hashes):
                     return None

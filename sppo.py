@@ -16,7 +16,7 @@ Conventions (stated once, used everywhere in this repository):
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: the losses (Sec. 4) and their table LOSSES -> win rates, the kept pair, log Z (Eq. 4.5, Sec.
+In the paper's order: the losses (Sec. 4) and their table LOSSES, with SPPO's successors (losses.py) -> win rates, the kept pair, log Z (Eq. 4.5, Sec.
 4.2, 5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7; with --lora-rank on LoRA adapters
 merged after each iteration) -> the four steps -> run_iteration, which reads as Algorithm 1 -> run() and the CLI.
 Around it, one file each: every setting and its rules are sppo_config.py (parsed and checked by cli.py); pi as a
@@ -45,164 +45,15 @@ from transformers.utils import logging as hf_logging
 import cli
 import committee
 import hedge_toy
+import losses
 import pairrm
 import policy
 import runs
 from cli import ArtifactError, ConfigError
+from losses import (Loss, dpo_loss, ipo_loss, kto_loss, sppo_hard_loss, sppo_loss,  # noqa: F401 (sppo.X: the
+                    sppo_pair_loss, target_share)                                       # notebooks' names)
 from sppo_config import LOSSES, ORACLES, SPPOConfig, validate_config   # sppo.SPPOConfig: this file's settings
 
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The objective (Sec. 4). Every loss returns one value per example: no reduction.
-def sppo_loss(logp, ref_logp, win_prob, eta, log_z=None):
-    """Per-example square loss of SPPO.
-
-    Eq. (4.6)/(4.7):  [log pi(y|x)/pi_t(y|x) - eta (P(y > pi_t|x) - 1/2)]^2           (log_z=None: log Z = eta/2)
-    Eq. (4.4)/(4.5):  [log pi(y|x)/pi_t(y|x) - (eta P(y > pi_t|x) - log Z_{pi_t}(x))]^2   (log_z given)
-    logp, ref_logp: summed log-probs under pi_theta and pi_t; win_prob: P-hat(y > pi_t | x); all shape (B,).
-    """
-    target = eta * (win_prob - 0.5) if log_z is None else eta * win_prob - log_z
-    return (logp - ref_logp - target) ** 2
-
-
-def sppo_pair_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, prob_w, eta, prob_l=None, form="paper"):
-    """SPPO on one (winner, loser) pair per prompt.
-
-    form="paper", Eq. (4.12): prob_w = P(y_w > y_l | x), and the loser's target uses P(y_w < y_l) = 1 - prob_w:
-        [l_w - eta (prob_w - 1/2)]^2 + [l_l - eta ((1 - prob_w) - 1/2)]^2.
-    form="released" (uclaml/SPPO, loss 'sppo'): prob_w, prob_l are the ROW MEANS P-hat(y > pi_t) of the winner and
-        the loser over all K responses (self-term 1/2 included, so prob_w <= 0.9 at K = 5), and the two terms are
-        averaged:  ([l_w - eta (prob_w - 1/2)]^2 + [l_l - eta (prob_l - 1/2)]^2) / 2.
-    The paper form compares the pair with each other only; the released form compares each with pi_t (Eq. 4.5),
-    which is Eq. (4.7) on the two kept rows.
-    """
-    if form == "paper":
-        if prob_l is not None:
-            raise ValueError("form='paper' derives the loser's probability as 1 - prob_w; do not pass prob_l")
-        return (sppo_loss(logp_w, ref_logp_w, prob_w, eta) + sppo_loss(logp_l, ref_logp_l, 1.0 - prob_w, eta))
-    if form == "released":
-        if prob_l is None:
-            raise ValueError("form='released' needs prob_l, the loser's row-mean win rate")
-        return (sppo_loss(logp_w, ref_logp_w, prob_w, eta) + sppo_loss(logp_l, ref_logp_l, prob_l, eta)) / 2
-    raise ValueError(f"form must be 'paper' or 'released', got {form!r}")
-
-
-def _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
-    """a = beta log pi(y_w)/pi_ref(y_w), b = beta log pi(y_l)/pi_ref(y_l)   (Sec. 4.5 notation, beta = 1/eta)."""
-    return beta * (logp_w - ref_logp_w), beta * (logp_l - ref_logp_l)
-
-
-def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta):
-    """Eq. (4.13): -log sigma(a - b)."""
-    a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
-    return -F.logsigmoid(a - b)
-
-
-def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
-    """IPO on Sec. 4.5's margins: [(a - b) - target]^2 = beta^2 (h - target/beta)^2, minimised at a - b = target.
-
-    h = (a - b)/beta is the log-ratio margin in nats. target=1/2 (default): the minimiser of Azar et al. 2023's IPO
-    (h = 1/(2 beta), their tau = beta), but NOT their scale: their loss, TRL's loss_type="ipo" and the authors'
-    trainer are (h - 1/(2 beta))^2, which is this loss / beta^2, with gradients 1/beta^2 = eta^2 times ours (9x at
-    eta = 3, 1e6x at eta = 1000). The minimiser is the same; gradient clipping and plain SGD see the difference: on
-    the demo's first iteration with --selection pair (bench/ipo_scale.py, docs/sppo.md) the first step's gradient
-    norm is 2.3 here and 20 at their scale at eta = 3 (both clipped at max_grad_norm 1), 0.007 here and 6812 there at
-    eta = 1000 (theirs clipped at every step, ours at none). Kept at this scale: the golden losses and the
-    comparisons are measured at it. target=1: Eq. (4.14) as printed, which is IPO with tau = beta/2 (a margin of
-    eta nats instead of eta/2).
-    """
-    a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
-    return (a - b - target) ** 2
-
-
-def kto_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, kl):
-    """Eq. (4.15), simplified KTO: sigma(-a + c) + sigma(b - c), with c = beta KL(pi || pi_ref).
-
-    `kl` is an estimate of KL(pi || pi_ref) in nats (KTO uses a detached batch estimate, clamped at 0).
-    """
-    a, b = _margins(logp_w, ref_logp_w, logp_l, ref_logp_l, beta)
-    c = beta * torch.as_tensor(kl, dtype=a.dtype, device=a.device).clamp(min=0)
-    return torch.sigmoid(-a + c) + torch.sigmoid(b - c)
-
-
-def sppo_hard_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, eta):
-    """Sec. 4.5 with a hard label P(y_w > y_l) = 1: eta^2 [(a - 1/2)^2 + (b + 1/2)^2] (TRL's `sppo_hard`)."""
-    return (logp_w - ref_logp_w - eta / 2) ** 2 + (logp_l - ref_logp_l + eta / 2) ** 2
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The losses' table (--loss): one entry per objective. A new loss is its function above and one line here.
-@dataclass(frozen=True)
-class Loss:
-    """One --loss. fn(logp, batch, cfg): logp (B,) summed log-probs under pi_theta of a collated batch (ref_logp,
-    win_prob and `columns`) -> (B,) per row (kind 'row') or (B/2,) per (winner, loser) pair (kind 'pair': rows 2i,
-    2i+1; needs --selection pair). settings: the config fields it reads beyond eta (the train stage's key records
-    them). target(ratio, batch, cfg) -> (achieved, wanted): the quantity the loss drives to a finite target and that
-    target, from ratio = log pi(y|x) - log pi_ref(y|x) per row (None for a loss with no finite target: DPO, KTO);
-    target_share reads how much of it a fit reached."""
-    fn: Callable
-    kind: Literal["row", "pair"]
-    settings: tuple = ()
-    columns: tuple = ()
-    target: Callable | None = None
-
-
-def pair(logp, batch):
-    """(log pi(y_w), log pi_ref(y_w), log pi(y_l), log pi_ref(y_l)), each (B/2,): rows 2i and 2i+1 of the batch."""
-    ref = batch["ref_logp"]
-    return logp[0::2], ref[0::2], logp[1::2], ref[1::2]
-
-
-def _row_target(ratio, b, c):
-    """Eq. (4.7): each row's log-ratio against eta (P-hat - 1/2), or eta P-hat - log Z with --log-z estimate."""
-    lz = b.get("log_z")
-    return ratio, c.eta * (b["win_prob"] - 0.5) if lz is None else c.eta * b["win_prob"] - lz
-
-
-def _margin_target(ratio, b, c):
-    """IPO: the margin h = ratio_w - ratio_l (nats) against ipo_target / beta = ipo_target * eta."""
-    h = ratio[0::2] - ratio[1::2]
-    return h, torch.full_like(h, c.ipo_target * c.eta)
-
-
-def _hard_target(ratio, b, c):
-    """sppo_hard: the winner's log-ratio against +eta/2, the loser's against -eta/2 (P(y_w > y_l) = 1)."""
-    return ratio, c.eta / 2 * torch.tensor([1.0, -1.0], dtype=ratio.dtype).repeat(len(ratio) // 2)
-
-
-LOSSES.update({
-    # name                  the loss of a batch                                                     kind, settings
-    "sppo":      Loss(lambda lp, b, c: sppo_loss(lp, b["ref_logp"], b["win_prob"], c.eta, b.get("log_z")),
-                      "row", ("log_z",), target=_row_target),                                       # Eq. (4.7)
-    "sppo_pair": Loss(lambda lp, b, c: sppo_pair_loss(*pair(lp, b), b["pair_prob"][0::2], c.eta),
-                      "pair", columns=("pair_prob",),
-                      target=lambda r, b, c: (r, c.eta * (b["pair_prob"] - 0.5))),                  # Eq. (4.12)
-    "dpo":       Loss(lambda lp, b, c: dpo_loss(*pair(lp, b), 1 / c.eta), "pair"),                  # Eq. (4.13)
-    "ipo":       Loss(lambda lp, b, c: ipo_loss(*pair(lp, b), 1 / c.eta, c.ipo_target), "pair",
-                      ("ipo_target",), target=_margin_target),                                      # Eq. (4.14)
-    "sppo_hard": Loss(lambda lp, b, c: sppo_hard_loss(*pair(lp, b), c.eta), "pair",
-                      target=_hard_target),                                                         # Sec. 4.5
-    "kto":       Loss(lambda lp, b, c: kto_loss(*pair(lp, b), 1 / c.eta, (lp - b["ref_logp"]).detach().mean()),
-                      "pair"),                        # Eq. (4.15); KL(pi || pi_ref): the micro-batch's mean log-ratio
-})
-
-
-def target_share(name, ratio, batch, cfg):
-    """How much of its target a fit reached: the least-squares slope, with intercept, of the achieved quantity on
-    the target (LOSSES[name].target): 1 reached, 0 not moved. The intercept is there because a normalised policy
-    moves every log-ratio of a prompt by the same log Z, which no loss here controls (Eq. 4.6); a constant target
-    (IPO's margin) is read as mean(achieved) / target. NaN for a loss with no finite target (DPO, KTO)."""
-    fn = LOSSES[name].target
-    if fn is None or len(ratio) == 0:
-        return math.nan
-    got, want = (torch.as_tensor(v, dtype=torch.float64) for v in fn(torch.as_tensor(ratio, dtype=torch.float64),
-                                                                        batch, cfg))
-    dw = want - want.mean()
-    den = float((dw * dw).sum())
-    if den > 1e-12 * float((want * want).sum()):
-        return float(((got - got.mean()) * dw).sum()) / den
-    return float(got.mean() / want.mean()) if float(want.abs().max()) > 0 else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,10 +250,11 @@ def build_dataset(prompts, generations, matrices, cfg, logits=None, where="prefe
     return rows
 
 
-def encode_rows(tokenizer, rows, cfg):
+def encode_rows(tokenizer, rows, cfg, complete=True):
     """Encode dataset rows once, truncated group by group (cfg.truncation; groups: group_size). Returns the list of
-    (prompt_ids, response_ids) and the count of truncated rows."""
-    g, pairs, n_cut, cache = group_size(rows, cfg), [], 0, {}
+    (prompt_ids, response_ids) and the count of truncated rows. complete=False: rows still being built in step 3,
+    before the loss's own columns are added (their log-probs are what those columns need)."""
+    g, pairs, n_cut, cache = group_size(rows, cfg, complete), [], 0, {}
     for i in range(0, len(rows), g):
         group = []
         for row in rows[i:i + g]:
@@ -415,14 +267,37 @@ def encode_rows(tokenizer, rows, cfg):
     return pairs, n_cut
 
 
+def row_logps(model, tokenizer, rows, cfg, device="cpu", what="reference log-probs"):
+    """log pi(y|x) of every row under `model` (summed over the response tokens, truncated as training sees them)."""
+    pairs, _ = encode_rows(tokenizer, rows, cfg, complete=False)
+    return policy.batched_logps(model, pairs, policy.pad_id(tokenizer), cfg.micro_batch, device, cfg.progress, what)
+
+
 def reference_logps(model, tokenizer, rows, cfg, device="cpu", model_id=None):
     """ref_logp = log pi_t(y|x) of every row, by pi_t itself (pi_ref = pi_t: no second model is held), and ref_by:
     how (pi_t's hash `model_id`, the weights' dtype, the truncation), so that train_7b.py recomputes them when its
     policy differs (e.g. bf16 there against fp32 here: the initial log-ratio would not be 0)."""
-    pairs, _ = encode_rows(tokenizer, rows, cfg)
-    lps = policy.batched_logps(model, pairs, policy.pad_id(tokenizer), cfg.micro_batch, device, cfg.progress,
-                               "reference log-probs")
+    lps = row_logps(model, tokenizer, rows, cfg, device)
     return [dict(row, ref_logp=lp, ref_by=ref_by(cfg, model_id, cfg.dtype)) for row, lp in zip(rows, lps)]
+
+
+def add_successor_columns(rows, mats, logps, cfg):
+    """D_t's columns of a successor loss (losses.py), in place: mu_logp = log mu(y|x) when it reads the reference /
+    magnet, and each prompt's ESTIMATED win rates (losses.successor_columns) from its K x K matrix and its K rows'
+    log-probs (--selection all: row k of a prompt is its sample k). logps: {model name: [log-prob per row]}, with
+    'ref' = log pi_t. Returns rows."""
+    if "mu" in logps:
+        for row, lp in zip(rows, logps["mu"]):
+            row["mu_logp"] = lp
+    if set(LOSSES[cfg.loss].columns) & losses.ESTIMATED:
+        for i, P in enumerate(mats):
+            idx = [n for n, r in enumerate(rows) if r["prompt_id"] == i]
+            cols = losses.successor_columns(cfg.loss, P, {m: np.array([v[n] for n in idx]) for m, v in logps.items()},
+                                            cfg)
+            for name, values in cols.items():
+                for n, v in zip(idx, values):
+                    rows[n][name] = float(v)
+    return rows
 
 
 def ref_by(cfg, model_id, dtype):
@@ -434,7 +309,7 @@ def ref_by(cfg, model_id, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 4: training on D_t (Eq. 4.7). train_7b.py imports batch_schedule, make_optimizer,
 # make_scheduler, make_batch and example_losses.
-def group_size(rows, cfg):
+def group_size(rows, cfg, complete=True):
     """Rows that stay together in batching and truncation: 2 with selection='pair' (rows 2i, 2i+1 are one prompt's
     winner and loser: the authors' trainer sees a pair as one example), 1 with selection='all' (each of the K rows is
     its own example of Eq. 4.4; the released code has no such mode)."""
@@ -447,7 +322,7 @@ def group_size(rows, cfg):
                             f"then its loser), but it has no pair after it; pass --selection all")
     loss, role = LOSSES[cfg.loss], lambda n, r: r.get("role", ("winner", "loser")[n % 2])     # noqa: E731
     bad = next((n for n, r in enumerate(rows) if (loss.kind == "pair" and role(n, r) != ("winner", "loser")[n % 2])
-                or any(c not in r for c in loss.columns)), None)
+                or (complete and any(c not in r for c in loss.columns))), None)
     if bad is not None:
         raise ArtifactError(f"dataset: record {bad + 1}: --loss {cfg.loss} needs each prompt's winner, then its loser"
                             + (f", with {', '.join(loss.columns)} (sppo.py writes it)" if loss.columns else "") +
@@ -696,7 +571,16 @@ def make_dataset(it, gens, mats, logits):
     ref_dir = cfg.model if cfg.reference == "initial" else it.model_dir                      # pi_ref: pi_0 or pi_t
     pi_ref = it.pi_t() if ref_dir == it.model_dir else runs.load_policy(ref_dir, cfg, it.device)
     rows = build_dataset(it.prompts, gens, mats, cfg, logits, it.path("preferences.jsonl"))
-    return reference_logps(*pi_ref, rows, cfg, it.device, it.hashes(ref_dir))
+    rows = reference_logps(*pi_ref, rows, cfg, it.device, it.hashes(ref_dir))
+    loss = LOSSES[cfg.loss]
+    if not loss.models and not set(loss.columns) & losses.ESTIMATED:
+        return rows
+    logps = {"ref": [r["ref_logp"] for r in rows]}                    # successors: log mu, log pi_{t-1} (losses.py)
+    for name, d in runs.loss_models(cfg, it.t, loss.models).items():
+        same = Path(d).resolve() == Path(it.model_dir).resolve()
+        logps[name] = logps["ref"] if same else row_logps(*runs.load_policy(d, cfg, it.device), rows, cfg, it.device,
+                                                           f"log-probs under {name}")
+    return add_successor_columns(rows, mats, logps, cfg)
 
 
 def train(it, rows, gens, mats, oracle, held_out=None):
@@ -742,7 +626,7 @@ def run_iteration(cfg, t, prompts, model_dir, oracle, hashes, device, held_out=N
     Each step runs through it.step (runs.Iteration, the stage runner): it is skipped when OUT/iter{t}/manifest.json
     shows it finished with this run's settings and inputs, and either way its artifact comes back as read from disk
     (generations.jsonl, preferences.jsonl, dataset.jsonl, model/ + metrics.json). held_out: the --eval-prompts."""
-    it = runs.Iteration(cfg, t, prompts, model_dir, oracle.identity(), hashes, device, LOSSES[cfg.loss].settings)
+    it = runs.Iteration(cfg, t, prompts, model_dir, oracle.identity(), hashes, device, LOSSES[cfg.loss])
     gens = it.step("generate", generate, it)                          # Step 1: y_1..y_K ~ pi_t(.|x)
     xs = oracle_prompts(prompts, cfg, model_dir)                      # x as the oracle reads it
     mats, logits = it.step("rank", rank, oracle, xs, gens, cfg.progress)        # Step 2: P(y_k > y_k' | x)
@@ -773,7 +657,7 @@ def run(cfg, oracle=None):
     out, device = Path(cfg.out), runs.resolve_device(cfg.device)
     hashes = runs.Hashes(out)
     oracle = oracle or ORACLES[cfg.oracle](cfg, device, hashes)
-    stale = runs.check_run(cfg, prompts, oracle.identity(), hashes, LOSSES[cfg.loss].settings)
+    stale = runs.check_run(cfg, prompts, oracle.identity(), hashes, LOSSES[cfg.loss])
     if stale and cfg.restart_from is None:
         raise stale[1]
     if stale and runs.STAGES.index(cfg.restart_from) > runs.STAGES.index(stale[1].stage):

@@ -22,8 +22,14 @@ from cli import ConfigError, arg
 
 
 LOSSES: dict = {}
-"""--loss: name -> sppo.Loss (the function, its kind, the settings and dataset columns it reads). The table is
-sppo.py's, next to the losses; the config reads it for --loss's choices and checks."""
+"""--loss: name -> losses.Loss (the function, its kind, the settings and dataset columns it reads). The table is
+losses.py's, next to the losses; the config reads it for --loss's choices and checks."""
+
+ESTIMATED = frozenset(("prev_win_prob", "half_win_prob", "mix_win_prob"))
+"""D_t's columns that estimate a win rate against another policy from all K samples of a prompt (losses.py)."""
+
+PAPER_LOSSES = ("sppo", "sppo_pair", "dpo", "ipo", "sppo_hard", "kto")
+"""Sec. 4's losses: the ones --reference initial applies to (a successor's target is for log pi_{t+1}/pi_t)."""
 
 ORACLES: dict = {}
 """--oracle: name -> sppo.OracleEntry (its identity for the manifest, and how to build it). The table is sppo.py's."""
@@ -88,12 +94,17 @@ class SPPOConfig:
     loss: str = arg(default="sppo", choices=LOSSES, help="Step 4's objective (sppo.LOSSES): sppo (Eq. 4.7 per "
         "row), or on each (winner, loser) pair (needs --selection pair): sppo_pair "
         "(Eq. 4.12), dpo (4.13), ipo, sppo_hard (Sec. 4.5), kto (4.15); beta = 1/eta. dpo/ipo = the paper's "
-        "iterative baselines.")
+        "iterative baselines. SPPO's successors (losses.py): optimistic, extragradient, mirror_prox, nash_md, mmd "
+        "(rows, --selection all), inpo, dno (pairs).")
     reference: Literal["previous", "initial"] = arg(default="previous", help="pi_ref of the loss: pi_t (the "
                                                       "paper's SPPO and iterative DPO/IPO) or pi_0 in every iteration.")
     ipo_target: float = arg(default=0.5, help="--loss ipo: the margin a - b it fits (1/2: the minimiser of Azar et "
                                                 "al.'s and TRL's IPO, whose loss is ours / beta^2; 1: Eq. 4.14 as "
                                                 "printed).")
+    tau: float = arg(default=0.1, help="KL weight towards the reference / magnet mu of --loss nash_md, mmd, "
+                                       "mirror_prox and inpo (losses.py): they solve the tau-regularised game.")
+    magnet_every: int = arg(default=0, help="The magnet mu of those losses: pi_0 (0), or moved to the current "
+                                            "policy every N iterations (MPO, arXiv 2410.16714).")
     max_new_tokens: int = arg(default=2048, help="Generation cap (released: 2048); capped = finished False.")
     temperature: float = arg(default=1.0, help="Sampling temperature (paper text 1.0; released code 0.7).")
     top_p: float = arg(default=1.0, help="Nucleus sampling (paper text 1.0; released code 0.9).")
@@ -171,6 +182,8 @@ class SPPOConfig:
         ("global_batch",    lambda c: c.global_batch >= 1,                       ">= 1"),
         ("micro_batch",     lambda c: c.micro_batch >= 1,                        ">= 1"),
         ("ipo_target",      lambda c: finite(c.ipo_target),                      "finite"),
+        ("tau",             lambda c: positive(c.tau),                           "finite and > 0"),
+        ("magnet_every",    lambda c: c.magnet_every >= 0,                       ">= 0 (0: mu = pi_0 throughout)"),
         ("lora_rank",       lambda c: c.lora_rank >= 0,                          ">= 0 (0: full fine-tuning)"),
         ("lora_alpha",      lambda c: positive(c.lora_alpha),                    "finite and > 0"),
         ("lora_dropout",    lambda c: 0 <= c.lora_dropout < 1,                   "in [0, 1)"),
@@ -183,6 +196,18 @@ class SPPOConfig:
         ("loss",            lambda c: LOSSES[c.loss].kind == "row" or c.selection == "pair",
                                                                                  "a row loss (sppo) with --selection "
                                                                                  "all: the others train on pairs"),
+        ("loss",            lambda c: c.selection == "all" or not set(LOSSES[c.loss].columns) & ESTIMATED,
+                                                                                 "a pair-free method with --selection "
+                                                                                 "all: its win rate against another "
+                                                                                 "policy is estimated on all K samples"),
+        ("loss",            lambda c: c.reference == "previous" or c.loss in PAPER_LOSSES,
+                                                                                 "one of sppo, sppo_pair, dpo, ipo, "
+                                                                                 "sppo_hard, kto with --reference "
+                                                                                 "initial: a successor's target is for "
+                                                                                 "log pi_{t+1}/pi_t"),
+        ("eta",             lambda c: c.loss != "nash_md" or c.eta * c.tau <= 1,
+                                                      lambda c: f"<= 1/tau = {1 / c.tau:g} with --loss nash_md (its "
+                                                                f"mixture pi_t^(1 - eta tau) mu^(eta tau))"),
         ("log_z",           lambda c: c.log_z == "half" or "log_z" in LOSSES[c.loss].settings,
                                                                                  "'half' unless --loss sppo (only "
                                                                                  "Eq. 4.4 has a log Z)"),

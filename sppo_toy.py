@@ -34,6 +34,7 @@ import arena
 import cli
 import committee
 import hedge_toy
+import losses
 import policy
 import runs
 import sppo
@@ -184,22 +185,25 @@ def tabular_sppo(P, eta, T, K=5, groups=64, log_z="half", pi1=None, seed=0):
 
 
 def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="half", reference="previous",
-                     ipo_target=0.5, selection=None, record=None):
+                     ipo_target=0.5, selection=None, record=None, tau=0.1, magnet_every=0):
     """T iterations of Algorithm 1 with sppo.py's `--loss` (sppo.LOSSES) on a softmax table; returns pi_1..pi_T, (T, n).
 
     Each iteration samples `groups` x K responses from pi_t and their P-hat(y_k > pi_t) (Eq. 4.5), keeps them as
-    --selection all (default for loss 'sppo': every sample) or pair (default for the others: each group's winner
+    --selection all (default for a row loss: every sample) or pair (default for the others: each group's winner
     and loser, sppo.select_pair, with P(y_w > y_l) for sppo_pair; a group whose K responses all tie gives no pair),
     and fits the table to the mean loss by L-BFGS from pi_t (fit_table). pi_ref = pi_t, or pi_1 with
     reference='initial'. beta = 1/eta for dpo, ipo and kto. record: a list that receives, per iteration, the fit's
-    {"target_share": sppo.target_share} (NaN for DPO, KTO).
+    {"target_share": losses.target_share} (NaN for DPO, KTO). SPPO's successors (losses.py) get their columns as
+    sppo.py computes them (sppo.add_successor_columns' losses.successor_columns over each group's K samples), with
+    log mu = log pi_1's table (or the magnet's, moved every magnet_every iterations as runs.loss_models does), log
+    pi_{t-1} = the previous table (pi_1's at t = 1), KL weight tau.
     A pair loss whose pairs all point one way (a transitive game) has no finite minimiser: L-BFGS stops at its
     tolerance or 200 iterations, far along the direction, as iterative DPO trained long on such data does.
     """
     P = hedge_toy.validate_preference(P)
     if log_z not in ("half", "exact") and not isinstance(log_z, (int, float)):
         raise ValueError(f"log_z must be 'half', 'exact' or a number, got {log_z!r}")
-    selection = selection or ("all" if loss == "sppo" else "pair")
+    selection = selection or ("all" if loss in sppo.LOSSES and sppo.LOSSES[loss].kind == "row" else "pair")
     if loss not in sppo.LOSSES or selection not in ("all", "pair") or (
             sppo.LOSSES[loss].kind == "pair" and selection != "pair"):
         raise ValueError(f"loss must be one of {', '.join(sppo.LOSSES)} with selection 'all' (row losses) or 'pair'; "
@@ -209,16 +213,22 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
     theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
     log_pi1 = torch.log_softmax(theta, 0).detach()
-    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection=selection)
-    out = []
-    for _ in range(T):
+    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection=selection, tau=tau,
+                          magnet_every=magnet_every)
+    out, spec = [], sppo.LOSSES[loss]
+    for t in range(T):
         pi = torch.softmax(theta, 0).detach().numpy()
         out.append(pi)
+        tables = {"ref": np.log(pi), "previous": np.log(out[max(t - 1, 0)]),
+                  "mu": np.log(out[magnet_every * (t // magnet_every) if magnet_every else 0])}
         y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
         wp = sppo.win_rates(P[y[:, :, None], y[:, None, :]])                              # (G, K) Eq. (4.5)
         batch = {}
         if selection == "all":
             idx, target = y.ravel(), wp.ravel()
+            cols = losses.successor_columns(loss, P[y[:, :, None], y[:, None, :]], {m: v[y] for m, v in
+                                                                                    tables.items()}, cfg)
+            batch.update({k: torch.from_numpy(v.ravel()) for k, v in cols.items()})
         else:                                                                             # rows 2i, 2i+1: w, l
             w, l = sppo.select_pair(wp)
             g = np.flatnonzero(w != l)                                                    # all tied: no pair
@@ -227,6 +237,8 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
             target = np.stack([wp[g, w[g]], wp[g, l[g]]], 1).ravel()
             batch["pair_prob"] = torch.from_numpy(np.stack([P[yw, yl], P[yl, yw]], 1).ravel())
         idx, batch["win_prob"] = torch.from_numpy(idx), torch.from_numpy(target)
+        if "mu" in spec.models:
+            batch["mu_logp"] = torch.from_numpy(tables["mu"])[idx]
         batch["ref_logp"] = (log_pi1 if reference == "initial" else torch.log_softmax(theta, 0).detach())[idx]
         lz = (None if log_z == "half" else float(hedge_toy.log_partition(P, pi, eta)) if log_z == "exact"
               else float(log_z))                                                          # Eq. (4.6) / (4.2)
@@ -236,7 +248,7 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
             fit_table(theta, idx, batch, cfg)
         if record is not None:
             ratio = torch.log_softmax(theta, 0).detach()[idx] - batch["ref_logp"]
-            record.append({"target_share": sppo.target_share(loss, ratio, batch, cfg) if len(idx) else math.nan})
+            record.append({"target_share": losses.target_share(loss, ratio, batch, cfg) if len(idx) else math.nan})
     return np.array(out)
 
 

@@ -1,6 +1,6 @@
-"""bench/ipo_scale.py: sppo.ipo_loss's scale against the peers' IPO, measured: gradient norms, clipping, the step.
+"""bench/ipo_scale.py: losses.ipo_loss's scale against the peers' IPO, measured: gradient norms, clipping, the step.
 
-sppo.ipo_loss is [(a - b) - target]^2 on Sec. 4.5's margins a, b = beta x log-ratio (beta = 1/eta), that is
+losses.ipo_loss is [(a - b) - target]^2 on Sec. 4.5's margins a, b = beta x log-ratio (beta = 1/eta), that is
 beta^2 (h - target/beta)^2 with h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), the margin in nats. Azar et
 al. 2023 (tau = beta), TRL's loss_type="ipo" ((logits - 1/(2 beta))^2) and uclaml/SPPO's trainer minimise
 (h - 1/(2 beta))^2: the same minimiser, a loss and a gradient 1/beta^2 = eta^2 times larger. By hand, at h = 0
@@ -28,6 +28,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import cli
+import losses
 import policy
 import runs
 import sppo
@@ -35,7 +36,7 @@ import sppo_toy
 
 
 def ipo_peer_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
-    """The peers' IPO, written from their definition, not from sppo.ipo_loss: (h - target/beta)^2, h in nats."""
+    """The peers' IPO, written from their definition, not from losses.ipo_loss: (h - target/beta)^2, h in nats."""
     h = (logp_w - ref_logp_w) - (logp_l - ref_logp_l)
     return (h - target / beta) ** 2
 
@@ -46,7 +47,7 @@ SCALES = {"ours": "ipo", "peers": "ipo_peer"}                                   
 @contextlib.contextmanager
 def peer_loss():
     """sppo.LOSSES with an 'ipo_peer' entry (ipo_peer_loss) inside the block only: the table stays sppo.py's."""
-    sppo.LOSSES["ipo_peer"] = sppo.Loss(lambda lp, b, c: ipo_peer_loss(*sppo.pair(lp, b), 1 / c.eta, c.ipo_target),
+    sppo.LOSSES["ipo_peer"] = losses.Loss(lambda lp, b, c: ipo_peer_loss(*losses.pair(lp, b), 1 / c.eta, c.ipo_target),
                                         "pair", ("ipo_target",))
     try:
         yield

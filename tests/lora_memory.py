@@ -4,7 +4,7 @@
 
 The model is sharded as train_7b.py shards it (apply_activation_checkpointing, then apply_fsdp: each unit, then
 the root) after peft has put adapters on costs.LORA_TARGETS; the base is frozen, the optimizer (sppo.make_optimizer)
-holds the adapters alone. Two steps of sppo.sppo_loss on 2 rows x 48 tokens per rank; the tracker watches the second
+holds the adapters alone. Two steps of losses.sppo_loss on 2 rows x 48 tokens per rank; the tracker watches the second
 (the optimizer state exists), resetting its per-module stats before the micro-batch as train_7b --measure-memory
 does. Rank 0 writes {"measured": the peak by category, "after_step": the categories after the optimizer step (the
 sharded grads are all there), "plan": costs.memory_plan with fp32 compute (CPU)}.
@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import costs  # noqa: E402
 import distributed  # noqa: E402
+import losses  # noqa: E402
 import policy  # noqa: E402
 import sppo  # noqa: E402
 import train_7b  # noqa: E402
@@ -51,7 +52,7 @@ def main(model_dir, out, rank, optimizer):
         if tracker is not None:
             tracker.reset_mod_stats()
         logp = policy.sequence_logps(peft_model, ids, mask, response)                 # (B,) through the root
-        sppo.sppo_loss(logp, logp.detach() - 1.0, torch.full((ROWS,), 0.6), 10.0).sum().backward()
+        losses.sppo_loss(logp, logp.detach() - 1.0, torch.full((ROWS,), 0.6), 10.0).sum().backward()
         opt.step()
         if tracker is not None:
             after = tracker.get_tracker_snapshot()[d.device]          # now: every sharded adapter grad is there

@@ -56,6 +56,11 @@ def naive_trajectory(P, method, eta, T, pi1, tau=0.1, mu=None):
             new = normal(mix * np.exp(eta * P @ mix))
         elif method == "mmd":
             new = normal((pi * mu ** (eta * tau) * np.exp(eta * P @ pi)) ** (1 / (1 + eta * tau)))
+        elif method == "inpo":                                 # Zhang et al. 2024, Eq. (5)
+            new = normal(pi ** (1 - eta * tau) * mu ** (eta * tau) * np.exp(eta * P @ pi))
+        elif method == "mirror_prox":                          # two MMD steps from pi: at P pi, then at P half
+            half = normal((pi * mu ** (eta * tau) * np.exp(eta * P @ pi)) ** (1 / (1 + eta * tau)))
+            new = normal((pi * mu ** (eta * tau) * np.exp(eta * P @ half)) ** (1 / (1 + eta * tau)))
         elif method == "regret_matching_plus":
             Q = np.maximum(Q + P @ pi - pi @ P @ pi, 0)
             new = normal(Q) if Q.sum() > 0 else np.full(n, 1 / n)
@@ -77,6 +82,28 @@ def test_every_method_matches_its_literal_update(method):
     assert np.allclose(got, ref, atol=1e-12), np.abs(got - ref).max()
     pi_bar, pi_last = L.play(P, method, 0.4, 60, pi1, **opts)
     assert np.allclose(pi_bar, ref.mean(0), atol=1e-12) and np.allclose(pi_last, ref[-1], atol=1e-12)
+
+
+@pytest.mark.parametrize("method", L.REGULARISED)
+def test_moving_magnet_is_a_loop_that_resets_mu(method):
+    """magnet_every = M (MPO's schedule): the magnet of step t is the iterate of step M floor(t/M): equal to running
+    the method with a fixed mu for M steps at a time, each block's mu its first iterate."""
+    P, pi1 = H.random_game(4, 5), np.random.default_rng(2).dirichlet(np.ones(4))
+    got = L.trajectory(P, method, 0.4, 12, pi1, tau=0.3, magnet_every=5)
+    blocks, start = [], pi1
+    for _ in range(3):                                          # steps 0-4, 5-9, 10-11 (12 iterates, 11 steps)
+        block = naive_trajectory(P, method, 0.4, 6, start, tau=0.3, mu=start)
+        blocks.append(block[:5])
+        start = block[5]
+    assert np.allclose(got, np.concatenate(blocks)[:12], atol=1e-12)
+
+
+def test_moving_the_magnet_makes_the_last_iterate_reach_the_unregularised_equilibrium():
+    """Fixed mu: the last iterate of MMD stops at pi*_tau, 0.078 from the equilibrium of weighted RPS in gap at
+    tau = 0.1; moved every 50 steps, it reaches the equilibrium itself (gap < 1e-8 after 2000 steps)."""
+    fixed = H.duality_gap(W, L.play(W, "mmd", 0.5, 2000, tau=0.1)[1])
+    moved = H.duality_gap(W, L.play(W, "mmd", 0.5, 2000, tau=0.1, magnet_every=50)[1])
+    assert fixed > 0.05 and moved < 1e-8
 
 
 def test_omwu_first_steps_by_hand():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import conftest
+import losses
 import pairrm
 import policy
 import runs
@@ -85,7 +86,7 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     w, l = [i for i in idx if i % 2 == 0], [i for i in idx if i % 2 == 1]
     t = lambda ix, key=None: torch.tensor([start[i] if key is None else rows[i][key] for i in ix],  # noqa: E731
                                           dtype=torch.float64)
-    want = sppo.sppo_pair_loss(t(w), t(w, "ref_logp"), t(l), t(l, "ref_logp"), t(w, "win_prob"), cfg.eta,
+    want = losses.sppo_pair_loss(t(w), t(w, "ref_logp"), t(l), t(l, "ref_logp"), t(w, "win_prob"), cfg.eta,
                                prob_l=t(l, "win_prob"), form="released").mean()
     assert history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
     pairs = sppo.encode_rows(tok, rows, cfg)[0]

@@ -15,6 +15,7 @@ import torch
 
 import conftest
 import hedge_toy
+import losses
 import policy
 import cli
 import runs
@@ -41,39 +42,39 @@ def t(*xs):
 def test_sppo_loss_by_hand():
     logp, ref, wp = t(-1.0, -2.0, 0.75)
     # Eq. (4.7): (log ratio 1 - eta (0.75 - 1/2))^2 with eta = 2 -> (1 - 0.5)^2
-    assert sppo.sppo_loss(logp, ref, wp, 2.0).item() == pytest.approx(0.25)
+    assert losses.sppo_loss(logp, ref, wp, 2.0).item() == pytest.approx(0.25)
     # Eq. (4.5) target eta*P - log Z = 1.5 - 1.2 = 0.3 -> (1 - 0.3)^2
-    assert sppo.sppo_loss(logp, ref, wp, 2.0, log_z=1.2).item() == pytest.approx(0.49)
+    assert losses.sppo_loss(logp, ref, wp, 2.0, log_z=1.2).item() == pytest.approx(0.49)
     # no reduction: one value per example
-    assert sppo.sppo_loss(torch.zeros(4), torch.zeros(4), torch.full((4,), 0.5), 1000.0).shape == (4,)
+    assert losses.sppo_loss(torch.zeros(4), torch.zeros(4), torch.full((4,), 0.5), 1000.0).shape == (4,)
 
 
 def test_sppo_pair_loss_by_hand():
     lw, rw, ll, rl = t(-1.0, -1.5, -3.0, -2.0)          # log ratios l_w = 0.5, l_l = -1.0
     eta = 4.0
     # Eq. (4.12), P(y_w > y_l) = 0.8: (0.5 - 4*0.3)^2 + (-1 - 4*(0.2 - 0.5))^2 = 0.49 + 0.04
-    assert sppo.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.8]), eta).item() == pytest.approx(0.53)
+    assert losses.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.8]), eta).item() == pytest.approx(0.53)
     # released form, row means 0.7 / 0.3, averaged: ((0.5 - 0.8)^2 + (-1 + 0.8)^2) / 2 = (0.09 + 0.04) / 2
-    got = sppo.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, prob_l=torch.tensor([0.3]), form="released")
+    got = losses.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, prob_l=torch.tensor([0.3]), form="released")
     assert got.item() == pytest.approx(0.065)
     with pytest.raises(ValueError, match="prob_l"):
-        sppo.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, form="released")
+        losses.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, form="released")
     with pytest.raises(ValueError, match="form"):
-        sppo.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, form="nope")
+        losses.sppo_pair_loss(lw, rw, ll, rl, torch.tensor([0.7]), eta, form="nope")
 
 
 def test_dpo_ipo_kto_hard_by_hand():
     lw, rw, ll, rl = t(-1.0, -1.5, -3.0, -2.0)
     beta = 0.5                                           # a = 0.25, b = -0.5
     a, b = 0.25, -0.5
-    assert sppo.dpo_loss(lw, rw, ll, rl, beta).item() == pytest.approx(-math.log(1 / (1 + math.exp(-(a - b)))))
-    assert sppo.ipo_loss(lw, rw, ll, rl, beta, target=1.0).item() == pytest.approx((a - b - 1) ** 2)   # Eq. (4.14)
+    assert losses.dpo_loss(lw, rw, ll, rl, beta).item() == pytest.approx(-math.log(1 / (1 + math.exp(-(a - b)))))
+    assert losses.ipo_loss(lw, rw, ll, rl, beta, target=1.0).item() == pytest.approx((a - b - 1) ** 2)   # Eq. (4.14)
     c = beta * 0.4
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-    assert sppo.kto_loss(lw, rw, ll, rl, beta, kl=0.4).item() == pytest.approx(sig(-a + c) + sig(b - c))
+    assert losses.kto_loss(lw, rw, ll, rl, beta, kl=0.4).item() == pytest.approx(sig(-a + c) + sig(b - c))
     # SPPO with a hard label (Sec. 4.5): eta^2 [(a - 1/2)^2 + (b + 1/2)^2] with beta = 1/eta
     eta = 1 / beta
-    assert sppo.sppo_hard_loss(lw, rw, ll, rl, eta).item() == pytest.approx(eta ** 2 * ((a - .5) ** 2 + (b + .5) ** 2))
+    assert losses.sppo_hard_loss(lw, rw, ll, rl, eta).item() == pytest.approx(eta ** 2 * ((a - .5) ** 2 + (b + .5) ** 2))
 
 
 def test_ipo_minimiser_at_half_and_one():
@@ -83,29 +84,29 @@ def test_ipo_minimiser_at_half_and_one():
     beta = 1 / eta
     zero = torch.zeros(1, dtype=torch.float64)
     h = torch.tensor([2.0], dtype=torch.float64)                     # margin of 2 nats = eta/2: a - b = 1/2
-    assert sppo.ipo_loss(h, zero, zero, zero, beta).item() == 0.0
-    assert sppo.ipo_loss(h, zero, zero, zero, beta, target=1.0).item() == pytest.approx(0.25)   # (1/2 - 1)^2
-    assert sppo.ipo_loss(h + 1, zero, zero, zero, beta).item() == pytest.approx(beta ** 2 * (3 - 1 / (2 * beta)) ** 2)
+    assert losses.ipo_loss(h, zero, zero, zero, beta).item() == 0.0
+    assert losses.ipo_loss(h, zero, zero, zero, beta, target=1.0).item() == pytest.approx(0.25)   # (1/2 - 1)^2
+    assert losses.ipo_loss(h + 1, zero, zero, zero, beta).item() == pytest.approx(beta ** 2 * (3 - 1 / (2 * beta)) ** 2)
     for target, want in [(0.5, eta / 2), (1.0, eta)]:                # the margin in nats where the loss is 0
         lw = torch.zeros(1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.SGD([lw], lr=4.0)
         for _ in range(200):
             opt.zero_grad()
-            sppo.ipo_loss(lw, zero, zero - 1.0, zero, beta, target=target).sum().backward()
+            losses.ipo_loss(lw, zero, zero - 1.0, zero, beta, target=target).sum().backward()
             opt.step()
         assert lw.item() + 1.0 == pytest.approx(want, abs=1e-9)        # a - b = target, i.e. h = target * eta
 
 
 def test_ipo_is_the_peers_ipo_times_beta_squared():
     """Azar et al.'s IPO (tau = beta), TRL's loss_type="ipo" and the authors' trainer: (h - target/beta)^2, h the
-    log-ratio margin in nats, written here from that definition. sppo.ipo_loss is beta^2 times it (docs/sppo.md)."""
+    log-ratio margin in nats, written here from that definition. losses.ipo_loss is beta^2 times it (docs/sppo.md)."""
     g = torch.Generator().manual_seed(0)
     lw, rw, ll, rl = (20 * torch.randn(64, generator=g, dtype=torch.float64) for _ in range(4))
     h = (lw - rw) - (ll - rl)                                                       # (64,) nats
     for beta in (1 / 3, 0.1, 1e-3):
         for target in (0.5, 1.0):
             theirs = (h - target / beta) ** 2
-            torch.testing.assert_close(sppo.ipo_loss(lw, rw, ll, rl, beta, target) * (1 / beta ** 2), theirs,
+            torch.testing.assert_close(losses.ipo_loss(lw, rw, ll, rl, beta, target) * (1 / beta ** 2), theirs,
                                        rtol=1e-9, atol=0)
 
 
@@ -144,7 +145,7 @@ def test_hedge_update_minimises_eq_4_4_tabular():
 
     def closure():
         opt.zero_grad()
-        loss = (torch.tensor(pi_t) * sppo.sppo_loss(torch.log_softmax(theta, 0), ref, win, eta, log_z)).sum()
+        loss = (torch.tensor(pi_t) * losses.sppo_loss(torch.log_softmax(theta, 0), ref, win, eta, log_z)).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -738,11 +739,31 @@ def test_golden_losses_single_process():
 
 # -------------------------------------------------------------------------------------------------- --loss
 PAIR_LOSS = {  # the loss functions alone, on one pair (w, l): log-probs under pi_theta, pi_ref; P(w > l); beta = 1/eta
-    "sppo_pair": lambda lw, rw, ll, rl, p, kl, eta: sppo.sppo_pair_loss(lw, rw, ll, rl, p, eta),
-    "dpo": lambda lw, rw, ll, rl, p, kl, eta: sppo.dpo_loss(lw, rw, ll, rl, 1 / eta),
-    "ipo": lambda lw, rw, ll, rl, p, kl, eta: sppo.ipo_loss(lw, rw, ll, rl, 1 / eta, target=0.7),
-    "sppo_hard": lambda lw, rw, ll, rl, p, kl, eta: sppo.sppo_hard_loss(lw, rw, ll, rl, eta),
-    "kto": lambda lw, rw, ll, rl, p, kl, eta: sppo.kto_loss(lw, rw, ll, rl, 1 / eta, kl)}
+    "sppo_pair": lambda lw, rw, ll, rl, p, kl, eta: losses.sppo_pair_loss(lw, rw, ll, rl, p, eta),
+    "dpo": lambda lw, rw, ll, rl, p, kl, eta: losses.dpo_loss(lw, rw, ll, rl, 1 / eta),
+    "ipo": lambda lw, rw, ll, rl, p, kl, eta: losses.ipo_loss(lw, rw, ll, rl, 1 / eta, target=0.7),
+    "sppo_hard": lambda lw, rw, ll, rl, p, kl, eta: losses.sppo_hard_loss(lw, rw, ll, rl, eta),
+    "kto": lambda lw, rw, ll, rl, p, kl, eta: losses.kto_loss(lw, rw, ll, rl, 1 / eta, kl)}
+TAU = 0.15
+ROW_TARGET = {  # SPPO's successors, written out from their papers' updates (not from losses.py): the row's target
+    "sppo": lambda r, eta: eta * (r["win_prob"] - 0.5),
+    "optimistic": lambda r, eta: eta * (2 * r["win_prob"] - r["prev_win_prob"] - 0.5),
+    "extragradient": lambda r, eta: eta * (r["half_win_prob"] - 0.5),
+    "mirror_prox": lambda r, eta: (eta * r["half_win_prob"] + eta * TAU * (r["mu_logp"] - r["ref_logp"]) - eta / 2)
+    / (1 + eta * TAU),
+    "nash_md": lambda r, eta: eta * r["mix_win_prob"] + eta * TAU * (r["mu_logp"] - r["ref_logp"]) - eta / 2,
+    "mmd": lambda r, eta: (eta * r["win_prob"] + eta * TAU * (r["mu_logp"] - r["ref_logp"]) - eta / 2) / (1 + eta * TAU)}
+
+
+def successor_pair_loss(loss, lw, ll, rw, rl, eta):
+    """INPO's and DNO's pair losses by hand: rw, rl the rows (ref_logp, mu_logp, win_prob)."""
+    hw, hl = lw - rw["ref_logp"], ll - rl["ref_logp"]
+    if loss == "inpo":                                         # Zhang et al. Eq. (8), their eta = 1/eta, tau/eta = eta tau
+        kl = eta * TAU * ((rw["mu_logp"] - rw["ref_logp"]) - (rl["mu_logp"] - rl["ref_logp"]))
+        return (hw - hl - kl - eta / 2) ** 2
+    p = 1 / (1 + math.exp(-(rw["win_prob"] - rl["win_prob"])))  # Rosset et al. Eq. (8), their eta = 1/eta
+    m = (hw - hl) / eta
+    return -(p * torch.nn.functional.logsigmoid(m) + (1 - p) * torch.nn.functional.logsigmoid(-m))
 
 
 @pytest.mark.parametrize("loss", list(sppo.LOSSES))            # every entry of the table: a new loss needs its line
@@ -752,8 +773,10 @@ def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
     d, _, tok = tiny
     rows = sppo_toy.synthetic_dataset(4, seed=5)
     for n, r in enumerate(rows):
-        r.update(ref_logp=-30.0 + 3 * n, pair_prob=[0.8, 0.2, 0.35, 0.65][n])
-    cfg = sppo.SPPOConfig(loss=loss, eta=4.0, ipo_target=0.7, global_batch=2, micro_batch=1, lr=1e-3,
+        r.update(ref_logp=-30.0 + 3 * n, pair_prob=[0.8, 0.2, 0.35, 0.65][n], mu_logp=-28.0 + 2.5 * n,
+                 prev_win_prob=[0.3, 0.6, 0.55, 0.4][n], half_win_prob=[0.7, 0.35, 0.45, 0.5][n],
+                 mix_win_prob=[0.65, 0.3, 0.5, 0.45][n])
+    cfg = sppo.SPPOConfig(loss=loss, eta=4.0, ipo_target=0.7, global_batch=2, micro_batch=1, lr=1e-3, tau=TAU,
                           optimizer="adamw", max_length=48, max_prompt_length=16, progress=False)
     model, _ = runs.load_policy(d, cfg, "cpu")
     hand, _ = runs.load_policy(d, cfg, "cpu")
@@ -764,7 +787,11 @@ def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
     lp = [policy.sequence_logps(hand, **policy.collate([p], tok.pad_token_id))[0] for p in pairs]     # one at a time
     ref = [torch.tensor(r["ref_logp"]) for r in rows]
     if loss == "sppo":
-        terms = [sppo.sppo_loss(lp[i], ref[i], torch.tensor(rows[i]["win_prob"]), cfg.eta) for i in range(4)]
+        terms = [losses.sppo_loss(lp[i], ref[i], torch.tensor(rows[i]["win_prob"]), cfg.eta) for i in range(4)]
+    elif loss in ROW_TARGET:
+        terms = [(lp[i] - ref[i] - ROW_TARGET[loss](rows[i], cfg.eta)) ** 2 for i in range(4)]
+    elif loss in ("inpo", "dno"):
+        terms = [successor_pair_loss(loss, lp[i], lp[i + 1], rows[i], rows[i + 1], cfg.eta) for i in (0, 2)]
     else:
         terms = [PAIR_LOSS[loss](lp[i], ref[i], lp[i + 1], ref[i + 1], torch.tensor(rows[i]["pair_prob"]),
                                  ((lp[i] - ref[i] + lp[i + 1] - ref[i + 1]) / 2).detach(), cfg.eta)
