@@ -114,7 +114,7 @@ def sppo_hard_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, eta):
 # b: the collated batch (ref_logp = log pi_t, win_prob = P-hat(y > pi_t), and the method's columns); c: the config.
 REGULARISED = ("tau", "magnet_every")
 """The settings of the methods pulled towards a reference / magnet mu (KL weight tau; mu = pi_0, or moved to pi_t
-every magnet_every iterations: runs.magnet_dir)."""
+every magnet_every iterations: runs.loss_models)."""
 
 
 def regression_loss(logp, ref_logp, target):
@@ -197,9 +197,12 @@ def _inpo(lp, b, c):
 
 
 def _inpo_target(ratio, b, c):
-    """INPO: the pair's margin h_w - h_l against its target (kl_w - kl_l) + eta/2."""
+    """INPO: the pair's margin net of the pull to mu, h_w - h_l - (kl_w - kl_l), against eta/2. Each pair's eta/2 is
+    a noisy label (the minimiser reaches eta (P(y_w > pi_t) - P(y_l > pi_t)) + const, not eta/2 per pair), so the
+    share is read on the mean: a constant target, as IPO's."""
     kl = _kl_step(b, c)
-    return ratio[0::2] - ratio[1::2], kl[0::2] - kl[1::2] + c.eta / 2
+    h = ratio[0::2] - ratio[1::2] - (kl[0::2] - kl[1::2])
+    return h, torch.full_like(h, c.eta / 2)
 
 
 def _dno_target(ratio, b, c):

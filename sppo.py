@@ -16,13 +16,14 @@ Conventions (stated once, used everywhere in this repository):
   * P is a K x K preference matrix over K responses to one prompt: P[i, j] = P(y_i > y_j | x), P + P^T = 1,
     diagonal 1/2 (validated by hedge_toy.validate_preference).
 
-In the paper's order: the losses (Sec. 4) and their table LOSSES, with SPPO's successors (losses.py) -> win rates, the kept pair, log Z (Eq. 4.5, Sec.
-4.2, 5.1) -> the oracle (Oracle, ORACLES) and rank -> D_t -> training (Eq. 4.7; with --lora-rank on LoRA adapters
-merged after each iteration) -> the four steps -> run_iteration, which reads as Algorithm 1 -> run() and the CLI.
-Around it, one file each: every setting and its rules are sppo_config.py (parsed and checked by cli.py); pi as a
-causal LM (chat template, truncation, padding, sampling, log pi(y|x)) is policy.py; the run directory, its records
-(one reader and writer per artifact), manifests and the stage runner that makes each step resumable are runs.py; the
-demo's tiny-LM world is sppo_toy.py; win rates between policies are arena.py.
+In the paper's order: win rates, the kept pair, log Z (Eq. 4.5, Sec. 4.2, 5.1) -> the oracle (Oracle, ORACLES) and
+rank -> D_t (with the columns SPPO's successors read) -> training (Eq. 4.7 or any --loss; with --lora-rank on LoRA
+adapters merged after each iteration) -> the four steps -> run_iteration, which reads as Algorithm 1 -> run() and
+the CLI. Around it, one file each: the losses (Sec. 4) and their table LOSSES, with SPPO's successors, are
+losses.py; every setting and its rules are sppo_config.py (parsed and checked by cli.py); pi as a causal LM (chat
+template, truncation, padding, sampling, log pi(y|x)) is policy.py; the run directory, its records (one reader and
+writer per artifact), manifests and the stage runner that makes each step resumable are runs.py; the demo's tiny-LM
+world is sppo_toy.py; win rates between policies are arena.py.
 """
 from __future__ import annotations
 

@@ -197,9 +197,9 @@ class SPPOConfig:
                                                                                  "a row loss (sppo) with --selection "
                                                                                  "all: the others train on pairs"),
         ("loss",            lambda c: c.selection == "all" or not set(LOSSES[c.loss].columns) & ESTIMATED,
-                                                                                 "a pair-free method with --selection "
-                                                                                 "all: its win rate against another "
-                                                                                 "policy is estimated on all K samples"),
+                                                                                 "a row method with --selection all: "
+                                                                                 "its win rate against another policy "
+                                                                                 "is estimated on all K samples"),
         ("loss",            lambda c: c.reference == "previous" or c.loss in PAPER_LOSSES,
                                                                                  "one of sppo, sppo_pair, dpo, ipo, "
                                                                                  "sppo_hard, kto with --reference "

@@ -29,6 +29,7 @@ import cli
 import conftest
 import costs
 import distributed
+import losses
 import pairrm
 import policy
 import runs
@@ -143,6 +144,40 @@ def test_fsdp_matches_single_process(world, llama_run, mistral_run, arch, epochs
     assert max_diff(exported, params) < PARAM_ATOL                    # ...exactly as one process does
     assert "1 truncated" in log and "none skipped" in log
     assert "FSDP units: embed_tokens | 2 layers | lm_head | root (norm)" in log
+
+
+SUCCESSORS = ("optimistic", "extragradient", "mirror_prox", "nash_md", "mmd", "inpo", "dno")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", SUCCESSORS)
+def test_fsdp_matches_single_process_with_each_successor(world, tmp_path, loss):
+    """Every successor loss (losses.py) on 2 ranks gives sppo.py's losses, grad norms and weights: D_t carries the
+    columns each reads (mu_logp, and the win rates against pi_{t-1}, the mixture, the half step, as sppo.py's step 3
+    writes them), here set by hand."""
+    rows = sppo_toy.synthetic_dataset(24, seed=1, long_rows=1)
+    rng = np.random.default_rng(4)
+    for r in rows:
+        r.update({c: float(v) for c, v in zip(("prev_win_prob", "half_win_prob", "mix_win_prob"), rng.uniform(size=3))},
+                 mu_logp=float(rng.normal(-40.0, 5.0)))
+    (tmp_path / "data").mkdir()
+    runs.write_jsonl(tmp_path / "data" / "dataset.jsonl", rows)
+    extra = dict(loss=loss, eta=3.0, tau=0.2, selection="all" if losses.LOSSES[loss].kind == "row" else "pair")
+    out = tmp_path / loss
+    torchrun(*flags(model=world["llama"], data=tmp_path / "data" / "dataset.jsonl", out=out, epochs=1, **extra,
+                    **TRAIN))
+    ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
+    cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8, **extra}, epochs=1, progress=False)
+    model, tok = runs.load_policy(world["llama"], cfg, "cpu")
+    history = sppo.train_policy(model, tok, [dict(r, ref_logp=lp) for r, lp in zip(rows, ref)], cfg, "cpu")
+    steps = runs.read_jsonl(out / "metrics.jsonl")
+    assert len(steps) == len(history) >= 3
+    for h, m in zip(history, steps):
+        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+        assert abs(m["grad_norm"] - h["grad_norm"]) <= 1e-5 * h["grad_norm"]
+    exported = load_file(out / "model" / "model.safetensors")
+    assert max_diff(exported, load_file(Path(world["llama"]) / "model.safetensors")) > 50 * PARAM_ATOL
+    assert max_diff(exported, model.state_dict()) < PARAM_ATOL
 
 
 def test_fsdp_matches_single_process_with_dpo(world, tmp_path):
