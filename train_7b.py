@@ -123,6 +123,13 @@ class TrainConfig(sppo.SPPOConfig):
         ("stop_at_step",      lambda c: c.stop_at_step is None or c.stop_at_step >= 1, ">= 1"),
         ("collective_timeout_s", lambda c: c.collective_timeout_s is None or sppo_config.positive(
                                  c.collective_timeout_s),                              "finite and > 0"),
+        ("stage",             lambda c: c.stage in ("train", "generate") or not (
+                                 sppo.LOSSES[c.loss].models or set(sppo.LOSSES[c.loss].columns)
+                                 & sppo_config.ESTIMATED),
+                                 lambda c: f"train or generate with --loss {c.loss}: its D_t columns (log mu, win "
+                                           f"rates against other policies) need single-process log-probs; make D_t "
+                                           f"with sppo.py --loss {c.loss} --stop-after dataset, then train_7b.py "
+                                           f"--data"),
         ("world",             lambda c: c.world >= 1,                                  ">= 1"),
         ("gpu_gb",            lambda c: sppo_config.positive(c.gpu_gb),                "finite and > 0"),
     )

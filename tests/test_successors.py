@@ -7,6 +7,9 @@ of their step in place of the centre (as Eq. 4.7's minimiser is Hedge's step wit
 minimises the loss; the minimiser must equal the method's step in last_iterate.METHODS to 1e-6.
 """
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ import runs
 import sppo
 import sppo_toy
 
+ROOT = Path(__file__).resolve().parents[1]
 ETA, TAU = 0.7, 0.4
 P = H.random_game(5, 7)
 PI = np.array([0.35, 0.1, 0.25, 0.2, 0.1])                      # pi_t
@@ -206,3 +210,24 @@ def test_each_successor_runs_through_sppo_run_with_its_columns(tmp_path, method)
             want = P @ (w / w.sum())
             np.testing.assert_allclose([rows[n][col] for n in k], want, atol=1e-4)
     assert (tmp_path / "iter2" / "model").is_dir()
+
+
+def test_the_dataset_manifest_covers_the_successors_settings(tmp_path):
+    """D_t's columns depend on tau (and the loss, and mu's weights): a run resumed with another tau is refused at
+    the dataset stage, naming the setting, before any work."""
+    tiny_run(tmp_path, "nash_md", iterations=1)
+    games = sppo_toy.demo_games()
+    cfg = sppo_toy.check_demo(sppo_toy.DemoConfig(
+        out=str(tmp_path), figure=str(tmp_path / "gap.png"), iterations=1, groups=3, K=4, eta=2.0, loss="nash_md",
+        selection="all", epochs=2, tau=0.3, global_batch=64, micro_batch=64, progress=False))
+    cfg = sppo_toy.demo_start(cfg, games)
+    with pytest.raises(sppo.ArtifactError, match=r"dataset.jsonl.*tau = 0.2.*tau = 0.3"):
+        sppo.run(cfg, oracle=sppo_toy.GameOracle(games))
+
+
+def test_train_7b_trains_every_successor_and_leaves_their_columns_to_sppo():
+    """train_7b.py --stage rank/all builds D_t without log-probs; with a successor loss it refuses, with the way out."""
+    r = subprocess.run([sys.executable, str(ROOT / "train_7b.py"), "--stage", "all", "--loss", "mmd", "--selection",
+                        "all", "--model", str(ROOT), "--prompts", str(ROOT / "data" / "prompts_train.jsonl")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "sppo.py --loss mmd --stop-after dataset, then train_7b.py --data" in r.stderr
