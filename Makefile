@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test figures clean real real-deps bench
+.PHONY: demo test figures clean real real-deps bench notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ $(VENV)/.real: requirements/real.txt $(VENV)/.runtime
 	touch $@
 
 real-deps: $(VENV)/.real
+
+$(VENV)/.notebooks: requirements/notebooks.txt $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/notebooks.txt
+	touch $@
+
+# The teaching notebooks (docs/notebooks.md) in JupyterLab, on .venv's kernel; Ctrl-C stops the server.
+notebooks: $(VENV)/.notebooks
+	$(PY) -m jupyterlab --notebook-dir=notebooks
 
 demo: $(VENV)/.runtime
 	$(PY) hedge_toy.py
