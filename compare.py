@@ -24,7 +24,6 @@ as mean ± the 95% Student-t interval. Per (seed, iteration) each world records:
 Runs resume: each (method, step, seed) is one record file under --out, reused when its manifest matches.
 """
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -123,7 +122,7 @@ def tabular_world(method, step, seed, game="rps", iterations=20, K=5, groups=64)
 def lm_world(method, step, seed, iterations=10, groups=40, K=5, epochs=200, fit_tol=1e-3, lr=3e-3):
     """One run of `method` at eta = step through sppo.run on the tiny LM (sppo_toy's games and GameOracle), from
     pi_0 = a tiny Llama of this seed warm-started to sppo_toy.DEMO_START, each iteration fitted to --fit-tol
-    (sppo.train_policy; epochs the cap); an epoch is one full-batch AdamW step at a constant lr (no warm-up, no
+    (training.train_policy; epochs the cap); an epoch is one full-batch AdamW step at a constant lr (no warm-up, no
     decay), so the loss it judges is exact. Unpacked batches: the same log-probs as --pack, 2.5x faster on CPU at
     these 2-4 token responses. Records t = 0..iterations: the gaps and steps averaged over the two games (and per
     game: `gap_avg/<prompt>`, `gap_last/<prompt>`), plus the fit's quality per iteration (_lm_fit_quality). The

@@ -131,7 +131,7 @@ class SPPOConfig:
     micro_batch: int = arg(default=8, help="Pairs or rows per forward/backward; the rest is gradient accumulation.")
     group_by_length: bool = arg(default=True, help="Cut each optimizer step's pairs (or rows) into micro-batches "
                                   "sorted by length, so they pad little; the step's rows and loss are unchanged "
-                                  "(sppo.micro_batches).")
+                                  "(training.micro_batches).")
     pack: bool = arg(default=True, help="Padding-free micro-batches: the rows packed into one sequence, each row "
                        "attending to itself only (policy.collate, packed=True); same log-probs, no pad tokens.")
     lora_rank: int = arg(default=0, help="Train each iteration's step 4 on fresh LoRA adapters of this rank r (peft; "

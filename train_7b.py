@@ -62,6 +62,7 @@ import committee
 import runs
 import sppo
 import sppo_config
+import training
 from cli import arg
 
 
@@ -168,7 +169,7 @@ def check_batch_sizes(cfg, world):
 
 def rank_micro_batches(idx, pairs, rank, world, cfg, group=1):
     """This rank's micro-batches of one global batch `idx` (row indices; a unit of `group` rows, a pair, stays on one
-    rank and in one micro-batch). cfg.group_by_length: sppo.micro_batches of the whole global batch, sorted by
+    rank and in one micro-batch). cfg.group_by_length: training.micro_batches of the whole global batch, sorted by
     length, dealt longest-first to the rank with the fewest padded tokens so far (rows x longest row) that still has
     a free slot, so ranks stay balanced; else each rank's contiguous share of idx, cut in order. Every rank gets the
     same number of micro-batches (None = a zero-weight stand-in) because every forward and backward runs FSDP
@@ -177,7 +178,7 @@ def rank_micro_batches(idx, pairs, rank, world, cfg, group=1):
         per = math.ceil(len(idx) / group / world) * group
         mine = idx[rank * per:(rank + 1) * per]
         return [mine[j:j + cfg.micro_batch * group] or None for j in range(0, per, cfg.micro_batch * group)]
-    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, group)
+    mbs = training.micro_batches(idx, pairs, cfg.micro_batch, group)
     slots, load, dealt = math.ceil(len(mbs) / world), [0] * world, [[] for _ in range(world)]
     cost = lambda mb: len(mb) * max(len(pairs[i][0]) + len(pairs[i][1]) for i in mb)    # noqa: E731 padded tokens
     for mb in sorted(mbs, key=cost, reverse=True):
@@ -209,7 +210,7 @@ def apply_fsdp(model, mesh, mp_policy):
     embeddings (config.tie_word_embeddings) keep embed_tokens and lm_head in the root: the shared parameter lives
     in one unit. Gradient reduction SUMS
     over ranks - FSDP2 averages by default - because each rank's loss is already divided by the GLOBAL batch size,
-    as in sppo.train_policy. Returns the units, in words."""
+    as in training.train_policy. Returns the units, in words."""
     tied, inner, n = model.config.tie_word_embeddings, model.model, len(model.model.layers)
     units = [*inner.layers] if tied else [inner.embed_tokens, *inner.layers, model.lm_head]
     for unit in [*units, model]:
@@ -225,7 +226,7 @@ def apply_fsdp(model, mesh, mp_policy):
 def load_weights(model, cfg, d):
     """pi_t's weights: rank 0 reads the checkpoint on CPU in fp32 and broadcasts; each rank keeps its shards.
     --lora-rank: rank 0 first gives its copy fresh adapters exactly as sppo.train does (torch.manual_seed, then
-    sppo.add_adapters: A Kaiming-uniform, B = 0), seeded by the batch order's seed (cfg.seed, which sppo.train passes
+    training.add_adapters: A Kaiming-uniform, B = 0), seeded by the batch order's seed (cfg.seed, which sppo.train passes
     to train_policy as seed + t), so the adapters do not depend on the number of ranks and equal one process's.
 
     to_empty() leaves non-persistent buffers (the RoPE inv_freq) uninitialised, so they are rebuilt from the config.
@@ -237,7 +238,7 @@ def load_weights(model, cfg, d):
         if cfg.lora_rank:
             rng = torch.get_rng_state()
             torch.manual_seed(cfg.seed)
-            pi_t = sppo.add_adapters(pi_t, cfg).get_base_model()     # the HF model, adapters in place
+            pi_t = training.add_adapters(pi_t, cfg).get_base_model()     # the HF model, adapters in place
             torch.set_rng_state(rng)                                  # rank 0's RNG stream as without LoRA
         full = pi_t.state_dict()
         del pi_t
@@ -252,13 +253,13 @@ def load_weights(model, cfg, d):
 
 def build_model(cfg, d):
     """pi_t as an FSDP2 module with fp32 master weights; works for the Llama and Mistral classes of transformers.
-    --lora-rank: the adapters go in on the meta model BEFORE fully_shard (sppo.add_adapters, in place), so each
+    --lora-rank: the adapters go in on the meta model BEFORE fully_shard (training.add_adapters, in place), so each
     lora_A/lora_B lives in its decoder layer's unit beside the frozen W it adapts; their values come with pi_t's."""
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=torch.float32)
         if cfg.lora_rank:
-            model = sppo.add_adapters(model, cfg).get_base_model()      # the HF model, its Linears now LoRA layers
+            model = training.add_adapters(model, cfg).get_base_model()      # the HF model, its Linears now LoRA layers
     if cfg.pack:
         d.log(f"packed batches: {policy.use_packed_attention(model)} attention")
     if cfg.activation_checkpointing:
@@ -271,14 +272,14 @@ def build_model(cfg, d):
 
 def merged(full, cfg):
     """pi_{t+1} = pi_t + (alpha/r) B A as a plain state dict (rank 0, fp32 on CPU): the gathered state dict of the
-    adapted model goes into a meta-built copy with the same adapters and sppo.merge_adapters merges it, so the export
+    adapted model goes into a meta-built copy with the same adapters and training.merge_adapters merges it, so the export
     is what sppo.py's merge gives: pi_t's tensor names, no adapter keys."""
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
-        model = sppo.add_adapters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model),
+        model = training.add_adapters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model),
                                                                    dtype=torch.float32), cfg)
     model.get_base_model().load_state_dict(full, assign=True)
-    return sppo.merge_adapters(model).state_dict()
+    return training.merge_adapters(model).state_dict()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def file_sha256(path):
 # ----------------------------------------------------------------------------------------------------------------
 # One optimizer step of Eq. (4.7), split over ranks and micro-batches.
 def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, before_micro=None):
-    """Same arithmetic as sppo.train_policy: sum of per-example losses / len(idx), summed over micro-batches
+    """Same arithmetic as training.train_policy: sum of per-example losses / len(idx), summed over micro-batches
     (local accumulation) and ranks (reduce-scatter with SUM), then global-norm clipping, optimizer and LR step.
     before_micro: called before each micro-batch (--measure-memory resets the tracker's per-module stats)."""
     opt.zero_grad(set_to_none=True)
@@ -357,8 +358,8 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
     for mb in rank_micro_batches(idx, pairs, d.rank, d.world, cfg, group):
         if before_micro:
             before_micro()
-        b = sppo.make_batch(pairs, rows, mb or idx[:group], pad_id, cfg, d.device)   # a stand-in: one whole pair
-        losses = sppo.example_losses(model, b, cfg)                               # (micro,) cfg.loss
+        b = training.make_batch(pairs, rows, mb or idx[:group], pad_id, cfg, d.device)   # a stand-in: one whole pair
+        losses = training.example_losses(model, b, cfg)                               # (micro,) cfg.loss
         (losses.sum() * (1.0 if mb else 0.0) / len(idx)).backward()
         if mb:
             lengths = (b["cu_seq_lens"].diff() if cfg.pack else b["attention_mask"].sum(-1)).double()   # (micro,) T_i
@@ -369,7 +370,7 @@ def train_step(model, opt, sched, pairs, rows, idx, pad_id, group, cfg, d, befor
     gnorm = float(gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm)
     loss = stats[0].item() / len(idx)
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        raise sppo.DivergedError(f"loss {loss}, grad norm {gnorm} is not finite; stopped before the update")
+        raise training.DivergedError(f"loss {loss}, grad norm {gnorm} is not finite; stopped before the update")
     lr = sched.get_last_lr()[0]                                                       # the rate of this step
     opt.step()
     sched.step()
@@ -493,8 +494,8 @@ def train(cfg, d):
     rows = load_dataset(data, cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = policy.pad_id(tok)
-    pairs, n_cut = sppo.encode_rows(tok, rows, cfg)
-    schedule, total, group = sppo.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
+    pairs, n_cut = training.encode_rows(tok, rows, cfg)
+    schedule, total, group = training.train_schedule(rows, cfg)                 # pairs stay in one micro-batch
     run_info = {"model": d.decide(lambda: runs.Hashes(out)(cfg.model)), "data_sha256": file_sha256(data),
                 "total_steps": len(schedule), **{k: getattr(cfg, k) for k in resume_settings(cfg)}}
     saved = d.decide(lambda: distributed.check_run_info(ckpt, run_info)) if ckpt else None   # before the model
@@ -507,8 +508,8 @@ def train(cfg, d):
     runs.check_dataset(rows, data)
     d.log(f"reference log-probs (pi_ref = pi_t): {source}")
     trainable = [p for p in model.parameters() if p.requires_grad]     # LoRA: A and B only; W stays frozen
-    opt = sppo.make_optimizer(trainable, cfg)                          # on the sharded (DTensor) parameters
-    sched = sppo.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
+    opt = training.make_optimizer(trainable, cfg)                          # on the sharded (DTensor) parameters
+    sched = training.make_scheduler(opt, total, cfg.warmup_ratio)       # may run past the steps trained
     state = distributed.TrainState(model, opt, sched, d)
     if ckpt:
         distributed.load_checkpoint(state, ckpt, saved, d)
@@ -586,7 +587,7 @@ def validate(cfg):
     sppo.validate_config(cfg)
     if str(cfg.model).endswith(".gguf"):              # every rank converts or finds the cache; the first rename wins
         cfg.model = str(runs.gguf_checkpoint(cfg.model))
-    sppo.check_lora_targets(cfg)                      # --lora-targets against pi_t's modules, before any rank starts
+    training.check_lora_targets(cfg)                      # --lora-targets against pi_t's modules, before any rank starts
     for need, flag, stages in [(cfg.prompts, "--prompts FILE", ("generate", "rank", "all")),
                                (cfg.pairrm, "--pairrm DIR", ("rank", "all"))]:
         if need is None and cfg.stage in stages:

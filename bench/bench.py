@@ -18,7 +18,7 @@ Rows:
   * Generation: K samples per prompt from one prefill whose KV cache is repeated K times (policy.sample_k) vs HF
     generate(num_return_sequences=K), which runs each prompt K times; prompts of length_mix's lengths, sampled
     tokens/s, and how many sampled rows differ (`--only generate` adds SmolLM2-135M; requirements/real.txt).
-  * SPPO training (Eq. 4.7) on one process: tokens/s of sppo.train_policy on a tiny Llama.
+  * SPPO training (Eq. 4.7) on one process: tokens/s of training.train_policy on a tiny Llama.
   * FSDP2 with 2 gloo ranks (train_7b.py under torchrun) vs one process on the same data and batch order; here the
     repetitions are the optimizer steps (after 3 warm-up steps) of one run of each.
   * train_7b.py at a real model's shape (`--only model --size 1b`: TinyLlama-1.1B's config, random weights) under
@@ -35,7 +35,7 @@ Rows:
     on one process and on 2 gloo ranks, and the peak RSS of each.
 
   * --only mix (not part of `all`): this machine's fp32 matmul limit at the shapes of hidden 256 x 4 and 512 x 8
-    Llamas, and sppo.train_policy on the realistic length mix (length_mix): plain, length-grouped and packed
+    Llamas, and training.train_policy on the realistic length mix (length_mix): plain, length-grouped and packed
     micro-batches, real tokens/s and the fraction of the limit.
 
     python -m bench.bench --only model --size 1b  # on a GPU node (docs/train_7b.md's GPU numbers come from this)
@@ -72,6 +72,7 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
+import training
 from bench import bench_peers
 from bench.workloads import (MODEL_SIZES, build_sized_policy, fmt, interleaved, length_mix, matmul_limit,
                              mix_rows, of_limit, pairrm_inputs, pairrm_work, rate)
@@ -216,14 +217,14 @@ def bench_generate(name="tiny", prompts=8, K=5, max_new_tokens=32, repeats=3, qu
             "fast": rate(tokens, t["shared"]), "slow": rate(tokens, t["per_sample"]), "unit": "tokens/s"}
 
 def bench_train(rows=256, hidden=64, layers=2, repeats=3):
-    """Tokens/s of sppo.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates, one epoch a repetition."""
+    """Tokens/s of training.train_policy (Eq. 4.7) on one process, tiny Llama, random win rates, one epoch a repetition."""
     with tempfile.TemporaryDirectory() as tmp:
         d = sppo_toy.build_tiny_policy(f"{tmp}/m", hidden=hidden, layers=layers)
         cfg = sppo.SPPOConfig(global_batch=64, micro_batch=16, epochs=1, lr=1e-4, progress=False)
         model, tok = runs.load_policy(d, cfg, "cpu")
         data = [dict(r, ref_logp=-5.0) for r in sppo_toy.synthetic_dataset(rows, seed=0)]
-        tokens = sum(len(p) + len(r) for p, r in sppo.encode_rows(tok, data, cfg)[0])
-        t = interleaved({"train": lambda: sppo.train_policy(model, tok, data, cfg, "cpu")}, repeats)
+        tokens = sum(len(p) + len(r) for p, r in training.encode_rows(tok, data, cfg)[0])
+        t = interleaved({"train": lambda: training.train_policy(model, tok, data, cfg, "cpu")}, repeats)
     return {"setting": f"tiny Llama hidden {hidden} x {layers}, {rows} rows, batch 64 (micro 16)",
             "fast": rate(tokens, t["train"]), "unit": "tokens/s"}
 
@@ -258,7 +259,7 @@ def _workdir(workdir, prefix):
 
 def bench_fsdp(world=2, rows=64, hidden=32, layers=2, arch="llama", global_batch=16, micro_batch=4, epochs=4,
                activation_checkpointing=False, workdir=None, model_dir=None, data_rows=None, max_length=48):
-    """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against sppo.train_policy in this process, on the
+    """Tokens/s of train_7b.py under `world` gloo ranks (torchrun) against training.train_policy in this process, on the
     same tiny model, data and batch order; per-step rates, the first 3 (warm-up) excluded. Activation checkpointing
     is off by default, as in sppo.py, so the ratio is the cost of sharding alone. Returns a dict."""
     with _workdir(workdir, "bench_fsdp_") as work:
@@ -283,7 +284,7 @@ def _bench_fsdp(work, world, rows, hidden, layers, arch, global_batch, micro_bat
     model, tok = runs.load_policy(model_dir, cfg, "cpu")
     ref = json.loads((work / "fsdp" / "ref_logp.json").read_text())["ref_logp"]    # cached by train_7b.py
     ref_rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(data), ref)]
-    single = [h["tokens_per_s"] for h in sppo.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
+    single = [h["tokens_per_s"] for h in training.train_policy(model, tok, ref_rows, cfg, "cpu")][3:]
     return {"world": world, "model": f"tiny {arch} hidden {hidden} x {layers} layers", "rows": rows,
             "activation_checkpointing": activation_checkpointing, "steps": len(fsdp) + 3,
             "fsdp": rate(None, fsdp), "single": rate(None, single), "single_process_threads": torch.get_num_threads(),
@@ -398,7 +399,7 @@ length, padded; grouped and packed (sppo.py's default)."""
 
 
 def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
-    """sppo.train_policy (Eq. 4.7, one epoch = one optimizer step of all `pairs` pairs of length_mix(pairs, seed=0),
+    """training.train_policy (Eq. 4.7, one epoch = one optimizer step of all `pairs` pairs of length_mix(pairs, seed=0),
     no truncation, micro-batches of `micro_batch` pairs) on a random Llama of MODEL_SIZES[size], one thread, each
     path of MIX_PATHS interleaved. Real (non-pad) tokens/s; the padded share of the tokens each path runs; achieved
     FLOP/s (costs.step_flops: 6N per real token + attention at each row's own length) against matmul_limit, measured
@@ -410,19 +411,19 @@ def bench_train_mix(size="h256", pairs=16, micro_batch=4, repeats=3):
     cfgs = {name: sppo.SPPOConfig(**kw, global_batch=pairs, micro_batch=micro_batch, epochs=1, lr=1e-7,
                                   max_length=4096, max_prompt_length=4096, progress=False)
             for name, kw in MIX_PATHS.items()}
-    enc = sppo.encode_rows(tok, rows, cfgs["plain"])[0]
+    enc = training.encode_rows(tok, rows, cfgs["plain"])[0]
     lengths = [len(p) + len(r) for p, r in enc]
-    idx = sppo.train_schedule(rows, cfgs["plain"])[0][0]
+    idx = training.train_schedule(rows, cfgs["plain"])[0][0]
     step = lambda sq: costs.step_flops(model.config, sum(p.numel() for p in model.parameters()), sum(lengths), sq,
                                        sum(len(r) for _, r in enc))                              # noqa: E731
     flops, attention = step(sum(n * n for n in lengths)), 1 - step(0) / step(sum(n * n for n in lengths))
     limit = [matmul_limit(MODEL_SIZES[size], 1)["layer"]]
-    t = interleaved({name: lambda c=c: sppo.train_policy(model, tok, rows, c, "cpu") for name, c in cfgs.items()},
+    t = interleaved({name: lambda c=c: training.train_policy(model, tok, rows, c, "cpu") for name, c in cfgs.items()},
                     repeats)
     limit.append(matmul_limit(MODEL_SIZES[size], 1)["layer"])
     out, m = {}, MODEL_SIZES[size]
     for name, c in cfgs.items():
-        mbs = sppo.micro_batches(idx, enc, micro_batch, 2, c.group_by_length)
+        mbs = training.micro_batches(idx, enc, micro_batch, 2, c.group_by_length)
         run = sum(lengths) if c.pack else sum(len(mb) * max(lengths[i] for i in mb) for mb in mbs)
         out[name] = {"setting": f"hidden {m['hidden_size']} x {m['num_hidden_layers']}, {pairs} pairs ({sum(lengths):,} "
                                 f"tokens), micro-batch {micro_batch} pairs; pad {1 - sum(lengths) / run:.0%}; "

@@ -26,6 +26,7 @@ import pairrm
 import policy
 import runs
 import sppo
+import training
 from bench.workloads import (MODEL_SIZES, build_sized_policy, equal_lengths, interleaved, length_mix, mix_rows,
                              of_limit, pairrm_inputs, pairrm_work, rate)
 
@@ -88,7 +89,7 @@ def fp64_logps(model, pairs):
 # ----------------------------------------------------------------------------------------------------------------
 # Training: our sppo_hard step vs TRL's DPOTrainer(loss_type="sppo_hard").
 def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1e-6, tol=2e-3, name="rows"):
-    """Our SPPO step with --loss sppo_hard (sppo.train_policy: sppo.example_losses through one optimizer step) vs
+    """Our SPPO step with --loss sppo_hard (training.train_policy: training.example_losses through one optimizer step) vs
     TRL 1.16 DPOTrainer(loss_type="sppo_hard"), on the same tiny Llama (MODEL_SIZES[size]), the same token rows and
     the same micro-batches in the same order (TRL: train_sampling_strategy="sequential" over our schedule), fp32 on
     both sides: DPOConfig's defaults (bf16 autocast, gradient checkpointing, fused AdamW) turned off, RMSprop at the
@@ -110,10 +111,10 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
     model, tok = runs.load_policy(policy_dir, cfg, "cpu")
     ref_model, _ = runs.load_policy(ref_dir, cfg, "cpu")
     pad, rows = policy.pad_id(tok), mix_rows(mix, tok, win_prob=(1.0, 0.0))      # ref_logp: set below
-    pairs = sppo.encode_rows(tok, rows, cfg)[0]                   # (chat-templated prompt ids, response ids) per row
+    pairs = training.encode_rows(tok, rows, cfg)[0]                   # (chat-templated prompt ids, response ids) per row
     for r, lp in zip(rows, policy.batched_logps(ref_model, pairs, pad, batch_size=2 * micro_batch)):
         r["ref_logp"] = lp
-    steps = sppo.train_schedule(rows, cfg)[0]                     # row indices of each step: winner, loser, ...
+    steps = training.train_schedule(rows, cfg)[0]                     # row indices of each step: winner, loser, ...
     order = [j // 2 for step in steps for j in step[0::2]]        # pair index of TRL's rows, step after step
     runs.write_jsonl(work / "rows.jsonl", [
         {"prompt_ids": pairs[2 * i][0], "chosen_ids": pairs[2 * i][1], "rejected_ids": pairs[2 * i + 1][1],
@@ -125,7 +126,7 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
                                           attn_implementation=model.config._attn_implementation))
     first = order[:n]                                              # the pairs of step 0, in TRL's row order
     with torch.no_grad():                                          # our loss of each pair, first weights
-        ours = [float(sppo.example_losses(model, sppo.make_batch(pairs, rows, [2 * i, 2 * i + 1], pad, cfg, "cpu"),
+        ours = [float(training.example_losses(model, training.make_batch(pairs, rows, [2 * i, 2 * i + 1], pad, cfg, "cpu"),
                                           cfg)[0]) for i in first]
     lp64 = fp64_logps(model, [pairs[j] for i in first for j in (2 * i, 2 * i + 1)])
     exact = [(lp64[2 * k] - rows[2 * i]["ref_logp"] - cfg.eta / 2) ** 2 +              # Sec. 4.5, P = 1, in fp64
@@ -142,7 +143,7 @@ def bench_train_peer(python, size, mix, micro_batch=4, repeats=3, beta=0.1, lr=1
     def hand_over(h):                                              # after each of our steps, one TRL step
         times["ours"].append(tokens / h["tokens_per_s"])
         times["trl"].append(peer.go()["seconds"])
-    sppo.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
+    training.train_policy(model, tok, rows, cfg, "cpu", on_step=hand_over)
     peer.close()
     shutil.rmtree(work)                                            # kept, with peer.log, when anything above failed
     shape = f"hidden {MODEL_SIZES[size]['hidden_size']} x {MODEL_SIZES[size]['num_hidden_layers']}"

@@ -33,6 +33,7 @@ import policy
 import runs
 import sppo
 import sppo_toy
+import training
 
 
 def ipo_peer_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta, target=0.5):
@@ -57,8 +58,8 @@ def peer_loss():
 
 def margins(model, tok, rows, cfg):
     """h of every pair of `rows` (winner, loser adjacent) under `model`, in one batch, with its graph: (pairs,)."""
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
-    b = sppo.make_batch(pairs, rows, list(range(len(rows))), policy.pad_id(tok), cfg, "cpu")
+    pairs, _ = training.encode_rows(tok, rows, cfg)
+    b = training.make_batch(pairs, rows, list(range(len(rows))), policy.pad_id(tok), cfg, "cpu")
     ratio = policy.sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"],
                                   cu_seq_lens=b.get("cu_seq_lens")) - b["ref_logp"]                    # (2 pairs,)
     return ratio[0::2] - ratio[1::2]
@@ -86,7 +87,7 @@ def measure(model_dir, rows, cfg, etas):
             model, tok = runs.load_policy(model_dir, c, "cpu")
             torch.manual_seed(c.seed)
             with peer_loss():
-                history = sppo.train_policy(model, tok, rows, dataclasses.replace(c, loss=loss), "cpu")
+                history = training.train_policy(model, tok, rows, dataclasses.replace(c, loss=loss), "cpu")
             with torch.no_grad():
                 h = float(margins(model, tok, rows, c).mean())
             norms = [s["grad_norm"] for s in history]

@@ -2,7 +2,7 @@
 
 The run: sppo_toy's tiny random Llama (hidden 32, 2 layers, seed 3), D_t = sppo_toy.synthetic_dataset(24, seed=1,
 long_rows=1) with ref_logp computed by pi_t itself, Eq. (4.7) at eta = 1000, RMSprop lr 1e-4, global batch 4 pairs
-(12 pairs: 3 steps per epoch), 2 epochs = 6 steps, fp32 on CPU. It is computed two ways: sppo.train_policy on one process, and train_7b.py
+(12 pairs: 3 steps per epoch), 2 epochs = 6 steps, fp32 on CPU. It is computed two ways: training.train_policy on one process, and train_7b.py
 under torchrun with 2 gloo ranks (FSDP2). tests/test_sppo.py and tests/test_train_7b.py compare today's losses
 with the stored ones, so a change that moves the numbers - in the loss, the log-probs, the batching, the
 optimizer, the schedule or the sharding - fails loudly and has to be re-blessed on purpose:
@@ -21,6 +21,7 @@ import conftest  # noqa: E402  (tests/: this file's directory)
 import runs  # noqa: E402
 import sppo  # noqa: E402
 import sppo_toy  # noqa: E402
+import training  # noqa: E402
 
 TRAIN = dict(global_batch=4, micro_batch=1, seed=40, lr=1e-4, max_length=48, max_prompt_length=16, optimizer="rmsprop",
              epochs=2)
@@ -39,7 +40,7 @@ def make_world(root):
 
 
 def single_process_losses():
-    """sppo.train_policy on one process (micro-batch 8): the losses of the 6 steps."""
+    """training.train_policy on one process (micro-batch 8): the losses of the 6 steps."""
     import torch
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +48,7 @@ def single_process_losses():
         cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8}, progress=False)
         model, tok = runs.load_policy(model_dir, cfg, "cpu")
         rows = sppo.reference_logps(model, tok, runs.read_dataset(data, need_ref=False), cfg)
-        return [h["loss"] for h in sppo.train_policy(model, tok, rows, cfg, "cpu")]
+        return [h["loss"] for h in training.train_policy(model, tok, rows, cfg, "cpu")]
 
 
 def train_7b_args(model_dir, data, out):

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/lora_memory.py MODEL_DIR OUT.json RANK {rmsprop,adamw}
 
 The model is sharded as train_7b.py shards it (apply_activation_checkpointing, then apply_fsdp: each unit, then
-the root) after peft has put adapters on costs.LORA_TARGETS; the base is frozen, the optimizer (sppo.make_optimizer)
+the root) after peft has put adapters on costs.LORA_TARGETS; the base is frozen, the optimizer (training.make_optimizer)
 holds the adapters alone. Two steps of losses.sppo_loss on 2 rows x 48 tokens per rank; the tracker watches the second
 (the optimizer state exists), resetting its per-module stats before the micro-batch as train_7b --measure-memory
 does. Rank 0 writes {"measured": the peak by category, "after_step": the categories after the optimizer step (the
@@ -27,6 +27,7 @@ import losses  # noqa: E402
 import policy  # noqa: E402
 import sppo  # noqa: E402
 import train_7b  # noqa: E402
+import training  # noqa: E402
 
 ROWS, T = 2, 48
 
@@ -39,7 +40,7 @@ def main(model_dir, out, rank, optimizer):
                                                   target_modules=list(costs.LORA_TARGETS)))
     train_7b.apply_activation_checkpointing(model)
     train_7b.apply_fsdp(model, d.mesh, MixedPrecisionPolicy())          # the HF model is the root, adapters inside
-    opt = sppo.make_optimizer([p for p in model.parameters() if p.requires_grad],
+    opt = training.make_optimizer([p for p in model.parameters() if p.requires_grad],
                               sppo.SPPOConfig(optimizer=optimizer, lr=1e-3))
     g = torch.Generator().manual_seed(d.rank)
     ids = torch.randint(3, model.config.vocab_size, (ROWS, T), generator=g)          # (B, T)

@@ -16,6 +16,7 @@ import costs
 import sppo
 import sppo_toy
 import train_7b
+import training
 
 peft = pytest.importorskip("peft")
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_lora_terms_equal_peft_bytes_one_process(tiny, optimizer):
 
     model, pm = adapted(tiny, r)                           # fp32 base for a CPU step
     adapters = [p for p in model.parameters() if p.requires_grad]
-    opt = sppo.make_optimizer(adapters, sppo.SPPOConfig(optimizer=optimizer, lr=1e-3))
+    opt = training.make_optimizer(adapters, sppo.SPPOConfig(optimizer=optimizer, lr=1e-3))
     ids = torch.randint(3, c.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     pm(input_ids=ids, labels=ids).loss.backward()
     opt.step()

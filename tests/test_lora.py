@@ -1,4 +1,4 @@
-"""Tests for --lora-rank (sppo.add_adapters / merge_adapters, through peft): one LoRA step against a hand-written
+"""Tests for --lora-rank (training.add_adapters / merge_adapters, through peft): one LoRA step against a hand-written
 low-rank update (W + (alpha/r) B A on plain tensors, torch autograd, no peft), merge -> save -> from_pretrained against
 the adapted model's log-probs, a whole run whose checkpoints change only where the adapters reach and only by rank r,
 the settings' checks before any work, and the manifest (sppo.py) and resume record (train_7b.py) that carry them."""
@@ -17,6 +17,7 @@ import sppo
 import sppo_config
 import sppo_toy
 import train_7b
+import training
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_a_lora_step_is_the_hand_written_low_rank_update(tiny):
     rows = dataset()
     model, tok = runs.load_policy(tiny, cfg, "cpu")
     torch.manual_seed(0)
-    lora = sppo.add_adapters(model, cfg)
+    lora = training.add_adapters(model, cfg)
     randomise_b(lora, 0.05)
     start = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in adapters(lora).items()}
     assert sorted(start) == sorted(f"model.layers.{i}.{m}" for i in range(2)
@@ -76,7 +77,7 @@ def test_a_lora_step_is_the_hand_written_low_rank_update(tiny):
     frozen = {n: p.detach().clone() for n, p in lora.named_parameters() if ".lora_" not in n}
     assert not any(p.requires_grad for n, p in lora.named_parameters() if ".lora_" not in n)
 
-    history = sppo.train_policy(lora, tok, rows, cfg, "cpu")
+    history = training.train_policy(lora, tok, rows, cfg, "cpu")
     assert len(history) == 1
 
     # the same loss on plain tensors: W + (alpha/r) B A in place of each adapted weight, one row at a time
@@ -86,7 +87,7 @@ def test_a_lora_step_is_the_hand_written_low_rank_update(tiny):
     leaves = {m: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for m, (a, b) in start.items()}
     scale = cfg.lora_alpha / cfg.lora_rank
     params = dict(W, **{f"{m}.weight": W[f"{m}.weight"] + scale * b @ a for m, (a, b) in leaves.items()})
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    pairs, _ = training.encode_rows(tok, rows, cfg)
     losses = []
     for (p, r), row in zip(pairs, rows):
         ids = torch.tensor(p + r)
@@ -109,7 +110,7 @@ def test_a_lora_step_is_the_hand_written_low_rank_update(tiny):
             torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6 * cfg.lr)
     assert all(torch.equal(p, frozen[n]) for n, p in lora.named_parameters() if ".lora_" not in n)
 
-    merged = sppo.merge_adapters(lora).state_dict()
+    merged = training.merge_adapters(lora).state_dict()
     for name, w in W.items():
         m = name.removesuffix(".weight")
         if m in got:                                                 # W + (alpha/r) B_1 A_1, rounded once
@@ -126,14 +127,14 @@ def test_merged_saved_and_reloaded_model_has_the_adapted_log_probs(tiny, tmp_pat
     model, tok = runs.load_policy(tiny, cfg, "cpu")
     names = sorted(model.state_dict())
     torch.manual_seed(0)
-    lora = sppo.add_adapters(model, cfg)
+    lora = training.add_adapters(model, cfg)
     randomise_b(lora, 0.2)
-    pairs, _ = sppo.encode_rows(tok, dataset(6), cfg)
+    pairs, _ = training.encode_rows(tok, dataset(6), cfg)
     adapted = torch.tensor(policy.batched_logps(lora, pairs, policy.pad_id(tok)))
     base = torch.tensor(policy.batched_logps(runs.load_policy(tiny, cfg, "cpu")[0], pairs, policy.pad_id(tok)))
     assert (adapted - base).abs().max() > 0.1                                    # the adapters do change pi
 
-    runs.save_policy(sppo.merge_adapters(lora), tok, tmp_path / "merged")
+    runs.save_policy(training.merge_adapters(lora), tok, tmp_path / "merged")
     assert not list((tmp_path / "merged").glob("adapter_*"))
     reloaded, _ = runs.load_policy(tmp_path / "merged", cfg, "cpu")
     assert type(reloaded).__name__ == "LlamaForCausalLM" and sorted(reloaded.state_dict()) == names
@@ -234,8 +235,8 @@ def test_adapters_on_a_loaded_model_check_its_modules(tiny):
     model, _ = runs.load_policy(tiny, cfg, "cpu")
     with pytest.raises(cli.ConfigError, match=r"^--lora-targets self_attn.q_proj c_attn: no Linear/Embedding module "
                                               r"'c_attn' in LlamaForCausalLM; it has down_proj, "):
-        sppo.add_adapters(model, cfg)
-    assert sppo.lora_problem(model, ["self_attn.q_proj", "mlp.up_proj", "lm_head"]) is None   # peft's suffix rule
+        training.add_adapters(model, cfg)
+    assert training.lora_problem(model, ["self_attn.q_proj", "mlp.up_proj", "lm_head"]) is None   # peft's suffix rule
 
 
 def test_train_7b_takes_the_lora_settings_and_its_resume_record_carries_them(tmp_path):

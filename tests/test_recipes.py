@@ -19,6 +19,7 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 SIG = lambda z: 1 / (1 + math.exp(-z))                                                      # noqa: E731
@@ -72,15 +73,15 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     model, tok = tiny_llama
     rows, n_pairs = pair_rows(11), 11
     cfg = sppo.SPPOConfig(global_batch=4, micro_batch=2, epochs=3, lr=1e-9, progress=False)
-    seen, make_batch = [], sppo.make_batch
+    seen, make_batch = [], training.make_batch
     monkeypatch.setattr(sppo, "make_batch", lambda pairs, rows, idx, *a: seen.append(list(idx)) or
                         make_batch(pairs, rows, idx, *a))
-    start = policy.batched_logps(model, sppo.encode_rows(tok, rows, cfg)[0], tok.pad_token_id)
-    history = sppo.train_policy(model, tok, rows, cfg)
+    start = policy.batched_logps(model, training.encode_rows(tok, rows, cfg)[0], tok.pad_token_id)
+    history = training.train_policy(model, tok, rows, cfg)
     assert len(history) == math.ceil(n_pairs / 4) * 3 == 9
     for mb in seen:                                                       # whole pairs, at most micro_batch of them
         assert len(mb) <= 4 and sorted(mb) == sorted({i // 2 * 2 + j for i in mb for j in (0, 1)})
-    steps, total, group = sppo.train_schedule(rows, cfg)
+    steps, total, group = training.train_schedule(rows, cfg)
     assert (len(steps), total, group) == (9, 9, 2) and [len(s) for s in steps[:3]] == [8, 8, 6]
     idx = steps[0]                                                        # the first step's loss, by the authors' rule
     w, l = [i for i in idx if i % 2 == 0], [i for i in idx if i % 2 == 1]
@@ -89,14 +90,14 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     want = losses.sppo_pair_loss(t(w), t(w, "ref_logp"), t(l), t(l, "ref_logp"), t(w, "win_prob"), cfg.eta,
                                prob_l=t(l, "win_prob"), form="released").mean()
     assert history[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
-    pairs = sppo.encode_rows(tok, rows, cfg)[0]
+    pairs = training.encode_rows(tok, rows, cfg)[0]
     for world in (2, 3):                                                  # train_7b: a pair never crosses ranks
         for s in steps:
             shares = [mb for r in range(world) for mb in train_7b.rank_micro_batches(s, pairs, r, world, cfg, 2) if mb]
             assert sorted(i for mb in shares for i in mb) == sorted(s)
             assert all(sorted(mb) == sorted({i // 2 * 2 + j for i in mb for j in (0, 1)}) for mb in shares)
     with pytest.raises(runs.ArtifactError, match="record 3: --selection pair needs rows in pairs"):
-        sppo.train_schedule(rows[:2] + rows[3:], cfg)
+        training.train_schedule(rows[:2] + rows[3:], cfg)
 
 
 def test_lr_at_the_end_of_epoch_1_of_an_18_epoch_schedule(tiny_llama):
@@ -104,7 +105,7 @@ def test_lr_at_the_end_of_epoch_1_of_an_18_epoch_schedule(tiny_llama):
     steps, warm-up ceil(18) = 18, so step 10 (the last of epoch 1) runs at 10/18 x 5e-7 = 2.78e-7."""
     model, tok = tiny_llama
     cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, epochs=1, schedule_epochs=18, lr=5e-7, progress=False)
-    history = sppo.train_policy(model, tok, pair_rows(10), cfg)
+    history = training.train_policy(model, tok, pair_rows(10), cfg)
     assert len(history) == 10
     assert history[-1]["lr"] == pytest.approx(5e-7 * 10 / 18, rel=1e-12)                   # 2.78e-7
     assert history[0]["lr"] == pytest.approx(5e-7 / 18, rel=1e-12)
@@ -161,7 +162,7 @@ def test_released_rule_appends_eos_to_unfinished_responses(tiny_llama):
     assert tok.eos_token_id not in policy.response_tokens(tok, row, "ours")
     rows = [dict(r, finished=False) for r in pair_rows(2)]
     cfg = sppo.SPPOConfig(truncation="released", max_length=48, max_prompt_length=16)
-    assert all(r[-1] == tok.eos_token_id for _, r in sppo.encode_rows(tok, rows, cfg)[0])
+    assert all(r[-1] == tok.eos_token_id for _, r in training.encode_rows(tok, rows, cfg)[0])
 
 
 # ------------------------------------------------------------------------------------------- 7. token ids
@@ -196,7 +197,7 @@ def test_log_probs_are_on_the_sampled_ids_not_the_retokenised_text(bpe_policy):
     row = {"prompt_id": 0, "prompt": "ba", "response": text, "finished": True, "response_ids": sampled,
            "stop_id": eot, "win_prob": 0.5}
     cfg = sppo.SPPOConfig(selection="all", max_length=32, max_prompt_length=16)
-    (p, r), = sppo.encode_rows(tok, [row], cfg)[0]
+    (p, r), = training.encode_rows(tok, [row], cfg)[0]
     assert r == sampled + [eot]
     ids = torch.tensor([p + r])
     with torch.no_grad():
@@ -205,7 +206,7 @@ def test_log_probs_are_on_the_sampled_ids_not_the_retokenised_text(bpe_policy):
     got = policy.batched_logps(model, [(p, r)], tok.pad_token_id)[0]
     assert got == pytest.approx(want, abs=1e-4)
     text_only = {k: v for k, v in row.items() if k not in ("response_ids", "stop_id")}      # the old way
-    old = policy.batched_logps(model, sppo.encode_rows(tok, [text_only], cfg)[0], tok.pad_token_id)[0]
+    old = policy.batched_logps(model, training.encode_rows(tok, [text_only], cfg)[0], tok.pad_token_id)[0]
     assert abs(old - got) > 1e-2
 
 

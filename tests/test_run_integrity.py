@@ -51,6 +51,7 @@ import policy
 import runs
 import sppo
 import sppo_toy
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,7 +301,7 @@ def test_reference_initial_keeps_pi_0_and_another_loss_is_refused(world, tmp_pat
     assert [r["role"] for r in rows[:2]] == ["winner", "loser"]
     pi_0, tok = runs.load_policy(cfg.model, cfg, "cpu")
     pi_1, _ = runs.load_policy(tmp_path / "run" / "iter0" / "model", cfg, "cpu")
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    pairs, _ = training.encode_rows(tok, rows, cfg)
     lp_0, lp_1 = (policy.batched_logps(m, pairs, tok.pad_token_id) for m in (pi_0, pi_1))
     assert max(abs(r["ref_logp"] - a) for r, a in zip(rows, lp_0)) < 1e-4
     assert max(abs(r["ref_logp"] - b) for r, b in zip(rows, lp_1)) > 1e-2          # pi_1 moved: not its log-probs

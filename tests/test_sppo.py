@@ -21,6 +21,7 @@ import cli
 import runs
 import sppo
 import sppo_toy
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,8 +208,8 @@ def test_dataset_of_a_mixed_batch_has_pairs_for_untied_prompts_only():
         sppo.check_dataset_sources(rows + rows[:2], gens, mats, cfg, "d")
     with pytest.raises(runs.ArtifactError, match="record 1: not prompt 1's generation k=0"):
         sppo.check_dataset_sources([dict(rows[0], prompt_id=0)] + rows[1:], gens, mats, cfg, "d")
-    assert sppo.group_size(rows, cfg) == 2
-    steps, _, _ = sppo.train_schedule(rows, dataclasses.replace(cfg, global_batch=1, epochs=1))
+    assert training.group_size(rows, cfg) == 2
+    steps, _, _ = training.train_schedule(rows, dataclasses.replace(cfg, global_batch=1, epochs=1))
     assert sorted(map(tuple, steps)) == [(0, 1), (2, 3)]                            # one pair per step, kept whole
 
 
@@ -369,8 +370,8 @@ def test_diverged_loss_stops_and_keeps_weights(tiny):
              "ref_logp": 1e30}]
     before = [p.detach().clone() for p in model.parameters()]
     cfg = sppo.SPPOConfig(global_batch=1, micro_batch=1, lr=1e-3, selection="all", progress=False)
-    with pytest.raises(sppo.DivergedError, match="not finite"):
-        sppo.train_policy(model, tok, rows, cfg)
+    with pytest.raises(training.DivergedError, match="not finite"):
+        training.train_policy(model, tok, rows, cfg)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -580,7 +581,7 @@ def test_make_scheduler_by_hand():
     """Warm-up ceil(0.1 * 25) = 3 steps: lr (s+1)/3 * peak for s < 3, then (25 - s)/(25 - 3) * peak down to 1/22."""
     peak = 0.5
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    sched = sppo.make_scheduler(opt, total_steps=25, warmup_ratio=0.1)
+    sched = training.make_scheduler(opt, total_steps=25, warmup_ratio=0.1)
     lrs = []
     for _ in range(25):
         lrs.append(opt.param_groups[0]["lr"])
@@ -593,27 +594,27 @@ def test_make_scheduler_by_hand():
 
 
 def test_batch_schedule_covers_every_row_once_per_epoch():
-    steps = sppo.batch_schedule(10, global_batch=4, epochs=3, seed=7)
+    steps = training.batch_schedule(10, global_batch=4, epochs=3, seed=7)
     assert [len(s) for s in steps] == [4, 4, 2] * 3
     for e in range(3):
         assert sorted(i for s in steps[3 * e:3 * e + 3] for i in s) == list(range(10))
-    assert steps == sppo.batch_schedule(10, 4, 3, seed=7) and steps != sppo.batch_schedule(10, 4, 3, seed=8)
+    assert steps == training.batch_schedule(10, 4, 3, seed=7) and steps != training.batch_schedule(10, 4, 3, seed=8)
     assert steps[:3] != steps[3:6]                                                      # reshuffled each epoch
 
 
 def test_grouped_micro_batches_keep_pairs_sort_by_length_and_cover_each_row_once():
     lengths = [5, 9, 30, 2, 7, 7, 1, 40, 12, 3, 6, 6]                           # 6 pairs: rows 2i, 2i+1
     pairs = [([0] * 2, [0] * (n - 2)) if n > 2 else ([0] * n, []) for n in lengths]
-    steps = sppo.batch_schedule(len(pairs), global_batch=4, epochs=2, seed=3, group=2)
+    steps = training.batch_schedule(len(pairs), global_batch=4, epochs=2, seed=3, group=2)
     for e in range(2):
-        epoch = [mb for s in steps[2 * e:2 * e + 2] for mb in sppo.micro_batches(s, pairs, 2, group=2)]
+        epoch = [mb for s in steps[2 * e:2 * e + 2] for mb in training.micro_batches(s, pairs, 2, group=2)]
         assert sorted(i for mb in epoch for i in mb) == list(range(12))                 # every row once per epoch
         assert all(mb[k] % 2 == 0 and mb[k + 1] == mb[k] + 1 for mb in epoch for k in range(0, len(mb), 2))
     idx = steps[0]
-    grouped = sppo.micro_batches(idx, pairs, 2, group=2)
+    grouped = training.micro_batches(idx, pairs, 2, group=2)
     longest = [max(lengths[i], lengths[i ^ 1]) for mb in grouped for i in mb[::2]]
     assert longest == sorted(longest, reverse=True)                                     # longest pair first
-    assert sppo.micro_batches(idx, pairs, 2, group=2, by_length=False) == [idx[:4], idx[4:]]   # the plain cut
+    assert training.micro_batches(idx, pairs, 2, group=2, by_length=False) == [idx[:4], idx[4:]]   # the plain cut
     pad = lambda mbs: sum(len(mb) * max(lengths[i] for i in mb) - sum(lengths[i] for i in mb) for mb in mbs)  # noqa
     assert pad(grouped) < pad([idx[:4], idx[4:]])
 
@@ -629,14 +630,14 @@ def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny, pac
         r["ref_logp"] = -20.0 + n
     cfg = sppo.SPPOConfig(eta=4.0, global_batch=4, micro_batch=2, max_length=48, max_prompt_length=16,
                           max_grad_norm=1e9, pack=pack, progress=False)
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
-    idx = sppo.train_schedule(rows, cfg)[0][0]                                          # all 8 rows, seeded order
-    mbs = sppo.micro_batches(idx, pairs, cfg.micro_batch, 2)
+    pairs, _ = training.encode_rows(tok, rows, cfg)
+    idx = training.train_schedule(rows, cfg)[0][0]                                          # all 8 rows, seeded order
+    mbs = training.micro_batches(idx, pairs, cfg.micro_batch, 2)
     assert mbs != [idx[:4], idx[4:]]                                                    # grouping changed the cut
 
     def grads(model, batches):
         model.zero_grad()
-        loss = sum(sppo.example_losses(model, sppo.make_batch(pairs, rows, b, tok.pad_token_id, cfg, "cpu"),
+        loss = sum(training.example_losses(model, training.make_batch(pairs, rows, b, tok.pad_token_id, cfg, "cpu"),
                                        cfg).sum() for b in batches) / len(idx)
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -645,7 +646,7 @@ def test_grouped_step_gives_the_loss_and_gradient_of_one_row_at_a_time(tiny, pac
     loss_1, g_1 = grads(model, [[i] for i in idx])                                     # one row at a time
     assert loss_g == pytest.approx(loss_1, rel=1e-6)
     assert (g_g - g_1).abs().max().item() <= 1e-5 * g_1.abs().max().item()
-    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    history = training.train_policy(model, tok, rows, cfg, "cpu")
     assert history[0]["loss"] == pytest.approx(loss_1, rel=1e-6)
     assert history[0]["grad_norm"] == pytest.approx(g_1.norm().item(), rel=1e-5)
 
@@ -780,10 +781,10 @@ def test_each_loss_trains_on_what_the_loss_function_computes(tiny, loss):
                           optimizer="adamw", max_length=48, max_prompt_length=16, progress=False)
     model, _ = runs.load_policy(d, cfg, "cpu")
     hand, _ = runs.load_policy(d, cfg, "cpu")
-    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+    history = training.train_policy(model, tok, rows, cfg, "cpu")
     assert len(history) == 1
 
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    pairs, _ = training.encode_rows(tok, rows, cfg)
     lp = [policy.sequence_logps(hand, **policy.collate([p], tok.pad_token_id))[0] for p in pairs]     # one at a time
     ref = [torch.tensor(r["ref_logp"]) for r in rows]
     if loss == "sppo":
@@ -813,7 +814,7 @@ def test_pair_losses_refuse_rows_that_are_not_pairs():
         sppo.validate_config(sppo.SPPOConfig(loss="dpo", selection="all"))
     rows = sppo_toy.synthetic_dataset(4)
     with pytest.raises(runs.ArtifactError, match="record 1: --loss sppo_pair needs .* pair_prob"):
-        sppo.group_size(rows, sppo.SPPOConfig(loss="sppo_pair"))
+        training.group_size(rows, sppo.SPPOConfig(loss="sppo_pair"))
     rows[0]["role"], rows[1]["role"] = "loser", "winner"
     with pytest.raises(runs.ArtifactError, match="record 1: --loss dpo needs each prompt's winner, then its loser"):
-        sppo.group_size(rows, sppo.SPPOConfig(loss="dpo"))
+        training.group_size(rows, sppo.SPPOConfig(loss="dpo"))

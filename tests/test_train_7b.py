@@ -36,6 +36,7 @@ import runs
 import sppo
 import sppo_toy
 import train_7b
+import training
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -102,7 +103,7 @@ def mistral_run(world):
 
 
 def single_process(world, arch, epochs, out, model_dir=None, **extra):
-    """sppo.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
+    """training.train_policy on one process: same model, rows (with the ref_logp train_7b cached in its OUT), order,
     micro-batch 8; `extra`: other settings, as train_7b.py was given them. With lora_rank, sppo.train's LoRA path:
     torch.manual_seed(seed), add_adapters, train_policy, merge_adapters (the state dict returned is the merged one)."""
     d = data(world, arch)
@@ -110,14 +111,14 @@ def single_process(world, arch, epochs, out, model_dir=None, **extra):
     rows = [dict(r, ref_logp=lp) for r, lp in zip(runs.read_jsonl(d), ref)]
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8, **extra}, epochs=epochs, progress=False)
     model, tok = runs.load_policy(model_dir or world[arch], cfg, "cpu")
-    pairs, _ = sppo.encode_rows(tok, rows, cfg)
+    pairs, _ = training.encode_rows(tok, rows, cfg)
     ref_single = policy.batched_logps(model, pairs, tok.pad_token_id, 8)
     if cfg.lora_rank:
         torch.manual_seed(cfg.seed)
-        model = sppo.add_adapters(model, cfg)
-    history = sppo.train_policy(model, tok, rows, cfg, "cpu")
+        model = training.add_adapters(model, cfg)
+    history = training.train_policy(model, tok, rows, cfg, "cpu")
     if cfg.lora_rank:
-        model = sppo.merge_adapters(model)
+        model = training.merge_adapters(model)
     return ref, ref_single, history, model.state_dict()
 
 
@@ -169,7 +170,7 @@ def test_fsdp_matches_single_process_with_each_successor(world, tmp_path, loss):
     ref = json.loads((out / "ref_logp.json").read_text())["ref_logp"]
     cfg = sppo.SPPOConfig(**{**TRAIN, "micro_batch": 8, **extra}, epochs=1, progress=False)
     model, tok = runs.load_policy(world["llama"], cfg, "cpu")
-    history = sppo.train_policy(model, tok, [dict(r, ref_logp=lp) for r, lp in zip(rows, ref)], cfg, "cpu")
+    history = training.train_policy(model, tok, [dict(r, ref_logp=lp) for r, lp in zip(rows, ref)], cfg, "cpu")
     steps = runs.read_jsonl(out / "metrics.jsonl")
     assert len(steps) == len(history) >= 3
     for h, m in zip(history, steps):
@@ -597,7 +598,7 @@ def test_grouped_micro_batches_are_dealt_balanced_and_keep_pairs():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(300), 0.8, size=32), 20, 1500).astype(int).tolist()
     pairs = [([1] * 10, [1] * (n - 10)) for n in lengths]
-    idx = sppo.batch_schedule(32, global_batch=16, epochs=1, seed=0, group=2)[0]
+    idx = training.batch_schedule(32, global_batch=16, epochs=1, seed=0, group=2)[0]
     cost = lambda mb: len(mb) * max(lengths[i] for i in mb)                              # noqa: E731
     padded = {}
     for group_by_length in (True, False):
