@@ -38,11 +38,15 @@ demo: $(VENV)/.runtime
 	$(PY) last_iterate.py
 	$(PY) sppo_toy.py
 
-# Every committed figure, from the commands that make them (docs/ names each one); compare.py's over seeds, ~30 min.
+# Every committed figure, from the commands that make them (docs/ names each one); the comparisons over seeds
+# (compare.py, last_iterate.py --table) take ~1.5 h on 2 cores.
 figures: demo
+	$(PY) last_iterate.py --table
 	$(PY) compare.py
 	$(PY) compare.py --world lm
 	$(PY) compare.py --world demo
+	$(PY) compare.py --suite successors
+	$(PY) compare.py --suite successors --world lm
 
 # SmolLM2-135M-Instruct, 3 SPPO iterations judged by the rule committee, then the report (docs/real_model.md, ~30 min).
 GGUF = $$($(PY) -c 'import real_run; print(real_run.smollm2_gguf())')

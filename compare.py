@@ -48,12 +48,15 @@ METHODS = {"sppo": ("sppo", "all"), "sppo@pair": ("sppo", "pair"), "sppo_hard": 
            "dpo": ("dpo", "pair"), "ipo": ("ipo", "pair"), "kto": ("kto", "pair"),
            "optimistic": ("optimistic", "all"), "extragradient": ("extragradient", "all"),
            "mirror_prox": ("mirror_prox", "all"), "nash_md": ("nash_md", "all"), "mmd": ("mmd", "all"),
-           "mpo": ("mmd", "all", {"magnet_every": 5}), "inpo": ("inpo", "pair"), "dno": ("dno", "pair")}
-"""Method name -> (--loss, --selection[, other settings]). 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair'
+           "mpo": ("mmd", "all"), "inpo": ("inpo", "pair"), "dno": ("dno", "pair")}
+"""Method name -> (--loss, --selection); METHOD_SETTINGS adds other settings. 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair'
 the same loss on each prompt's winner and loser only, with their row win rates (the authors' released form);
 sppo_hard, dpo, ipo, kto are Sec. 4.5's losses on the same pair, beta = 1/eta. The rest are SPPO's successors
 (losses.py) at KL weight TAU towards mu = pi_0; 'mpo' is mmd whose magnet moves to the current policy every 5
 iterations (MPO, arXiv 2410.16714)."""
+
+METHOD_SETTINGS = {"mpo": {"magnet_every": 5}}
+"""Settings a method adds to its loss's (method_settings): mpo is mmd with a magnet that moves."""
 
 SUITES = {"peers": ("sppo", "sppo@pair", "sppo_hard", "dpo", "ipo", "kto"),
           "successors": ("sppo", "optimistic", "extragradient", "mirror_prox", "nash_md", "mmd", "mpo", "inpo", "dno")}
@@ -71,8 +74,7 @@ mpo's moving magnet removes."""
 
 def method_settings(method):
     """(--loss, --selection, {other settings}) of a METHODS entry; the regularised ones get tau = TAU."""
-    loss, selection, *extra = METHODS[method]
-    extra = dict(extra[0]) if extra else {}
+    (loss, selection), extra = METHODS[method], dict(METHOD_SETTINGS.get(method, {}))
     if "tau" in losses.LOSSES[loss].settings:
         extra.setdefault("tau", TAU)
     return loss, selection, extra

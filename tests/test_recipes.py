@@ -74,7 +74,7 @@ def test_pairs_share_a_micro_batch_and_the_loss_is_the_authors(tiny_llama, monke
     rows, n_pairs = pair_rows(11), 11
     cfg = sppo.SPPOConfig(global_batch=4, micro_batch=2, epochs=3, lr=1e-9, progress=False)
     seen, make_batch = [], training.make_batch
-    monkeypatch.setattr(sppo, "make_batch", lambda pairs, rows, idx, *a: seen.append(list(idx)) or
+    monkeypatch.setattr(training, "make_batch", lambda pairs, rows, idx, *a: seen.append(list(idx)) or
                         make_batch(pairs, rows, idx, *a))
     start = policy.batched_logps(model, training.encode_rows(tok, rows, cfg)[0], tok.pad_token_id)
     history = training.train_policy(model, tok, rows, cfg)

@@ -173,8 +173,8 @@ def test_fsdp_matches_single_process_with_each_successor(world, tmp_path, loss):
     history = training.train_policy(model, tok, [dict(r, ref_logp=lp) for r, lp in zip(rows, ref)], cfg, "cpu")
     steps = runs.read_jsonl(out / "metrics.jsonl")
     assert len(steps) == len(history) >= 3
-    for h, m in zip(history, steps):
-        assert abs(m["loss"] - h["loss"]) <= LOSS_RTOL * abs(h["loss"]), (h, m)
+    for h, m in zip(history, steps):        # losses ~0.4 at eta = 3 with grad norms ~15: the last ulps of the fp32
+        assert abs(m["loss"] - h["loss"]) <= 1e-5 * abs(h["loss"]), (h, m)       # sums move them by <= 2e-6 relative
         assert abs(m["grad_norm"] - h["grad_norm"]) <= 1e-5 * h["grad_norm"]
     exported = load_file(out / "model" / "model.safetensors")
     assert max_diff(exported, load_file(Path(world["llama"]) / "model.safetensors")) > 50 * PARAM_ATOL
