@@ -1,6 +1,7 @@
 """Tests for arena.py (Fig. 3 / Table 1): exact win rates by hand, PairRM win rates and best-of-n against
 one-prompt-at-a-time references, and the CLI in a subprocess."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -213,3 +214,102 @@ def test_real_run_cli_bad_setting_is_one_line_before_any_work(world, capsys, ext
     assert out == "" and err.splitlines() == [err.strip()], err
     assert err.startswith("real_run.py: error: ") and words.format(w=world) in err, err
     assert not (world / "figs").exists() and not (world / "half" / "arena").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# arena.lc_win_rate: AlpacaEval 2.0's length-controlled win rate (arXiv 2404.04475, Sec. 3), one model pair.
+def synthetic_pair(seed, theta, phi, N, shift=8.0, votes=3):
+    """Prompts drawn from the GLM itself: length differences d ~ N(shift, 15) tokens, s = sigmoid(theta + phi
+    tanh(d / sd)), and p = the share of `votes` independent judges that prefer the model (soft labels)."""
+    rng = np.random.default_rng(seed)
+    len_base = rng.integers(10, 60, N).astype(float)
+    len_model = np.maximum(len_base + np.round(rng.normal(shift, 15, N)), 0)
+    d = len_model - len_base
+    s = 1 / (1 + np.exp(-(theta + phi * np.tanh(d / d.std(ddof=1)))))
+    return rng.binomial(votes, s) / votes, len_model, len_base
+
+
+def test_lc_win_rate_by_hand_on_two_length_groups():
+    """Two prompts where the model is 10 tokens longer (p = 1, 0.6) and two where it is 10 shorter (p = 1/2, 1/2):
+    z = +-tanh(10/sd) takes two values, so the fit is saturated, s = 0.8 on the longer group and 0.5 on the shorter,
+    theta = (logit 0.8 + logit 0.5) / 2 = (ln 4 + 0) / 2 = ln 2 and the rate is 100 sigmoid(ln 2) = 200/3 (raw: 65).
+    s.e. by hand (the sandwich of a saturated fit is the delta method on the group means): var(mean p | longer) =
+    ((1 - .8)^2 + (.6 - .8)^2) / 2^2 = 0.02, var(logit) = 0.02 / (.8 .2)^2 = 0.78125; the shorter group has no
+    spread; var(theta) = (0.78125 + 0) / 4 * N/(N-k) = 0.1953125 * 4/2 = 0.390625; se = 100 (2/3)(1/3) 0.625."""
+    fit = arena.lc_fit([1, .6, .5, .5], [20, 20, 0, 0], [10, 10, 10, 10])
+    assert fit["theta"] == pytest.approx(np.log(2)) and fit["raw"] == pytest.approx(65)
+    assert arena.lc_win_rate([1, .6, .5, .5], [20, 20, 0, 0], [10, 10, 10, 10]) == pytest.approx(
+        (200 / 3, 100 * 2 / 9 * 0.625))
+
+
+def test_lc_win_rate_with_equal_lengths_is_the_raw_win_rate():
+    """Equal lengths (sd = 0, the tanh term drops): theta = logit(mean p), so the rate is 100 mean(p), and its s.e.
+    is the raw win rate's, std(p, ddof=1)/sqrt(N) (sppo.win_rate's, over prompts). All won: 100, s.e. 0."""
+    rng = np.random.default_rng(0)
+    p, lengths = rng.choice([0, 1 / 3, 1 / 2, 2 / 3, 1], 25), rng.integers(1, 48, 25)
+    rate, se = arena.lc_win_rate(p, lengths, lengths)
+    assert rate == pytest.approx(100 * p.mean()) and se == pytest.approx(100 * p.std(ddof=1) / 5)
+    assert arena.lc_win_rate([1, 1, 1], [3, 9, 4], [5, 5, 5]) == (100.0, 0.0)
+    assert arena.lc_win_rate([0, 0], [3, 3], [3, 3]) == (0.0, 0.0)
+
+
+def test_lc_fit_against_scipy_and_finite_differences():
+    """The Newton fit against scipy's BFGS on the same soft-label log-likelihood, and the sandwich against one built
+    from finite differences: per-prompt scores g_n and the Hessian of the summed log-likelihood, numerically."""
+    from scipy.optimize import minimize
+    p, lm, lb = synthetic_pair(3, 0.4, -1.0, 60)
+    z = np.tanh((lm - lb) / (lm - lb).std(ddof=1))
+
+    def ll(b, n=slice(None)):
+        eta = b[0] + b[1] * z[n]
+        return np.sum(p[n] * eta - np.logaddexp(0, eta))
+    ref = minimize(lambda b: -ll(b), [0.0, 0.0], method="BFGS", options={"gtol": 1e-10}).x
+    fit = arena.lc_fit(p, lm, lb)
+    np.testing.assert_allclose([fit["theta"], fit["phi"]], ref, atol=1e-5)
+    h, b, e = 1e-5, ref, np.eye(2)
+    G = np.array([[(ll(b + h * e[i], n) - ll(b - h * e[i], n)) / (2 * h) for i in range(2)] for n in range(60)])
+    H = np.array([[(ll(b + h * e[i] + h * e[j]) - ll(b + h * e[i] - h * e[j]) - ll(b - h * e[i] + h * e[j])
+                    + ll(b - h * e[i] - h * e[j])) / (4 * h * h) for j in range(2)] for i in range(2)])
+    cov = 60 / 58 * np.linalg.inv(H) @ G.T @ G @ np.linalg.inv(H)
+    np.testing.assert_allclose(fit["cov"], cov, rtol=1e-3)
+    s0 = 1 / (1 + np.exp(-ref[0]))
+    assert fit["se"] == pytest.approx(100 * s0 * (1 - s0) * np.sqrt(cov[0, 0]), rel=1e-3)
+
+
+def test_lc_win_rate_recovers_theta_where_the_raw_rate_is_biased_by_length():
+    """Data drawn from the GLM: the model is 8 tokens longer on average and its wins lean on length (phi = 1.5), so
+    the raw win rate overstates 100 sigmoid(theta); the length-controlled rate recovers it within 2 of its s.e. on
+    at least 8 of 10 seeds, with a mean error well inside one s.e. and far smaller than the raw rate's."""
+    theta, phi, target = 0.3, 1.5, 100 / (1 + np.exp(-0.3))
+    err, ses, raw_err = [], [], []
+    for seed in range(10):
+        p, lm, lb = synthetic_pair(seed, theta, phi, 400)
+        rate, se = arena.lc_win_rate(p, lm, lb)
+        err, ses, raw_err = err + [rate - target], ses + [se], raw_err + [100 * p.mean() - target]
+    assert sum(abs(e) < 2 * se for e, se in zip(err, ses)) >= 8, (err, ses)      # 9 of 10 here
+    assert abs(np.mean(err)) < 0.5 * np.mean(ses)                                   # 0.06 against s.e. ~1.7
+    assert np.mean(raw_err) > 3 * np.mean(ses)                                      # the raw rate: +8.7
+
+
+def test_lc_win_rate_standard_error_is_calibrated_and_symmetric():
+    """Over 200 draws the spread of the rate matches the mean sandwich s.e. (to 15%): the soft labels (3 votes) vary
+    less than Bernoulli labels would, which the inverse Fisher information would miss. Swapping model and baseline
+    (p -> 1 - p, lengths swapped) gives 100 - rate with the same s.e."""
+    rates, ses = np.array([arena.lc_win_rate(*synthetic_pair(100 + s, -0.2, 0.8, 150)) for s in range(200)]).T
+    assert rates.std(ddof=1) == pytest.approx(ses.mean(), rel=0.15)
+    p, lm, lb = synthetic_pair(7, -0.2, 0.8, 150)
+    rate, se = arena.lc_win_rate(p, lm, lb)
+    assert arena.lc_win_rate(1 - p, lb, lm) == pytest.approx((100 - rate, se))
+
+
+@pytest.mark.parametrize("args, words", [
+    (([0.5, 1.5], [1, 2], [1, 1]), "p[1] = 1.5 must be in [0, 1]"),
+    (([0.5, 0.5], [1, -2], [1, 1]), "len_model[1] = -2 must be >= 0 (tokens)"),
+    (([0.5, 0.5, 1], [1, 2], [1, 1]), "len_model must be 1-D with one entry per prompt (3 in p), got shape (2,)"),
+    (([0.5, np.nan], [1, 2], [1, 1]), "p[1] is not finite"),
+    (([0.5], [1], [1]), "needs at least 2 prompts"),
+    (([1, 1, 0, 0], [20, 20, 0, 0], [10] * 4), "the length term separates the preferences"),
+])
+def test_lc_win_rate_refuses_bad_input_naming_it(args, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        arena.lc_win_rate(*args)
