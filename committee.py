@@ -9,16 +9,20 @@ a reader can check by eye, and
 
 is the share of the J judges that prefer y_i, a tie counting 1/2 (so P + P^T = 1 and the diagonal is 1/2). Each
 judge ranks by a score, so each judge alone is transitive; their majority need not be. Three criteria can order
-three responses as a Latin square (y_1 shortest but least on topic, y_2 most on topic but malformed, y_3 best formed
-but longest), and then y_1 beats y_2, y_2 beats y_3 and y_3 beats y_1, each 2 to 1: Condorcet's paradox, the kind
-of preference the paper's game formulation is built for. `has_cycle` finds such cycles in any K x K matrix; the run
-records how many prompts' matrices contain one (sppo.py, metrics.json: `prompts_with_cycle`).
+three responses as a Latin square (y_1 shortest but densest, y_2 plainest but saying least, y_3 saying most but
+longest), and then y_1 beats y_2, y_2 beats y_3 and y_3 beats y_1, each 2 to 1: Condorcet's paradox, the kind of
+preference the paper's game formulation is built for. `has_cycle` finds such cycles in any K x K matrix; the run
+records how many prompts' matrices contain one (sppo.py, metrics.json: `prompts_with_cycle` of `prompts`).
 
     python sppo.py --model M.gguf --prompts data/prompts_train.jsonl --oracle committee \
-        --judges concise,on_topic,well_formed --out runs/real
+        --judges concise,informs,plain --out runs/real
 
-The judges (any comma-separated list of JUDGES, repeats allowed: a repeated judge counts twice):
+The judges (any comma-separated list of JUDGES, repeats allowed: a repeated judge counts twice); the default is
+concise,informs,plain, whose pairs all conflict (DEFAULT_JUDGES):
   concise      fewer words is better.
+  informs      more distinct content words (first 5 letters, stop words and words of <= 2 letters left out) that
+               the prompt does not contain: an echo of the prompt informs nothing, a loop repeats what it said.
+  plain        a larger share of function words (stop words, words of <= 2 letters): lower lexical density.
   on_topic     a larger share of the prompt's content words (first 5 letters, stop words left out) appears in y.
   well_formed  finished + ends_sentence + no_repeats (0 to 3), the three below in one judge.
   finished     y ended with the model's EOS (not cut at max_new_tokens).
@@ -69,6 +73,19 @@ def no_repeats(prompt, response, finished):
     return float(len(set(grams)) == len(grams))
 
 
+def informs(prompt, response, finished):
+    """How much y says that the prompt did not: the number of y's distinct content stems not among the prompt's."""
+    return len(content_stems(response) - content_stems(prompt))
+
+
+def plain(prompt, response, finished):
+    """How easy y is to read: the share of its words that are function words (STOP_WORDS or at most 2 letters),
+    i.e. 1 - lexical density (Ure 1971, "Lexical density and register differentiation"; Halliday 1985, "Spoken and
+    Written Language": denser text is harder to read). An empty y scores 0."""
+    w = words(response)
+    return sum(x in STOP_WORDS or len(x) <= 2 for x in w) / len(w) if w else 0.0
+
+
 def ended(prompt, response, finished):
     return float(finished)
 
@@ -78,10 +95,16 @@ def well_formed(prompt, response, finished):
         no_repeats(prompt, response, finished)
 
 
-JUDGES = {"concise": concise, "on_topic": on_topic, "well_formed": well_formed, "finished": ended,
-          "ends_sentence": ends_sentence, "no_repeats": no_repeats}
+JUDGES = {"concise": concise, "informs": informs, "plain": plain, "on_topic": on_topic, "well_formed": well_formed,
+          "finished": ended, "ends_sentence": ends_sentence, "no_repeats": no_repeats}
 """Every judge: name -> score(prompt, response, finished); a higher score is preferred."""
-DEFAULT_JUDGES = "concise,on_topic,well_formed"
+DEFAULT_JUDGES = "concise,informs,plain"
+"""Three criteria that pull against each other in pairs, so that their majority cycles on real answers (the
+docstring above; docs/committee.md measures how often): saying more new things costs words (informs vs concise),
+new things are content words (informs vs plain), and function words cost words (plain vs concise)."""
+FIRST_JUDGES = "concise,on_topic,well_formed"
+"""The first committee (make real up to issue 28): transitive in practice, since with a 48-token cap the short
+answer is the one that finishes (0 cycles in 120 prompts, docs/real_model.md)."""
 
 
 def parse_judges(spec):
