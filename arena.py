@@ -10,6 +10,10 @@ of pairwise win rates between the base model and its DPO, IPO and SPPO iterates,
 W[i, j] = P(pi_i > pi_j) = E_x E_{y ~ pi_i, y' ~ pi_j} P(y > y' | x) (Sec. 3). On a finite game it is exact
 (arena_exact); with a language model each policy answers every prompt once and W[i, j] is the mean over prompts
 of PairRM's P(y_i > y_j | x), with its standard error over prompts (arena_pairrm).
+
+Against the first policy (pi_0), each policy's win rate is also printed length-controlled, as AlpacaEval 2.0 reports
+it (Dubois et al., arXiv 2404.04475): lc_win_rate fits logit P = theta + phi tanh(length difference / sd) and
+reports 100 sigmoid(theta), the win rate at equal length; lengths are response tokens (token_lengths).
 """
 from __future__ import annotations
 
@@ -41,31 +45,50 @@ def arena_exact(policies, P):
     return pis @ hedge_toy.validate_preference(P) @ pis.T                               # (m, m)
 
 
-def arena_pairrm(ranker, prompts, responses):
-    """Fig. 3 for language models: W[i, j] = mean over prompts of PairRM's P(y_i > y_j | x) = sigma(f(x; y_i, y_j)
-    - f(x; y_j, y_i)), with its standard error over prompts (sppo.win_rate, which sppo.py's held-out selection uses
-    too). responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
-    m, oracle = len(responses), pairrm.PairRMOracle(ranker)
-    W, SE = np.full((m, m), 0.5), np.zeros((m, m))
-    for i in range(m):
-        for j in range(i + 1, m):
-            W[i, j], SE[i, j] = sppo.win_rate(oracle, prompts, responses[i], responses[j])
-            W[j, i], SE[j, i] = 1 - W[i, j], SE[i, j]
-    return W, SE
-
-
-def arena_oracle(oracle, prompts, generations):
-    """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py; PairRM pairwise):
-    generations[i][n] = policy i's policy.generate_responses record for prompt n, S samples each. Per prompt, the m S
-    answers are judged as one (mS, mS) matrix by sppo.rank, averaged over the S x S sample pairs of each two
-    policies; W[i, j] is the mean over prompts, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
-    m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
-    pooled = [{k: [v for g in generations for v in g[n][k]] for k in ("responses", "finished")} for n in range(N)]
-    mats = np.stack(sppo.rank(oracle, prompts, pooled)[0]).reshape(N, m, S, m, S).mean((2, 4))       # (N, m, m)
-    W, SE = mats.mean(0), mats.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.full((m, m), np.nan)
+def summarise(mats):
+    """W = the mean over prompts of per-prompt win-rate matrices mats (N, m, m), SE = their standard error over
+    prompts (std, ddof 1, / sqrt N; NaN for one prompt). Returns (W, SE), each (m, m), diagonal 1/2 and 0."""
+    N = len(mats)
+    W, SE = mats.mean(0), mats.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.full(mats.shape[1:], np.nan)
     np.fill_diagonal(W, 0.5)
     np.fill_diagonal(SE, 0.0)
     return W, SE
+
+
+def pairrm_matrices(ranker, prompts, responses):
+    """mats[n, i, j] = PairRM's P(y_i > y_j | x_n) = sigma(f(x; y_i, y_j) - f(x; y_j, y_i)) for the policies'
+    responses[i][n] (one each), pair by pair through sppo.rank, as sppo.win_rate judges them. Returns (N, m, m)."""
+    m, N, oracle = len(responses), len(prompts), pairrm.PairRMOracle(ranker)
+    mats = np.full((N, m, m), 0.5)
+    for i in range(m):
+        for j in range(i + 1, m):
+            pairs = [{"responses": [a, b]} for a, b in zip(responses[i], responses[j])]
+            mats[:, i, j] = [P[0, 1] for P in sppo.rank(oracle, prompts, pairs)[0]]
+            mats[:, j, i] = 1 - mats[:, i, j]
+    return mats
+
+
+def arena_pairrm(ranker, prompts, responses):
+    """Fig. 3 for language models: W[i, j] = mean over prompts of PairRM's P(y_i > y_j | x) = sigma(f(x; y_i, y_j)
+    - f(x; y_j, y_i)), with its standard error over prompts (sppo.win_rate's rule, which sppo.py's held-out selection
+    uses too). responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
+    return summarise(pairrm_matrices(ranker, prompts, responses))
+
+
+def oracle_matrices(oracle, prompts, generations):
+    """mats[n, i, j] = the mean over the S x S sample pairs of policies i and j of the oracle's P(y > y' | x_n), for
+    any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py's CommitteeOracle and ReferenceOracle;
+    PairRM pairwise). generations[i][n] = policy i's policy.generate_responses record for prompt n, S samples each;
+    per prompt the m S answers are judged as one (mS, mS) matrix by sppo.rank. Returns (N, m, m)."""
+    m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
+    pooled = [{k: [v for g in generations for v in g[n][k]] for k in ("responses", "finished")} for n in range(N)]
+    return np.stack(sppo.rank(oracle, prompts, pooled)[0]).reshape(N, m, S, m, S).mean((2, 4))          # (N, m, m)
+
+
+def arena_oracle(oracle, prompts, generations):
+    """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone: W[i, j] is the mean over prompts
+    of oracle_matrices, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
+    return summarise(oracle_matrices(oracle, prompts, generations))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +175,44 @@ def lc_win_rate(p, len_model, len_base):
     (rate, se)."""
     fit = lc_fit(p, len_model, len_base)
     return fit["rate"], fit["se"]
+
+
+def lc_against(mats, lengths, base=0):
+    """Each policy's raw and length-controlled win rate against policy `base`, in percent with standard errors:
+    mats (N, m, m) per-prompt win rates (oracle_matrices, pairrm_matrices), lengths (m, N) each policy's response
+    length per prompt in tokens (token_lengths). Returns [{"raw": (rate, se), "lc": (rate, se) or None}] for every
+    policy (None where lc_win_rate finds no finite fit; the base's own row is 50 +- 0)."""
+    N, out = len(mats), []
+    for i in range(mats.shape[1]):
+        p = mats[:, i, base]
+        raw = (100 * p.mean(), 100 * p.std(ddof=1) / math.sqrt(N) if N > 1 else math.nan)
+        try:
+            lc = lc_win_rate(p, lengths[i], lengths[base]) if i != base else (50.0, 0.0)
+        except ValueError:
+            lc = None
+        out.append({"raw": raw, "lc": lc})
+    return out
+
+
+def token_lengths(generations=None, model_dir=None, texts=None):
+    """Response lengths in tokens, one per prompt: from policy.generate_responses records (the sampled token_ids,
+    stop token excluded; the mean over a prompt's S samples), or by encoding `texts` with model_dir's tokenizer
+    (add_special_tokens off; for PairRM's best-of-n answers, which keep no ids). Returns (N,) float64."""
+    if generations is not None:
+        return np.array([np.mean([len(ids) for ids in g["token_ids"]]) for g in generations], dtype=np.float64)
+    from transformers import AutoTokenizer
+    d = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    return np.array([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts], dtype=np.float64)
+
+
+def print_lc(table, labels, judge):
+    """The raw and length-controlled win rates against labels[0] (lc_against), one line per other policy."""
+    print(f"win rate against {labels[0]} under {judge}, percent +- 1 s.e.: raw | length-controlled (AlpacaEval 2.0 "
+          f"LC, arXiv 2404.04475; lengths in tokens)")
+    for lab, row in list(zip(labels, table))[1:]:
+        lc = f"{row['lc'][0]:6.1f} +- {row['lc'][1]:4.1f}" if row["lc"] else "   n/a (length separates the wins)"
+        print(f"{lab[:14]:>14}  {row['raw'][0]:6.1f} +- {row['raw'][1]:4.1f} | {lc}")
 
 
 def policy_generations(model_dirs, prompts, cfg, device="cpu"):
@@ -308,12 +369,15 @@ def arena(cfg):
                           gen_batch=cfg.gen_batch, seed=cfg.seed, dtype=cfg.dtype, progress=cfg.progress)
     if judges:
         gens = policy_generations(cfg.models, prompts, dataclasses.replace(gen, K=cfg.samples), device)
-        W, SE = arena_oracle(judges, prompts, gens)
+        mats = oracle_matrices(judges, prompts, gens)
         responses = [[g["responses"] for g in gs] for gs in gens]
+        lengths = [token_lengths(gs) for gs in gens]
     else:
         ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
         responses = arena_responses(cfg.models, prompts, gen, ranker, cfg.best_of, device)
-        W, SE = arena_pairrm(ranker, prompts, responses)
+        mats = pairrm_matrices(ranker, prompts, responses)
+        lengths = [token_lengths(model_dir=cfg.models[0], texts=r) for r in responses]    # pi_0's tokenizer for all
+    (W, SE), lc = summarise(mats), lc_against(mats, lengths)
     labels = cfg.labels or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in cfg.models]
     judge = f"committee ({cfg.judges}), {cfg.samples} sample(s)" if judges else f"PairRM, best-of-{cfg.best_of}"
     print(f"P(row beats column), {judge} on {len(prompts)} prompts; +- one standard error")
@@ -321,11 +385,13 @@ def arena(cfg):
     for i, lab in enumerate(labels):
         print(f"{lab[:14]:>14}" + "".join(f"{W[i, j]:9.3f} +-{SE[i, j]:4.2f}" if i != j else f"{'-':>16}"
                                           for j in range(len(labels))))
+    print_lc(lc, labels, judge)
     plot_arena(W, labels, cfg.figure, se=SE, n_prompts=len(prompts), title="P(row beats column), " +
                ("committee" if judges else f"PairRM, best-of-{cfg.best_of}"))
     if cfg.json_out:
         Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json_out).write_text(json.dumps({"labels": labels, "W": W.tolist(), "SE": SE.tolist(),
+                                                  "vs_first_percent": lc, "lengths": [x.tolist() for x in lengths],
                                                   "prompts": prompts, "responses": responses, "finished":
                                                   [[g["finished"] for g in gs] for gs in gens] if judges else None},
                                                  indent=1))

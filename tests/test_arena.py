@@ -80,6 +80,8 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     np.testing.assert_allclose(W + W.T, 1.0, atol=1e-6)
     assert res["responses"][0] == res["responses"][1]             # same policy, same seeds: a tie at 1/2
     np.testing.assert_allclose(W, 0.5, atol=1e-6)
+    assert res["vs_first_percent"][1] == {"raw": [50.0, 0.0], "lc": [50.0, 0.0]}      # equal lengths: LC = raw
+    assert "length-controlled (AlpacaEval 2.0 LC" in r.stdout
     assert (tmp_path / "a.png").stat().st_size > 5_000
     bad = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "at least 2" in bad.stderr
@@ -300,6 +302,32 @@ def test_lc_win_rate_standard_error_is_calibrated_and_symmetric():
     p, lm, lb = synthetic_pair(7, -0.2, 0.8, 150)
     rate, se = arena.lc_win_rate(p, lm, lb)
     assert arena.lc_win_rate(1 - p, lb, lm) == pytest.approx((100 - rate, se))
+
+
+def test_lc_against_and_token_lengths_one_policy_at_a_time(tmp_path):
+    """lc_against against lc_win_rate called policy by policy on the column of the base, and the raw rate against
+    100 x (mean, s.e.) of that column; a separated column gives lc None. token_lengths: the mean number of sampled
+    ids over a prompt's samples, or a tokenizer's count of each text."""
+    rng = np.random.default_rng(1)
+    N, m = 30, 3
+    mats = np.full((N, m, m), 0.5)
+    mats[:, 1, 0] = rng.choice([0, 1 / 3, 2 / 3, 1], N)
+    lengths = rng.integers(5, 48, (m, N)).astype(float)
+    mats[:, 2, 0] = (lengths[2] > lengths[0]).astype(float)            # wins exactly when longer: separated
+    mats[:, 0, 1:] = 1 - mats[:, 1:, 0]
+    table = arena.lc_against(mats, lengths)
+    assert table[0] == {"raw": (50.0, 0.0), "lc": (50.0, 0.0)}
+    assert table[1]["lc"] == pytest.approx(arena.lc_win_rate(mats[:, 1, 0], lengths[1], lengths[0]))
+    assert table[1]["raw"] == pytest.approx((100 * mats[:, 1, 0].mean(), 100 * mats[:, 1, 0].std(ddof=1) / np.sqrt(N)))
+    assert table[2]["lc"] is None
+    gens = [{"token_ids": [[1, 2, 3], [4]]}, {"token_ids": [[5, 6]]}]
+    np.testing.assert_array_equal(arena.token_lengths(gens), [2.0, 2.0])
+    pol = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(pol)
+    texts = ["rock paper", "scissors rock rock"]
+    np.testing.assert_array_equal(arena.token_lengths(model_dir=pol, texts=texts),
+                                  [len(tok.encode(t, add_special_tokens=False)) for t in texts])
 
 
 @pytest.mark.parametrize("args, words", [
