@@ -122,17 +122,20 @@ def lc_fit(p, len_model, len_base, tol=1e-10, max_iter=100):
                              f"got shape {a.shape}")
         if not np.isfinite(a).all():
             raise ValueError(f"lc_win_rate: {name}[{int(np.flatnonzero(~np.isfinite(a))[0])}] is not finite")
-    if len(p) < 2:
-        raise ValueError(f"lc_win_rate: needs at least 2 prompts for a standard error, got {len(p)}")
     for name, a, bad, rule in (("p", p, (p < 0) | (p > 1), "in [0, 1]"), ("len_model", lm, lm < 0, ">= 0 (tokens)"),
                                ("len_base", lb, lb < 0, ">= 0 (tokens)")):
         if bad.any():
             n = int(np.flatnonzero(bad)[0])
             raise ValueError(f"lc_win_rate: {name}[{n}] = {a[n]:g} must be {rule}")
     N, d = len(p), lm - lb
+    if N < 2:
+        raise ValueError(f"lc_win_rate: needs at least 2 prompts for a standard error, got {N}")
     sd = float(d.std(ddof=1))
     X = np.stack([np.ones(N), np.tanh(d / sd)], 1) if sd > 0 else np.ones((N, 1))                 # (N, k)
     k, raw = X.shape[1], 100 * float(p.mean())
+    if N <= k:
+        raise ValueError(f"lc_win_rate: {N} prompts for 2 parameters (theta, phi): the sandwich s.e. needs more "
+                         f"prompts than parameters")
     if p.mean() in (0.0, 1.0):
         return {"theta": math.copysign(math.inf, p.mean() - 0.5), "phi": 0.0, "cov": np.zeros((k, k)), "sd": sd,
                 "rate": raw, "se": 0.0, "raw": raw, "iterations": 0}
@@ -180,17 +183,18 @@ def lc_win_rate(p, len_model, len_base):
 def lc_against(mats, lengths, base=0):
     """Each policy's raw and length-controlled win rate against policy `base`, in percent with standard errors:
     mats (N, m, m) per-prompt win rates (oracle_matrices, pairrm_matrices), lengths (m, N) each policy's response
-    length per prompt in tokens (token_lengths). Returns [{"raw": (rate, se), "lc": (rate, se) or None}] for every
-    policy (None where lc_win_rate finds no finite fit; the base's own row is 50 +- 0)."""
+    length per prompt in tokens (token_lengths). Returns [{"raw": (rate, se), "lc": (rate, se)}] for every policy,
+    the base's own row 50 +- 0; where lc_win_rate refuses (no finite fit, too few prompts) "lc" is None and "why"
+    says why."""
     N, out = len(mats), []
     for i in range(mats.shape[1]):
         p = mats[:, i, base]
-        raw = (100 * p.mean(), 100 * p.std(ddof=1) / math.sqrt(N) if N > 1 else math.nan)
+        row = {"raw": (100 * p.mean(), 100 * p.std(ddof=1) / math.sqrt(N) if N > 1 else math.nan)}
         try:
-            lc = lc_win_rate(p, lengths[i], lengths[base]) if i != base else (50.0, 0.0)
-        except ValueError:
-            lc = None
-        out.append({"raw": raw, "lc": lc})
+            row["lc"] = lc_win_rate(p, lengths[i], lengths[base]) if i != base else (50.0, 0.0)
+        except ValueError as e:
+            row.update(lc=None, why=str(e))
+        out.append(row)
     return out
 
 
@@ -211,7 +215,7 @@ def print_lc(table, labels, judge):
     print(f"win rate against {labels[0]} under {judge}, percent +- 1 s.e.: raw | length-controlled (AlpacaEval 2.0 "
           f"LC, arXiv 2404.04475; lengths in tokens)")
     for lab, row in list(zip(labels, table))[1:]:
-        lc = f"{row['lc'][0]:6.1f} +- {row['lc'][1]:4.1f}" if row["lc"] else "   n/a (length separates the wins)"
+        lc = f"{row['lc'][0]:6.1f} +- {row['lc'][1]:4.1f}" if row["lc"] else f"   n/a ({row['why'][13:70]}...)"
         print(f"{lab[:14]:>14}  {row['raw'][0]:6.1f} +- {row['raw'][1]:4.1f} | {lc}")
 
 

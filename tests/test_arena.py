@@ -319,7 +319,7 @@ def test_lc_against_and_token_lengths_one_policy_at_a_time(tmp_path):
     assert table[0] == {"raw": (50.0, 0.0), "lc": (50.0, 0.0)}
     assert table[1]["lc"] == pytest.approx(arena.lc_win_rate(mats[:, 1, 0], lengths[1], lengths[0]))
     assert table[1]["raw"] == pytest.approx((100 * mats[:, 1, 0].mean(), 100 * mats[:, 1, 0].std(ddof=1) / np.sqrt(N)))
-    assert table[2]["lc"] is None
+    assert table[2]["lc"] is None and "the length term separates the preferences" in table[2]["why"]
     gens = [{"token_ids": [[1, 2, 3], [4]]}, {"token_ids": [[5, 6]]}]
     np.testing.assert_array_equal(arena.token_lengths(gens), [2.0, 2.0])
     pol = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
@@ -335,9 +335,38 @@ def test_lc_against_and_token_lengths_one_policy_at_a_time(tmp_path):
     (([0.5, 0.5], [1, -2], [1, 1]), "len_model[1] = -2 must be >= 0 (tokens)"),
     (([0.5, 0.5, 1], [1, 2], [1, 1]), "len_model must be 1-D with one entry per prompt (3 in p), got shape (2,)"),
     (([0.5, np.nan], [1, 2], [1, 1]), "p[1] is not finite"),
-    (([0.5], [1], [1]), "needs at least 2 prompts"),
+    (([0.5], [1], [1]), "needs at least 2 prompts for a standard error, got 1"),
+    (([0.5, 1], [1, 2], [1, 1]), "2 prompts for 2 parameters (theta, phi): the sandwich s.e. needs more prompts"),
     (([1, 1, 0, 0], [20, 20, 0, 0], [10] * 4), "the length term separates the preferences"),
 ])
 def test_lc_win_rate_refuses_bad_input_naming_it(args, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         arena.lc_win_rate(*args)
+
+
+def test_real_run_evaluates_under_the_committee_each_judge_and_the_held_out_judge(tmp_path):
+    """real_run.evaluate on hand-made records of 2 policies (no model): one evaluator per judge set, each equal to
+    arena_oracle and lc_against computed directly; the held-out judge only where every prompt has a reference."""
+    import committee
+    import real_run
+    prompts = ["How do I plant a seed?", "What is the capital of Japan?"]
+    gens = [[{"responses": ["Plant seed."], "finished": [True], "token_ids": [[1, 2, 3]]},
+             {"responses": ["Japan."], "finished": [True], "token_ids": [[4, 5]]}],
+            [{"responses": ["Dig a small hole, put the seed in, cover it with soil and water it."], "finished": [True],
+              "token_ids": [list(range(16))]},
+             {"responses": ["The capital of Japan is Tokyo."], "finished": [True], "token_ids": [list(range(8))]}]]
+    refs = tmp_path / "r.jsonl"
+    runs.write_jsonl(refs, [{"prompt": x, "reference": r} for x, r in zip(prompts, ["Dig a hole, sow, cover, water.",
+                                                                                   "The capital is Tokyo."])])
+    oracles, note = real_run.evaluators("concise,informs,plain", prompts, refs)
+    assert note is None and list(oracles) == ["committee (concise,informs,plain)", "concise alone", "informs alone",
+                                              "plain alone", "held-out judge (references)"]
+    ev = real_run.evaluate(oracles, prompts, gens)
+    lengths = [np.array([3.0, 2.0]), np.array([16.0, 8.0])]
+    for name, oracle in oracles.items():
+        W, SE = arena.arena_oracle(oracle, prompts, gens)
+        np.testing.assert_allclose(ev[name]["W"], W)
+        assert ev[name]["vs_pi0"] == arena.lc_against(arena.oracle_matrices(oracle, prompts, gens), lengths)
+    assert ev["held-out judge (references)"]["W"][1][0] == 1.0 and ev["concise alone"]["W"][1][0] == 0.0
+    _, note = real_run.evaluators(committee.FIRST_JUDGES, prompts + ["Hello!"], refs)
+    assert note == f"held-out judge skipped: 1 of 3 prompts have no reference in {refs}"
