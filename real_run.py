@@ -101,7 +101,8 @@ def held_out_samples(model, label, prompts, gen, folder):
 
 def evaluators(judges, prompts, references):
     """The held-out evaluators (issue 28): (a) the training committee, (b) each of its judges alone, (c) the held-out
-    judge on the reference answers, when every prompt has one. Returns ({name: oracle}, a note on (c) or None)."""
+    judge on the reference answers, when every prompt has one, and beside it its recall term alone (lambda = 0: does
+    a gain under (c) come from content or from its length penalty?). Returns ({name: oracle}, a note or None)."""
     out = {f"committee ({judges})": committee.CommitteeOracle(judges)}
     for j in dict.fromkeys(committee.parse_judges(judges)):
         out[f"{j} alone"] = committee.CommitteeOracle(j)
@@ -111,6 +112,7 @@ def evaluators(judges, prompts, references):
         return out, f"held-out judge skipped: {len(missing)} of {len(prompts)} prompts have no reference in " \
                     f"{references}"
     out["held-out judge (references)"] = committee.ReferenceOracle(refs)
+    out["held-out judge, recall only (lambda 0)"] = committee.ReferenceOracle(refs, lam=0.0)     # content, no length
     return out, None
 
 

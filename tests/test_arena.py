@@ -360,7 +360,8 @@ def test_real_run_evaluates_under_the_committee_each_judge_and_the_held_out_judg
                                                                                    "The capital is Tokyo."])])
     oracles, note = real_run.evaluators("concise,informs,plain", prompts, refs)
     assert note is None and list(oracles) == ["committee (concise,informs,plain)", "concise alone", "informs alone",
-                                              "plain alone", "held-out judge (references)"]
+                                              "plain alone", "held-out judge (references)",
+                                              "held-out judge, recall only (lambda 0)"]
     ev = real_run.evaluate(oracles, prompts, gens)
     lengths = [np.array([3.0, 2.0]), np.array([16.0, 8.0])]
     for name, oracle in oracles.items():
