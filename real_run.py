@@ -128,6 +128,21 @@ def evaluate(oracles, prompts, gens):
     return out
 
 
+def cycle_shares(out, judges, iterations=None):
+    """Per iteration of a finished sppo.py run: (prompts whose K x K matrix under `judges` has a Condorcet cycle,
+    prompts), recomputed from OUT/iter{t}/generations.jsonl (texts and EOS flags), so that any judge set can be
+    measured on a run's real samples without generating: docs/committee.md. The run's own count is metrics.json's
+    prompts_with_cycle of prompts. Returns [(cycles, prompts)] for t = 0 .. iterations - 1 (default: the run's)."""
+    T = finished_run(out)["iterations"] if iterations is None else iterations
+    res = []
+    for t in range(T):
+        gens = runs.read_jsonl(Path(out) / f"iter{t}" / "generations.jsonl",
+                               required={"prompt": str, "responses": list, "finished": list})
+        res.append((sum(committee.has_cycle(committee.preference_matrix(g["prompt"], g["responses"], g["finished"],
+                                                                        judges)) for g in gens), len(gens)))
+    return res
+
+
 def mean_words(texts):
     return float(np.mean([len(committee.words(t)) for t in texts]))
 

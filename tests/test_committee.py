@@ -147,3 +147,16 @@ def test_committee_refuses_the_templated_prompt_before_any_work():
     with pytest.raises(runs.ConfigError, match="--oracle-prompt 'templated': must be raw with --oracle committee"):
         sppo.validate_config(sppo.SPPOConfig(oracle="committee", oracle_prompt="templated"))
     sppo.validate_config(sppo.SPPOConfig(oracle="committee"))                    # raw: fine
+
+
+def test_cycle_shares_recounts_a_run_under_any_judges(tmp_path):
+    """real_run.cycle_shares on a hand-made iter0/generations.jsonl: the Latin square cycles under the default
+    committee and not under concise alone; a prompt whose answers all tie has no cycle."""
+    import real_run
+    import runs
+    (tmp_path / "iter0").mkdir()
+    runs.write_jsonl(tmp_path / "iter0" / "generations.jsonl", [
+        {"prompt_id": 0, "prompt": SEED, "responses": SEED_LATIN, "finished": [True] * 3},
+        {"prompt_id": 1, "prompt": PROMPT, "responses": ["Red."] * 3, "finished": [True] * 3}])
+    assert real_run.cycle_shares(tmp_path, committee.DEFAULT_JUDGES, iterations=1) == [(1, 2)]
+    assert real_run.cycle_shares(tmp_path, "concise", iterations=1) == [(0, 2)]
