@@ -176,6 +176,7 @@ REFERENCE_LAMBDA = 0.5
 FREE_LENGTH = 2
 """A response of up to FREE_LENGTH times the reference's words pays no length penalty."""
 MAX_REFERENCE_WORDS = 60
+"""A reference answer is short: at most this many words (real_run.load_references checks the file)."""
 NUMBER_WORDS = {w: str(n) for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
                                                 "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
                                                 "twenty".split())}
@@ -213,35 +214,9 @@ def reference_judge(prompt, reference, a, b, lam=REFERENCE_LAMBDA):
     return 0.5 if abs(sa - sb) <= 1e-12 else float(sa > sb)
 
 
-def load_references(path, prompts=None):
-    """{prompt: reference} from a JSONL file of {"prompt", "reference"} records (data/reference_heldout.jsonl). Each
-    reference has content words and at most MAX_REFERENCE_WORDS words; no prompt appears twice. With `prompts`, the
-    file must hold exactly these prompts in this order. Errors name the file, the record and the field."""
-    import runs                                                 # torch comes with runs; the judges do not need it
-    rows = runs.read_jsonl(path, required={"prompt": str, "reference": str}, artifact=False)
-    out = {}
-    for n, r in enumerate(rows, 1):
-        where, n_words = f"{path}: record {n}", len(words(r["reference"]))
-        if r["prompt"] in out:
-            raise runs.ArtifactError(f"{where}: field 'prompt' {r['prompt']!r} appears twice")
-        if not reference_key(r["prompt"], r["reference"]):
-            raise runs.ArtifactError(f"{where}: field 'reference' {r['reference']!r} has no content words")
-        if n_words > MAX_REFERENCE_WORDS:
-            raise runs.ArtifactError(f"{where}: field 'reference' has {n_words} words; at most {MAX_REFERENCE_WORDS}")
-        out[r["prompt"]] = r["reference"]
-    if prompts is not None:
-        have, want = [r["prompt"] for r in rows], list(prompts)
-        for n in range(max(len(have), len(want))):
-            x, y = (want[n] if n < len(want) else None), (have[n] if n < len(have) else None)
-            if x != y:
-                raise runs.ArtifactError(f"{path}: record {n + 1}: field 'prompt' is {y!r} but prompt {n + 1} is "
-                                         f"{x!r}: the references must follow the prompts one to one, in order")
-    return out
-
-
 class ReferenceOracle:
     """sppo.py's oracle interface, for evaluation only: oracle(prompt, responses) -> P (K, K) by reference_judge,
-    the prompt's reference looked up in `references` ({prompt: reference}, load_references)."""
+    the prompt's reference looked up in `references` ({prompt: reference}, real_run.load_references)."""
     reads_finished = False
 
     def __init__(self, references, lam=REFERENCE_LAMBDA):

@@ -99,6 +99,33 @@ def held_out_samples(model, label, prompts, gen, folder):
     return runs.read_generations(path, prompts, gen.K)
 
 
+def load_references(path, prompts=None):
+    """{prompt: reference} for the held-out judge (committee.reference_judge) from a JSONL file of {"prompt",
+    "reference"} records (data/reference_heldout.jsonl). Each reference has content words and at most
+    committee.MAX_REFERENCE_WORDS words; no prompt appears twice. With `prompts`, the file must hold exactly these
+    prompts in this order. Errors name the file, the record and the field."""
+    rows = runs.read_jsonl(path, required={"prompt": str, "reference": str}, artifact=False)
+    out = {}
+    for n, r in enumerate(rows, 1):
+        where, n_words = f"{path}: record {n}", len(committee.words(r["reference"]))
+        most = committee.MAX_REFERENCE_WORDS
+        if r["prompt"] in out:
+            raise runs.ArtifactError(f"{where}: field 'prompt' {r['prompt']!r} appears twice")
+        if not committee.reference_key(r["prompt"], r["reference"]):
+            raise runs.ArtifactError(f"{where}: field 'reference' {r['reference']!r} has no content words")
+        if n_words > most:
+            raise runs.ArtifactError(f"{where}: field 'reference' has {n_words} words; at most {most}")
+        out[r["prompt"]] = r["reference"]
+    if prompts is not None:
+        have, want = [r["prompt"] for r in rows], list(prompts)
+        for n in range(max(len(have), len(want))):
+            x, y = (want[n] if n < len(want) else None), (have[n] if n < len(have) else None)
+            if x != y:
+                raise runs.ArtifactError(f"{path}: record {n + 1}: field 'prompt' is {y!r} but prompt {n + 1} is "
+                                         f"{x!r}: the references must follow the prompts one to one, in order")
+    return out
+
+
 def evaluators(judges, prompts, references):
     """The held-out evaluators (issue 28): (a) the training committee, (b) each of its judges alone, (c) the held-out
     judge on the reference answers, when every prompt has one, and beside it its recall term alone (lambda = 0: does
@@ -106,7 +133,7 @@ def evaluators(judges, prompts, references):
     out = {f"committee ({judges})": committee.CommitteeOracle(judges)}
     for j in dict.fromkeys(committee.parse_judges(judges)):
         out[f"{j} alone"] = committee.CommitteeOracle(j)
-    refs = committee.load_references(references)
+    refs = load_references(references)
     missing = [x for x in prompts if x not in refs]
     if missing:
         return out, f"held-out judge skipped: {len(missing)} of {len(prompts)} prompts have no reference in " \

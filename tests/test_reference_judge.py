@@ -1,5 +1,6 @@
 """committee.py's held-out judge (reference_judge) against scores computed by hand (docs/committee.md's worked
-example), and data/reference_heldout.jsonl against data/prompts_heldout.jsonl, read line by line here."""
+example); data/reference_heldout.jsonl against data/prompts_heldout.jsonl, read line by line here, and the checks of
+its loader, real_run.load_references."""
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 import committee
 from committee import ref_stems, reference_judge, reference_key, reference_score
+import real_run
 import runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def test_references_follow_the_held_out_prompts_one_to_one():
     for x, r in zip(prompts, rows):
         assert set(r) == {"prompt", "reference"} and r["prompt"] == x
         assert r["reference"].strip() and 1 <= len(r["reference"].split()) <= 60, r
-    refs = committee.load_references(ROOT / "data/reference_heldout.jsonl", prompts)
+    refs = real_run.load_references(ROOT / "data/reference_heldout.jsonl", prompts)
     assert list(refs) == prompts and all(refs[r["prompt"]] == r["reference"] for r in rows)
 
 
@@ -40,7 +42,7 @@ def test_worked_example_by_hand():
       pi_0's ramble        42 words, no key stem (process, sacred, ritual, ...)  -> 0
       the short one x 5    75 words, 5 of 14, 9 words past 2 x 33               -> 5/14 - 0.5 * 9/33
     """
-    refs = committee.load_references(ROOT / "data/reference_heldout.jsonl")
+    refs = real_run.load_references(ROOT / "data/reference_heldout.jsonl")
     ref = refs[SEED]
     assert len(committee.words(ref)) == 33
     assert reference_key(SEED, ref) == {"cover", "deep", "gentl", "hole", "keep", "light", "moist", "put", "small",
@@ -64,7 +66,8 @@ def test_stems_numbers_short_words_and_the_fallback_key():
 def test_oracle_matrix_equals_the_pairwise_judge_and_is_not_a_training_judge():
     """ReferenceOracle's K x K matrix against reference_judge one pair at a time; ties 1/2; P + P^T = 1. It is no
     judge of the training committee."""
-    oracle = committee.ReferenceOracle({SEED: committee.load_references(ROOT / "data/reference_heldout.jsonl")[SEED]})
+    refs = real_run.load_references(ROOT / "data/reference_heldout.jsonl")
+    oracle = committee.ReferenceOracle({SEED: refs[SEED]})
     ys = [ECHO, SHORT, RAMBLE, SHORT]
     P = oracle(SEED, ys)
     ref = oracle.references[SEED]
@@ -91,4 +94,4 @@ def test_oracle_matrix_equals_the_pairwise_judge_and_is_not_a_training_judge():
 def test_bad_reference_files_name_record_and_field(tmp_path, rows, prompts, words):
     runs.write_jsonl(tmp_path / "r.jsonl", rows)
     with pytest.raises(runs.ArtifactError, match=words.replace("(", r"\(")):
-        committee.load_references(tmp_path / "r.jsonl", prompts)
+        real_run.load_references(tmp_path / "r.jsonl", prompts)
