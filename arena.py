@@ -212,8 +212,7 @@ def token_lengths(generations=None, model_dir=None, texts=None):
 
 def print_lc(table, labels, judge):
     """The raw and length-controlled win rates against labels[0] (lc_against), one line per other policy."""
-    print(f"win rate against {labels[0]} under {judge}, percent +- 1 s.e.: raw | length-controlled (AlpacaEval 2.0 "
-          f"LC, arXiv 2404.04475; lengths in tokens)")
+    print(f"win rate against {labels[0]} under {judge} (percent +- 1 s.e.): raw | length-controlled (lc_win_rate)")
     for lab, row in list(zip(labels, table))[1:]:
         lc = f"{row['lc'][0]:6.1f} +- {row['lc'][1]:4.1f}" if row["lc"] else f"   n/a ({row['why'][13:70]}...)"
         print(f"{lab[:14]:>14}  {row['raw'][0]:6.1f} +- {row['raw'][1]:4.1f} | {lc}")

@@ -81,7 +81,7 @@ def test_arena_cli_best_of_and_responses(tmp_path):
     assert res["responses"][0] == res["responses"][1]             # same policy, same seeds: a tie at 1/2
     np.testing.assert_allclose(W, 0.5, atol=1e-6)
     assert res["vs_first_percent"][1] == {"raw": [50.0, 0.0], "lc": [50.0, 0.0]}      # equal lengths: LC = raw
-    assert "length-controlled (AlpacaEval 2.0 LC" in r.stdout
+    assert "raw | length-controlled (lc_win_rate)" in r.stdout
     assert (tmp_path / "a.png").stat().st_size > 5_000
     bad = conftest.run([sys.executable, str(ROOT / "arena.py"), "--models", pol], cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "at least 2" in bad.stderr
@@ -371,3 +371,35 @@ def test_real_run_evaluates_under_the_committee_each_judge_and_the_held_out_judg
     assert ev["held-out judge (references)"]["W"][1][0] == 1.0 and ev["concise alone"]["W"][1][0] == 0.0
     _, note = real_run.evaluators(committee.FIRST_JUDGES, prompts + ["Hello!"], refs)
     assert note == f"held-out judge skipped: 1 of 3 prompts have no reference in {refs}"
+
+
+def test_real_run_report_end_to_end_on_hand_made_samples(tmp_path, monkeypatch, capsys):
+    """real_run.report on a 1-iteration run directory whose held-out samples are hand-made (held_out_samples
+    patched: no model is loaded): the JSON holds every evaluator's raw and LC rows and the cycle share, and each
+    evaluator is printed."""
+    import real_run
+    prompts = ["What is the capital of Japan?", "How do I plant a seed?", "What is the largest mammal?"]
+    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
+    out = tmp_path / "run"
+    (out / "iter0" / "model").mkdir(parents=True)
+    (tmp_path / "pi0").mkdir()
+    runs.write_json(out / "config.json", {"iterations": 1, "model": str(tmp_path / "pi0"), "temperature": 0.7,
+                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain"})
+    runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": 1, "prompts": 4, "history": [{"loss": 1.0}]})
+    runs.write_jsonl(out / "iter0" / "generations.jsonl", [{"prompt": x, "responses": ["a", "b"]} for x in prompts])
+    answers = {"pi_0": ["Japan is a country in Asia with many cities and a long history.", "Plant seed.",
+                        "The largest mammal is a very big animal that lives in the sea."],
+               "pi_1": ["The capital of Japan is Tokyo.", "Dig a small hole, put the seed in, cover it, water it.",
+                        "The blue whale."]}
+    monkeypatch.setattr(real_run, "held_out_samples", lambda model, label, ps, gen, folder: [
+        {"responses": [y], "finished": [True], "token_ids": [list(range(len(y.split())))]} for y in answers[label]])
+    assert real_run.main(["--out", str(out), "--prompts", str(tmp_path / "p.jsonl"), "--figures",
+                          str(tmp_path / "figs"), "--references", str(ROOT / "data/reference_heldout.jsonl")]) == 0
+    s = json.loads((tmp_path / "figs" / "real_run.json").read_text())
+    assert s["cycle_share"] == [0.25] and s["held_out_judge_note"] is None
+    assert list(s["evaluators"]) == ["committee (concise,informs,plain)", "concise alone", "informs alone",
+                                     "plain alone", "held-out judge (references)",
+                                     "held-out judge, recall only (lambda 0)"]
+    assert s["evaluators"]["held-out judge (references)"][1]["raw"][0] == 100.0        # pi_1 right every time
+    printed = capsys.readouterr().out
+    assert "win rate against pi_0 under held-out judge (references)" in printed and "share: 0.25" in printed
