@@ -10,6 +10,10 @@ of pairwise win rates between the base model and its DPO, IPO and SPPO iterates,
 W[i, j] = P(pi_i > pi_j) = E_x E_{y ~ pi_i, y' ~ pi_j} P(y > y' | x) (Sec. 3). On a finite game it is exact
 (arena_exact); with a language model each policy answers every prompt once and W[i, j] is the mean over prompts
 of PairRM's P(y_i > y_j | x), with its standard error over prompts (arena_pairrm).
+
+Against the first policy (pi_0), each policy's win rate is also printed length-controlled, as AlpacaEval 2.0 reports
+it (Dubois et al., arXiv 2404.04475): lc_win_rate fits logit P = theta + phi tanh(length difference / sd) and
+reports 100 sigmoid(theta), the win rate at equal length; lengths are response tokens (token_lengths).
 """
 from __future__ import annotations
 
@@ -41,31 +45,177 @@ def arena_exact(policies, P):
     return pis @ hedge_toy.validate_preference(P) @ pis.T                               # (m, m)
 
 
-def arena_pairrm(ranker, prompts, responses):
-    """Fig. 3 for language models: W[i, j] = mean over prompts of PairRM's P(y_i > y_j | x) = sigma(f(x; y_i, y_j)
-    - f(x; y_j, y_i)), with its standard error over prompts (sppo.win_rate, which sppo.py's held-out selection uses
-    too). responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
-    m, oracle = len(responses), pairrm.PairRMOracle(ranker)
-    W, SE = np.full((m, m), 0.5), np.zeros((m, m))
-    for i in range(m):
-        for j in range(i + 1, m):
-            W[i, j], SE[i, j] = sppo.win_rate(oracle, prompts, responses[i], responses[j])
-            W[j, i], SE[j, i] = 1 - W[i, j], SE[i, j]
-    return W, SE
-
-
-def arena_oracle(oracle, prompts, generations):
-    """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py; PairRM pairwise):
-    generations[i][n] = policy i's policy.generate_responses record for prompt n, S samples each. Per prompt, the m S
-    answers are judged as one (mS, mS) matrix by sppo.rank, averaged over the S x S sample pairs of each two
-    policies; W[i, j] is the mean over prompts, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
-    m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
-    pooled = [{k: [v for g in generations for v in g[n][k]] for k in ("responses", "finished")} for n in range(N)]
-    mats = np.stack(sppo.rank(oracle, prompts, pooled)[0]).reshape(N, m, S, m, S).mean((2, 4))       # (N, m, m)
-    W, SE = mats.mean(0), mats.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.full((m, m), np.nan)
+def summarise(mats):
+    """W = the mean over prompts of per-prompt win-rate matrices mats (N, m, m), SE = their standard error over
+    prompts (std, ddof 1, / sqrt N; NaN for one prompt). Returns (W, SE), each (m, m), diagonal 1/2 and 0."""
+    N = len(mats)
+    W, SE = mats.mean(0), mats.std(0, ddof=1) / math.sqrt(N) if N > 1 else np.full(mats.shape[1:], np.nan)
     np.fill_diagonal(W, 0.5)
     np.fill_diagonal(SE, 0.0)
     return W, SE
+
+
+def pairrm_matrices(ranker, prompts, responses):
+    """mats[n, i, j] = PairRM's P(y_i > y_j | x_n) = sigma(f(x; y_i, y_j) - f(x; y_j, y_i)) for the policies'
+    responses[i][n] (one each), pair by pair through sppo.rank, as sppo.win_rate judges them. Returns (N, m, m)."""
+    m, N, oracle = len(responses), len(prompts), pairrm.PairRMOracle(ranker)
+    mats = np.full((N, m, m), 0.5)
+    for i in range(m):
+        for j in range(i + 1, m):
+            pairs = [{"responses": [a, b]} for a, b in zip(responses[i], responses[j])]
+            mats[:, i, j] = [P[0, 1] for P in sppo.rank(oracle, prompts, pairs)[0]]
+            mats[:, j, i] = 1 - mats[:, i, j]
+    return mats
+
+
+def arena_pairrm(ranker, prompts, responses):
+    """Fig. 3 for language models: W[i, j] = mean over prompts of PairRM's P(y_i > y_j | x) = sigma(f(x; y_i, y_j)
+    - f(x; y_j, y_i)), with its standard error over prompts (sppo.win_rate's rule, which sppo.py's held-out selection
+    uses too). responses[i][n]: policy i's response to prompt n. Returns (W, SE)."""
+    return summarise(pairrm_matrices(ranker, prompts, responses))
+
+
+def oracle_matrices(oracle, prompts, generations):
+    """mats[n, i, j] = the mean over the S x S sample pairs of policies i and j of the oracle's P(y > y' | x_n), for
+    any sppo oracle whose P(y > y' | x) depends on the pair alone (committee.py's CommitteeOracle and ReferenceOracle;
+    PairRM pairwise). generations[i][n] = policy i's policy.generate_responses record for prompt n, S samples each;
+    per prompt the m S answers are judged as one (mS, mS) matrix by sppo.rank. Returns (N, m, m)."""
+    m, N, S = len(generations), len(prompts), len(generations[0][0]["responses"])
+    pooled = [{k: [v for g in generations for v in g[n][k]] for k in ("responses", "finished")} for n in range(N)]
+    return np.stack(sppo.rank(oracle, prompts, pooled)[0]).reshape(N, m, S, m, S).mean((2, 4))          # (N, m, m)
+
+
+def arena_oracle(oracle, prompts, generations):
+    """Fig. 3 under any sppo oracle whose P(y > y' | x) depends on the pair alone: W[i, j] is the mean over prompts
+    of oracle_matrices, SE its standard error over prompts. Returns (W, SE), each (m, m)."""
+    return summarise(oracle_matrices(oracle, prompts, generations))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The length-controlled win rate of AlpacaEval 2.0 (Dubois, Galambosi, Liang, Hashimoto, "Length-Controlled
+# AlpacaEval: A Simple Way to Debias Automatic Evaluators", arXiv 2404.04475, Sec. 3), one model against a baseline.
+def lc_fit(p, len_model, len_base, tol=1e-10, max_iter=100):
+    """The GLM of arXiv 2404.04475 (Sec. 3) for one model pair, without its instruction-difficulty term:
+
+        logit P(model beats baseline | x_n) = theta + phi * tanh((len_model_n - len_base_n) / sd),
+
+    sd = the sample standard deviation (ddof 1) of the N length differences, fitted by maximum likelihood with the
+    per-prompt preference probabilities p_n in [0, 1] as soft labels: max sum_n p_n log s_n + (1 - p_n) log(1 - s_n),
+    s_n = sigmoid(theta + phi z_n) (concave; Newton's method with step halving). The length-controlled win rate is
+    the predicted win rate at equal lengths (z = 0): 100 sigmoid(theta).
+
+    Its standard error is the sandwich (Huber-White) estimator, cov = N/(N-k) H^-1 B H^-1 with H = sum s(1-s) x x^T,
+    B = sum (p - s)^2 x x^T, x_n = (1, z_n), k parameters, then the delta method, se = 100 s(1-s) sqrt(cov[0, 0]).
+    Not the inverse Fisher information H^-1: that assumes Bernoulli labels, Var(p_n | x_n) = s_n(1 - s_n), and soft
+    labels vary less (a mean of J judges' votes, or of S x S sample pairs), so H^-1 overstates the s.e. (by sqrt(3)
+    for 3 independent votes); the sandwich holds for any label variance, and with equal lengths it equals the raw win
+    rate's s.e., std(p, ddof=1) / sqrt(N), exactly (sppo.win_rate's).
+
+    Equal lengths everywhere (sd = 0): the tanh term is 0, k = 1 and theta = logit(mean p), so the rate is
+    100 mean(p). mean(p) of 0 or 1 (all lost or all won): the rate is 0 or 100 with s.e. 0 (theta is infinite).
+    A length term that separates the labels (p_n = 1 for every longer answer and 0 for every shorter, say) has no
+    finite fit: ValueError. Returns a dict: theta, phi, cov (k x k), sd, rate, se, raw (100 mean p), iterations."""
+    p, lm, lb = (np.asarray(a, dtype=np.float64) for a in (p, len_model, len_base))
+    for name, a in (("p", p), ("len_model", lm), ("len_base", lb)):
+        if a.ndim != 1 or len(a) != len(p):
+            raise ValueError(f"lc_win_rate: {name} must be 1-D with one entry per prompt ({len(p)} in p), "
+                             f"got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"lc_win_rate: {name}[{int(np.flatnonzero(~np.isfinite(a))[0])}] is not finite")
+    for name, a, bad, rule in (("p", p, (p < 0) | (p > 1), "in [0, 1]"), ("len_model", lm, lm < 0, ">= 0 (tokens)"),
+                               ("len_base", lb, lb < 0, ">= 0 (tokens)")):
+        if bad.any():
+            n = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"lc_win_rate: {name}[{n}] = {a[n]:g} must be {rule}")
+    N, d = len(p), lm - lb
+    if N < 2:
+        raise ValueError(f"lc_win_rate: needs at least 2 prompts for a standard error, got {N}")
+    sd = float(d.std(ddof=1))
+    X = np.stack([np.ones(N), np.tanh(d / sd)], 1) if sd > 0 else np.ones((N, 1))                 # (N, k)
+    k, raw = X.shape[1], 100 * float(p.mean())
+    if N <= k:
+        raise ValueError(f"lc_win_rate: {N} prompts for 2 parameters (theta, phi): the sandwich s.e. needs more "
+                         f"prompts than parameters")
+    if p.mean() in (0.0, 1.0):
+        return {"theta": math.copysign(math.inf, p.mean() - 0.5), "phi": 0.0, "cov": np.zeros((k, k)), "sd": sd,
+                "rate": raw, "se": 0.0, "raw": raw, "iterations": 0}
+
+    def loglik(b):
+        eta = X @ b
+        return float(np.sum(p * eta - np.logaddexp(0, eta)))      # p log s + (1 - p) log(1 - s), s = sigmoid(eta)
+
+    b = np.zeros(k)
+    b[0] = math.log(p.mean() / (1 - p.mean()))
+    for it in range(1, max_iter + 1):
+        s = 1 / (1 + np.exp(-(X @ b)))
+        H = (X * (s * (1 - s))[:, None]).T @ X                                                     # (k, k)
+        step = np.linalg.solve(H, X.T @ (p - s))                                                  # Newton
+        t, ll = 1.0, loglik(b)
+        while loglik(b + t * step) < ll - 1e-12 and t > 1e-8:
+            t /= 2
+        b = b + t * step
+        if np.abs(t * step).max() < tol:
+            break
+        if np.abs(b).max() > 30:
+            break
+    if np.abs(b).max() > 30 or np.abs(t * step).max() >= tol:
+        raise ValueError(f"lc_win_rate: no finite fit (theta, phi = {b.round(2).tolist()} after {it} Newton steps):"
+                         f" the length term separates the preferences (e.g. p = 1 whenever the model is longer and "
+                         f"0 whenever it is shorter), so the win rate at equal length is not identified")
+    s = 1 / (1 + np.exp(-(X @ b)))
+    Hinv = np.linalg.inv((X * (s * (1 - s))[:, None]).T @ X)
+    B = (X * ((p - s) ** 2)[:, None]).T @ X
+    cov = N / (N - k) * Hinv @ B @ Hinv                                                           # sandwich
+    s0 = 1 / (1 + math.exp(-b[0]))
+    return {"theta": float(b[0]), "phi": float(b[1]) if k == 2 else 0.0, "cov": cov, "sd": sd,
+            "rate": 100 * s0, "se": 100 * s0 * (1 - s0) * math.sqrt(cov[0, 0]), "raw": raw, "iterations": it}
+
+
+def lc_win_rate(p, len_model, len_base):
+    """AlpacaEval 2.0's length-controlled win rate of a model against a baseline, in percent, with its standard
+    error (lc_fit: the GLM of arXiv 2404.04475, Sec. 3, without the instruction term; sandwich s.e.). p[n] = P(model's
+    answer beats the baseline's | x_n) in [0, 1]; len_model[n], len_base[n]: their lengths in tokens. Returns
+    (rate, se)."""
+    fit = lc_fit(p, len_model, len_base)
+    return fit["rate"], fit["se"]
+
+
+def lc_against(mats, lengths, base=0):
+    """Each policy's raw and length-controlled win rate against policy `base`, in percent with standard errors:
+    mats (N, m, m) per-prompt win rates (oracle_matrices, pairrm_matrices), lengths (m, N) each policy's response
+    length per prompt in tokens (token_lengths). Returns [{"raw": (rate, se), "lc": (rate, se)}] for every policy,
+    the base's own row 50 +- 0; where lc_win_rate refuses (no finite fit, too few prompts) "lc" is None and "why"
+    says why."""
+    N, out = len(mats), []
+    for i in range(mats.shape[1]):
+        p = mats[:, i, base]
+        row = {"raw": (100 * p.mean(), 100 * p.std(ddof=1) / math.sqrt(N) if N > 1 else math.nan)}
+        try:
+            row["lc"] = lc_win_rate(p, lengths[i], lengths[base]) if i != base else (50.0, 0.0)
+        except ValueError as e:
+            row.update(lc=None, why=str(e))
+        out.append(row)
+    return out
+
+
+def token_lengths(generations=None, model_dir=None, texts=None):
+    """Response lengths in tokens, one per prompt: from policy.generate_responses records (the sampled token_ids,
+    stop token excluded; the mean over a prompt's S samples), or by encoding `texts` with model_dir's tokenizer
+    (add_special_tokens off; for PairRM's best-of-n answers, which keep no ids). Returns (N,) float64."""
+    if generations is not None:
+        return np.array([np.mean([len(ids) for ids in g["token_ids"]]) for g in generations], dtype=np.float64)
+    from transformers import AutoTokenizer
+    d = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir
+    tok = AutoTokenizer.from_pretrained(d)
+    return np.array([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts], dtype=np.float64)
+
+
+def print_lc(table, labels, judge):
+    """The raw and length-controlled win rates against labels[0] (lc_against), one line per other policy."""
+    print(f"win rate against {labels[0]} under {judge} (percent +- 1 s.e.): raw | length-controlled (lc_win_rate)")
+    for lab, row in list(zip(labels, table))[1:]:
+        lc = f"{row['lc'][0]:6.1f} +- {row['lc'][1]:4.1f}" if row["lc"] else f"   n/a ({row['why'][13:70]}...)"
+        print(f"{lab[:14]:>14}  {row['raw'][0]:6.1f} +- {row['raw'][1]:4.1f} | {lc}")
 
 
 def policy_generations(model_dirs, prompts, cfg, device="cpu"):
@@ -222,12 +372,15 @@ def arena(cfg):
                           gen_batch=cfg.gen_batch, seed=cfg.seed, dtype=cfg.dtype, progress=cfg.progress)
     if judges:
         gens = policy_generations(cfg.models, prompts, dataclasses.replace(gen, K=cfg.samples), device)
-        W, SE = arena_oracle(judges, prompts, gens)
+        mats = oracle_matrices(judges, prompts, gens)
         responses = [[g["responses"] for g in gs] for gs in gens]
+        lengths = [token_lengths(gs) for gs in gens]
     else:
         ranker = pairrm.PairRM.from_pretrained(cfg.pairrm, device=device)
         responses = arena_responses(cfg.models, prompts, gen, ranker, cfg.best_of, device)
-        W, SE = arena_pairrm(ranker, prompts, responses)
+        mats = pairrm_matrices(ranker, prompts, responses)
+        lengths = [token_lengths(model_dir=cfg.models[0], texts=r) for r in responses]    # pi_0's tokenizer for all
+    (W, SE), lc = summarise(mats), lc_against(mats, lengths)
     labels = cfg.labels or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in cfg.models]
     judge = f"committee ({cfg.judges}), {cfg.samples} sample(s)" if judges else f"PairRM, best-of-{cfg.best_of}"
     print(f"P(row beats column), {judge} on {len(prompts)} prompts; +- one standard error")
@@ -235,11 +388,13 @@ def arena(cfg):
     for i, lab in enumerate(labels):
         print(f"{lab[:14]:>14}" + "".join(f"{W[i, j]:9.3f} +-{SE[i, j]:4.2f}" if i != j else f"{'-':>16}"
                                           for j in range(len(labels))))
+    print_lc(lc, labels, judge)
     plot_arena(W, labels, cfg.figure, se=SE, n_prompts=len(prompts), title="P(row beats column), " +
                ("committee" if judges else f"PairRM, best-of-{cfg.best_of}"))
     if cfg.json_out:
         Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json_out).write_text(json.dumps({"labels": labels, "W": W.tolist(), "SE": SE.tolist(),
+                                                  "vs_first_percent": lc, "lengths": [x.tolist() for x in lengths],
                                                   "prompts": prompts, "responses": responses, "finished":
                                                   [[g["finished"] for g in gs] for gs in gens] if judges else None},
                                                  indent=1))

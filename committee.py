@@ -9,21 +9,38 @@ a reader can check by eye, and
 
 is the share of the J judges that prefer y_i, a tie counting 1/2 (so P + P^T = 1 and the diagonal is 1/2). Each
 judge ranks by a score, so each judge alone is transitive; their majority need not be. Three criteria can order
-three responses as a Latin square (y_1 shortest but least on topic, y_2 most on topic but malformed, y_3 best formed
-but longest), and then y_1 beats y_2, y_2 beats y_3 and y_3 beats y_1, each 2 to 1: Condorcet's paradox, the kind
-of preference the paper's game formulation is built for. `has_cycle` finds such cycles in any K x K matrix; the run
-records how many prompts' matrices contain one (sppo.py, metrics.json: `prompts_with_cycle`).
+three responses as a Latin square (y_1 shortest but densest, y_2 plainest but saying least, y_3 saying most but
+longest), and then y_1 beats y_2, y_2 beats y_3 and y_3 beats y_1, each 2 to 1: Condorcet's paradox, the kind of
+preference the paper's game formulation is built for. `has_cycle` finds such cycles in any K x K matrix; the run
+records how many prompts' matrices contain one (sppo.py, metrics.json: `prompts_with_cycle` of `prompts`).
 
     python sppo.py --model M.gguf --prompts data/prompts_train.jsonl --oracle committee \
-        --judges concise,on_topic,well_formed --out runs/real
+        --judges concise,informs,plain --out runs/real
 
-The judges (any comma-separated list of JUDGES, repeats allowed: a repeated judge counts twice):
+The judges (any comma-separated list of JUDGES, repeats allowed: a repeated judge counts twice); the default is
+concise,informs,plain, whose pairs all conflict (DEFAULT_JUDGES):
   concise      fewer words is better.
+  informs      more distinct content words (first 5 letters, stop words and words of <= 2 letters left out) that
+               the prompt does not contain: an echo of the prompt informs nothing, a loop repeats what it said.
+  plain        a larger share of function words (stop words, words of <= 2 letters): lower lexical density.
   on_topic     a larger share of the prompt's content words (first 5 letters, stop words left out) appears in y.
   well_formed  finished + ends_sentence + no_repeats (0 to 3), the three below in one judge.
   finished     y ended with the model's EOS (not cut at max_new_tokens).
   ends_sentence  y's last character closes a sentence (. ! ? or a closing quote or bracket).
   no_repeats   no word 3-gram occurs twice in y.
+
+The held-out judge (last section; for evaluation only, never one of JUDGES): SPPO reports its gains under evaluators
+it was not trained on (Sec. 5.2: AlpacaEval 2.0, MT-Bench), and a win rate under the committee that produced D_t says
+only that the optimiser worked. Each held-out prompt x has a short, correct reference answer r(x) written for this
+repository (data/reference_heldout.jsonl), and a response y scores
+
+    key(x)   = ref_stems(r) - ref_stems(x)   (what r says that the prompt does not; all of ref_stems(r) if empty)
+    score(y) = |key(x) & ref_stems(y)| / |key(x)|  -  lambda max(0, words(y) - 2 words(r)) / words(r),  lambda = 1/2
+
+ref_stems: first 5 letters of the words, number words read as digits, STOP_WORDS and FUNCTION_WORDS left out, any
+length kept ("Au", "17"). P(a beats b | x) = 1{score(a) > score(b)} + 1/2 1{score(a) = score(b)}. An echo of the
+prompt scores 0 (the prompt's words are not in the key), words that are not the reference's add nothing, and words
+past twice the reference's length cost 1/2 per reference length: docs/committee.md works an example through.
 """
 from __future__ import annotations
 
@@ -69,6 +86,19 @@ def no_repeats(prompt, response, finished):
     return float(len(set(grams)) == len(grams))
 
 
+def informs(prompt, response, finished):
+    """How much y says that the prompt did not: the number of y's distinct content stems not among the prompt's."""
+    return len(content_stems(response) - content_stems(prompt))
+
+
+def plain(prompt, response, finished):
+    """How easy y is to read: the share of its words that are function words (STOP_WORDS or at most 2 letters),
+    i.e. 1 - lexical density (Ure 1971, "Lexical density and register differentiation"; Halliday 1985, "Spoken and
+    Written Language": denser text is harder to read). An empty y scores 0."""
+    w = words(response)
+    return sum(x in STOP_WORDS or len(x) <= 2 for x in w) / len(w) if w else 0.0
+
+
 def ended(prompt, response, finished):
     return float(finished)
 
@@ -78,10 +108,16 @@ def well_formed(prompt, response, finished):
         no_repeats(prompt, response, finished)
 
 
-JUDGES = {"concise": concise, "on_topic": on_topic, "well_formed": well_formed, "finished": ended,
-          "ends_sentence": ends_sentence, "no_repeats": no_repeats}
+JUDGES = {"concise": concise, "informs": informs, "plain": plain, "on_topic": on_topic, "well_formed": well_formed,
+          "finished": ended, "ends_sentence": ends_sentence, "no_repeats": no_repeats}
 """Every judge: name -> score(prompt, response, finished); a higher score is preferred."""
-DEFAULT_JUDGES = "concise,on_topic,well_formed"
+DEFAULT_JUDGES = "concise,informs,plain"
+"""Three criteria that pull against each other in pairs, so that their majority cycles on real answers (the
+docstring above; docs/committee.md measures how often): saying more new things costs words (informs vs concise),
+new things are content words (informs vs plain), and function words cost words (plain vs concise)."""
+FIRST_JUDGES = "concise,on_topic,well_formed"
+"""The first committee (make real up to issue 28): transitive in practice, since with a 48-token cap the short
+answer is the one that finishes (0 cycles in 120 prompts, docs/real_model.md)."""
 
 
 def parse_judges(spec):
@@ -131,3 +167,70 @@ class CommitteeOracle:
     def identity(self):
         """What the manifest records of the oracle: its rules' names (the rules themselves are this file's)."""
         return {"oracle": "committee", "judges": self.judges}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The held-out judge: overlap with a written reference answer (this file's docstring).
+REFERENCE_LAMBDA = 0.5
+"""The length penalty per reference length beyond FREE_LENGTH times the reference (recall is in [0, 1])."""
+FREE_LENGTH = 2
+"""A response of up to FREE_LENGTH times the reference's words pays no length penalty."""
+MAX_REFERENCE_WORDS = 60
+"""A reference answer is short: at most this many words (real_run.load_references checks the file)."""
+NUMBER_WORDS = {w: str(n) for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                                "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
+                                                "twenty".split())}
+"""Number words read as digits, so "eight legs" and "8 legs" say the same."""
+FUNCTION_WORDS = frozenset("""am as at be by he if in is it me my of on or so to up us we she her him his our they
+them has have had not but also very just into over each other been being were than these s t m d ll re ve""".split())
+"""Function words not in STOP_WORDS (that list is for prompts), left out of a reference's content."""
+
+
+def ref_stems(text):
+    """Content stems for the held-out judge: first 5 letters of each word, number words as digits, STOP_WORDS and
+    FUNCTION_WORDS left out, words of any length kept."""
+    ws = (NUMBER_WORDS.get(w, w) for w in words(text))
+    return {w[:5] for w in ws if w not in STOP_WORDS and w not in FUNCTION_WORDS}
+
+
+def reference_key(prompt, reference):
+    """What the reference says that the prompt does not (all of the reference's stems when that is empty)."""
+    return ref_stems(reference) - ref_stems(prompt) or ref_stems(reference)
+
+
+def reference_score(prompt, reference, response, lam=REFERENCE_LAMBDA):
+    """Recall of reference_key in the response, minus lam per reference length beyond FREE_LENGTH times the
+    reference's words (this file's docstring)."""
+    want, n_ref = reference_key(prompt, reference), len(words(reference))
+    if not want:
+        raise ValueError(f"reference {reference!r} for prompt {prompt!r} has no content words to compare with")
+    excess = max(0, len(words(response)) - FREE_LENGTH * n_ref) / n_ref
+    return len(want & ref_stems(response)) / len(want) - lam * excess
+
+
+def reference_judge(prompt, reference, a, b, lam=REFERENCE_LAMBDA):
+    """P(a beats b | prompt) under the held-out judge: 1, 0 or 1/2 (a tie) by reference_score."""
+    sa, sb = (reference_score(prompt, reference, y, lam) for y in (a, b))
+    return 0.5 if abs(sa - sb) <= 1e-12 else float(sa > sb)
+
+
+class ReferenceOracle:
+    """sppo.py's oracle interface, for evaluation only: oracle(prompt, responses) -> P (K, K) by reference_judge,
+    the prompt's reference looked up in `references` ({prompt: reference}, real_run.load_references)."""
+    reads_finished = False
+
+    def __init__(self, references, lam=REFERENCE_LAMBDA):
+        self.references, self.lam = dict(references), lam
+
+    def __call__(self, prompt, responses, finished=None):
+        if prompt not in self.references:
+            raise KeyError(f"no reference answer for prompt {prompt!r}")
+        s = np.array([reference_score(prompt, self.references[prompt], y, self.lam) for y in responses])   # (K,)
+        tie = np.abs(s[:, None] - s[None, :]) <= 1e-12
+        return hedge_toy.validate_preference(np.where(tie, 0.5, (s[:, None] > s[None, :]).astype(np.float64)))
+
+    def batch(self, prompts, candidates):
+        return [self(x, ys) for x, ys in zip(prompts, candidates)]
+
+    def identity(self):
+        return {"oracle": "reference", "references": len(self.references), "lambda": self.lam}

@@ -2,8 +2,10 @@
 
 The run itself is sppo.py, unchanged (the README gives the command and its settings). This file is its report: the
 paper's Fig. 3 on a real model (committee-judged win rates between pi_0 and its SPPO iterates on held-out prompts,
-with standard errors), the loss and response-length curves per iteration, the Condorcet cycles the committee made,
-and a few example generations per iteration.
+with standard errors), each iterate's raw and length-controlled win rate against pi_0 (arena.lc_win_rate) under the
+training committee, each of its judges alone and the held-out judge on written reference answers
+(committee.reference_judge), the loss and response-length curves per iteration, the share of training prompts whose
+K x K preferences contain a Condorcet cycle, and a few example generations per iteration.
 
     make real                      # installs requirements/real.txt, runs sppo.py (3 iterations), then this report
     python real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
@@ -52,6 +54,8 @@ class ReportConfig:
     seed: int = cli.arg(default=1, help="Arena sampling seed (the same for every policy; not the run's).")
     figures: str = cli.arg(default="figures", path="out_dir", help="Where real_arena.png, real_curves.png and "
                            "real_run.json go.")
+    references: str = cli.arg(default="data/reference_heldout.jsonl", path="file", help="Reference answers for the "
+                              "held-out judge (committee.reference_judge); skipped where a prompt has none.")
     progress: bool = cli.arg(default=False, help="Show progress bars.")
 
     RULES = (
@@ -95,6 +99,77 @@ def held_out_samples(model, label, prompts, gen, folder):
     return runs.read_generations(path, prompts, gen.K)
 
 
+def load_references(path, prompts=None):
+    """{prompt: reference} for the held-out judge (committee.reference_judge) from a JSONL file of {"prompt",
+    "reference"} records (data/reference_heldout.jsonl). Each reference has content words and at most
+    committee.MAX_REFERENCE_WORDS words; no prompt appears twice. With `prompts`, the file must hold exactly these
+    prompts in this order. Errors name the file, the record and the field."""
+    rows = runs.read_jsonl(path, required={"prompt": str, "reference": str}, artifact=False)
+    out = {}
+    for n, r in enumerate(rows, 1):
+        where, n_words = f"{path}: record {n}", len(committee.words(r["reference"]))
+        most = committee.MAX_REFERENCE_WORDS
+        if r["prompt"] in out:
+            raise runs.ArtifactError(f"{where}: field 'prompt' {r['prompt']!r} appears twice")
+        if not committee.reference_key(r["prompt"], r["reference"]):
+            raise runs.ArtifactError(f"{where}: field 'reference' {r['reference']!r} has no content words")
+        if n_words > most:
+            raise runs.ArtifactError(f"{where}: field 'reference' has {n_words} words; at most {most}")
+        out[r["prompt"]] = r["reference"]
+    if prompts is not None:
+        have, want = [r["prompt"] for r in rows], list(prompts)
+        for n in range(max(len(have), len(want))):
+            x, y = (want[n] if n < len(want) else None), (have[n] if n < len(have) else None)
+            if x != y:
+                raise runs.ArtifactError(f"{path}: record {n + 1}: field 'prompt' is {y!r} but prompt {n + 1} is "
+                                         f"{x!r}: the references must follow the prompts one to one, in order")
+    return out
+
+
+def evaluators(judges, prompts, references):
+    """The held-out evaluators (issue 28): (a) the training committee, (b) each of its judges alone, (c) the held-out
+    judge on the reference answers, when every prompt has one, and beside it its recall term alone (lambda = 0: does
+    a gain under (c) come from content or from its length penalty?). Returns ({name: oracle}, a note or None)."""
+    out = {f"committee ({judges})": committee.CommitteeOracle(judges)}
+    for j in dict.fromkeys(committee.parse_judges(judges)):
+        out[f"{j} alone"] = committee.CommitteeOracle(j)
+    refs = load_references(references)
+    missing = [x for x in prompts if x not in refs]
+    if missing:
+        return out, f"held-out judge skipped: {len(missing)} of {len(prompts)} prompts have no reference in " \
+                    f"{references}"
+    out["held-out judge (references)"] = committee.ReferenceOracle(refs)
+    out["held-out judge, recall only (lambda 0)"] = committee.ReferenceOracle(refs, lam=0.0)     # content, no length
+    return out, None
+
+
+def evaluate(oracles, prompts, gens):
+    """Every evaluator's arena and each policy's raw and length-controlled win rate against pi_0 (arena.lc_against;
+    lengths: sampled tokens). Returns {name: {"W", "SE", "vs_pi0"}} (vs_pi0 in percent)."""
+    lengths = [arena.token_lengths(gs) for gs in gens]
+    out = {}
+    for name, oracle in oracles.items():
+        mats = arena.oracle_matrices(oracle, prompts, gens)
+        W, SE = arena.summarise(mats)
+        out[name] = {"W": W.tolist(), "SE": SE.tolist(), "vs_pi0": arena.lc_against(mats, lengths)}
+    return out
+
+
+def cycle_shares(out, judges, iterations=None):
+    """Per iteration of a finished sppo.py run: (prompts whose K x K matrix under `judges` has a Condorcet cycle,
+    prompts), recomputed from OUT/iter{t}/generations.jsonl (texts and EOS flags), so that any judge set can be
+    measured on a run's real samples without generating: docs/committee.md. The run's own count is metrics.json's
+    prompts_with_cycle of prompts. Returns [(cycles, prompts)] for t = 0 .. iterations - 1 (default: the run's)."""
+    T = finished_run(out)["iterations"] if iterations is None else iterations
+    res = []
+    for t in range(T):
+        gens = runs.read_jsonl(Path(out) / f"iter{t}" / "generations.jsonl",
+                               required={"prompt": str, "responses": list, "finished": list})
+        res.append((sum(committee.has_cycle(committee.preference_matrix(g["prompt"], g["responses"], g["finished"],
+                                                                        judges)) for g in gens), len(gens)))
+    return res
+
+
 def mean_words(texts):
     return float(np.mean([len(committee.words(t)) for t in texts]))
 
@@ -112,7 +187,9 @@ def report(cfg):
                           max_new_tokens=run["max_new_tokens"], gen_batch=cfg.gen_batch, progress=cfg.progress)
     prompts = runs.load_prompts(cfg.prompts)[:cfg.max_prompts or None]
     gens = [held_out_samples(m, lab, prompts, gen, Path(cfg.out) / "arena") for m, lab in zip(models, labels)]
-    W, SE = arena.arena_oracle(committee.CommitteeOracle(run["judges"]), prompts, gens)
+    oracles, skipped = evaluators(run["judges"], prompts, cfg.references)
+    evals = evaluate(oracles, prompts, gens)
+    W, SE = (np.array(evals[f"committee ({run['judges']})"][k]) for k in ("W", "SE"))
     figs = Path(cfg.figures)
     figs.mkdir(parents=True, exist_ok=True)
     arena.plot_arena(W, labels, figs / "real_arena.png", se=SE, n_prompts=len(prompts),
@@ -127,7 +204,9 @@ def report(cfg):
         "held_out_finished": [float(np.mean(f)) for f in done],
         "train_mean_words": [mean_words([y for g in runs.read_jsonl(Path(cfg.out) / f"iter{t}" / "generations.jsonl")
                                          for y in g["responses"]]) for t in range(T)],
+        "evaluators": {k: v["vs_pi0"] for k, v in evals.items()}, "held_out_judge_note": skipped,
         "prompts_with_cycle": [[m["prompts_with_cycle"], m["prompts"]] for m in metrics],
+        "cycle_share": [m["prompts_with_cycle"] / m["prompts"] for m in metrics],
         "loss": [[h["loss"] for h in m["history"]] for m in metrics],
         "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
                      for n in range(min(4, len(prompts)))]}
@@ -136,9 +215,14 @@ def report(cfg):
     print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")
     for t, (w, se) in enumerate(summary["win_rate_vs_pi0"], 1):
         print(f"  pi_{t}: {w:.3f} +- {se:.3f}   z = {(w - 0.5) / se:+.2f}" if se > 0 else f"  pi_{t}: {w:.3f}")
+    for name, table in summary["evaluators"].items():
+        arena.print_lc(table, labels, name)
+    if skipped:
+        print(skipped)
     print("mean words (held out):", " ".join(f"{x:.1f}" for x in summary["held_out_mean_words"]),
           "| finished:", " ".join(f"{x:.2f}" for x in summary["held_out_finished"]))
-    print("prompts whose K x K preferences contain a cycle, per iteration:", summary["prompts_with_cycle"])
+    print("prompts whose K x K preferences contain a cycle, per iteration:", summary["prompts_with_cycle"],
+          "share:", " ".join(f"{x:.2f}" for x in summary["cycle_share"]))
     print(f"wrote {figs / 'real_arena.png'}, {figs / 'real_curves.png'}, {figs / 'real_run.json'}")
     return 0
 
