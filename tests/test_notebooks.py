@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 REQUIRED = ["01_hedge_and_theorem_4_1.ipynb", "02_log_partition.ipynb", "03_sppo_vs_dpo_ipo_kto.ipynb",
-            "04_self_play_tiny_lm.ipynb", "05_last_iterate.ipynb", "06_sppo_vs_iterative_dpo.ipynb"]
+            "04_self_play_tiny_lm.ipynb", "05_last_iterate.ipynb", "06_sppo_vs_iterative_dpo.ipynb",
+            "07_successors.ipynb"]
 TIME_LIMIT_S = 120          # the budget per notebook on 2 CPU cores (they take 10-40 s)
 MAX_BYTES = 500_000         # a committed notebook, outputs included: it must load quickly on the web
 NOT_CITED = ("paper_notes.md", "../" + "shared", "translated paper")   # notes outside the repository, not sources
