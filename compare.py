@@ -356,6 +356,8 @@ def compare(cfg):
         summary = experiments.write_summary(where / f"{prefix}summary.json", result, ("gap_avg", "gap_last"))
         print("equal movement: fall of the gap of the average per nat of cumulative KL(pi_t || pi_{t-1}): " + ", ".join(
             f"{m} {experiments.fmt(*summary['per_nat'][m][:2])}" for m in result["chosen"]))
+        print("rebound of the last iterate, max_t (gap_t - min_{s <= t} gap_s): " + ", ".join(
+            f"{m} {experiments.fmt(*summary['rebound'][m][:2])}" for m in result["chosen"]))
         summary.update(world=cfg.world, game=game, iterations=T, grid=grid, tuning_seeds=tuning, report_seeds=report,
                        table=rows, suite=cfg.suite, tuned_on=metric)
         if cfg.suite == "successors":

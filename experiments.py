@@ -286,6 +286,13 @@ def per_nat(rows, metric="gap_avg", moved="kl_step"):
     return (rows[0][metric] - rows[-1][metric]) / total if total > 0 else math.nan
 
 
+def rebound(rows, metric="gap_last"):
+    """How far `metric` climbs back after its best so far in one run: max_t (m_t - min_{s <= t} m_s); 0 for a run
+    that never rises. A last iterate that cycles (Hedge's) shows a large rebound, one that converges a small one."""
+    m = np.array([r[metric] for r in rows], dtype=np.float64)
+    return float((m - np.minimum.accumulate(m)).max())
+
+
 # ------------------------------------------------------------------------------------------------ protocol 1
 def tune(world, methods, grid, tuning_seeds, report_seeds, out, settings=None, metric="gap_avg", jobs=None):
     """Protocol 1, tuned. Each method at every step of `grid` on `tuning_seeds`; its step is chosen by RULE on
@@ -307,7 +314,8 @@ def tune(world, methods, grid, tuning_seeds, report_seeds, out, settings=None, m
 
 def write_summary(path, result, metrics):
     """The tuned result as JSON (what the docs quote): the chosen steps, the tuning table, and per method at its
-    chosen step the last iteration's (mean, half-width, n) of each metric and of per_nat."""
+    chosen step the last iteration's (mean, half-width, n) of each metric, of per_nat and of the last iterate's
+    rebound, and each metric's (mean, half-width) at every iteration (by_iteration)."""
     rec = result["records"]
     summary = {"level": LEVEL, "interval": "Student t, mean +- t_{0.975,N-1} s/sqrt(N) over seeds", "rule": RULE,
                "chosen": result["chosen"],
@@ -315,7 +323,12 @@ def write_summary(path, result, metrics):
                "final": {m: {k: list(final(rec, k)[m, float(s)]) for k in metrics}
                          for m, s in result["chosen"].items()},
                "per_nat": {m: list(interval([per_nat(r) for sp, r in rec.items() if sp.method == m]))
-                           for m in result["chosen"]}}
+                           for m in result["chosen"]},
+               "rebound": {m: list(interval([rebound(r) for sp, r in rec.items() if sp.method == m]))
+                           for m in result["chosen"]},
+               "by_iteration": {k: {m: {f: v[m, float(st)][f] for f in ("t", "mean", "half")}
+                                    for m, st in result["chosen"].items()}
+                                for k, v in ((k, summarise(rec, k)) for k in metrics)}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary

@@ -177,3 +177,11 @@ def test_lm_pair_method_whose_policy_turned_pure_stays_frozen():
     assert frozen and frozen == list(range(frozen[0], 11))
     t = frozen[0]
     assert rows[t]["kl_step"] == 0 and rows[t]["gap_last"] == rows[t - 1]["gap_last"] and "tv_exact" not in rows[t]
+
+
+def test_rebound_by_hand():
+    """max_t (g_t - min_{s <= t} g_s): 0 for a fall; the largest climb back above the best so far otherwise."""
+    rows = lambda *g: [{"gap_last": x} for x in g]                                             # noqa: E731
+    assert experiments.rebound(rows(0.6, 0.5, 0.3, 0.2)) == 0.0
+    assert experiments.rebound(rows(0.6, 0.3, 0.5, 0.2, 0.45)) == pytest.approx(0.25)          # 0.45 - 0.2
+    assert experiments.rebound(rows(0.5, 0.7, 0.1)) == pytest.approx(0.2)                      # the start counts
