@@ -49,11 +49,11 @@ METHODS = {"sppo": ("sppo", "all"), "sppo@pair": ("sppo", "pair"), "sppo_hard": 
            "optimistic": ("optimistic", "all"), "extragradient": ("extragradient", "all"),
            "mirror_prox": ("mirror_prox", "all"), "nash_md": ("nash_md", "all"), "mmd": ("mmd", "all"),
            "mpo": ("mmd", "all"), "inpo": ("inpo", "pair"), "dno": ("dno", "pair")}
-"""Method name -> (--loss, --selection); METHOD_SETTINGS adds other settings. 'sppo' is Eq. (4.7) on all K samples (Eq. 4.4); 'sppo@pair'
-the same loss on each prompt's winner and loser only, with their row win rates (the authors' released form);
-sppo_hard, dpo, ipo, kto are Sec. 4.5's losses on the same pair, beta = 1/eta. The rest are SPPO's successors
-(losses.py) at KL weight TAU towards mu = pi_0; 'mpo' is mmd whose magnet moves to the current policy every 5
-iterations (MPO, arXiv 2410.16714)."""
+"""Method name -> (--loss, --selection); METHOD_SETTINGS adds other settings. 'sppo' is Eq. (4.7) on all K samples (Eq.
+4.4); 'sppo@pair' the same loss on each prompt's winner and loser only, with their row win rates (the authors'
+released form); sppo_hard, dpo, ipo, kto are Sec. 4.5's losses on the same pair, beta = 1/eta. The rest are SPPO's
+successors (losses.py) at KL weight TAU towards mu = pi_0; 'mpo' is mmd whose magnet moves to the current policy
+every 5 iterations (MPO, arXiv 2410.16714)."""
 
 METHOD_SETTINGS = {"mpo": {"magnet_every": 5}}
 """Settings a method adds to its loss's (method_settings): mpo is mmd with a magnet that moves."""

@@ -145,8 +145,8 @@ def _iterates(P, method, eta, T, pi1, options, flat):
                          f"{method!r}")
     every = options.get("magnet_every", 0)
     if not (isinstance(every, int) and every >= 0) or (every and options.get("mu") is not None):
-        raise ValueError(f"magnet_every must be an integer >= 0 (0: the magnet stays mu), and the magnet then starts at "
-                         f"pi1, so mu is not given; got magnet_every = {every!r}, mu = {options.get('mu')}")
+        raise ValueError(f"magnet_every must be an integer >= 0 (0: the magnet stays mu), and the magnet then starts "
+                         f"at pi1, so mu is not given; got magnet_every = {every!r}, mu = {options.get('mu')}")
     batch, n = P.shape[:-2], P.shape[-1]
     (eta, T), tau = _check_eta_T(eta, T, batch), _positive("tau", options.get("tau", 0.1), batch)
     if method in ("nash_md", "inpo") and (eta * tau > 1).any():
@@ -166,7 +166,8 @@ def play(P, method, eta, T, pi1=None, **options):
 
     pi_bar = (1/T) sum_{t <= T} pi_t and pi_last = pi_T, each (..., n); P (..., n, n) batches games as hedge_batch does,
     and eta > 0 broadcasts against its batch axes. Options of the REGULARISED methods: tau > 0 (default 0.1), the KL
-    weight, and mu > 0 (default uniform), the reference / magnet, or magnet_every = M (_magnet_loop, MPO). play(P, "hedge", ...) equals hedge(P, ...) exactly.
+    weight, and mu > 0 (default uniform), the reference / magnet, or magnet_every = M (_magnet_loop, MPO).
+    play(P, "hedge", ...) equals hedge(P, ...) exactly.
     """
     P = validate_preference(P)
     batch, n = P.shape[:-2], P.shape[-1]
@@ -357,7 +358,8 @@ def report(cfg):
                 gap = duality_gap(P, trajectory(P, m, cfg.eta, cfg.t, pi1, tau=cfg.tau, magnet_every=MAGNET_EVERY))
                 axes[2, j].loglog(t[s], np.maximum(gap[s], 1e-16), "k-", lw=1.5,
                                   label=f"mmd, tau={cfg.tau:g}, magnet every {MAGNET_EVERY} (MPO)")
-        for ax, what in zip(axes[:, j], ("last iterate pi_t", "average pi_bar_t", "nash_md / mmd / MPO: unregularised gap")):
+        for ax, what in zip(axes[:, j], ("last iterate pi_t", "average pi_bar_t",
+                                         "nash_md / mmd / MPO: unregularised gap")):
             ax.set(title=f"{g}: {what}", xlabel=f"t (eta = {cfg.eta:g})", ylabel="duality gap", ylim=(1e-16, 3))
     for ax in axes[[0, 2], -1]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
