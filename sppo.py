@@ -268,10 +268,12 @@ def add_successor_columns(rows, mats, logps, cfg):
         for row, lp in zip(rows, logps["mu"]):
             row["mu_logp"] = lp
     if set(LOSSES[cfg.loss].columns) & losses.ESTIMATED:
-        for i, P in enumerate(mats):
-            idx = [n for n, r in enumerate(rows) if r["prompt_id"] == i]
-            cols = losses.successor_columns(cfg.loss, P, {m: np.array([v[n] for n in idx]) for m, v in logps.items()},
-                                            cfg)
+        by_prompt = {}
+        for n, r in enumerate(rows):
+            by_prompt.setdefault(r["prompt_id"], []).append(n)
+        for i, idx in by_prompt.items():
+            cols = losses.successor_columns(cfg.loss, mats[i], {m: np.array([v[n] for n in idx]) for m, v in
+                                                                 logps.items()}, cfg)
             for name, values in cols.items():
                 for n, v in zip(idx, values):
                     rows[n][name] = float(v)
