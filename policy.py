@@ -268,25 +268,38 @@ def sample_k(model, input_ids, attention_mask, gen_cfg, shared_prefill=True):
                           attention_mask=attention_mask.repeat_interleave(K, 0))     # (B*K, T + new)
 
 
+def generation_config(model, tokenizer, cfg, eos_bias=0.0):
+    """generate()'s settings for Algorithm 1's sampling: plain ancestral sampling at cfg.temperature / cfg.top_p
+    (top-k off), cfg.max_new_tokens, cfg.K samples per prompt, stopping at any of eos_ids.
+
+    eos_bias = b != 0 (real_run.py's length-only baseline, issue 28) adds b to the logit of every stop token at every
+    step, before temperature and top-p (transformers' sequence_bias, a SequenceBiasLogitsProcessor that generate()
+    runs ahead of its warpers): the policy's next-token distribution becomes softmax((l + b e_stop) / T), i.e. the
+    odds of stopping are multiplied by exp(b / T) and every other token keeps its relative odds."""
+    from transformers import GenerationConfig
+    stop = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    bias = [[[i], float(eos_bias)] for i in stop] if eos_bias else None
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                            max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.K, pad_token_id=pad,
+                            eos_token_id=stop, sequence_bias=bias)
+
+
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu", start=0):
+def generate_responses(model, tokenizer, prompts, cfg, iteration=0, device="cpu", start=0, eos_bias=0.0):
     """K samples per prompt. Returns one dict per prompt (GENERATION_FIELDS): {"responses": [K str], "finished":
     [K bool], "token_ids": [K lists of int], "stop_ids": [K int or None]}.
 
     `prompts` are the iteration's prompts from index `start` on (start: a multiple of cfg.gen_batch); batch by batch
-    they are sampled under sample_seed(cfg.seed, iteration, start + i) by sample_k (one prefill per prompt). Plain
-    ancestral sampling at cfg.temperature / cfg.top_p (top-k off). A response is cut at its first EOS; one that
-    never emits EOS within cfg.max_new_tokens is kept and flagged finished=False. The text (for the oracle and for
-    people) keeps special tokens; training uses the stored ids, since decode -> encode is not the identity for BPE
-    tokenizers.
+    they are sampled under sample_seed(cfg.seed, iteration, start + i) by sample_k (one prefill per prompt), with
+    generation_config's settings (eos_bias: see there; 0 everywhere but real_run.py's baseline). A response is cut at
+    its first EOS; one that never emits EOS within cfg.max_new_tokens is kept and flagged finished=False. The text
+    (for the oracle and for people) keeps special tokens; training uses the stored ids, since decode -> encode is not
+    the identity for BPE tokenizers.
     """
-    from transformers import GenerationConfig
     model.eval()
-    stop = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                               max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.K,
-                               pad_token_id=pad, eos_token_id=stop)
+    gen_cfg, stop = generation_config(model, tokenizer, cfg, eos_bias), eos_ids(model, tokenizer)
+    pad = gen_cfg.pad_token_id
     out, xs = [], [prompt_ids(tokenizer, p) for p in prompts]
     if sum(len(x) > cfg.max_prompt_length for x in xs):                # the training rule: keep the prompt's END
         print(f"generate: {sum(len(x) > cfg.max_prompt_length for x in xs)} of {len(xs)} prompts cut to their last "
