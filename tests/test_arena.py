@@ -200,6 +200,10 @@ def test_config_file_lists_stay_lists(world):
     pytest.param(["--samples", "0"], "--samples 0: must be >= 1", id="real-run-samples-0"),
     pytest.param(["--max-prompts", "-1"], "--max-prompts -1: must be >= 0", id="real-run-max-prompts-negative"),
     pytest.param(["--gen-batch", "0"], "--gen-batch 0: must be >= 1", id="real-run-gen-batch-0"),
+    pytest.param(["--short-cap", "-1"], "--short-cap -1: must be >= 0", id="real-run-short-cap-negative"),
+    pytest.param(["--eos-bias", "0"], "--eos-bias 0.0: must be finite and > 0", id="real-run-eos-bias-0"),
+    pytest.param(["--cache", "{w}/a_file"], "--cache {w}/a_file: exists and is not a folder",
+                 id="real-run-cache-a-file"),
     pytest.param(["--prompts", "{w}/nope.jsonl"], "--prompts {w}/nope.jsonl: no such file",
                  id="real-run-prompts-missing"),
     pytest.param(["--figures", "{w}/a_file"], "--figures {w}/a_file: exists and is not a folder",
@@ -396,7 +400,7 @@ def test_real_run_report_end_to_end_on_hand_made_samples(tmp_path, monkeypatch, 
     assert real_run.main(["--out", str(out), "--prompts", str(tmp_path / "p.jsonl"), "--figures",
                           str(tmp_path / "figs"), "--references", str(ROOT / "data/reference_heldout.jsonl")]) == 0
     s = json.loads((tmp_path / "figs" / "real_run.json").read_text())
-    assert s["cycle_share"] == [0.25] and s["held_out_judge_note"] is None
+    assert s["cycle_share"] == [0.25] and s["held_out_judge_note"] is None and s["baselines"] is None   # default off
     assert list(s["evaluators"]) == ["committee (concise,informs,plain)", "concise alone", "informs alone",
                                      "plain alone", "held-out judge (references)",
                                      "held-out judge, recall only (lambda 0)"]
