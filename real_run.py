@@ -265,18 +265,20 @@ def length_baselines(cfg, run, prompts, gen, pi0, folder):
             f"pi_0, EOS bias +{b:g}": held_out_samples(model, f"pi_0_eos{b:+g}", prompts, gen, folder, eos_bias=b)}
 
 
-def baseline_summary(cfg, run, evals, labels, gens, base, prompts, oracles):
-    """The JSON's "baselines": every evaluator's raw and LC win rate against pi_0 (percent, +- s.e.) of the last
-    iterate and of each baseline (their arena is pi_0 and the baselines, judged as evaluate judges the iterates), and
-    each one's mean length and finished share beside pi_0's."""
-    bevals = evaluate(oracles, prompts, [gens[0], *base.values()])
-    cols, recs = [labels[-1], *base], {labels[0]: gens[0], labels[-1]: gens[-1], **base}
+def baseline_summary(cfg, run, labels, gens, base, prompts, oracles):
+    """The JSON's "baselines", from one arena per evaluator of pi_0, the last iterate pi_T and the baselines, judged as
+    evaluate judges the iterates: each one's raw and LC win rate against pi_0 ("evaluators", percent +- s.e.), pi_T's
+    win rate against each baseline head to head ("pi_T_vs", percent +- s.e. over prompts), and each one's mean length
+    and finished share beside pi_0's."""
+    recs = {labels[0]: gens[0], labels[-1]: gens[-1], **base}
+    cols, evals = list(recs)[1:], evaluate(oracles, prompts, list(recs.values()))
     texts = {k: [y for g in gs for y in g["responses"]] for k, gs in recs.items()}
     return {"settings": {"short_cap": cfg.short_cap or run["max_new_tokens"] // 2, "eos_bias": cfg.eos_bias,
                          "sentence_end": SENTENCE_END.pattern},
             "columns": cols,
-            "evaluators": {name: dict(zip(cols, [evals[name]["vs_pi0"][-1], *bevals[name]["vs_pi0"][1:]]))
-                           for name in evals},
+            "evaluators": {name: dict(zip(cols, e["vs_pi0"][1:])) for name, e in evals.items()},
+            "pi_T_vs": {name: {c: [100 * e["W"][1][j], 100 * e["SE"][1][j]] for j, c in enumerate(cols[1:], 2)}
+                        for name, e in evals.items()},
             "mean_tokens": {k: float(arena.token_lengths(gs).mean()) for k, gs in recs.items()},
             "mean_words": {k: mean_words(t) for k, t in texts.items()},
             "finished": {k: float(np.mean([f for g in gs for f in g["finished"]])) for k, gs in recs.items()},
@@ -296,6 +298,9 @@ def print_baselines(b, n_prompts):
     for k in ("mean_tokens", "mean_words", "finished"):
         print(f"{k.replace('_', ' '):>40}" + "".join(f"{b[k][c]:26.2f}" for c in b["columns"]),
               f"(pi_0 {b[k]['pi_0']:.2f})")
+    print(f"{b['columns'][0]} against each baseline head to head (percent +- 1 s.e.):")
+    for name, rows in b["pi_T_vs"].items():
+        print(f"{name[:40]:>40}{'':26}" + "".join(f"{cell(r)}".rjust(26) for r in rows.values()))
 
 
 def report(cfg):
@@ -340,7 +345,7 @@ def report(cfg):
         "loss": [[h["loss"] for h in m["history"]] for m in metrics],
         "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
                      for n in range(min(4, len(prompts)))],
-        "baselines": base and baseline_summary(cfg, run, evals, labels, gens, base, prompts, oracles)}
+        "baselines": base and baseline_summary(cfg, run, labels, gens, base, prompts, oracles)}
     (figs / "real_run.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     plot_curves(summary, figs / "real_curves.png")
     print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")

@@ -195,9 +195,16 @@ def test_report_with_baselines_end_to_end_on_hand_made_samples(tmp_path, monkeyp
         assert b["mean_tokens"][col] == pytest.approx(np.mean(lengths[1]))
         assert b["finished"][col] == pytest.approx(np.mean(done))
     assert b["evaluators"]["concise alone"]["pi_0, first sentence"]["raw"][0] == pytest.approx(100 * 2 / 3)
+    pi1 = [{"responses": [y], "finished": [f]} for y, f in zip(*answers["pi_1"])]
+    for col, pair in zip(cols[1:], [answers["pi_0_cap24"], cut, answers["pi_0_eos+2.5"]]):     # head to head
+        other = [{"responses": [y], "finished": [f]} for y, f in zip(*pair)]
+        for name, oracle in oracles.items():
+            W, SE = arena.arena_oracle(oracle, prompts, [pi1, other])
+            assert b["pi_T_vs"][name][col] == pytest.approx([100 * W[0, 1], 100 * SE[0, 1]])
     printed = capsys.readouterr().out
     assert "against length-only baselines: win rate against pi_0 (3 prompts" in printed
     assert all(c in printed for c in cols) and "held-out judge, recall only (lambda 0)" in printed
+    assert "pi_1 against each baseline head to head" in printed
 
 
 def test_report_refuses_a_short_cap_that_is_not_shorter(tmp_path, capsys):
