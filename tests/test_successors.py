@@ -123,10 +123,11 @@ def test_reweighted_win_rates_by_hand():
 
 @pytest.mark.parametrize("method", ("optimistic", "nash_md", "mirror_prox", "extragradient"))
 def test_estimated_columns_converge_to_the_exact_win_rates(method):
-    """successor_columns on K samples drawn from pi_t, weighted by q/pi_t: with K = 20000 the estimate of
-    P(y > q) for every response is within 0.01 of the exact value (self-normalised importance sampling)."""
+    """successor_columns on K samples drawn from pi_t, weighted by q/pi_t: with K = 6000 the estimate of
+    P(y > q) for every response is within 0.02 of the exact value (self-normalised importance sampling, error
+    O(1/sqrt K): 0.003-0.008 over four seeds; the K x K matrix is 290 MB)."""
     rng = np.random.default_rng(3)
-    y = rng.choice(len(PI), size=20000, p=PI)
+    y = rng.choice(len(PI), size=6000, p=PI)
     logps = {"ref": np.log(PI)[y], "mu": np.log(MU)[y], "previous": np.log(PREV)[y]}
     cfg = sppo.SPPOConfig(eta=ETA, tau=TAU, loss=method)
     got = losses.successor_columns(method, P[y[:, None], y[None, :]], logps, cfg)
@@ -134,7 +135,7 @@ def test_estimated_columns_converge_to_the_exact_win_rates(method):
     want = {"optimistic": cols["prev_win_prob"], "nash_md": cols["mix_win_prob"]}.get(method, half.get(method))
     (name, est), = got.items()
     per_response = np.array([est[y == k].mean() for k in range(len(PI))])
-    np.testing.assert_allclose(per_response, want, atol=0.01)
+    np.testing.assert_allclose(per_response, want, atol=0.02)
 
 
 def test_tabular_selfplay_at_many_samples_tracks_the_exact_update():
