@@ -205,9 +205,15 @@ class SPPOConfig:
                                                                                  "sppo_hard, kto with --reference "
                                                                                  "initial: a successor's target is for "
                                                                                  "log pi_{t+1}/pi_t"),
-        ("eta",             lambda c: c.loss != "nash_md" or c.eta * c.tau <= 1,
-                                                      lambda c: f"<= 1/tau = {1 / c.tau:g} with --loss nash_md (its "
-                                                                f"mixture pi_t^(1 - eta tau) mu^(eta tau))"),
+        ("eta",             lambda c: c.loss not in ("nash_md", "inpo") or c.eta * c.tau <= 1,
+                                                      lambda c: f"<= 1/tau = {1 / c.tau:g} with --loss {c.loss} (its "
+                                                                f"pi_t^(1 - eta tau) mu^(eta tau))"),
+        ("tau",             lambda c: c.tau == 0.1 or "tau" in LOSSES[c.loss].settings,
+                                                                                 "left at 0.1 unless --loss reads it "
+                                                                                 "(nash_md, mmd, mirror_prox, inpo)"),
+        ("magnet_every",    lambda c: c.magnet_every == 0 or "magnet_every" in LOSSES[c.loss].settings,
+                                                                                 "0 unless --loss reads it (nash_md, "
+                                                                                 "mmd, mirror_prox, inpo)"),
         ("log_z",           lambda c: c.log_z == "half" or "log_z" in LOSSES[c.loss].settings,
                                                                                  "'half' unless --loss sppo (only "
                                                                                  "Eq. 4.4 has a log Z)"),

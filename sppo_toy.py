@@ -213,8 +213,8 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
     pi = np.full(n, 1.0 / n) if pi1 is None else np.asarray(pi1, dtype=np.float64)
     theta = torch.tensor(np.log(pi), dtype=torch.float64, requires_grad=True)
     log_pi1 = torch.log_softmax(theta, 0).detach()
-    cfg = sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection=selection, tau=tau,
-                          magnet_every=magnet_every)
+    cfg = cli.check(sppo.SPPOConfig(loss=loss, eta=eta, ipo_target=ipo_target, selection=selection, tau=tau,
+                                    magnet_every=magnet_every, reference=reference))      # sppo.py's RULES
     out, spec = [], sppo.LOSSES[loss]
     for t in range(T):
         pi = torch.softmax(theta, 0).detach().numpy()

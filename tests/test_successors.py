@@ -138,14 +138,33 @@ def test_estimated_columns_converge_to_the_exact_win_rates(method):
     np.testing.assert_allclose(per_response, want, atol=0.02)
 
 
+@pytest.mark.parametrize("method", ("optimistic", "nash_md", "mirror_prox", "extragradient"))
+def test_estimated_columns_are_exact_on_a_sample_with_pi_t_s_frequencies(method):
+    """20 samples whose counts are exactly 20 pi_t (7, 2, 5, 4, 2): self-normalised importance weighting is then
+    exact, so each sample's column equals the win rate against q written from the update (to 1e-12); uniform weights
+    (a half step or a mixture dropped) would miss by 4e-3 or more."""
+    y = np.repeat(np.arange(len(PI)), (20 * PI).round().astype(int))
+    logps = {"ref": np.log(PI)[y], "mu": np.log(MU)[y], "previous": np.log(PREV)[y]}
+    cfg = sppo.SPPOConfig(eta=ETA, tau=TAU, loss=method)
+    (name, est), = losses.successor_columns(method, P[y[:, None], y[None, :]], logps, cfg).items()
+    cols, half = exact_columns()
+    want = {"optimistic": cols["prev_win_prob"], "nash_md": cols["mix_win_prob"]}.get(method, half.get(method))
+    np.testing.assert_allclose(est, want[y], atol=1e-12)
+    assert np.abs(P[y][:, y].mean(1) - want[y]).max() > 4e-3
+
+
 def test_tabular_selfplay_at_many_samples_tracks_the_exact_update():
-    """Algorithm 1 on a softmax table (sppo_toy.tabular_selfplay) with the successors' columns: one iteration of
-    optimistic and of Nash-MD with 400 groups of K = 20 lands within 0.03 (TV) of the exact update from pi_1 (the
-    finite-K shrink of the step, (K-1)/K, and the centre eta/2 in place of log Z account for the rest)."""
+    """Algorithm 1 on a softmax table (sppo_toy.tabular_selfplay) with the successors' columns, 400 groups of K = 20:
+    Nash-MD's and MMD's first iteration (mu = pi_1 = pi_t, so no pull yet) and second (mu = pi_1 != pi_2), at eta = 3
+    and tau = 0.2, land within a quarter of the distance they moved (TV; measured: 0.003-0.008 of 0.04-0.10) from the
+    exact update from the same pi_t (the finite-K shrink of the step, (K-1)/K, and the centre eta/2 in place of log Z
+    account for the rest)."""
     for method in ("nash_md", "mmd"):
-        pis = sppo_toy.tabular_selfplay(P, method, ETA, 2, K=20, groups=400, pi1=PI, seed=0, tau=TAU)
-        exact = np.exp(L.METHODS[method](P, np.log(PI), PI, ETA, np.array([TAU]), np.log(PI), None)[0])
-        assert 0.5 * np.abs(pis[1] - exact).sum() < 0.03, (method, pis[1], exact)
+        pis = sppo_toy.tabular_selfplay(P, method, 3.0, 3, K=20, groups=400, pi1=PI, seed=0, tau=0.2)
+        for t in (0, 1):
+            exact = np.exp(L.METHODS[method](P, np.log(pis[t]), pis[t], 3.0, np.array([0.2]), np.log(PI), None)[0])
+            moved = 0.5 * np.abs(pis[t + 1] - pis[t]).sum()
+            assert 0.5 * np.abs(pis[t + 1] - exact).sum() < moved / 4, (method, t, pis[t + 1], exact, moved)
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -157,7 +176,15 @@ def test_settings_are_checked_before_any_work():
     with pytest.raises(sppo.ConfigError, match="--eta.*1/tau"):
         sppo.validate_config(sppo.SPPOConfig(loss="nash_md", selection="all", eta=1000.0, tau=0.1))
     with pytest.raises(sppo.ConfigError, match="--tau"):
-        sppo.validate_config(sppo.SPPOConfig(tau=-1.0))
+        sppo.validate_config(sppo.SPPOConfig(loss="mmd", selection="all", tau=-1.0))
+    with pytest.raises(sppo.ConfigError, match="--eta.*--loss inpo"):
+        sppo.validate_config(sppo.SPPOConfig(loss="inpo", eta=1000.0))
+    with pytest.raises(sppo.ConfigError, match="--tau.*unless --loss reads it"):
+        sppo.validate_config(sppo.SPPOConfig(loss="sppo", tau=0.3))
+    with pytest.raises(sppo.ConfigError, match="--magnet-every.*unless --loss reads it"):
+        sppo.validate_config(sppo.SPPOConfig(loss="optimistic", selection="all", magnet_every=2))
+    with pytest.raises(sppo.ConfigError, match="--loss"):                      # sppo_toy checks sppo.py's RULES
+        sppo_toy.tabular_selfplay(P, "optimistic", ETA, 2, selection="pair")
     sppo.validate_config(sppo.SPPOConfig(loss="inpo", eta=5.0, tau=0.1))                          # a pair method
     assert math.isclose(sppo.SPPOConfig().tau, 0.1)
 
