@@ -196,7 +196,8 @@ def tiny_run(out, method, iterations=3, **kw):
     selection = "all" if losses.LOSSES[method].kind == "row" else "pair"
     cfg = sppo_toy.check_demo(sppo_toy.DemoConfig(
         out=str(out), figure=str(out / "gap.png"), iterations=iterations, groups=3, K=4, eta=2.0, loss=method,
-        selection=selection, epochs=2, tau=0.2, global_batch=64, micro_batch=64, progress=False, **kw))
+        selection=selection, epochs=2, global_batch=64, micro_batch=64, progress=False,
+        **({"tau": 0.2} if "tau" in losses.LOSSES[method].settings else {}), **kw))
     cfg = sppo_toy.demo_start(cfg, games)
     sppo.run(cfg, oracle=sppo_toy.GameOracle(games))
     return cfg

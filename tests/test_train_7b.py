@@ -163,7 +163,8 @@ def test_fsdp_matches_single_process_with_each_successor(world, tmp_path, loss):
                  mu_logp=float(rng.normal(-40.0, 5.0)))
     (tmp_path / "data").mkdir()
     runs.write_jsonl(tmp_path / "data" / "dataset.jsonl", rows)
-    extra = dict(loss=loss, eta=3.0, tau=0.2, selection="all" if losses.LOSSES[loss].kind == "row" else "pair")
+    extra = dict(loss=loss, eta=3.0, selection="all" if losses.LOSSES[loss].kind == "row" else "pair",
+                 **({"tau": 0.2} if "tau" in losses.LOSSES[loss].settings else {}))
     out = tmp_path / loss
     torchrun(*flags(model=world["llama"], data=tmp_path / "data" / "dataset.jsonl", out=out, epochs=1, **extra,
                     **TRAIN))
