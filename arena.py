@@ -186,12 +186,11 @@ def lc_against(mats, lengths, base=0):
     length per prompt in tokens (token_lengths). Returns [{"raw": (rate, se), "lc": (rate, se)}] for every policy,
     the base's own row 50 +- 0; where lc_win_rate refuses (no finite fit, too few prompts) "lc" is None and "why"
     says why."""
-    N, out = len(mats), []
+    (W, SE), out = summarise(mats), []
     for i in range(mats.shape[1]):
-        p = mats[:, i, base]
-        row = {"raw": (100 * p.mean(), 100 * p.std(ddof=1) / math.sqrt(N) if N > 1 else math.nan)}
+        row = {"raw": (100 * W[i, base], 100 * SE[i, base])}
         try:
-            row["lc"] = lc_win_rate(p, lengths[i], lengths[base]) if i != base else (50.0, 0.0)
+            row["lc"] = lc_win_rate(mats[:, i, base], lengths[i], lengths[base]) if i != base else (50.0, 0.0)
         except ValueError as e:
             row.update(lc=None, why=str(e))
         out.append(row)
@@ -205,8 +204,7 @@ def token_lengths(generations=None, model_dir=None, texts=None):
     if generations is not None:
         return np.array([np.mean([len(ids) for ids in g["token_ids"]]) for g in generations], dtype=np.float64)
     from transformers import AutoTokenizer
-    d = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir
-    tok = AutoTokenizer.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(runs.checkpoint_dir(model_dir))
     return np.array([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts], dtype=np.float64)
 
 

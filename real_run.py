@@ -105,17 +105,12 @@ def finished_run(out):
     return run
 
 
-def weights_of(model):
-    """The checkpoint folder of a policy: the folder itself, or a .gguf file's converted checkpoint."""
-    return runs.gguf_checkpoint(model) if str(model).endswith(".gguf") else model
-
-
 def samples_path(model, label, prompts, gen, folder, eos_bias=0.0):
     """Where held_out_samples caches a policy's samples: folder/{label}_{key}.jsonl, key a hash of every setting they
     depend on (the policy's path and weights, the prompts, the sampling settings gen, and eos_bias when it is not 0,
     so the iterates' names are what they were before it existed). The weights' hashes are cached in folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([str(model), runs.Hashes(folder)(weights_of(model)), prompts,
+    key = hashlib.sha256(json.dumps([str(model), runs.Hashes(folder)(runs.checkpoint_dir(model)), prompts,
                                      dataclasses.asdict(gen)] + ([{"eos_bias": eos_bias}] if eos_bias else []))
                          .encode()).hexdigest()[:16]
     return folder / f"{label}_{key}.jsonl"
@@ -242,7 +237,12 @@ def cut_at_first_sentence(g, decode, stop_id):
 def load_tokenizer(model):
     """The policy's tokenizer (a folder, or a .gguf file's converted checkpoint)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(weights_of(model))
+    return AutoTokenizer.from_pretrained(runs.checkpoint_dir(model))
+
+
+def short_cap(cfg, run):
+    """Baseline (a)'s max_new_tokens: --short-cap, or half the run's cap when it is 0."""
+    return cfg.short_cap or run["max_new_tokens"] // 2
 
 
 def length_baselines(cfg, run, prompts, gen, pi0, folder):
@@ -257,7 +257,7 @@ def length_baselines(cfg, run, prompts, gen, pi0, folder):
 
     (a) and (c) are sampled once and cached in `folder` beside the arena's samples (held_out_samples).
     Returns {label: records}."""
-    cap, b, model = cfg.short_cap or run["max_new_tokens"] // 2, cfg.eos_bias, run["model"]
+    cap, b, model = short_cap(cfg, run), cfg.eos_bias, run["model"]
     tok = load_tokenizer(model)
     return {f"pi_0, cap {cap}": held_out_samples(model, f"pi_0_cap{cap}", prompts, dataclasses.replace(
                 gen, max_new_tokens=cap), folder),
@@ -273,7 +273,7 @@ def baseline_summary(cfg, run, labels, gens, base, prompts, oracles):
     recs = {labels[0]: gens[0], labels[-1]: gens[-1], **base}
     cols, evals = list(recs)[1:], evaluate(oracles, prompts, list(recs.values()))
     texts = {k: [y for g in gs for y in g["responses"]] for k, gs in recs.items()}
-    return {"settings": {"short_cap": cfg.short_cap or run["max_new_tokens"] // 2, "eos_bias": cfg.eos_bias,
+    return {"settings": {"short_cap": short_cap(cfg, run), "eos_bias": cfg.eos_bias,
                          "sentence_end": SENTENCE_END.pattern},
             "columns": cols,
             "evaluators": {name: dict(zip(cols, e["vs_pi0"][1:])) for name, e in evals.items()},
@@ -309,7 +309,7 @@ def report(cfg):
     cli.check(cfg)
     run = finished_run(cfg.out)                           # every file it reads, before any work
     T = run["iterations"]
-    if cfg.baselines and not (cfg.short_cap or run["max_new_tokens"] // 2) < run["max_new_tokens"]:
+    if cfg.baselines and not short_cap(cfg, run) < run["max_new_tokens"]:
         raise cli.ConfigError(f"--short-cap {cfg.short_cap}: must be below the run's max_new_tokens "
                               f"({run['max_new_tokens']}), else baseline (a) is pi_0")
     models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]

@@ -596,10 +596,15 @@ def gguf_checkpoint(path, cache=None):
     return dest
 
 
+def checkpoint_dir(path):
+    """A policy's checkpoint folder: the folder itself, or a .gguf file's converted checkpoint (gguf_checkpoint)."""
+    return gguf_checkpoint(path) if str(path).endswith(".gguf") else path
+
+
 def load_policy(path, cfg, device):
     """A causal LM and its tokenizer from a local directory (no hub), or from a .gguf file via gguf_checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = gguf_checkpoint(path) if str(path).endswith(".gguf") else path
+    path = checkpoint_dir(path)
     if cli.model_dir_problem(path):
         raise ArtifactError(f"{path}: {cli.model_dir_problem(path)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device)

@@ -168,8 +168,7 @@ def oracle_prompts(prompts, cfg, model_dir):
     Mistral, Llama-3 and Gemma-2 templates is this text, except that a prompt containing "None" is cut there too)."""
     if cfg.oracle_prompt == "raw":
         return list(prompts)
-    model_dir = runs.gguf_checkpoint(model_dir) if str(model_dir).endswith(".gguf") else model_dir   # pi_0 a GGUF
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(runs.checkpoint_dir(model_dir))                    # pi_0 may be a GGUF
     return [policy.chat_prompt(tokenizer, x) for x in prompts]
 
 

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import runs  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -117,3 +119,26 @@ def alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+# ---- a finished real-model run on disk, for real_run.py's report without a model --------------------------------
+REAL_RUN_PROMPTS = ["What is the capital of Japan?", "How do I plant a seed?", "What is the largest mammal?"]
+
+
+def hand_made_real_run(root, prompts_with_cycle):
+    """A 1-iteration sppo.py run directory under root (config, iter0/metrics.json with the cycle count out of 4
+    prompts, generations, an empty iter0/model and pi_0 folder) and root/p.jsonl with REAL_RUN_PROMPTS: what
+    real_run.report reads once held_out_samples is patched. Returns (run directory, prompts file)."""
+    root = Path(root)
+    runs.write_jsonl(root / "p.jsonl", [{"prompt": x} for x in REAL_RUN_PROMPTS])
+    out = root / "run"
+    (out / "iter0" / "model").mkdir(parents=True)
+    (root / "pi0").mkdir()
+    runs.write_json(out / "config.json", {"iterations": 1, "model": str(root / "pi0"), "temperature": 0.7,
+                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain"})
+    runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": prompts_with_cycle, "prompts": 4,
+                                                     "history": [{"loss": 1.0}]})
+    runs.write_jsonl(out / "iter0" / "generations.jsonl",
+                     [{"prompt": x, "responses": ["a", "b"]} for x in REAL_RUN_PROMPTS])
+    return out, root / "p.jsonl"
+

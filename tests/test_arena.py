@@ -382,15 +382,7 @@ def test_real_run_report_end_to_end_on_hand_made_samples(tmp_path, monkeypatch, 
     patched: no model is loaded): the JSON holds every evaluator's raw and LC rows and the cycle share, and each
     evaluator is printed."""
     import real_run
-    prompts = ["What is the capital of Japan?", "How do I plant a seed?", "What is the largest mammal?"]
-    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
-    out = tmp_path / "run"
-    (out / "iter0" / "model").mkdir(parents=True)
-    (tmp_path / "pi0").mkdir()
-    runs.write_json(out / "config.json", {"iterations": 1, "model": str(tmp_path / "pi0"), "temperature": 0.7,
-                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain"})
-    runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": 1, "prompts": 4, "history": [{"loss": 1.0}]})
-    runs.write_jsonl(out / "iter0" / "generations.jsonl", [{"prompt": x, "responses": ["a", "b"]} for x in prompts])
+    out, _ = conftest.hand_made_real_run(tmp_path, prompts_with_cycle=1)
     answers = {"pi_0": ["Japan is a country in Asia with many cities and a long history.", "Plant seed.",
                         "The largest mammal is a very big animal that lives in the sea."],
                "pi_1": ["The capital of Japan is Tokyo.", "Dig a small hole, put the seed in, cover it, water it.",

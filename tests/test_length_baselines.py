@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import arena
+import conftest
 import policy
 import real_run
 import runs
@@ -142,15 +143,8 @@ def test_report_with_baselines_end_to_end_on_hand_made_samples(tmp_path, monkeyp
     """Each baseline is sampled with the arena's settings and seed but its one change (cap 24; eos_bias 2.5), the
     first-sentence cut is pi_0's answers cut, and every evaluator's row equals lc_against of pi_0 and that baseline
     computed here; the table is printed and the JSON holds it. Tokens are characters (decode: chr)."""
-    prompts = ["What is the capital of Japan?", "How do I plant a seed?", "What is the largest mammal?"]
-    runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in prompts])
-    out = tmp_path / "run"
-    (out / "iter0" / "model").mkdir(parents=True)
-    (tmp_path / "pi0").mkdir()
-    runs.write_json(out / "config.json", {"iterations": 1, "model": str(tmp_path / "pi0"), "temperature": 0.7,
-                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain"})
-    runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": 0, "prompts": 4, "history": [{"loss": 1.0}]})
-    runs.write_jsonl(out / "iter0" / "generations.jsonl", [{"prompt": x, "responses": ["a", "b"]} for x in prompts])
+    prompts = conftest.REAL_RUN_PROMPTS
+    out, _ = conftest.hand_made_real_run(tmp_path, prompts_with_cycle=0)
     answers = {"pi_0": (["Japan is an island country. Its capital, Tokyo, is large.", "Plant seed.",
                          "The largest mammal is a very big animal that lives in the sea and"], [True, True, False]),
                "pi_1": (["The capital of Japan is Tokyo.", "Dig a small hole, put the seed in, cover it, water it.",
