@@ -19,6 +19,7 @@ The table LOSSES (--loss) holds every method: a new one is its function and one 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -331,13 +332,13 @@ def successor_columns(name, P, logps, cfg):
     Returns {column: (..., K)}."""
     P = np.asarray(P, dtype=np.float64)
     cols, ref, out = set(LOSSES[name].columns) & ESTIMATED, logps.get("ref"), {}
+    rows = {"win_prob": P.mean(-1), "ref_logp": ref, "mu_logp": logps.get("mu", ref)}     # the steps' batch, per row
     if "prev_win_prob" in cols:
         out["prev_win_prob"] = reweighted_win_rates(P, logps["previous"] - ref)
     if "mix_win_prob" in cols:
-        out["mix_win_prob"] = reweighted_win_rates(P, cfg.eta * cfg.tau * (logps["mu"] - ref))
-    if "half_win_prob" in cols:
-        wp, tau = P.mean(-1), cfg.tau if "tau" in LOSSES[name].settings else 0.0
-        half = (cfg.eta * wp + (cfg.eta * tau * (logps["mu"] - ref) if tau else 0.0)) / (1 + cfg.eta * tau)
-        out["half_win_prob"] = reweighted_win_rates(P, half)
+        out["mix_win_prob"] = reweighted_win_rates(P, _kl_step(rows, cfg))
+    if "half_win_prob" in cols:                     # extragradient's half step is Hedge's: mmd_step at tau = 0
+        tau = cfg.tau if "tau" in LOSSES[name].settings else 0.0
+        out["half_win_prob"] = reweighted_win_rates(P, mmd_step(rows, dataclasses.replace(cfg, tau=tau))[0])
     return out
 

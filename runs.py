@@ -302,11 +302,17 @@ def model_dir_of(cfg, t):
     return cfg.model if t <= 0 else Path(cfg.out) / f"iter{t - 1}" / "model"
 
 
+def magnet_iteration(t, every):
+    """The iteration whose policy is the magnet mu at iteration t: 0 (pi_0) when every = 0, else every floor(t/every)
+    (MPO's schedule; last_iterate._magnet_loop runs the same one on exact games)."""
+    return every * (t // every) if every else 0
+
+
 def loss_models(cfg, t, names):
     """{name: directory} of the policies besides pi_t whose log-probs a successor's loss reads in iteration t
     (losses.Loss.models): 'mu', the reference / magnet, pi_0 or, with --magnet-every M, pi_{M floor(t/M)} (MPO moves
     the magnet to the current policy every M iterations); 'previous', pi_{t-1} (pi_0 at t = 0, OMWU's pi_0 = pi_1)."""
-    m = cfg.magnet_every * (t // cfg.magnet_every) if getattr(cfg, "magnet_every", 0) else 0
+    m = magnet_iteration(t, getattr(cfg, "magnet_every", 0))
     where = {"mu": lambda: model_dir_of(cfg, m), "previous": lambda: model_dir_of(cfg, t - 1)}
     return {n: where[n]() for n in names}
 

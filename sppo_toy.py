@@ -220,7 +220,7 @@ def tabular_selfplay(P, loss, eta, T, K=5, groups=64, pi1=None, seed=0, log_z="h
         pi = torch.softmax(theta, 0).detach().numpy()
         out.append(pi)
         tables = {"ref": np.log(pi), "previous": np.log(out[max(t - 1, 0)]),
-                  "mu": np.log(out[magnet_every * (t // magnet_every) if magnet_every else 0])}
+                  "mu": np.log(out[runs.magnet_iteration(t, magnet_every)])}
         y = rng.choice(n, size=(groups, K), p=pi)                                         # (G, K) samples
         wp = sppo.win_rates(P[y[:, :, None], y[:, None, :]])                              # (G, K) Eq. (4.5)
         batch = {}
