@@ -13,7 +13,8 @@ of PairRM's P(y_i > y_j | x), with its standard error over prompts (arena_pairrm
 
 Against the first policy (pi_0), each policy's win rate is also printed length-controlled, as AlpacaEval 2.0 reports
 it (Dubois et al., arXiv 2404.04475): lc_win_rate fits logit P = theta + phi tanh(length difference / sd) and
-reports 100 sigmoid(theta), the win rate at equal length; lengths are response tokens (token_lengths).
+reports 100 sigmoid(theta), the win rate at equal length; lengths are response tokens (token_lengths). The fit lives
+with the other statistics in experiments.py (sppo.py's --eval-prompts reports it too) and is imported here.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import pairrm
 import policy
 import runs
 import sppo
+from experiments import lc_win_rate   # AlpacaEval 2.0's length-controlled win rate, as arena.lc_win_rate
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,92 +96,6 @@ def arena_oracle(oracle, prompts, generations):
 # ----------------------------------------------------------------------------------------------------------------
 # The length-controlled win rate of AlpacaEval 2.0 (Dubois, Galambosi, Liang, Hashimoto, "Length-Controlled
 # AlpacaEval: A Simple Way to Debias Automatic Evaluators", arXiv 2404.04475, Sec. 3), one model against a baseline.
-def lc_fit(p, len_model, len_base, tol=1e-10, max_iter=100):
-    """The GLM of arXiv 2404.04475 (Sec. 3) for one model pair, without its instruction-difficulty term:
-
-        logit P(model beats baseline | x_n) = theta + phi * tanh((len_model_n - len_base_n) / sd),
-
-    sd = the sample standard deviation (ddof 1) of the N length differences, fitted by maximum likelihood with the
-    per-prompt preference probabilities p_n in [0, 1] as soft labels: max sum_n p_n log s_n + (1 - p_n) log(1 - s_n),
-    s_n = sigmoid(theta + phi z_n) (concave; Newton's method with step halving). The length-controlled win rate is
-    the predicted win rate at equal lengths (z = 0): 100 sigmoid(theta).
-
-    Its standard error is the sandwich (Huber-White) estimator, cov = N/(N-k) H^-1 B H^-1 with H = sum s(1-s) x x^T,
-    B = sum (p - s)^2 x x^T, x_n = (1, z_n), k parameters, then the delta method, se = 100 s(1-s) sqrt(cov[0, 0]).
-    Not the inverse Fisher information H^-1: that assumes Bernoulli labels, Var(p_n | x_n) = s_n(1 - s_n), and soft
-    labels vary less (a mean of J judges' votes, or of S x S sample pairs), so H^-1 overstates the s.e. (by sqrt(3)
-    for 3 independent votes); the sandwich holds for any label variance, and with equal lengths it equals the raw win
-    rate's s.e., std(p, ddof=1) / sqrt(N), exactly (sppo.win_rate's).
-
-    Equal lengths everywhere (sd = 0): the tanh term is 0, k = 1 and theta = logit(mean p), so the rate is
-    100 mean(p). mean(p) of 0 or 1 (all lost or all won): the rate is 0 or 100 with s.e. 0 (theta is infinite).
-    A length term that separates the labels (p_n = 1 for every longer answer and 0 for every shorter, say) has no
-    finite fit: ValueError. Returns a dict: theta, phi, cov (k x k), sd, rate, se, raw (100 mean p), iterations."""
-    p, lm, lb = (np.asarray(a, dtype=np.float64) for a in (p, len_model, len_base))
-    for name, a in (("p", p), ("len_model", lm), ("len_base", lb)):
-        if a.ndim != 1 or len(a) != len(p):
-            raise ValueError(f"lc_win_rate: {name} must be 1-D with one entry per prompt ({len(p)} in p), "
-                             f"got shape {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"lc_win_rate: {name}[{int(np.flatnonzero(~np.isfinite(a))[0])}] is not finite")
-    for name, a, bad, rule in (("p", p, (p < 0) | (p > 1), "in [0, 1]"), ("len_model", lm, lm < 0, ">= 0 (tokens)"),
-                               ("len_base", lb, lb < 0, ">= 0 (tokens)")):
-        if bad.any():
-            n = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"lc_win_rate: {name}[{n}] = {a[n]:g} must be {rule}")
-    N, d = len(p), lm - lb
-    if N < 2:
-        raise ValueError(f"lc_win_rate: needs at least 2 prompts for a standard error, got {N}")
-    sd = float(d.std(ddof=1))
-    X = np.stack([np.ones(N), np.tanh(d / sd)], 1) if sd > 0 else np.ones((N, 1))                 # (N, k)
-    k, raw = X.shape[1], 100 * float(p.mean())
-    if N <= k:
-        raise ValueError(f"lc_win_rate: {N} prompts for 2 parameters (theta, phi): the sandwich s.e. needs more "
-                         f"prompts than parameters")
-    if p.mean() in (0.0, 1.0):
-        return {"theta": math.copysign(math.inf, p.mean() - 0.5), "phi": 0.0, "cov": np.zeros((k, k)), "sd": sd,
-                "rate": raw, "se": 0.0, "raw": raw, "iterations": 0}
-
-    def loglik(b):
-        eta = X @ b
-        return float(np.sum(p * eta - np.logaddexp(0, eta)))      # p log s + (1 - p) log(1 - s), s = sigmoid(eta)
-
-    b = np.zeros(k)
-    b[0] = math.log(p.mean() / (1 - p.mean()))
-    for it in range(1, max_iter + 1):
-        s = 1 / (1 + np.exp(-(X @ b)))
-        H = (X * (s * (1 - s))[:, None]).T @ X                                                     # (k, k)
-        step = np.linalg.solve(H, X.T @ (p - s))                                                  # Newton
-        t, ll = 1.0, loglik(b)
-        while loglik(b + t * step) < ll - 1e-12 and t > 1e-8:
-            t /= 2
-        b = b + t * step
-        if np.abs(t * step).max() < tol:
-            break
-        if np.abs(b).max() > 30:
-            break
-    if np.abs(b).max() > 30 or np.abs(t * step).max() >= tol:
-        raise ValueError(f"lc_win_rate: no finite fit (theta, phi = {b.round(2).tolist()} after {it} Newton steps):"
-                         f" the length term separates the preferences (e.g. p = 1 whenever the model is longer and "
-                         f"0 whenever it is shorter), so the win rate at equal length is not identified")
-    s = 1 / (1 + np.exp(-(X @ b)))
-    Hinv = np.linalg.inv((X * (s * (1 - s))[:, None]).T @ X)
-    B = (X * ((p - s) ** 2)[:, None]).T @ X
-    cov = N / (N - k) * Hinv @ B @ Hinv                                                           # sandwich
-    s0 = 1 / (1 + math.exp(-b[0]))
-    return {"theta": float(b[0]), "phi": float(b[1]) if k == 2 else 0.0, "cov": cov, "sd": sd,
-            "rate": 100 * s0, "se": 100 * s0 * (1 - s0) * math.sqrt(cov[0, 0]), "raw": raw, "iterations": it}
-
-
-def lc_win_rate(p, len_model, len_base):
-    """AlpacaEval 2.0's length-controlled win rate of a model against a baseline, in percent, with its standard
-    error (lc_fit: the GLM of arXiv 2404.04475, Sec. 3, without the instruction term; sandwich s.e.). p[n] = P(model's
-    answer beats the baseline's | x_n) in [0, 1]; len_model[n], len_base[n]: their lengths in tokens. Returns
-    (rate, se)."""
-    fit = lc_fit(p, len_model, len_base)
-    return fit["rate"], fit["se"]
-
-
 def lc_against(mats, lengths, base=0):
     """Each policy's raw and length-controlled win rate against policy `base`, in percent with standard errors:
     mats (N, m, m) per-prompt win rates (oracle_matrices, pairrm_matrices), lengths (m, N) each policy's response

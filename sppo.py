@@ -41,6 +41,7 @@ from transformers.utils import logging as hf_logging
 
 import cli
 import committee
+import experiments
 import hedge_toy
 import losses
 import pairrm
@@ -200,22 +201,41 @@ def rank(oracle, prompts, generations, progress=False):
 def answers(model, tokenizer, prompts, cfg, device="cpu"):
     """One sample per prompt (K = 1) under policy.sample_seed(cfg.seed, 0, .): every policy judged against another is
     sampled under the same seeds. The responses arena.py and the held-out win rates compare. Returns (texts,
-    finished): the responses and whether each ended with a stop token (committee.py's judges read it)."""
+    finished, lengths): the responses, whether each ended with a stop token (committee.py's judges read it) and its
+    length in sampled tokens, stop token excluded (the length-controlled win rate's)."""
     gens = policy.generate_responses(model, tokenizer, prompts, dataclasses.replace(cfg, K=1), 0, device)
-    return [g["responses"][0] for g in gens], [g["finished"][0] for g in gens]
+    return ([g["responses"][0] for g in gens], [g["finished"][0] for g in gens],
+            [len(g["token_ids"][0]) for g in gens])
 
 
-def win_rate(oracle, prompts, responses_a, responses_b, finished_a=None, finished_b=None):
+def win_rate(oracle, prompts, responses_a, responses_b, finished_a=None, finished_b=None, per_prompt=False):
     """P(pi_a > pi_b) on held-out prompts (Sec. 3, Fig. 3): the mean over prompts of the oracle's P(y_a > y_b | x),
     one response of each policy per prompt, and its standard error over prompts. finished_a/b: each response's stop
-    flag, for an oracle that reads it (committee.py). Returns (win rate, s.e.)."""
+    flag, for an oracle that reads it (committee.py). Returns (win rate, s.e.), and with per_prompt also the (N,)
+    P(y_a > y_b | x_n) (experiments.lc_win_rate's labels)."""
     pairs = [{"responses": [a, b]} for a, b in zip(responses_a, responses_b)]
     if finished_a is not None and finished_b is not None:
         for g, fa, fb in zip(pairs, finished_a, finished_b):
             g["finished"] = [fa, fb]
     mats, _ = rank(oracle, prompts, pairs)
     p = np.array([m[0, 1] for m in mats])                                                # (N,)
-    return float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
+    w, se = float(p.mean()), float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else float("nan")
+    return (w, se, p) if per_prompt else (w, se)
+
+
+def held_out_rates(oracle, prompts, new, old):
+    """--eval-prompts: pi_{t+1}'s answers `new` against another policy's `old` (answers' triples): the raw win rate
+    (win_rate) and, as AlpacaEval 2.0 reports it, the length-controlled one (experiments.lc_win_rate, lengths in
+    tokens), each as a probability with its s.e. Returns {"win_rate", "se", "lc_win_rate", "lc_se"} (LC None, with
+    "lc_why", where the fit has no finite solution)."""
+    w, se, p = win_rate(oracle, prompts, new[0], old[0], new[1], old[1], per_prompt=True)
+    out = {"win_rate": w, "se": se}
+    try:
+        lc, lc_se = experiments.lc_win_rate(p, new[2], old[2])
+        out.update(lc_win_rate=lc / 100, lc_se=lc_se / 100)
+    except ValueError as e:
+        out.update(lc_win_rate=None, lc_se=None, lc_why=str(e))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,11 +375,13 @@ def train(it, rows, gens, mats, oracle, held_out=None):
              "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "history": history}
     if held_out:                                             # Sec. 5.1: selection by win rate on held-out prompts
         xs, new = oracle_prompts(held_out, cfg, it.model_dir), answers(model, tok, held_out, cfg, it.device)
-        (w_t, se_t), (w_0, se_0) = (win_rate(oracle, xs, new[0], old[s][0], new[1], old[s][1]) for s in "t0")
-        stats["held_out"] = {"prompts": len(held_out), "win_rate_vs_pi_t": w_t, "se_vs_pi_t": se_t,
-                             "win_rate_vs_pi_0": w_0, "se_vs_pi_0": se_0}
-        print(f"iter {t}: held-out win rate of pi_{t + 1}: vs pi_{t} {w_t:.3f} +- {se_t:.3f}, vs pi_0 {w_0:.3f} "
-              f"+- {se_0:.3f} ({len(held_out)} prompts)")
+        rates = {s: held_out_rates(oracle, xs, new, old[s]) for s in "t0"}
+        stats["held_out"] = {"prompts": len(held_out), **{f"{k}_vs_pi_{s}": v for s, r in rates.items()
+                                                          for k, v in r.items()}}
+        print(f"iter {t}: held-out win rate of pi_{t + 1} ({len(held_out)} prompts; +- 1 s.e.; raw | "
+              f"length-controlled): " + ", ".join(f"vs pi_{t if s == 't' else 0} {r['win_rate']:.3f} +- {r['se']:.3f}"
+              + (f" | {r['lc_win_rate']:.3f} +- {r['lc_se']:.3f}" if r["lc_win_rate"] is not None else " | n/a")
+              for s, r in rates.items()))
     print(f"iter {t}: {len(rows)} rows, loss {stats['first_loss']:.4g} -> {stats['last_loss']:.4g}, "
           f"{stats['prompts_with_cycle']} of {len(it.prompts)} prompts' preferences contain a cycle"
           + (f", {stats['prompts_without_pair']} tie throughout (no pair)" if stats["prompts_without_pair"] else ""))

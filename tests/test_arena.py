@@ -11,6 +11,7 @@ import torch
 
 import arena
 import conftest
+import experiments
 import hedge_toy
 import runs
 import sppo
@@ -242,7 +243,7 @@ def test_lc_win_rate_by_hand_on_two_length_groups():
     s.e. by hand (the sandwich of a saturated fit is the delta method on the group means): var(mean p | longer) =
     ((1 - .8)^2 + (.6 - .8)^2) / 2^2 = 0.02, var(logit) = 0.02 / (.8 .2)^2 = 0.78125; the shorter group has no
     spread; var(theta) = (0.78125 + 0) / 4 * N/(N-k) = 0.1953125 * 4/2 = 0.390625; se = 100 (2/3)(1/3) 0.625."""
-    fit = arena.lc_fit([1, .6, .5, .5], [20, 20, 0, 0], [10, 10, 10, 10])
+    fit = experiments.lc_fit([1, .6, .5, .5], [20, 20, 0, 0], [10, 10, 10, 10])
     assert fit["theta"] == pytest.approx(np.log(2)) and fit["raw"] == pytest.approx(65)
     assert arena.lc_win_rate([1, .6, .5, .5], [20, 20, 0, 0], [10, 10, 10, 10]) == pytest.approx(
         (200 / 3, 100 * 2 / 9 * 0.625))
@@ -270,7 +271,7 @@ def test_lc_fit_against_scipy_and_finite_differences():
         eta = b[0] + b[1] * z[n]
         return np.sum(p[n] * eta - np.logaddexp(0, eta))
     ref = minimize(lambda b: -ll(b), [0.0, 0.0], method="BFGS", options={"gtol": 1e-10}).x
-    fit = arena.lc_fit(p, lm, lb)
+    fit = experiments.lc_fit(p, lm, lb)
     np.testing.assert_allclose([fit["theta"], fit["phi"]], ref, atol=1e-5)
     h, b, e = 1e-5, ref, np.eye(2)
     G = np.array([[(ll(b + h * e[i], n) - ll(b - h * e[i], n)) / (2 * h) for i in range(2)] for n in range(60)])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import conftest
+import experiments
 import hedge_toy
 import losses
 import policy
@@ -549,8 +550,9 @@ def test_oracle_reads_templated_prompt_and_manifest_refuses_raw(tmp_path):
 
 
 def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
-    """--eval-prompts: metrics.json of iteration t holds P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) with s.e.; here
-    recomputed from the saved policies, one prompt at a time, with the same oracle and the same sampling seeds."""
+    """--eval-prompts: metrics.json of iteration t holds P(pi_{t+1} > pi_t) and P(pi_{t+1} > pi_0) with s.e., raw and
+    length-controlled; here recomputed from the saved policies, one prompt at a time, with the same oracle and the same
+    sampling seeds, the LC rate by experiments.lc_win_rate on those labels and the sampled lengths."""
     d = sppo_toy.build_tiny_policy(tmp_path / "pol", seed=0)
     runs.write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in ["play rps", "play weighted rps"] * 2])
     held = ["play rps", "rock paper", "play weighted rps", "paper scissors", "big rock", "spock"]
@@ -561,7 +563,7 @@ def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
                           lr=3e-2, global_batch=4, micro_batch=4, epochs=2, progress=False, oracle="game")
     sppo.run(cfg, oracle=RecordingOracle())
     pols = [runs.load_policy(p, cfg, "cpu") for p in (d, out / "iter0" / "model", out / "iter1" / "model")]
-    ys = [sppo.answers(m, tok, held, cfg)[0] for m, tok in pols]
+    ys, lens = zip(*[sppo.answers(m, tok, held, cfg)[::2] for m, tok in pols])
     oracle = RecordingOracle()
     for t in range(2):
         got = json.loads((out / f"iter{t}" / "metrics.json").read_text())["held_out"]
@@ -571,6 +573,12 @@ def test_held_out_win_rates_equal_a_direct_computation(tmp_path):
             key = "t" if s == t else "0"
             assert got[f"win_rate_vs_pi_{key}"] == pytest.approx(np.mean(p), abs=1e-12)
             assert got[f"se_vs_pi_{key}"] == pytest.approx(np.std(p, ddof=1) / math.sqrt(len(p)), abs=1e-12)
+            try:
+                lc = np.array(experiments.lc_win_rate(p, lens[t + 1], lens[s])) / 100
+            except ValueError as e:
+                assert got[f"lc_win_rate_vs_pi_{key}"] is None and got[f"lc_why_vs_pi_{key}"] == str(e)
+            else:
+                assert [got[f"lc_win_rate_vs_pi_{key}"], got[f"lc_se_vs_pi_{key}"]] == pytest.approx(lc, abs=1e-12)
     assert got["win_rate_vs_pi_t"] != got["win_rate_vs_pi_0"]                   # t = 1: two different baselines
     assert "eval_prompts" in runs.STAGE_SETTINGS["train"]
 
