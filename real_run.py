@@ -63,7 +63,7 @@ class ReportConfig:
     gen_batch: int = cli.arg(default=16, help="Prompts per batched generate() call in the arena.")
     seed: int = cli.arg(default=1, help="Arena sampling seed (the same for every policy; not the run's).")
     figures: str = cli.arg(default="figures", path="out_dir", help="Where real_arena.png, real_curves.png and "
-                           "real_run.json go.")
+                           "real_run.json go (and real_fig1/3/4.png with --compare / --pair-estimate).")
     references: str = cli.arg(default="data/reference_heldout.jsonl", path="file", help="Reference answers for the "
                               "held-out judge (committee.reference_judge); skipped where a prompt has none.")
     cache: str | None = cli.arg(default=None, path="out_dir", help="Where the arena's and the baselines' samples are "
@@ -73,6 +73,11 @@ class ReportConfig:
     short_cap: int = cli.arg(default=0, help="--baselines: baseline (a)'s max_new_tokens (0: half the run's).")
     eos_bias: float = cli.arg(default=EOS_BIAS, help="--baselines: baseline (c) adds this to the stop token's logit "
                               "at every step (policy.generation_config).")
+    compare: list[str] = cli.arg(default_factory=list, help="The paper's Figs. 1 and 3: other finished sppo.py runs "
+                                 "as LABEL=DIR (e.g. DPO=runs/real_dpo IPO=runs/real_ipo), each with --out's settings "
+                                 "but --loss; their iterates join the arena (paper_figures).")
+    pair_estimate: str | None = cli.arg(default=None, help="Fig. 4 (Sec. 5.3): a finished run with --out's settings "
+                                        "but --estimate-from pair (P-hat from the kept pair, the paper's K = 2).")
     progress: bool = cli.arg(default=False, help="Show progress bars.")
 
     RULES = (
@@ -303,6 +308,129 @@ def print_baselines(b, n_prompts):
         print(f"{name[:40]:>40}{'':26}" + "".join(f"{cell(r)}".rjust(26) for r in rows.values()))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's Figs. 1, 3 and 4 at this scale (issue 28): SPPO beside iterative DPO and IPO, and Sec. 5.3's P-hat from
+# the kept pair, every iterate sampled once per held-out prompt and judged by the same evaluators.
+MAY_DIFFER = ("out", "loss", "estimate_from", "ipo_target", "progress")
+"""The settings a compared run may differ in from --out's run (its objective and where it lives); any other is refused."""
+
+
+def compared_runs(cfg, run):
+    """[(label, run directory, its config)] for the main run ("SPPO" or its --loss), each --compare LABEL=DIR and the
+    --pair-estimate run, each one finished (finished_run) and made with --out's settings but MAY_DIFFER; the compare
+    runs keep --out's --estimate-from, the pair-estimate run has "pair" where --out's has "all". Checked before any
+    work; an error names the flag, the file and the setting."""
+    out = [(run["loss"].upper(), cfg.out, run)]
+    items = [(x, "--compare") for x in cfg.compare] + ([(f"pair={cfg.pair_estimate}", "--pair-estimate")]
+                                                        if cfg.pair_estimate else [])
+    for item, flag in items:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise cli.ConfigError(f"{flag} {item!r}: expected LABEL=DIR, e.g. DPO=runs/real_dpo")
+        if label in [lab for lab, *_ in out]:
+            raise cli.ConfigError(f"{flag} {item!r}: the label {label!r} is used twice")
+        other = finished_run(folder)
+        for k in sorted(set(run) | set(other)):
+            if k not in MAY_DIFFER and run.get(k) != other.get(k):
+                raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: setting {k!r} is {other.get(k)!r} but "
+                                        f"{run.get(k)!r} in {Path(cfg.out) / 'config.json'}: a figure compares runs "
+                                        f"that differ only in {', '.join(MAY_DIFFER[1:4])}")
+        want = "pair" if flag == "--pair-estimate" else run["estimate_from"]
+        if other["estimate_from"] != want or (flag == "--pair-estimate" and run["estimate_from"] != "all"):
+            raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: {flag} needs estimate_from {want!r} (and "
+                                    f"--out's 'all'); it has {other['estimate_from']!r}, --out's {run['estimate_from']!r}")
+        if flag == "--pair-estimate" and other["loss"] != run["loss"]:
+            raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: --pair-estimate needs --out's loss "
+                                    f"{run['loss']!r}, it has {other['loss']!r}")
+        out.append((label, folder, other))
+    return out
+
+
+def paper_figures(cfg, run, others, prompts, gen, folder, oracles, gens):
+    """Figs. 1, 3 and 4 at this scale, under every evaluator: pi_0 and each run's T iterates sampled once per held-out
+    prompt (gens: pi_0 .. pi_T of --out, as report sampled them; the others' by held_out_samples, cached in `folder`),
+    one arena per evaluator (evaluate). Fig. 1: each algorithm's win
+    rate against pi_0 by iteration, raw and length-controlled (real_fig1.png); Fig. 3: the arena of pi_0 and every
+    iterate of the algorithms (real_fig3.png under the training committee, as the paper draws it under its training
+    oracle PairRM; real_fig3_heldout.png under the held-out judge); Fig. 4: P-hat from all K against from the pair
+    (real_fig4.png). Returns the JSON's "paper" section."""
+    T, K = run["iterations"], run["K"]
+    names = {lab: (f"SPPO, P-hat from the pair (K = 2)" if lab == "pair" else lab) for lab, *_ in others}
+    labels, gens = ["pi_0"] + [f"{names[others[0][0]]} {t + 1}" for t in range(T)], list(gens)
+    for lab, out, _ in others[1:]:
+        labels += [f"{names[lab]} {t + 1}" for t in range(T)]
+        gens += [held_out_samples(Path(out) / f"iter{t}" / "model", f"{lab}_{t + 1}", prompts, gen, folder)
+                 for t in range(T)]
+    evals = evaluate(oracles, prompts, gens)
+    index = {names[lab]: [0] + list(range(1 + n * T, 1 + (n + 1) * T)) for n, (lab, *_) in enumerate(others)}
+    algos = [names[lab] for lab, *_ in others if lab != "pair"]
+    shown = [name for name in evals if name.startswith("committee") or name.startswith("held-out judge (")]
+    figs = Path(cfg.figures)
+    plot_by_iteration(evals, shown, {a: index[a] for a in algos}, figs / "real_fig1.png",
+                      f"Fig. 1 at this scale: win rate against pi_0 ({len(prompts)} held-out prompts, +- 1 s.e.)")
+    arena_cols = [i for a in algos for i in index[a][1:]]
+    for name, path in zip(shown, ("real_fig3.png", "real_fig3_heldout.png")):
+        sub = np.ix_([0] + arena_cols, [0] + arena_cols)
+        arena.plot_arena(np.array(evals[name]["W"])[sub], [labels[i] for i in [0] + arena_cols], figs / path,
+                         se=np.array(evals[name]["SE"])[sub], n_prompts=len(prompts),
+                         title=f"P(row beats column), {name.split(' (')[0]}")
+    if "pair" in names:
+        main = others[0][0]
+        plot_by_iteration(evals, shown, {f"{main}, P-hat from all K = {K}": index[main],
+                                         names["pair"]: index[names["pair"]]}, figs / "real_fig4.png",
+                          f"Fig. 4 at this scale (Sec. 5.3): win rate against pi_0 ({len(prompts)} prompts, +- 1 s.e.)")
+    return {"runs": {names[lab]: {"out": str(out), "loss": c["loss"], "estimate_from": c["estimate_from"],
+                                  "cycle_share": [m["prompts_with_cycle"] / m["prompts"] for m in run_metrics(out, T)]}
+                     for lab, out, c in others},
+            "labels": labels, "index": index,
+            "mean_tokens": {lab: float(arena.token_lengths(gs).mean()) for lab, gs in zip(labels, gens)},
+            "evaluators": {name: {"W": e["W"], "SE": e["SE"], "vs_pi0": e["vs_pi0"]} for name, e in evals.items()},
+            "figures": ["real_fig1.png", "real_fig3.png", "real_fig3_heldout.png"] + ["real_fig4.png"] * ("pair" in names)}
+
+
+def run_metrics(out, T):
+    return [json.loads((Path(out) / f"iter{t}" / "metrics.json").read_text()) for t in range(T)]
+
+
+def plot_by_iteration(evals, shown, series, path, title):
+    """The paper's Fig. 1 / Fig. 4 layout: win rate against pi_0 (percent, +- 1 s.e. bars) by iteration, one line per
+    series (name -> the policies' indices, pi_0 first), raw on the top row and length-controlled below, one column
+    per evaluator in `shown`. An LC rate that has no finite fit is left out of its line."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, len(shown), figsize=(5.2 * len(shown), 6.4), squeeze=False, sharex=True)
+    for c, name in enumerate(shown):
+        rows = evals[name]["vs_pi0"]
+        for r, kind in enumerate(("raw", "lc")):
+            for n, (lab, idx) in enumerate(series.items()):
+                pts = [(t, *rows[i][kind]) for t, i in enumerate(idx) if rows[i][kind] is not None]
+                t, y, e = (np.array(v) for v in zip(*pts))
+                ax[r, c].errorbar(t + 0.06 * (n - 1), y, yerr=e, marker="o", capsize=3, label=lab)
+            ax[r, c].axhline(50, color="grey", lw=0.8, ls=":")
+            ax[r, c].set(ylabel=f"{'raw' if kind == 'raw' else 'length-controlled'} win rate vs pi_0 (%)",
+                         title=name if r == 0 else None)
+        ax[1, c].set(xlabel="iteration t (pi_t)", xticks=range(len(next(iter(series.values())))))
+    ax[0, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_paper(p, n_prompts):
+    """Fig. 1's and Fig. 4's numbers: per evaluator and algorithm, the win rate against pi_0 by iteration."""
+    print(f"the paper's figures at this scale: win rate against pi_0 ({n_prompts} prompts; percent +- 1 s.e.; "
+          f"raw / length-controlled)")
+    for name, e in p["evaluators"].items():
+        print(f"  {name}")
+        for algo, idx in p["index"].items():
+            cells = [f"{r['raw'][0]:5.1f}+-{r['raw'][1]:4.1f} / " + (f"{r['lc'][0]:5.1f}+-{r['lc'][1]:4.1f}" if r["lc"]
+                     else "  n/a") for r in (e["vs_pi0"][i] for i in idx[1:])]
+            print(f"    {algo[:34]:>34}: " + " | ".join(cells))
+    for algo, r in p["runs"].items():
+        print(f"  {algo}: cycle share per iteration", " ".join(f"{x:.2f}" for x in r["cycle_share"]))
+
+
+
 def report(cfg):
     """The arena between pi_0 .. pi_T under the run's committee and sampling settings, the curves, the JSON. The
     settings (cli.check) and the run directory (finished_run) are checked first."""
@@ -312,9 +440,10 @@ def report(cfg):
     if cfg.baselines and not short_cap(cfg, run) < run["max_new_tokens"]:
         raise cli.ConfigError(f"--short-cap {cfg.short_cap}: must be below the run's max_new_tokens "
                               f"({run['max_new_tokens']}), else baseline (a) is pi_0")
+    others = compared_runs(cfg, run) if cfg.compare or cfg.pair_estimate else None
     models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]
     labels = [f"pi_{t}" for t in range(T + 1)]
-    metrics = [json.loads((Path(cfg.out) / f"iter{t}" / "metrics.json").read_text()) for t in range(T)]
+    metrics = run_metrics(cfg.out, T)
     gen = sppo.SPPOConfig(K=cfg.samples, temperature=run["temperature"], top_p=run["top_p"], seed=cfg.seed,
                           max_new_tokens=run["max_new_tokens"], gen_batch=cfg.gen_batch, progress=cfg.progress)
     prompts = runs.load_prompts(cfg.prompts)[:cfg.max_prompts or None]
@@ -331,7 +460,9 @@ def report(cfg):
     texts = [[y for g in gs for y in g["responses"]] for gs in gens]
     done = [[f for g in gs for f in g["finished"]] for gs in gens]
     summary = {
-        "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}" + " --baselines" * cfg.baselines,
+        "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}" + " --baselines" * cfg.baselines
+                   + "".join(f" --compare {x}" for x in cfg.compare)
+                   + (f" --pair-estimate {cfg.pair_estimate}" if cfg.pair_estimate else ""),
         "run_config": run,
         "held_out_prompts": len(prompts), "samples": cfg.samples, "labels": labels, "W": W.tolist(), "SE": SE.tolist(),
         "win_rate_vs_pi0": [[W[t, 0], SE[t, 0]] for t in range(1, T + 1)],
@@ -345,7 +476,8 @@ def report(cfg):
         "loss": [[h["loss"] for h in m["history"]] for m in metrics],
         "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
                      for n in range(min(4, len(prompts)))],
-        "baselines": base and baseline_summary(cfg, run, labels, gens, base, prompts, oracles)}
+        "baselines": base and baseline_summary(cfg, run, labels, gens, base, prompts, oracles),
+        "paper": others and paper_figures(cfg, run, others, prompts, gen, folder, oracles, gens)}
     (figs / "real_run.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     plot_curves(summary, figs / "real_curves.png")
     print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")
@@ -361,7 +493,10 @@ def report(cfg):
           "share:", " ".join(f"{x:.2f}" for x in summary["cycle_share"]))
     if base:
         print_baselines(summary["baselines"], len(prompts))
-    print(f"wrote {figs / 'real_arena.png'}, {figs / 'real_curves.png'}, {figs / 'real_run.json'}")
+    if others:
+        print_paper(summary["paper"], len(prompts))
+    print(f"wrote {figs / 'real_arena.png'}, {figs / 'real_curves.png'}, {figs / 'real_run.json'}"
+          + "".join(f", {figs / f}" for f in (summary["paper"] or {}).get("figures", [])))
     return 0
 
 

@@ -135,7 +135,8 @@ def hand_made_real_run(root, prompts_with_cycle):
     (out / "iter0" / "model").mkdir(parents=True)
     (root / "pi0").mkdir()
     runs.write_json(out / "config.json", {"iterations": 1, "model": str(root / "pi0"), "temperature": 0.7,
-                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain"})
+                                          "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain",
+                                          "K": 4, "loss": "sppo", "estimate_from": "all"})
     runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": prompts_with_cycle, "prompts": 4,
                                                      "history": [{"loss": 1.0}]})
     runs.write_jsonl(out / "iter0" / "generations.jsonl",
