@@ -61,13 +61,14 @@ real: $(VENV)/.real
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
 # The paper's Figs. 1, 3 and 4 at this scale (docs/real_model.md): iterative DPO and IPO from the same D_t recipe, and
-# SPPO with P-hat from the kept pair (Sec. 5.3's K = 2), then every iterate judged under the three evaluators.
+# SPPO with P-hat from the kept pair (Sec. 5.3's K = 2), then every iterate and the length-only baselines judged under
+# the three evaluators.
 # ~2.5 h on 2 cores after `make real`.
 real-figures: real
 	$(REAL_TRAIN) --loss dpo --out runs/real_dpo
 	$(REAL_TRAIN) --loss ipo --out runs/real_ipo
 	$(REAL_TRAIN) --estimate-from pair --out runs/real_pair
-	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl \
+	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl --baselines \
 	  --compare DPO=runs/real_dpo IPO=runs/real_ipo --pair-estimate runs/real_pair
 
 # bench/bench.py with the peers' rows: TRL's sppo_hard step and llm-blender's PairRM, each in an environment of its own
