@@ -60,16 +60,26 @@ real: $(VENV)/.real
 	$(REAL_TRAIN) --out runs/real
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl
 
-# The paper's Figs. 1, 3 and 4 at this scale (docs/real_model.md): iterative DPO and IPO from the same D_t recipe, and
-# SPPO with P-hat from the kept pair (Sec. 5.3's K = 2), then every iterate and the length-only baselines judged under
-# the three evaluators.
-# ~2.5 h on 2 cores after `make real`.
+# The paper's Figs. 1, 3 and 4 at this scale (docs/real_model.md): SPPO, iterative DPO and IPO from the same recipe,
+# and SPPO with P-hat from the kept pair (Sec. 5.3's K = 2), each at seeds 42 (make real's), 43 and 44; then every
+# iterate and the length-only baselines judged under the three evaluators. ~1.5 h on 2 cores after `make real`.
+SEEDS = 43 44
+comma := ,
+empty :=
+space := $(empty) $(empty)
+with_seeds = $(1)$(subst $(space),,$(patsubst %,$(comma)$(1)_s%,$(SEEDS)))
 real-figures: real
 	$(REAL_TRAIN) --loss dpo --out runs/real_dpo
 	$(REAL_TRAIN) --loss ipo --out runs/real_ipo
 	$(REAL_TRAIN) --estimate-from pair --out runs/real_pair
+	for s in $(SEEDS); do $(REAL_TRAIN) --seed $$s --out runs/real_s$$s && \
+	  $(REAL_TRAIN) --seed $$s --loss dpo --out runs/real_dpo_s$$s && \
+	  $(REAL_TRAIN) --seed $$s --loss ipo --out runs/real_ipo_s$$s && \
+	  $(REAL_TRAIN) --seed $$s --estimate-from pair --out runs/real_pair_s$$s || exit 1; done
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl --baselines \
-	  --compare DPO=runs/real_dpo IPO=runs/real_ipo --pair-estimate runs/real_pair
+	  --replicates $(foreach s,$(SEEDS),runs/real_s$(s)) \
+	  --compare DPO=$(call with_seeds,runs/real_dpo) IPO=$(call with_seeds,runs/real_ipo) \
+	  --pair-estimate $(call with_seeds,runs/real_pair)
 
 # bench/bench.py with the peers' rows: TRL's sppo_hard step and llm-blender's PairRM, each in an environment of its own
 # (they need other pins than .venv's: llm-blender needs transformers 4), built here and never imported by our code.

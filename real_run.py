@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 import arena
 import cli
 import committee
+import experiments
 import policy
 import runs
 import sppo
@@ -73,11 +75,14 @@ class ReportConfig:
     short_cap: int = cli.arg(default=0, help="--baselines: baseline (a)'s max_new_tokens (0: half the run's).")
     eos_bias: float = cli.arg(default=EOS_BIAS, help="--baselines: baseline (c) adds this to the stop token's logit "
                               "at every step (policy.generation_config).")
-    compare: list[str] = cli.arg(default_factory=list, help="The paper's Figs. 1 and 3: other finished sppo.py runs "
-                                 "as LABEL=DIR (e.g. DPO=runs/real_dpo IPO=runs/real_ipo), each with --out's settings "
-                                 "but --loss; their iterates join the arena (paper_figures).")
-    pair_estimate: str | None = cli.arg(default=None, help="Fig. 4 (Sec. 5.3): a finished run with --out's settings "
-                                        "but --estimate-from pair (P-hat from the kept pair, the paper's K = 2).")
+    compare: list[str] = cli.arg(default_factory=list, help="The paper's Figs. 1 and 3: other algorithms' finished "
+                                 "sppo.py runs as LABEL=DIR[,DIR...] (one per seed, e.g. DPO=runs/real_dpo), each "
+                                 "with --out's settings but --loss and --seed (paper_figures).")
+    replicates: list[str] = cli.arg(default_factory=list, help="With --compare: --out's run at other seeds (each "
+                                    "algorithm's seeds in the same order).")
+    pair_estimate: str | None = cli.arg(default=None, help="Fig. 4 (Sec. 5.3): runs DIR[,DIR...] with --out's "
+                                        "settings but --estimate-from pair (P-hat from the kept pair, the paper's "
+                                        "K = 2) and --seed.")
     progress: bool = cli.arg(default=False, help="Show progress bars.")
 
     RULES = (
@@ -89,12 +94,12 @@ class ReportConfig:
     )
 
 
-def finished_run(out):
+def finished_run(out, flag="--out"):
     """The run's config.json, once every file the report reads is known to be there (the run's config, and each
     iteration's model, metrics.json and generations.jsonl); an ArtifactError naming the first that is not."""
     out = Path(out)
     if not (out / "config.json").is_file():
-        raise cli.ArtifactError(f"--out {out}: no config.json: not an sppo.py run directory (make real runs one)")
+        raise cli.ArtifactError(f"{flag} {out}: no config.json: not an sppo.py run directory (make real runs one)")
     try:
         run = json.loads((out / "config.json").read_text())
         T = int(run["iterations"])
@@ -310,105 +315,163 @@ def print_baselines(b, n_prompts):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The paper's Figs. 1, 3 and 4 at this scale (issue 28): SPPO beside iterative DPO and IPO, and Sec. 5.3's P-hat from
-# the kept pair, every iterate sampled once per held-out prompt and judged by the same evaluators.
-MAY_DIFFER = ("out", "loss", "estimate_from", "ipo_target", "progress")
-"""The settings a compared run may differ in from --out's run (its objective and where it lives); any other is refused."""
+# the kept pair, each over the same seeds, every iterate sampled once per held-out prompt and judged by the same
+# evaluators.
+MAY_DIFFER = ("out", "loss", "estimate_from", "ipo_target", "seed", "progress", "device", "stop_after", "restart_from")
+"""The settings a compared run may differ in from --out's run: its objective, its seed, and how it was run (a resumed
+run's config records --restart-from); any other is refused. Within a group only `seed` (and how it ran) differs."""
+LABEL = re.compile(r"[A-Za-z0-9_-]+")
+PAIR = "pair"
+"""--pair-estimate's group: named after --out's ("SPPO, P-hat from the pair (K = 2)"), drawn in Fig. 4 only."""
 
 
-def compared_runs(cfg, run):
-    """[(label, run directory, its config)] for the main run ("SPPO" or its --loss), each --compare LABEL=DIR and the
-    --pair-estimate run, each one finished (finished_run) and made with --out's settings but MAY_DIFFER; the compare
-    runs keep --out's --estimate-from, the pair-estimate run has "pair" where --out's has "all". Checked before any
+@dataclass
+class Group:
+    """One algorithm's runs over seeds: its name in the figures, its kind ("main": --out and --replicates,
+    "compare", or PAIR), and [(run directory, its config)], the first one the seed Fig. 3 draws."""
+    name: str
+    kind: str
+    runs: list
+
+
+def run_groups(cfg, run):
+    """[Group] for --out with --replicates (named after its loss, "SPPO"), each --compare LABEL=DIR[,DIR...] and
+    --pair-estimate DIR[,DIR...]. Every run is finished (finished_run) and made with --out's settings but MAY_DIFFER;
+    the compare runs keep --out's estimate_from, the pair-estimate runs have "pair" where --out's has "all" and its
+    loss; every group has --out's group's seeds, in order, and no run directory appears twice. Checked before any
     work; an error names the flag, the file and the setting."""
-    out = [(run["loss"].upper(), cfg.out, run)]
-    items = [(x, "--compare") for x in cfg.compare] + ([(f"pair={cfg.pair_estimate}", "--pair-estimate")]
+    main = [(cfg.out, run)] + [(d, finished_run(d, "--replicates")) for d in cfg.replicates]
+    groups = [Group(run["loss"].upper(), "main", main)]
+    items = [("--compare", x) for x in cfg.compare] + ([("--pair-estimate", f"{PAIR}={cfg.pair_estimate}")]
                                                         if cfg.pair_estimate else [])
-    for item, flag in items:
-        label, sep, folder = item.partition("=")
-        if not sep or not label or not folder:
-            raise cli.ConfigError(f"{flag} {item!r}: expected LABEL=DIR, e.g. DPO=runs/real_dpo")
-        if label in [lab for lab, *_ in out]:
-            raise cli.ConfigError(f"{flag} {item!r}: the label {label!r} is used twice")
-        other = finished_run(folder)
-        for k in sorted(set(run) | set(other)):
-            if k not in MAY_DIFFER and run.get(k) != other.get(k):
-                raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: setting {k!r} is {other.get(k)!r} but "
-                                        f"{run.get(k)!r} in {Path(cfg.out) / 'config.json'}: a figure compares runs "
-                                        f"that differ only in {', '.join(MAY_DIFFER[1:4])}")
-        want = "pair" if flag == "--pair-estimate" else run["estimate_from"]
-        if other["estimate_from"] != want or (flag == "--pair-estimate" and run["estimate_from"] != "all"):
-            raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: {flag} needs estimate_from {want!r} (and "
-                                    f"--out's 'all'); it has {other['estimate_from']!r}, --out's {run['estimate_from']!r}")
-        if flag == "--pair-estimate" and other["loss"] != run["loss"]:
-            raise cli.ArtifactError(f"{Path(folder) / 'config.json'}: --pair-estimate needs --out's loss "
-                                    f"{run['loss']!r}, it has {other['loss']!r}")
-        out.append((label, folder, other))
-    return out
+    for flag, item in items:
+        label, sep, dirs = item.partition("=")
+        if flag == "--compare" and (not sep or not LABEL.fullmatch(label) or not dirs):
+            raise cli.ConfigError(f"--compare {item!r}: expected LABEL=DIR[,DIR...] with LABEL of letters, digits, "
+                                  f"'_' or '-', e.g. DPO=runs/real_dpo")
+        if label in [g.name for g in groups] + [PAIR] * (flag == "--compare"):
+            raise cli.ConfigError(f"{flag} {item!r}: the label {label!r} is used twice"
+                                  + (f" ({PAIR!r} is --pair-estimate's)" if label == PAIR else ""))
+        name = f"{groups[0].name}, P-hat from the pair (K = 2)" if flag == "--pair-estimate" else label
+        groups.append(Group(name, PAIR if flag == "--pair-estimate" else "compare",
+                            [(d, finished_run(d, flag)) for d in dirs.split(",")]))
+    seen, seeds = {}, [c["seed"] for _, c in main]
+    for g in groups:
+        for folder, c in g.runs:
+            where = Path(folder) / "config.json"
+            missing = [k for k in ("loss", "estimate_from", "K", "seed") if k not in c]
+            if missing:
+                raise cli.ArtifactError(f"{where}: no setting {missing[0]!r}: not a run of this sppo.py")
+            if Path(folder).resolve() in seen:
+                raise cli.ConfigError(f"{folder}: given twice (as {seen[Path(folder).resolve()]} and {g.name})")
+            seen[Path(folder).resolve()] = g.name
+            for k in sorted(set(run) | set(c)):
+                if k not in MAY_DIFFER and run.get(k) != c.get(k):
+                    raise cli.ArtifactError(f"{where}: setting {k!r} is {c.get(k)!r} but {run.get(k)!r} in "
+                                            f"{Path(cfg.out) / 'config.json'}: the figures compare runs that differ "
+                                            f"only in {', '.join(MAY_DIFFER[1:5])}")
+            if g.kind in ("main", PAIR) and c["loss"] != run["loss"]:
+                flag = "--replicates" if g.kind == "main" else "--pair-estimate"
+                raise cli.ArtifactError(f"{where}: loss {c['loss']!r}; {flag} needs --out's {run['loss']!r}")
+            want = PAIR if g.kind == PAIR else run["estimate_from"]
+            if c["estimate_from"] != want or (g.kind == PAIR and run["estimate_from"] != "all"):
+                raise cli.ArtifactError(f"{where}: estimate_from {c['estimate_from']!r}: "
+                                        f"{'--pair-estimate needs' if g.kind == PAIR else 'it must be'} {want!r}"
+                                        + (f" and --out's 'all' (it is {run['estimate_from']!r})" * (g.kind == PAIR)))
+            if g.kind != "main" and c["loss"] == run["loss"] and c["estimate_from"] == run["estimate_from"]:
+                raise cli.ArtifactError(f"{where}: the same loss and estimate_from as --out's run: not another "
+                                        f"algorithm")
+        if [c["seed"] for _, c in g.runs] != seeds:
+            raise cli.ConfigError(f"{g.name}: seeds {[c['seed'] for _, c in g.runs]} but --out's group has {seeds}: "
+                                  f"every algorithm runs over the same seeds, in the same order")
+    return groups
 
 
-def paper_figures(cfg, run, others, prompts, gen, folder, oracles, gens):
-    """Figs. 1, 3 and 4 at this scale, under every evaluator: pi_0 and each run's T iterates sampled once per held-out
-    prompt (gens: pi_0 .. pi_T of --out, as report sampled them; the others' by held_out_samples, cached in `folder`),
-    one arena per evaluator (evaluate). Fig. 1: each algorithm's win
-    rate against pi_0 by iteration, raw and length-controlled (real_fig1.png); Fig. 3: the arena of pi_0 and every
-    iterate of the algorithms (real_fig3.png under the training committee, as the paper draws it under its training
-    oracle PairRM; real_fig3_heldout.png under the held-out judge); Fig. 4: P-hat from all K against from the pair
-    (real_fig4.png). Returns the JSON's "paper" section."""
-    T, K = run["iterations"], run["K"]
-    names = {lab: (f"SPPO, P-hat from the pair (K = 2)" if lab == "pair" else lab) for lab, *_ in others}
-    labels, gens = ["pi_0"] + [f"{names[others[0][0]]} {t + 1}" for t in range(T)], list(gens)
-    for lab, out, _ in others[1:]:
-        labels += [f"{names[lab]} {t + 1}" for t in range(T)]
-        gens += [held_out_samples(Path(out) / f"iter{t}" / "model", f"{lab}_{t + 1}", prompts, gen, folder)
-                 for t in range(T)]
-    evals = evaluate(oracles, prompts, gens)
-    index = {names[lab]: [0] + list(range(1 + n * T, 1 + (n + 1) * T)) for n, (lab, *_) in enumerate(others)}
-    algos = [names[lab] for lab, *_ in others if lab != "pair"]
-    shown = [name for name in evals if name.startswith("committee") or name.startswith("held-out judge (")]
-    figs = Path(cfg.figures)
-    plot_by_iteration(evals, shown, {a: index[a] for a in algos}, figs / "real_fig1.png",
-                      f"Fig. 1 at this scale: win rate against pi_0 ({len(prompts)} held-out prompts, +- 1 s.e.)")
-    arena_cols = [i for a in algos for i in index[a][1:]]
+def paper_figures(cfg, run, groups, prompts, gen, folder, oracles, gens):
+    """Figs. 1, 3 and 4 at this scale, under every evaluator. Each run's T iterates are sampled once per held-out
+    prompt (held_out_samples, cached in `folder`; gens: pi_0 .. pi_T of --out, as report sampled them) and judged
+    against pi_0 (evaluate: raw and length-controlled, percent with s.e. over prompts). Each algorithm's curve is the
+    mean over seeds with the 95% Student-t interval over seeds (experiments.interval); with one seed, +- 1 s.e. over
+    prompts. Fig. 1 (real_fig1.png): SPPO, DPO, IPO by iteration, raw and LC; Fig. 3 (real_fig3.png under the training
+    committee, as the paper draws it under its training oracle PairRM; real_fig3_heldout.png under the held-out
+    judge): the arena of pi_0 and every iterate of the algorithms, the first seed's; Fig. 4 (real_fig4.png): P-hat
+    from all K against from the pair. Returns the JSON's "paper" section."""
+    T = run["iterations"]
+    samples = {}                                                  # (group, seed index) -> pi_0, pi_1 .. pi_T
+    for g in groups:
+        for s, (out, c) in enumerate(g.runs):
+            samples[g.name, s] = gens if (g.kind, s) == ("main", 0) else [gens[0]] + [
+                held_out_samples(Path(out) / "iter{}".format(t) / "model", f"{Path(out).name}_{t + 1}", prompts,
+                                 gen, folder) for t in range(T)]
+    per_seed = {name: {g.name: [evaluate({name: o}, prompts, samples[g.name, s])[name]["vs_pi0"]
+                                for s in range(len(g.runs))] for g in groups} for name, o in oracles.items()}
+    curves = {name: {kind: {g: [curve_point([rows[t][kind] for rows in by_seed]) for t in range(T + 1)]
+                            for g, by_seed in v.items()} for kind in ("raw", "lc")} for name, v in per_seed.items()}
+    shown = [name for name in oracles if name.startswith("committee") or name.startswith("held-out judge (")]
+    figs, n, made = Path(cfg.figures), len(groups[0].runs), []
+    seeds = f"{n} seeds, mean and 95% interval over seeds" if n > 1 else "1 seed, +- 1 s.e. over prompts"
+    algos = [g.name for g in groups if g.kind != PAIR]
+    plot_by_iteration(curves, shown, algos, figs / "real_fig1.png",
+                      f"Fig. 1 at this scale: win rate against pi_0 ({len(prompts)} held-out prompts; {seeds})")
+    made.append("real_fig1.png")
+    pair = [g.name for g in groups if g.kind == PAIR]
+    if pair:
+        plot_by_iteration(curves, shown, [groups[0].name, pair[0]], figs / "real_fig4.png",
+                          f"Fig. 4 at this scale (Sec. 5.3): P-hat from all K = {run['K']} or from the kept pair "
+                          f"({len(prompts)} prompts; {seeds})")
+        made.append("real_fig4.png")
+    labels = ["pi_0"] + [f"{a} {t}" for a in algos for t in range(1, T + 1)]
+    arena_gens = [gens[0]] + [y for a in algos for y in samples[a, 0][1:]]
+    arena_evals = evaluate({name: oracles[name] for name in shown}, prompts, arena_gens)
     for name, path in zip(shown, ("real_fig3.png", "real_fig3_heldout.png")):
-        sub = np.ix_([0] + arena_cols, [0] + arena_cols)
-        arena.plot_arena(np.array(evals[name]["W"])[sub], [labels[i] for i in [0] + arena_cols], figs / path,
-                         se=np.array(evals[name]["SE"])[sub], n_prompts=len(prompts),
-                         title=f"P(row beats column), {name.split(' (')[0]}")
-    if "pair" in names:
-        main = others[0][0]
-        plot_by_iteration(evals, shown, {f"{main}, P-hat from all K = {K}": index[main],
-                                         names["pair"]: index[names["pair"]]}, figs / "real_fig4.png",
-                          f"Fig. 4 at this scale (Sec. 5.3): win rate against pi_0 ({len(prompts)} prompts, +- 1 s.e.)")
-    return {"runs": {names[lab]: {"out": str(out), "loss": c["loss"], "estimate_from": c["estimate_from"],
-                                  "cycle_share": [m["prompts_with_cycle"] / m["prompts"] for m in run_metrics(out, T)]}
-                     for lab, out, c in others},
-            "labels": labels, "index": index,
-            "mean_tokens": {lab: float(arena.token_lengths(gs).mean()) for lab, gs in zip(labels, gens)},
-            "evaluators": {name: {"W": e["W"], "SE": e["SE"], "vs_pi0": e["vs_pi0"]} for name, e in evals.items()},
-            "figures": ["real_fig1.png", "real_fig3.png", "real_fig3_heldout.png"] + ["real_fig4.png"] * ("pair" in names)}
+        arena.plot_arena(np.array(arena_evals[name]["W"]), labels, figs / path, se=np.array(arena_evals[name]["SE"]),
+                         n_prompts=len(prompts), title=f"P(row beats column), {name.split(' (')[0]}")
+        made.append(path)
+    return {"seeds": [c["seed"] for _, c in groups[0].runs],
+            "interval": "mean over seeds +- the 95% Student-t half-width (experiments.interval); with one seed, "
+                        "+- 1 s.e. over prompts",
+            "runs": {g.name: [{"out": str(out), "seed": c["seed"], "loss": c["loss"],
+                               "estimate_from": c["estimate_from"],
+                               "cycle_share": [m["prompts_with_cycle"] / m["prompts"] for m in run_metrics(out, T)]}
+                              for out, c in g.runs] for g in groups},
+            "mean_tokens": {g.name: [[float(arena.token_lengths(y).mean()) for y in samples[g.name, s]]
+                                     for s in range(len(g.runs))] for g in groups},
+            "curves": curves, "per_seed": per_seed,
+            "arena": {"labels": labels, **{name: {"W": e["W"], "SE": e["SE"]} for name, e in arena_evals.items()}},
+            "figures": made}
+
+
+def curve_point(rows):
+    """One point of a curve from each seed's {raw or lc} (rate, s.e.) or None: [mean, half-width] over seeds
+    (experiments.interval, 95%) of the seeds that have one (half-width None with only one), or with a single seed its
+    [rate, s.e.]; [None, None] when no seed has one (an LC rate without a finite fit)."""
+    rates = [r for r in rows if r is not None]
+    if len(rows) == 1:
+        return list(rates[0]) if rates else [None, None]
+    mean, half, _ = experiments.interval([r[0] for r in rates])
+    return [None if math.isnan(x) else x for x in (mean, half)]
 
 
 def run_metrics(out, T):
     return [json.loads((Path(out) / f"iter{t}" / "metrics.json").read_text()) for t in range(T)]
 
 
-def plot_by_iteration(evals, shown, series, path, title):
-    """The paper's Fig. 1 / Fig. 4 layout: win rate against pi_0 (percent, +- 1 s.e. bars) by iteration, one line per
-    series (name -> the policies' indices, pi_0 first), raw on the top row and length-controlled below, one column
-    per evaluator in `shown`. An LC rate that has no finite fit is left out of its line."""
+def plot_by_iteration(curves, shown, series, path, title):
+    """The paper's Fig. 1 / Fig. 4 layout: win rate against pi_0 (percent, with the curve_point bars) by iteration,
+    one line per algorithm in `series`, raw on the top row and length-controlled below, one column per evaluator in
+    `shown`. A point without a rate (NaN) is left out of its line."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(2, len(shown), figsize=(5.2 * len(shown), 6.4), squeeze=False, sharex=True)
     for c, name in enumerate(shown):
-        rows = evals[name]["vs_pi0"]
         for r, kind in enumerate(("raw", "lc")):
-            for n, (lab, idx) in enumerate(series.items()):
-                pts = [(t, *rows[i][kind]) for t, i in enumerate(idx) if rows[i][kind] is not None]
-                t, y, e = (np.array(v) for v in zip(*pts))
-                ax[r, c].errorbar(t + 0.06 * (n - 1), y, yerr=e, marker="o", capsize=3, label=lab)
+            for n, lab in enumerate(series):
+                y, e = np.array(curves[name][kind][lab], dtype=np.float64).T
+                t = np.arange(len(y)) + 0.06 * (n - (len(series) - 1) / 2)
+                ax[r, c].errorbar(t, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=lab)
             ax[r, c].axhline(50, color="grey", lw=0.8, ls=":")
             ax[r, c].set(ylabel=f"{'raw' if kind == 'raw' else 'length-controlled'} win rate vs pi_0 (%)",
                          title=name if r == 0 else None)
-        ax[1, c].set(xlabel="iteration t (pi_t)", xticks=range(len(next(iter(series.values())))))
+        ax[1, c].set(xlabel="iteration t (pi_t)", xticks=range(len(y)))
     ax[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -418,17 +481,18 @@ def plot_by_iteration(evals, shown, series, path, title):
 
 def print_paper(p, n_prompts):
     """Fig. 1's and Fig. 4's numbers: per evaluator and algorithm, the win rate against pi_0 by iteration."""
-    print(f"the paper's figures at this scale: win rate against pi_0 ({n_prompts} prompts; percent +- 1 s.e.; "
-          f"raw / length-controlled)")
-    for name, e in p["evaluators"].items():
+    def cell(x):
+        return "  n/a" if x[0] is None else f"{x[0]:5.1f}" + ("+- n/a" if x[1] is None else f"+-{x[1]:4.1f}")
+    print(f"the paper's figures at this scale: win rate against pi_0 ({n_prompts} prompts, seeds {p['seeds']}; "
+          f"percent, {p['interval']}; raw / length-controlled)")
+    for name, c in p["curves"].items():
         print(f"  {name}")
-        for algo, idx in p["index"].items():
-            cells = [f"{r['raw'][0]:5.1f}+-{r['raw'][1]:4.1f} / " + (f"{r['lc'][0]:5.1f}+-{r['lc'][1]:4.1f}" if r["lc"]
-                     else "  n/a") for r in (e["vs_pi0"][i] for i in idx[1:])]
+        for algo in c["raw"]:
+            cells = [f"{cell(r)} / {cell(lc)}" for r, lc in list(zip(c["raw"][algo], c["lc"][algo]))[1:]]
             print(f"    {algo[:34]:>34}: " + " | ".join(cells))
-    for algo, r in p["runs"].items():
-        print(f"  {algo}: cycle share per iteration", " ".join(f"{x:.2f}" for x in r["cycle_share"]))
-
+    for algo, rs in p["runs"].items():
+        print(f"  {algo}: cycle share per iteration, by seed:",
+              "; ".join(" ".join(f"{x:.2f}" for x in r["cycle_share"]) for r in rs))
 
 
 def report(cfg):
@@ -440,7 +504,7 @@ def report(cfg):
     if cfg.baselines and not short_cap(cfg, run) < run["max_new_tokens"]:
         raise cli.ConfigError(f"--short-cap {cfg.short_cap}: must be below the run's max_new_tokens "
                               f"({run['max_new_tokens']}), else baseline (a) is pi_0")
-    others = compared_runs(cfg, run) if cfg.compare or cfg.pair_estimate else None
+    others = run_groups(cfg, run) if cfg.compare or cfg.pair_estimate or cfg.replicates else None
     models = [run["model"]] + [str(Path(cfg.out) / f"iter{t}" / "model") for t in range(T)]
     labels = [f"pi_{t}" for t in range(T + 1)]
     metrics = run_metrics(cfg.out, T)
@@ -461,7 +525,8 @@ def report(cfg):
     done = [[f for g in gs for f in g["finished"]] for gs in gens]
     summary = {
         "command": f"python real_run.py --out {cfg.out} --prompts {cfg.prompts}" + " --baselines" * cfg.baselines
-                   + "".join(f" --compare {x}" for x in cfg.compare)
+                   + (" --replicates " + " ".join(cfg.replicates)) * bool(cfg.replicates)
+                   + (" --compare " + " ".join(cfg.compare)) * bool(cfg.compare)
                    + (f" --pair-estimate {cfg.pair_estimate}" if cfg.pair_estimate else ""),
         "run_config": run,
         "held_out_prompts": len(prompts), "samples": cfg.samples, "labels": labels, "W": W.tolist(), "SE": SE.tolist(),

@@ -125,21 +125,24 @@ def alive(pid):
 REAL_RUN_PROMPTS = ["What is the capital of Japan?", "How do I plant a seed?", "What is the largest mammal?"]
 
 
-def hand_made_real_run(root, prompts_with_cycle):
-    """A 1-iteration sppo.py run directory under root (config, iter0/metrics.json with the cycle count out of 4
-    prompts, generations, an empty iter0/model and pi_0 folder) and root/p.jsonl with REAL_RUN_PROMPTS: what
-    real_run.report reads once held_out_samples is patched. Returns (run directory, prompts file)."""
+def hand_made_real_run(root, prompts_with_cycle, iterations=1):
+    """A finished sppo.py run directory under root (config, iter{t}/metrics.json with the cycle count out of 4
+    prompts, generations, an empty iter{t}/model per iteration and a pi_0 folder) and root/p.jsonl with
+    REAL_RUN_PROMPTS: what real_run.report reads once held_out_samples is patched. Returns (run directory, prompts
+    file)."""
     root = Path(root)
     runs.write_jsonl(root / "p.jsonl", [{"prompt": x} for x in REAL_RUN_PROMPTS])
     out = root / "run"
-    (out / "iter0" / "model").mkdir(parents=True)
     (root / "pi0").mkdir()
-    runs.write_json(out / "config.json", {"iterations": 1, "model": str(root / "pi0"), "temperature": 0.7,
+    out.mkdir()
+    runs.write_json(out / "config.json", {"iterations": iterations, "model": str(root / "pi0"), "temperature": 0.7,
                                           "top_p": 0.9, "max_new_tokens": 48, "judges": "concise,informs,plain",
-                                          "K": 4, "loss": "sppo", "estimate_from": "all"})
-    runs.write_json(out / "iter0" / "metrics.json", {"prompts_with_cycle": prompts_with_cycle, "prompts": 4,
-                                                     "history": [{"loss": 1.0}]})
-    runs.write_jsonl(out / "iter0" / "generations.jsonl",
-                     [{"prompt": x, "responses": ["a", "b"]} for x in REAL_RUN_PROMPTS])
+                                          "K": 4, "loss": "sppo", "estimate_from": "all", "seed": 42})
+    for t in range(iterations):
+        (out / f"iter{t}" / "model").mkdir(parents=True)
+        runs.write_json(out / f"iter{t}" / "metrics.json", {"prompts_with_cycle": prompts_with_cycle, "prompts": 4,
+                                                            "history": [{"loss": 1.0}]})
+        runs.write_jsonl(out / f"iter{t}" / "generations.jsonl",
+                         [{"prompt": x, "responses": ["a", "b"]} for x in REAL_RUN_PROMPTS])
     return out, root / "p.jsonl"
 
