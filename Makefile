@@ -62,20 +62,21 @@ real: $(VENV)/.real
 
 # The paper's Figs. 1, 3 and 4 at this scale (docs/real_model.md): SPPO, iterative DPO and IPO from the same recipe,
 # and SPPO with P-hat from the kept pair (Sec. 5.3's K = 2), each at seeds 42 (make real's), 43 and 44; then every
-# iterate and the length-only baselines judged under the three evaluators. ~1.5 h on 2 cores after `make real`.
+# iterate and the length-only baselines judged under the three evaluators. One training run per target, so
+# `make -j2 real-figures` trains two at a time: ~2.5 h on 2 cores with plain make, ~1.5 h with -j2.
 SEEDS = 43 44
+FIG_RUNS = real_dpo real_ipo real_pair $(foreach s,$(SEEDS),real_s$(s) real_dpo_s$(s) real_ipo_s$(s) real_pair_s$(s))
+fig_flags = $(if $(findstring dpo,$(1)),--loss dpo)$(if $(findstring ipo,$(1)),--loss ipo)$(if $(findstring \
+	pair,$(1)),--estimate-from pair) $(if $(findstring _s,$(1)),--seed $(lastword $(subst _s, ,$(1))))
 comma := ,
 empty :=
 space := $(empty) $(empty)
 with_seeds = $(1)$(subst $(space),,$(patsubst %,$(comma)$(1)_s%,$(SEEDS)))
-real-figures: real
-	$(REAL_TRAIN) --loss dpo --out runs/real_dpo
-	$(REAL_TRAIN) --loss ipo --out runs/real_ipo
-	$(REAL_TRAIN) --estimate-from pair --out runs/real_pair
-	for s in $(SEEDS); do $(REAL_TRAIN) --seed $$s --out runs/real_s$$s && \
-	  $(REAL_TRAIN) --seed $$s --loss dpo --out runs/real_dpo_s$$s && \
-	  $(REAL_TRAIN) --seed $$s --loss ipo --out runs/real_ipo_s$$s && \
-	  $(REAL_TRAIN) --seed $$s --estimate-from pair --out runs/real_pair_s$$s || exit 1; done
+
+$(FIG_RUNS:%=runs/%/iter2/metrics.json): runs/%/iter2/metrics.json: | $(VENV)/.real
+	$(REAL_TRAIN) $(call fig_flags,$*) --out runs/$*
+
+real-figures: real $(FIG_RUNS:%=runs/%/iter2/metrics.json)
 	OMP_NUM_THREADS=1 $(PY) real_run.py --out runs/real --prompts data/prompts_heldout.jsonl --baselines \
 	  --replicates $(foreach s,$(SEEDS),runs/real_s$(s)) \
 	  --compare DPO=$(call with_seeds,runs/real_dpo) IPO=$(call with_seeds,runs/real_ipo) \

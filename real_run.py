@@ -401,7 +401,7 @@ def paper_figures(cfg, run, groups, prompts, gen, folder, oracles, gens):
     for g in groups:
         for s, (out, c) in enumerate(g.runs):
             samples[g.name, s] = gens if (g.kind, s) == ("main", 0) else [gens[0]] + [
-                held_out_samples(Path(out) / "iter{}".format(t) / "model", f"{Path(out).name}_{t + 1}", prompts,
+                held_out_samples(Path(out) / f"iter{t}" / "model", f"{Path(out).name}_{t + 1}", prompts,
                                  gen, folder) for t in range(T)]
     per_seed = {name: {g.name: [evaluate({name: o}, prompts, samples[g.name, s])[name]["vs_pi0"]
                                 for s in range(len(g.runs))] for g in groups} for name, o in oracles.items()}
