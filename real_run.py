@@ -387,10 +387,10 @@ def run_groups(cfg, run):
     return groups
 
 
-def paper_figures(cfg, run, groups, prompts, gen, folder, oracles, gens):
+def paper_figures(cfg, run, groups, prompts, gen, folder, oracles, gens, evals):
     """Figs. 1, 3 and 4 at this scale, under every evaluator. Each run's T iterates are sampled once per held-out
-    prompt (held_out_samples, cached in `folder`; gens: pi_0 .. pi_T of --out, as report sampled them) and judged
-    against pi_0 (evaluate: raw and length-controlled, percent with s.e. over prompts). Each algorithm's curve is the
+    prompt (held_out_samples, cached in `folder`; gens: pi_0 .. pi_T of --out, as report sampled them, and evals its
+    evaluate) and judged against pi_0 (evaluate: raw and length-controlled, percent with s.e. over prompts). Each algorithm's curve is the
     mean over seeds with the 95% Student-t interval over seeds (experiments.interval); with one seed, +- 1 s.e. over
     prompts. Fig. 1 (real_fig1.png): SPPO, DPO, IPO by iteration, raw and LC; Fig. 3 (real_fig3.png under the training
     committee, as the paper draws it under its training oracle PairRM; real_fig3_heldout.png under the held-out
@@ -403,8 +403,10 @@ def paper_figures(cfg, run, groups, prompts, gen, folder, oracles, gens):
             samples[g.name, s] = gens if (g.kind, s) == ("main", 0) else [gens[0]] + [
                 held_out_samples(Path(out) / f"iter{t}" / "model", f"{Path(out).name}_{t + 1}", prompts,
                                  gen, folder) for t in range(T)]
-    per_seed = {name: {g.name: [evaluate({name: o}, prompts, samples[g.name, s])[name]["vs_pi0"]
-                                for s in range(len(g.runs))] for g in groups} for name, o in oracles.items()}
+    judged = {key: evals if key == (groups[0].name, 0) else evaluate(oracles, prompts, ys)   # once per run
+              for key, ys in samples.items()}
+    per_seed = {name: {g.name: [judged[g.name, s][name]["vs_pi0"] for s in range(len(g.runs))] for g in groups}
+                for name in oracles}
     curves = {name: {kind: {g: [curve_point([rows[t][kind] for rows in by_seed]) for t in range(T + 1)]
                             for g, by_seed in v.items()} for kind in ("raw", "lc")} for name, v in per_seed.items()}
     shown = [name for name in oracles if name.startswith("committee") or name.startswith("held-out judge (")]
@@ -542,7 +544,7 @@ def report(cfg):
         "examples": [{"prompt": prompts[n], **{lab: gens[i][n]["responses"][0] for i, lab in enumerate(labels)}}
                      for n in range(min(4, len(prompts)))],
         "baselines": base and baseline_summary(cfg, run, labels, gens, base, prompts, oracles),
-        "paper": others and paper_figures(cfg, run, others, prompts, gen, folder, oracles, gens)}
+        "paper": others and paper_figures(cfg, run, others, prompts, gen, folder, oracles, gens, evals)}
     (figs / "real_run.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     plot_curves(summary, figs / "real_curves.png")
     print(f"held-out win rate against pi_0 ({len(prompts)} prompts, committee {run['judges']}; +- 1 s.e.):")
